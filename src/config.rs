@@ -1,0 +1,995 @@
+//! Configuration: one TOML file plus `PENDO_SYNC__<SECTION>__<KEY>` environment overrides, read
+//! into one typed [`Settings`] and validated before anything else starts.
+//!
+//! Every failure is a [`ConfigError`] that names the dotted key and what is wrong with it
+//! (`pendo.batch_size: must be between 1 and 10000, got 0`); `main` turns it into exit code 2.
+//!
+//! Secrets (`pendo.integration_key`, `salesforce.private_key`, `salesforce.client_secret`,
+//! `salesforce.refresh_token`, `hubspot.access_token`, `hubspot.client_secret`,
+//! `hubspot.refresh_token`, `admin.token`) each have a direct key and a `_file` twin; giving both is
+//! an error. They are held as [`SecretSource`] and only read (from a file) by
+//! [`SecretSource::resolve`], at the start of a command that needs them, so `Settings` can be
+//! validated on a machine that does not hold the secret files (CI, a laptop checking a config).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::domain::{DateFormat, FieldType, Kind};
+
+/// A configuration problem, named by its dotted key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state: StateSettings,
+    pub pendo: PendoSettings,
+    pub salesforce: Option<SalesforceSettings>,
+    pub hubspot: Option<HubspotSettings>,
+    pub schedule: ScheduleSettings,
+    pub admin: AdminSettings,
+    pub mappings: Vec<MappingSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// The SQLite file holding shadow, outbox, watermarks and run history.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendoSettings {
+    #[serde(default = "defaults::region")]
+    pub region: String,
+    /// Overrides `region` (tests, proxies).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    integration_key: Option<SecretString>,
+    #[serde(default)]
+    integration_key_file: Option<PathBuf>,
+    /// Filled in by validation from the two keys above.
+    #[serde(skip, default)]
+    pub integration_key_source: SecretSource,
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "defaults::pendo_rps")]
+    pub requests_per_second: f64,
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "defaults::pendo_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub create_missing: bool,
+    #[serde(default = "defaults::unmatched_retry", with = "duration")]
+    pub unmatched_retry: Duration,
+    #[serde(default)]
+    pub date_format: DateFormat,
+    /// First delay between attempts of a failing batch; doubles (with jitter) up to `retry_max`.
+    #[serde(default = "defaults::retry_initial", with = "duration")]
+    pub retry_initial: Duration,
+    /// Longest wait between attempts, and the cap on a server's Retry-After.
+    #[serde(default = "defaults::retry_max", with = "duration")]
+    pub retry_max: Duration,
+}
+
+impl PendoSettings {
+    /// The API host for the configured region, or `base_url` when set. No trailing slash.
+    pub fn api_base(&self) -> String {
+        if let Some(url) = &self.base_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        region_host(&self.region)
+            .unwrap_or("https://app.pendo.io")
+            .to_owned()
+    }
+}
+
+fn region_host(region: &str) -> Option<&'static str> {
+    Some(match region {
+        "us" => "https://app.pendo.io",
+        "eu" => "https://app.eu.pendo.io",
+        "us1" => "https://us1.app.pendo.io",
+        "jp" => "https://app.jpn.pendo.io",
+        "au" => "https://app.au.pendo.io",
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SalesforceAuth {
+    Jwt,
+    ClientCredentials,
+    RefreshToken,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceSettings {
+    #[serde(default = "defaults::sf_login_url")]
+    pub login_url: String,
+    #[serde(default = "defaults::sf_api_version")]
+    pub api_version: String,
+    pub auth: SalesforceAuth,
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    private_key: Option<SecretString>,
+    #[serde(default)]
+    private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    client_secret: Option<SecretString>,
+    #[serde(default)]
+    client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    refresh_token: Option<SecretString>,
+    #[serde(default)]
+    refresh_token_file: Option<PathBuf>,
+    #[serde(skip, default)]
+    pub private_key_source: SecretSource,
+    #[serde(skip, default)]
+    pub client_secret_source: SecretSource,
+    #[serde(skip, default)]
+    pub refresh_token_source: SecretSource,
+    #[serde(default = "defaults::sf_rps")]
+    pub requests_per_second: f64,
+    #[serde(default = "defaults::sf_daily_percent")]
+    pub max_daily_api_percent: f64,
+    /// Full pulls expected to return more rows than this use Bulk API 2.0.
+    #[serde(default = "defaults::sf_bulk_threshold")]
+    pub bulk_threshold: u64,
+    #[serde(default = "defaults::crm_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HubspotAuth {
+    /// Private-app or service-key token sent as Bearer.
+    #[default]
+    Token,
+    /// OAuth refresh-token flow.
+    Oauth,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubspotSettings {
+    #[serde(default = "defaults::hs_base_url")]
+    pub base_url: String,
+    /// The CRM path version: `v3`, or a dated version such as `2026-03`.
+    #[serde(default = "defaults::hs_api_version")]
+    pub api_version: String,
+    #[serde(default)]
+    pub auth: HubspotAuth,
+    #[serde(default)]
+    access_token: Option<SecretString>,
+    #[serde(default)]
+    access_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    client_secret: Option<SecretString>,
+    #[serde(default)]
+    client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    refresh_token: Option<SecretString>,
+    #[serde(default)]
+    refresh_token_file: Option<PathBuf>,
+    #[serde(skip, default)]
+    pub access_token_source: SecretSource,
+    #[serde(skip, default)]
+    pub client_secret_source: SecretSource,
+    #[serde(skip, default)]
+    pub refresh_token_source: SecretSource,
+    #[serde(default = "defaults::hs_per_10s")]
+    pub requests_per_10s: u32,
+    #[serde(default = "defaults::hs_search_rps")]
+    pub search_requests_per_second: f64,
+    #[serde(default = "defaults::crm_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    #[serde(default = "defaults::poll_interval", with = "duration")]
+    pub poll_interval: Duration,
+    #[serde(default = "defaults::reconcile_interval", with = "duration")]
+    pub reconcile_interval: Duration,
+    #[serde(default = "defaults::overlap", with = "duration")]
+    pub overlap: Duration,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        ScheduleSettings {
+            poll_interval: defaults::poll_interval(),
+            reconcile_interval: defaults::reconcile_interval(),
+            overlap: defaults::overlap(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+    #[serde(default)]
+    token: Option<SecretString>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(skip, default)]
+    pub token_source: SecretSource,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: defaults::admin_listen(),
+            token: None,
+            token_file: None,
+            token_source: SecretSource::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Salesforce,
+    Hubspot,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Salesforce => "salesforce",
+            Source::Hubspot => "hubspot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDelete {
+    #[default]
+    Keep,
+    Clear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNull {
+    /// An empty CRM value clears the Pendo field (sends null).
+    #[default]
+    Clear,
+    /// An empty CRM value leaves the Pendo field as it is.
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdCase {
+    #[default]
+    Keep,
+    Lower,
+}
+
+/// One CRM object → one Pendo kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
+    pub name: String,
+    pub source: Source,
+    pub object: String,
+    pub kind: Kind,
+    /// CRM field (dotted path) whose value is the Pendo id.
+    pub id: String,
+    #[serde(default)]
+    pub id_case: IdCase,
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub on_delete: OnDelete,
+    /// HubSpot visitor mappings: also carry the associated company (`primary_company`).
+    #[serde(default)]
+    pub account_from: Option<String>,
+    pub fields: BTreeMap<String, FieldSettings>,
+}
+
+/// One Pendo custom field fed from one CRM field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSettings {
+    pub from: String,
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    #[serde(default)]
+    pub transform: Option<Transform>,
+    #[serde(default)]
+    pub on_null: OnNull,
+}
+
+/// Connector-side lookups applied to a raw CRM value before coercion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// HubSpot owner id → the owner's email.
+    OwnerEmail,
+    /// HubSpot owner id → the owner's "First Last".
+    OwnerName,
+}
+
+impl Transform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transform::OwnerEmail => "owner_email",
+            Transform::OwnerName => "owner_name",
+        }
+    }
+}
+
+/// Where a secret comes from. `Debug` never shows an inline value.
+#[derive(Clone, Default)]
+pub enum SecretSource {
+    #[default]
+    None,
+    Inline(SecretString),
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::None => f.write_str("None"),
+            SecretSource::Inline(_) => f.write_str("Inline([REDACTED])"),
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl SecretSource {
+    pub fn is_set(&self) -> bool {
+        !matches!(self, SecretSource::None)
+    }
+
+    /// Reads the secret. `key` is the config key reported on failure (`pendo.integration_key`).
+    /// A file's trailing newline is dropped: secrets written with `echo` work.
+    pub fn resolve(&self, key: &str) -> Result<SecretString, ConfigError> {
+        match self {
+            SecretSource::None => Err(ConfigError::new(
+                key,
+                format!("missing: set {key}, {key}_file, or the environment variable {}", env_name(key)),
+            )),
+            SecretSource::Inline(s) => {
+                if s.expose_secret().trim().is_empty() {
+                    Err(ConfigError::new(key, "is empty"))
+                } else {
+                    Ok(s.clone())
+                }
+            }
+            SecretSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+                })?;
+                let trimmed = text.trim_end_matches(['\n', '\r']);
+                if trimmed.trim().is_empty() {
+                    return Err(ConfigError::new(
+                        format!("{key}_file"),
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Ok(SecretString::from(trimmed.to_owned()))
+            }
+        }
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("PENDO_SYNC__{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+fn secret_pair(
+    key: &str,
+    inline: Option<SecretString>,
+    file: Option<PathBuf>,
+) -> Result<SecretSource, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            key,
+            format!("both {key} and {key}_file are set; give one"),
+        )),
+        (Some(s), None) => Ok(SecretSource::Inline(s)),
+        (None, Some(p)) => Ok(SecretSource::File(p)),
+        (None, None) => Ok(SecretSource::None),
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    state: StateSettings,
+    pendo: PendoSettings,
+    #[serde(default)]
+    salesforce: Option<SalesforceSettings>,
+    #[serde(default)]
+    hubspot: Option<HubspotSettings>,
+    #[serde(default)]
+    schedule: ScheduleSettings,
+    #[serde(default)]
+    admin: AdminSettings,
+    #[serde(default)]
+    mappings: Vec<MappingSettings>,
+}
+
+impl Settings {
+    /// Loads `path` (TOML) with environment overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("PENDO_SYNC__"))
+            .collect();
+        Self::load_with_env(path, vars)
+    }
+
+    /// Loads `path` with an explicit set of `PENDO_SYNC__*` variables (tests pass their own).
+    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml_with_env(&text, env)
+    }
+
+    /// Parses TOML text with environment overrides; the whole of validation happens here.
+    pub fn from_toml_with_env(text: &str, env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let environment = config::Environment::with_prefix("PENDO_SYNC")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env));
+        let merged = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        let value: config::Value = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        let raw: RawSettings = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "config".to_owned() } else { path };
+            ConfigError::new(key, clean_serde_message(&e.into_inner().to_string()))
+        })?;
+        validate(raw)
+    }
+
+    /// The mapping with `name`, or a usage error naming the known ones.
+    pub fn mapping(&self, name: &str) -> Result<&MappingSettings, ConfigError> {
+        self.mappings.iter().find(|m| m.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.mappings.iter().map(|m| m.name.as_str()).collect();
+            ConfigError::new(
+                "--mapping",
+                format!("no mapping named {name:?}; configured: {}", known.join(", ")),
+            )
+        })
+    }
+}
+
+/// serde's messages mention Rust-side details ("variant", "struct"); keep them but tidy the
+/// quoting so users see the value they wrote.
+fn clean_serde_message(msg: &str) -> String {
+    msg.replace("unknown variant", "unknown value")
+        .replace("unknown field", "unknown key")
+}
+
+fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
+    let RawSettings {
+        state,
+        mut pendo,
+        salesforce,
+        hubspot,
+        schedule,
+        mut admin,
+        mappings,
+    } = raw;
+
+    if state.path.as_os_str().is_empty() {
+        return Err(ConfigError::new("state.path", "must not be empty"));
+    }
+
+    // Pendo
+    if pendo.base_url.is_none() && region_host(&pendo.region).is_none() {
+        return Err(ConfigError::new(
+            "pendo.region",
+            format!("must be one of us, eu, us1, jp, au; got {:?}", pendo.region),
+        ));
+    }
+    if let Some(url) = &pendo.base_url {
+        check_url("pendo.base_url", url)?;
+    }
+    pendo.integration_key_source = secret_pair(
+        "pendo.integration_key",
+        pendo.integration_key.take(),
+        pendo.integration_key_file.take(),
+    )?;
+    if !pendo.integration_key_source.is_set() {
+        return Err(ConfigError::new(
+            "pendo.integration_key",
+            "missing: set pendo.integration_key_file, pendo.integration_key, or PENDO_SYNC__PENDO__INTEGRATION_KEY",
+        ));
+    }
+    check_range("pendo.batch_size", pendo.batch_size as f64, 1.0, 10_000.0)?;
+    check_positive("pendo.requests_per_second", pendo.requests_per_second, 10_000.0)?;
+    check_range("pendo.max_in_flight", pendo.max_in_flight as f64, 1.0, 64.0)?;
+    check_duration("pendo.timeout", pendo.timeout)?;
+    check_range("pendo.max_attempts", pendo.max_attempts as f64, 1.0, 1000.0)?;
+    check_duration("pendo.unmatched_retry", pendo.unmatched_retry)?;
+    check_duration("pendo.retry_initial", pendo.retry_initial)?;
+    if pendo.retry_max < pendo.retry_initial {
+        return Err(ConfigError::new(
+            "pendo.retry_max",
+            "must not be shorter than pendo.retry_initial",
+        ));
+    }
+
+    // Salesforce
+    let salesforce = match salesforce {
+        Some(sf) => Some(validate_salesforce(sf)?),
+        None => None,
+    };
+    let hubspot = match hubspot {
+        Some(hs) => Some(validate_hubspot(hs)?),
+        None => None,
+    };
+
+    check_duration("schedule.poll_interval", schedule.poll_interval)?;
+    check_duration("schedule.reconcile_interval", schedule.reconcile_interval)?;
+
+    admin
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|_| ConfigError::new("admin.listen", format!("must be host:port (e.g. 127.0.0.1:9464), got {:?}", admin.listen)))?;
+    admin.token_source = secret_pair("admin.token", admin.token.take(), admin.token_file.take())?;
+
+    // Mappings
+    if mappings.is_empty() {
+        return Err(ConfigError::new("mappings", "at least one [[mappings]] entry is needed"));
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut fields_by_kind: HashMap<(Kind, String), String> = HashMap::new();
+    for (i, m) in mappings.iter().enumerate() {
+        let at = |k: &str| format!("mappings[{i}].{k}");
+        if m.name.is_empty()
+            || !m
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("must be letters, digits, '-' or '_', got {:?}", m.name),
+            ));
+        }
+        if !names.insert(m.name.clone()) {
+            return Err(ConfigError::new(at("name"), format!("{:?} is used by two mappings", m.name)));
+        }
+        match m.source {
+            Source::Salesforce if salesforce.is_none() => {
+                return Err(ConfigError::new(
+                    at("source"),
+                    "is \"salesforce\" but there is no [salesforce] section",
+                ));
+            }
+            Source::Hubspot if hubspot.is_none() => {
+                return Err(ConfigError::new(
+                    at("source"),
+                    "is \"hubspot\" but there is no [hubspot] section",
+                ));
+            }
+            _ => {}
+        }
+        if !is_identifier(&m.object) {
+            return Err(ConfigError::new(at("object"), format!("{:?} is not a CRM object name", m.object)));
+        }
+        if !is_field_path(&m.id) {
+            return Err(ConfigError::new(at("id"), format!("{:?} is not a field path", m.id)));
+        }
+        if let Some(f) = &m.filter {
+            if f.trim().is_empty() {
+                return Err(ConfigError::new(at("filter"), "is empty; remove it or give a condition"));
+            }
+            if m.source == Source::Hubspot {
+                parse_hubspot_filter(f).map_err(|e| ConfigError::new(at("filter"), e))?;
+            }
+        }
+        if let Some(a) = &m.account_from {
+            if m.source != Source::Hubspot || m.kind != Kind::Visitor {
+                return Err(ConfigError::new(
+                    at("account_from"),
+                    "is only for HubSpot visitor mappings",
+                ));
+            }
+            if a != "primary_company" {
+                return Err(ConfigError::new(
+                    at("account_from"),
+                    format!("must be \"primary_company\", got {a:?}"),
+                ));
+            }
+        }
+        if m.fields.is_empty() {
+            return Err(ConfigError::new(at("fields"), "maps no fields"));
+        }
+        for (pendo_field, f) in &m.fields {
+            let fk = format!("mappings[{i}].fields.{pendo_field}");
+            if !is_identifier(pendo_field) {
+                return Err(ConfigError::new(
+                    &fk,
+                    "a Pendo field key is letters, digits and '_', starting with a letter or '_'",
+                ));
+            }
+            if !is_field_path(&f.from) {
+                return Err(ConfigError::new(
+                    format!("{fk}.from"),
+                    format!("{:?} is not a plausible CRM field path (e.g. ARR__c or Owner.Email)", f.from),
+                ));
+            }
+            if let Some(t) = f.transform {
+                if m.source != Source::Hubspot {
+                    return Err(ConfigError::new(
+                        format!("{fk}.transform"),
+                        format!("{} only works on HubSpot owner ids", t.as_str()),
+                    ));
+                }
+                if f.field_type != FieldType::String {
+                    return Err(ConfigError::new(
+                        format!("{fk}.type"),
+                        format!(
+                            "is {} but transform {} always yields a string; the CRM value can never meet it",
+                            f.field_type,
+                            t.as_str()
+                        ),
+                    ));
+                }
+            }
+            if let Some(other) =
+                fields_by_kind.insert((m.kind, pendo_field.clone()), m.name.clone())
+            {
+                return Err(ConfigError::new(
+                    &fk,
+                    format!(
+                        "the {} field {pendo_field:?} is already mapped by mapping {other:?}; one Pendo field has one source",
+                        m.kind
+                    ),
+                ));
+            }
+        }
+    }
+
+    Ok(Settings {
+        state,
+        pendo,
+        salesforce,
+        hubspot,
+        schedule,
+        admin,
+        mappings,
+    })
+}
+
+fn validate_salesforce(mut sf: SalesforceSettings) -> Result<SalesforceSettings, ConfigError> {
+    check_url("salesforce.login_url", &sf.login_url)?;
+    let v = sf.api_version.strip_prefix('v').unwrap_or("");
+    let ok = v.split_once('.').is_some_and(|(a, b)| {
+        !a.is_empty() && !b.is_empty() && a.chars().all(|c| c.is_ascii_digit()) && b.chars().all(|c| c.is_ascii_digit())
+    });
+    if !ok {
+        return Err(ConfigError::new(
+            "salesforce.api_version",
+            format!("must look like v62.0, got {:?}", sf.api_version),
+        ));
+    }
+    if sf.client_id.trim().is_empty() {
+        return Err(ConfigError::new("salesforce.client_id", "must not be empty"));
+    }
+    sf.private_key_source = secret_pair("salesforce.private_key", sf.private_key.take(), sf.private_key_file.take())?;
+    sf.client_secret_source =
+        secret_pair("salesforce.client_secret", sf.client_secret.take(), sf.client_secret_file.take())?;
+    sf.refresh_token_source =
+        secret_pair("salesforce.refresh_token", sf.refresh_token.take(), sf.refresh_token_file.take())?;
+    match sf.auth {
+        SalesforceAuth::Jwt => {
+            if sf.username.as_deref().is_none_or(|u| u.trim().is_empty()) {
+                return Err(ConfigError::new("salesforce.username", "is required when auth = \"jwt\""));
+            }
+            if !sf.private_key_source.is_set() {
+                return Err(ConfigError::new(
+                    "salesforce.private_key",
+                    "is required when auth = \"jwt\" (set private_key_file or private_key)",
+                ));
+            }
+        }
+        SalesforceAuth::ClientCredentials => {
+            if !sf.client_secret_source.is_set() {
+                return Err(ConfigError::new(
+                    "salesforce.client_secret",
+                    "is required when auth = \"client_credentials\"",
+                ));
+            }
+        }
+        SalesforceAuth::RefreshToken => {
+            if !sf.refresh_token_source.is_set() {
+                return Err(ConfigError::new(
+                    "salesforce.refresh_token",
+                    "is required when auth = \"refresh_token\"",
+                ));
+            }
+        }
+    }
+    check_positive("salesforce.requests_per_second", sf.requests_per_second, 10_000.0)?;
+    check_range("salesforce.max_daily_api_percent", sf.max_daily_api_percent, 1.0, 100.0)?;
+    check_duration("salesforce.timeout", sf.timeout)?;
+    Ok(sf)
+}
+
+fn validate_hubspot(mut hs: HubspotSettings) -> Result<HubspotSettings, ConfigError> {
+    check_url("hubspot.base_url", &hs.base_url)?;
+    let v = &hs.api_version;
+    let dated = v.len() == 7
+        && v.as_bytes()[4] == b'-'
+        && v[..4].chars().all(|c| c.is_ascii_digit())
+        && v[5..].chars().all(|c| c.is_ascii_digit());
+    if !(v == "v3" || dated) {
+        return Err(ConfigError::new(
+            "hubspot.api_version",
+            format!("must be v3 or a dated version such as 2026-03, got {v:?}"),
+        ));
+    }
+    hs.access_token_source = secret_pair("hubspot.access_token", hs.access_token.take(), hs.access_token_file.take())?;
+    hs.client_secret_source =
+        secret_pair("hubspot.client_secret", hs.client_secret.take(), hs.client_secret_file.take())?;
+    hs.refresh_token_source =
+        secret_pair("hubspot.refresh_token", hs.refresh_token.take(), hs.refresh_token_file.take())?;
+    match hs.auth {
+        HubspotAuth::Token => {
+            if !hs.access_token_source.is_set() {
+                return Err(ConfigError::new(
+                    "hubspot.access_token",
+                    "missing: set hubspot.access_token_file, hubspot.access_token, or PENDO_SYNC__HUBSPOT__ACCESS_TOKEN",
+                ));
+            }
+        }
+        HubspotAuth::Oauth => {
+            if hs.client_id.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                return Err(ConfigError::new("hubspot.client_id", "is required when auth = \"oauth\""));
+            }
+            if !hs.client_secret_source.is_set() {
+                return Err(ConfigError::new("hubspot.client_secret", "is required when auth = \"oauth\""));
+            }
+            if !hs.refresh_token_source.is_set() {
+                return Err(ConfigError::new("hubspot.refresh_token", "is required when auth = \"oauth\""));
+            }
+        }
+    }
+    check_range("hubspot.requests_per_10s", hs.requests_per_10s as f64, 1.0, 1000.0)?;
+    check_positive("hubspot.search_requests_per_second", hs.search_requests_per_second, 100.0)?;
+    check_duration("hubspot.timeout", hs.timeout)?;
+    Ok(hs)
+}
+
+/// HubSpot filters are `property=value` pairs joined by `,` or `&&`.
+pub fn parse_hubspot_filter(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for part in text.split([',', '&']).map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not property=value"))?;
+        let (k, v) = (k.trim(), v.trim().trim_matches(['"', '\'']));
+        if !is_identifier(k) {
+            return Err(format!("{k:?} is not a HubSpot property name"));
+        }
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    if out.is_empty() {
+        return Err("no property=value pair".to_owned());
+    }
+    Ok(out)
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_field_path(s: &str) -> bool {
+    !s.is_empty() && s.split('.').all(is_identifier)
+}
+
+fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+        Ok(u) => Err(ConfigError::new(
+            key,
+            format!("must be an http(s) URL with a host, got scheme {:?} in {value:?}", u.scheme()),
+        )),
+        Err(e) => Err(ConfigError::new(key, format!("is not a valid URL ({e}): {value:?}"))),
+    }
+}
+
+fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
+    if !(lo..=hi).contains(&v) {
+        return Err(ConfigError::new(key, format!("must be between {lo} and {hi}, got {v}")));
+    }
+    Ok(())
+}
+
+fn check_positive(key: &str, v: f64, hi: f64) -> Result<(), ConfigError> {
+    if !(v > 0.0 && v <= hi) {
+        return Err(ConfigError::new(key, format!("must be greater than 0 and at most {hi}, got {v}")));
+    }
+    Ok(())
+}
+
+fn check_duration(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(key, "must be longer than zero"));
+    }
+    Ok(())
+}
+
+/// humantime durations ("90s", "5m", "24h") in config.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write e.g. \"90s\", \"5m\" or \"24h\""
+            ))
+        })
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn region() -> String {
+        "us".into()
+    }
+    pub fn batch_size() -> usize {
+        500
+    }
+    pub fn pendo_rps() -> f64 {
+        5.0
+    }
+    pub fn max_in_flight() -> usize {
+        2
+    }
+    pub fn pendo_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_attempts() -> u32 {
+        10
+    }
+    pub fn unmatched_retry() -> Duration {
+        Duration::from_secs(6 * 3600)
+    }
+    pub fn retry_initial() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn retry_max() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn sf_login_url() -> String {
+        "https://login.salesforce.com".into()
+    }
+    pub fn sf_api_version() -> String {
+        "v62.0".into()
+    }
+    pub fn sf_rps() -> f64 {
+        10.0
+    }
+    pub fn sf_daily_percent() -> f64 {
+        50.0
+    }
+    pub fn sf_bulk_threshold() -> u64 {
+        200_000
+    }
+    pub fn crm_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn hs_base_url() -> String {
+        "https://api.hubapi.com".into()
+    }
+    pub fn hs_api_version() -> String {
+        "v3".into()
+    }
+    pub fn hs_per_10s() -> u32 {
+        90
+    }
+    pub fn hs_search_rps() -> f64 {
+        4.0
+    }
+    pub fn poll_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn reconcile_interval() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn overlap() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9464".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/example.toml");
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml_with_env(text, HashMap::new())
+    }
+
+    #[test]
+    fn the_design_example_loads_unchanged() {
+        let s = load(EXAMPLE).expect("example config loads");
+        assert_eq!(s.mappings.len(), 2);
+        assert_eq!(s.pendo.batch_size, 500);
+        assert_eq!(s.schedule.overlap, Duration::from_secs(300));
+        assert_eq!(s.mappings[0].fields["arr"].field_type, FieldType::Number);
+        assert_eq!(s.mappings[1].fields["csmname"].transform, Some(Transform::OwnerName));
+        assert_eq!(s.pendo.api_base(), "https://app.pendo.io");
+    }
+
+    #[test]
+    fn environment_overrides_a_key() {
+        let env = HashMap::from([
+            ("PENDO_SYNC__PENDO__BATCH_SIZE".to_owned(), "42".to_owned()),
+            ("PENDO_SYNC__PENDO__REGION".to_owned(), "eu".to_owned()),
+        ]);
+        let s = Settings::from_toml_with_env(EXAMPLE, env).unwrap();
+        assert_eq!(s.pendo.batch_size, 42);
+        assert_eq!(s.pendo.api_base(), "https://app.eu.pendo.io");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = EXAMPLE.replace("batch_size = 500", "batch_size = 0");
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.to_string(), "pendo.batch_size: must be between 1 and 10000, got 0");
+    }
+}

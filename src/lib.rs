@@ -1,0 +1,21 @@
+//! pendo-sync keeps Pendo visitor and account metadata in step with Salesforce or HubSpot:
+//! minutes-fresh, sending only what changed, never losing an update.
+//!
+//! # Layout
+//!
+//! The modules follow the data's path:
+//!
+//! - [`connectors`]: the CRM seam ([`connectors::Connector`]) and its implementations.
+//! - [`mapping`]: CRM fields → typed, canonical Pendo values; Pendo ids; invalid records.
+//! - [`diff`]: field-level changes against the shadow copy (pure, no I/O).
+//! - [`store`]: the SQLite state file: shadow, outbox, watermarks, run history.
+//! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
+//! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
+//! - [`config`], [`telemetry`], [`cli`], [`commands`]: settings, logs, the command line.
+//! - [`sim`]: loopback simulators of Pendo, Salesforce and HubSpot.
+//! - [`domain`]: kinds, field types and the canonical [`domain::Value`].
+
+pub mod config;
+pub mod connectors;
+pub mod domain;
+pub mod sim;

@@ -1,0 +1,66 @@
+//! Loopback simulators of the three remote APIs (Pendo, Salesforce, HubSpot), written from the
+//! facts in `../shared/reference/`: real paths, bodies, paging, auth checks, error shapes and rate
+//! limits, plus fault knobs for tests. `demo`, `simulate`, the integration tests and the
+//! benchmarks use them; nothing here is used by a real sync.
+//!
+//! Each simulator keeps its state behind a cheap, cloneable handle so a test can change the
+//! CRM or read back what Pendo holds, in-process or over HTTP (`/_sim/...` routes).
+
+pub mod hubspot;
+pub mod pendo;
+pub mod salesforce;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A simulator serving on loopback until [`SimServer::shutdown`] or drop.
+#[derive(Debug)]
+pub struct SimServer {
+    pub addr: SocketAddr,
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SimServer {
+    /// Serves `router` on `addr` (`127.0.0.1:0` picks a free port).
+    pub async fn start(router: axum::Router, addr: SocketAddr) -> std::io::Result<SimServer> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self::from_listener(router, listener))
+    }
+
+    pub fn from_listener(router: axum::Router, listener: TcpListener) -> SimServer {
+        let addr = listener.local_addr().expect("bound listener has an address");
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        SimServer {
+            addr,
+            token,
+            task: Some(task),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
