@@ -18,4 +18,7 @@
 pub mod config;
 pub mod connectors;
 pub mod domain;
+pub mod limiter;
+pub mod metrics;
 pub mod sim;
+pub mod store;

@@ -1,0 +1,19 @@
+//! Metric names (Prometheus) and the small helpers that record them. Names follow DESIGN.md;
+//! labels stay low-cardinality (no entity ids).
+
+pub const RECORDS_PULLED: &str = "pendo_sync_records_pulled_total";
+pub const CHANGES_DETECTED: &str = "pendo_sync_changes_detected_total";
+pub const VALUES_PUSHED: &str = "pendo_sync_values_pushed_total";
+pub const REQUESTS: &str = "pendo_sync_requests_total";
+pub const OUTBOX_VALUES: &str = "pendo_sync_outbox_values";
+pub const OLDEST_PENDING: &str = "pendo_sync_oldest_pending_seconds";
+pub const CYCLE_DURATION: &str = "pendo_sync_cycle_duration_seconds";
+pub const LAST_SUCCESS: &str = "pendo_sync_last_success_timestamp_seconds";
+pub const INVALID_RECORDS: &str = "pendo_sync_invalid_records_total";
+
+/// Counts one HTTP request to `api` (`pendo`, `salesforce`, `hubspot`). `status` is the HTTP
+/// status, or `error` when no response arrived (timeout, dropped connection).
+pub fn record_request(api: &'static str, status: Option<u16>) {
+    let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+    metrics::counter!(REQUESTS, "api" => api, "status" => status).increment(1);
+}

@@ -1,0 +1,413 @@
+//! The state file: one SQLite database (WAL) holding the shadow copy, the outbox, watermarks,
+//! records set aside, run history and a few durable facts.
+//!
+//! The store owns every SQL statement. Two rules it enforces for the rest of the crate:
+//!
+//! - **The shadow is what Pendo confirmed.** Only [`Store::settle`] with [`Settlement::Confirmed`]
+//!   writes to it, and the writer calls that only for ids Pendo answered 2xx for and did not list
+//!   in `missing` or `errors`.
+//! - **No change is lost.** [`Store::commit_page`] writes a page's changes to the outbox and moves
+//!   the mapping's watermark in one transaction; a crash before commit re-reads the page, a crash
+//!   after it finds the changes in the outbox.
+//!
+//! The file is created readable and writable by its owner only: it holds the CRM data we sync and,
+//! for OAuth flows, rotated refresh tokens.
+
+mod outbox;
+mod shadow;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
+pub use shadow::ShadowRecord;
+
+use crate::connectors::Watermark;
+use crate::domain::now_ms;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("state file {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("state file migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("state file query failed: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("state file holds an unreadable value: {0}")]
+    Corrupt(String),
+}
+
+/// A handle on the state file. Cheap to clone (a pool inside).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// One row of `invalid_records`: a CRM record set aside with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InvalidRecord {
+    pub mapping: String,
+    pub crm_id: String,
+    pub pendo_id: Option<String>,
+    /// Short machine-friendly reason: `missing_id`, `bad_value`, `ambiguous_id`.
+    pub reason: String,
+    /// The full human message, naming the record and field.
+    pub detail: String,
+    pub seen_at: i64,
+}
+
+/// One row of run history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub mapping: String,
+    pub mode: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub ok: Option<bool>,
+    pub pulled: i64,
+    pub changes: i64,
+    pub invalid: i64,
+    pub error: Option<String>,
+}
+
+/// What [`Store::commit_page`] writes in one transaction.
+#[derive(Debug, Default)]
+pub struct PageCommit<'a> {
+    pub mapping: &'a str,
+    pub changes: &'a [Change],
+    pub watermark: Option<&'a Watermark>,
+    pub invalid: &'a [InvalidRecord],
+    /// CRM ids of this mapping that mapped cleanly: any earlier invalid entry is cleared.
+    pub valid_crm_ids: &'a [String],
+}
+
+impl Store {
+    /// Opens (creating if needed, owner-only) the state file and applies migrations.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                path: path.to_owned(),
+                message: format!("cannot create directory {}: {e}", dir.display()),
+            })?;
+        }
+        create_owner_only(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode survives a process crash (kill -9) with every committed
+            // transaction intact; only a power cut can drop the last few, which costs a resend.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store {
+            pool,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens an existing state file without writing to it (audits, dry runs, status). Fails if
+    /// the file does not exist rather than creating one.
+    pub async fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Io {
+                path: path.to_owned(),
+                message: "does not exist yet (run `pendo-sync sync` first)".into(),
+            });
+        }
+        let url = format!("sqlite://{}", path.display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Store {
+            pool,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Closes the pool, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A trivial query: is the state file usable (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- watermarks -------------------------------------------------------------------------
+
+    pub async fn watermark(&self, mapping: &str) -> Result<Option<Watermark>, StoreError> {
+        let row = sqlx::query("SELECT value FROM watermarks WHERE mapping = ?1")
+            .bind(mapping)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Watermark(r.get::<String, _>(0))))
+    }
+
+    pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), Watermark(r.get(1)), r.get(2)))
+            .collect())
+    }
+
+    /// Forgets a mapping's watermark: the next incremental cycle reads everything.
+    pub async fn reset_watermark(&self, mapping: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM watermarks WHERE mapping = ?1")
+            .bind(mapping)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one page's outcome atomically: outbox changes (latest wins), set-aside records, and
+    /// the watermark. This is guarantee 2's transaction.
+    pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        outbox::enqueue(&mut tx, page.changes, now).await?;
+        if !page.valid_crm_ids.is_empty() {
+            let ids = serde_json::to_string(page.valid_crm_ids).expect("strings serialize");
+            sqlx::query(
+                "DELETE FROM invalid_records WHERE mapping = ?1 AND crm_id IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(page.mapping)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for r in page.invalid {
+            sqlx::query(
+                "INSERT INTO invalid_records (mapping, crm_id, pendo_id, reason, detail, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (mapping, crm_id) DO UPDATE SET pendo_id = excluded.pendo_id,
+                   reason = excluded.reason, detail = excluded.detail, seen_at = excluded.seen_at",
+            )
+            .bind(&r.mapping)
+            .bind(&r.crm_id)
+            .bind(&r.pendo_id)
+            .bind(&r.reason)
+            .bind(&r.detail)
+            .bind(r.seen_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(w) = page.watermark {
+            sqlx::query(
+                "INSERT INTO watermarks (mapping, value, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (mapping) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(page.mapping)
+            .bind(&w.0)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- invalid records ----------------------------------------------------------------------
+
+    pub async fn invalid_records(&self, mapping: Option<&str>) -> Result<Vec<InvalidRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mapping, crm_id, pendo_id, reason, detail, seen_at FROM invalid_records
+             WHERE (?1 IS NULL OR mapping = ?1) ORDER BY mapping, crm_id",
+        )
+        .bind(mapping)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| InvalidRecord {
+                mapping: r.get(0),
+                crm_id: r.get(1),
+                pendo_id: r.get(2),
+                reason: r.get(3),
+                detail: r.get(4),
+                seen_at: r.get(5),
+            })
+            .collect())
+    }
+
+    pub async fn drop_invalid(&self, mapping: Option<&str>, crm_id: Option<&str>) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM invalid_records WHERE (?1 IS NULL OR mapping = ?1) AND (?2 IS NULL OR crm_id = ?2)",
+        )
+        .bind(mapping)
+        .bind(crm_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    pub async fn start_run(&self, mapping: &str, mode: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("INSERT INTO runs (mapping, mode, started_at) VALUES (?1, ?2, ?3) RETURNING id")
+            .bind(mapping)
+            .bind(mode)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        pulled: u64,
+        changes: u64,
+        invalid: u64,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE runs SET finished_at = ?2, ok = ?3, pulled = ?4, changes = ?5, invalid = ?6, error = ?7
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(error.is_none())
+        .bind(pulled as i64)
+        .bind(changes as i64)
+        .bind(invalid as i64)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The latest run of each mapping, and the latest successful one.
+    pub async fn last_runs(&self) -> Result<Vec<(RunRecord, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.mapping, r.mode, r.started_at, r.finished_at, r.ok, r.pulled, r.changes, r.invalid, r.error,
+                    (SELECT max(finished_at) FROM runs s WHERE s.mapping = r.mapping AND s.ok = 1)
+             FROM runs r WHERE r.id = (SELECT max(id) FROM runs x WHERE x.mapping = r.mapping)
+             ORDER BY r.mapping",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    RunRecord {
+                        id: r.get(0),
+                        mapping: r.get(1),
+                        mode: r.get(2),
+                        started_at: r.get(3),
+                        finished_at: r.get(4),
+                        ok: r.get(5),
+                        pulled: r.get(6),
+                        changes: r.get(7),
+                        invalid: r.get(8),
+                        error: r.get(9),
+                    },
+                    r.get(10),
+                )
+            })
+            .collect())
+    }
+
+    // ---- kv ---------------------------------------------------------------------------------
+
+    pub async fn kv_get(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let row = sqlx::query("SELECT value FROM kv WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let text: String = r.get(0);
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("kv {key}: {e}")))
+        })
+        .transpose()
+    }
+
+    pub async fn kv_set(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(key)
+        .bind(value.to_string())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM kv WHERE key = ?1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Creates the file with mode 0600 if it does not exist, so the database is never world-readable,
+/// not even for the moment before a chmod.
+fn create_owner_only(path: &Path) -> Result<(), StoreError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map(|_| ()).map_err(|e| StoreError::Io {
+        path: path.to_owned(),
+        message: format!("cannot create: {e}"),
+    })
+}

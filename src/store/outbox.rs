@@ -1,0 +1,397 @@
+//! The outbox: field-level changes waiting for Pendo's confirmation.
+//!
+//! One row per (kind, pendo id, field), so a newer CRM value replaces an unsent older one
+//! (latest wins). Each replacement bumps `version`; a writer settles the rows it sent by
+//! (key, version), so a value superseded while in flight stays in the outbox and goes out again.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{Store, StoreError};
+use crate::domain::{Kind, now_ms};
+
+/// A change the diff found: this field of this entity should hold `value` in Pendo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: Kind,
+    pub pendo_id: String,
+    pub field: String,
+    /// Canonical stored text of the new value.
+    pub value: String,
+    pub mapping: String,
+    /// Send even if the shadow already holds this value (resync).
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueState {
+    Pending,
+    Unmatched,
+    Dead,
+}
+
+impl QueueState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Pending => "pending",
+            QueueState::Unmatched => "unmatched",
+            QueueState::Dead => "dead",
+        }
+    }
+}
+
+/// The identity of an outbox row as sent: a settlement only applies if the version still matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutboxKey {
+    pub kind: Kind,
+    pub pendo_id: String,
+    pub field: String,
+    pub version: i64,
+}
+
+/// One outbox row.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxEntry {
+    pub kind: Kind,
+    pub pendo_id: String,
+    pub field: String,
+    /// Canonical stored text.
+    pub value: String,
+    pub mapping: String,
+    pub state: QueueState,
+    pub force: bool,
+    pub version: i64,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub enqueued_at: i64,
+}
+
+impl OutboxEntry {
+    pub fn key(&self) -> OutboxKey {
+        OutboxKey {
+            kind: self.kind,
+            pendo_id: self.pendo_id.clone(),
+            field: self.field.clone(),
+            version: self.version,
+        }
+    }
+}
+
+/// What happened to a row the writer sent (or decided not to send).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// Pendo confirmed the value: into the shadow, out of the outbox.
+    Confirmed,
+    /// The shadow already holds this value (a later cycle caught up): out of the outbox.
+    AlreadyConfirmed,
+    /// Pendo does not know the id: retried at `retry_at`.
+    Unmatched { retry_at: i64, message: String },
+    /// A failed attempt: retried at `retry_at`, or dead once `attempts` reaches `max_attempts`.
+    Retry {
+        retry_at: i64,
+        error: String,
+        max_attempts: u32,
+    },
+    /// Will not succeed by retrying (a 400 for this record alone): kept, visible, retryable by hand.
+    Dead { error: String },
+    /// Not sent after all (shutdown): back to the queue as it was.
+    Release,
+}
+
+/// Which rows `queue list|retry|drop` act on.
+#[derive(Debug, Clone, Default)]
+pub struct QueueFilter {
+    pub state: Option<QueueState>,
+    pub kind: Option<Kind>,
+    pub pendo_id: Option<String>,
+}
+
+fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
+    let kind: String = row.get("kind");
+    let state: String = row.get("state");
+    Ok(OutboxEntry {
+        kind: Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("outbox kind {kind:?}")))?,
+        pendo_id: row.get("pendo_id"),
+        field: row.get("field"),
+        value: row.get("value"),
+        mapping: row.get("mapping"),
+        state: match state.as_str() {
+            "pending" => QueueState::Pending,
+            "unmatched" => QueueState::Unmatched,
+            "dead" => QueueState::Dead,
+            other => return Err(StoreError::Corrupt(format!("outbox state {other:?}"))),
+        },
+        force: row.get::<i64, _>("force") != 0,
+        version: row.get("version"),
+        attempts: row.get::<i64, _>("attempts") as u32,
+        next_attempt_at: row.get("next_attempt_at"),
+        last_error: row.get("last_error"),
+        enqueued_at: row.get("enqueued_at"),
+    })
+}
+
+/// Writes changes with latest-wins semantics. A row is replaced (and made pending again, version
+/// bumped) only when the value differs, or when a forced send arrives for an unforced row; an
+/// identical re-detection leaves an unmatched or dead row alone, so an unknown id is not retried
+/// every cycle.
+pub(super) async fn enqueue(
+    tx: &mut Transaction<'_, Sqlite>,
+    changes: &[Change],
+    now: i64,
+) -> Result<(), StoreError> {
+    for c in changes {
+        sqlx::query(
+            "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
+                                 next_attempt_at, last_error, enqueued_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, 1, 0, ?7, NULL, ?7, ?7)
+             ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
+                value = excluded.value, mapping = excluded.mapping, state = 'pending',
+                force = max(outbox.force, excluded.force), version = outbox.version + 1, attempts = 0,
+                next_attempt_at = excluded.next_attempt_at, last_error = NULL,
+                enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
+             WHERE outbox.value != excluded.value OR excluded.force > outbox.force",
+        )
+        .bind(c.kind.as_str())
+        .bind(&c.pendo_id)
+        .bind(&c.field)
+        .bind(&c.value)
+        .bind(&c.mapping)
+        .bind(c.force as i64)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Values waiting in the outbox for these ids (any state): the diff compares against them as
+    /// well as the shadow, so a CRM value that goes A → B → A before B was sent sends A again.
+    pub async fn load_outbox_values(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+        let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for chunk in ids.chunks(5_000) {
+            let list = serde_json::to_string(chunk).expect("strings serialize");
+            let rows = sqlx::query(
+                "SELECT pendo_id, field, value FROM outbox
+                 WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(kind.as_str())
+            .bind(list)
+            .fetch_all(&self.pool)
+            .await?;
+            for row in rows {
+                out.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Clears every lease. Called when a writer starts: a lease left by a crashed process means
+    /// "maybe sent"; sending again is safe (Pendo's write is idempotent) and losing it is not.
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE outbox SET leased = 0 WHERE leased = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Leases the due rows of up to `max_records` entities of `kind` (pending, or unmatched whose
+    /// retry time has come) and returns them, grouped by entity in id order.
+    pub async fn claim_due(&self, kind: Kind, now: i64, max_records: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE outbox SET leased = 1
+             WHERE kind = ?1 AND leased = 0 AND state IN ('pending', 'unmatched') AND next_attempt_at <= ?2
+               AND pendo_id IN (
+                 SELECT DISTINCT pendo_id FROM outbox
+                 WHERE kind = ?1 AND leased = 0 AND state IN ('pending', 'unmatched') AND next_attempt_at <= ?2
+                 ORDER BY pendo_id LIMIT ?3)
+             RETURNING *",
+        )
+        .bind(kind.as_str())
+        .bind(now)
+        .bind(max_records as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut entries = rows.iter().map(entry_from_row).collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by(|a, b| (&a.pendo_id, &a.field).cmp(&(&b.pendo_id, &b.field)));
+        Ok(entries)
+    }
+
+    /// When the next row of `kind` (or any kind) becomes due, if any is waiting.
+    pub async fn next_due_at(&self, kind: Option<Kind>) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT min(next_attempt_at) FROM outbox
+             WHERE leased = 0 AND state IN ('pending', 'unmatched') AND (?1 IS NULL OR kind = ?1)",
+        )
+        .bind(kind.map(Kind::as_str))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Applies the writer's outcomes in one transaction: shadow updates for confirmed rows and the
+    /// outbox bookkeeping for everything else. Rows whose version moved on (a newer CRM value
+    /// arrived while this one was in flight) are only released, so the newer value goes out next.
+    pub async fn settle(&self, outcomes: &[(OutboxEntry, Settlement)]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Shadow patches grouped per entity: one statement per record, not per field.
+        let mut patches: BTreeMap<(Kind, &str), serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        for (entry, settlement) in outcomes {
+            if *settlement == Settlement::Confirmed {
+                let value: serde_json::Value = serde_json::from_str(&entry.value)
+                    .map_err(|e| StoreError::Corrupt(format!("outbox value {:?}: {e}", entry.value)))?;
+                patches
+                    .entry((entry.kind, entry.pendo_id.as_str()))
+                    .or_default()
+                    .insert(entry.field.clone(), value);
+            }
+        }
+        for ((kind, id), patch) in &patches {
+            // json_patch (RFC 7396) removes keys patched to null: a cleared field leaves the shadow.
+            sqlx::query(
+                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at) VALUES (?1, ?2, json_patch('{}', ?3), ?4)
+                 ON CONFLICT (kind, pendo_id) DO UPDATE SET vals = json_patch(shadow.vals, ?3), confirmed_at = ?4",
+            )
+            .bind(kind.as_str())
+            .bind(*id)
+            .bind(serde_json::Value::Object(patch.clone()).to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (entry, settlement) in outcomes {
+            let key = |sql: &'static str| {
+                sqlx::query(sql)
+                    .bind(entry.kind.as_str())
+                    .bind(&entry.pendo_id)
+                    .bind(&entry.field)
+                    .bind(entry.version)
+            };
+            let q = match settlement {
+                Settlement::Confirmed | Settlement::AlreadyConfirmed => Some(key(
+                    "DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4",
+                )),
+                Settlement::Unmatched { retry_at, message } => Some(
+                    key("UPDATE outbox SET state = 'unmatched', next_attempt_at = ?5, last_error = ?6, updated_at = ?7
+                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
+                    .bind(*retry_at)
+                    .bind(message.as_str())
+                    .bind(now),
+                ),
+                Settlement::Retry {
+                    retry_at,
+                    error,
+                    max_attempts,
+                } => Some(
+                    key("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?5, last_error = ?6, updated_at = ?7,
+                            state = CASE WHEN attempts + 1 >= ?8 THEN 'dead' ELSE state END
+                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
+                    .bind(*retry_at)
+                    .bind(error.as_str())
+                    .bind(now)
+                    .bind(*max_attempts as i64),
+                ),
+                Settlement::Dead { error } => Some(
+                    key("UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?5, updated_at = ?6
+                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
+                    .bind(error.as_str())
+                    .bind(now),
+                ),
+                Settlement::Release => None,
+            };
+            if let Some(q) = q {
+                q.execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE outbox SET leased = 0 WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3")
+                .bind(entry.kind.as_str())
+                .bind(&entry.pendo_id)
+                .bind(&entry.field)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rows matching `filter`, oldest first, at most `limit`.
+    pub async fn outbox_list(&self, filter: &QueueFilter, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
+               AND (?3 IS NULL OR pendo_id = ?3)
+             ORDER BY enqueued_at, kind, pendo_id, field LIMIT ?4",
+        )
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Makes matching rows pending and due now, with a fresh attempt count.
+    pub async fn outbox_retry(&self, filter: &QueueFilter) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
+             WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR pendo_id = ?3)",
+        )
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes matching rows: an operator's decision that these changes should never go out.
+    pub async fn outbox_drop(&self, filter: &QueueFilter) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
+               AND (?3 IS NULL OR pendo_id = ?3)",
+        )
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Row counts per state.
+    pub async fn outbox_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        let rows = sqlx::query("SELECT state, count(*) FROM outbox GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = BTreeMap::from([("pending", 0), ("unmatched", 0), ("dead", 0)]);
+        for row in rows {
+            let state: String = row.get(0);
+            for known in ["pending", "unmatched", "dead"] {
+                if state == known {
+                    out.insert(known, row.get(1));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the oldest pending change was enqueued.
+    pub async fn oldest_pending_at(&self) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT min(enqueued_at) FROM outbox WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+}
