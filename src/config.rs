@@ -387,7 +387,10 @@ impl SecretSource {
         match self {
             SecretSource::None => Err(ConfigError::new(
                 key,
-                format!("missing: set {key}, {key}_file, or the environment variable {}", env_name(key)),
+                format!(
+                    "missing: set {key}, {key}_file, or the environment variable {}",
+                    env_name(key)
+                ),
             )),
             SecretSource::Inline(s) => {
                 if s.expose_secret().trim().is_empty() {
@@ -398,7 +401,10 @@ impl SecretSource {
             }
             SecretSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError::new(format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+                    ConfigError::new(
+                        format!("{key}_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?;
                 let trimmed = text.trim_end_matches(['\n', '\r']);
                 if trimmed.trim().is_empty() {
@@ -414,7 +420,10 @@ impl SecretSource {
 }
 
 fn env_name(key: &str) -> String {
-    format!("PENDO_SYNC__{}", key.replace('.', "__").to_ascii_uppercase())
+    format!(
+        "PENDO_SYNC__{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
 }
 
 fn secret_pair(
@@ -461,14 +470,21 @@ impl Settings {
     }
 
     /// Loads `path` with an explicit set of `PENDO_SYNC__*` variables (tests pass their own).
-    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+    pub fn load_with_env(
+        path: &Path,
+        env: HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
         Self::from_toml_with_env(&text, env)
     }
 
     /// Parses TOML text with environment overrides; the whole of validation happens here.
-    pub fn from_toml_with_env(text: &str, env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+    pub fn from_toml_with_env(
+        text: &str,
+        env: HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
         let environment = config::Environment::with_prefix("PENDO_SYNC")
             .prefix_separator("__")
             .separator("__")
@@ -484,7 +500,11 @@ impl Settings {
             .map_err(|e| ConfigError::new("config", e.to_string()))?;
         let raw: RawSettings = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." { "config".to_owned() } else { path };
+            let key = if path == "." {
+                "config".to_owned()
+            } else {
+                path
+            };
             ConfigError::new(key, clean_serde_message(&e.into_inner().to_string()))
         })?;
         validate(raw)
@@ -492,13 +512,19 @@ impl Settings {
 
     /// The mapping with `name`, or a usage error naming the known ones.
     pub fn mapping(&self, name: &str) -> Result<&MappingSettings, ConfigError> {
-        self.mappings.iter().find(|m| m.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.mappings.iter().map(|m| m.name.as_str()).collect();
-            ConfigError::new(
-                "--mapping",
-                format!("no mapping named {name:?}; configured: {}", known.join(", ")),
-            )
-        })
+        self.mappings
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.mappings.iter().map(|m| m.name.as_str()).collect();
+                ConfigError::new(
+                    "--mapping",
+                    format!(
+                        "no mapping named {name:?}; configured: {}",
+                        known.join(", ")
+                    ),
+                )
+            })
     }
 }
 
@@ -546,7 +572,11 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         ));
     }
     check_range("pendo.batch_size", pendo.batch_size as f64, 1.0, 10_000.0)?;
-    check_positive("pendo.requests_per_second", pendo.requests_per_second, 10_000.0)?;
+    check_positive(
+        "pendo.requests_per_second",
+        pendo.requests_per_second,
+        10_000.0,
+    )?;
     check_range("pendo.max_in_flight", pendo.max_in_flight as f64, 1.0, 64.0)?;
     check_duration("pendo.timeout", pendo.timeout)?;
     check_range("pendo.max_attempts", pendo.max_attempts as f64, 1.0, 1000.0)?;
@@ -572,15 +602,23 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
     check_duration("schedule.poll_interval", schedule.poll_interval)?;
     check_duration("schedule.reconcile_interval", schedule.reconcile_interval)?;
 
-    admin
-        .listen
-        .parse::<SocketAddr>()
-        .map_err(|_| ConfigError::new("admin.listen", format!("must be host:port (e.g. 127.0.0.1:9464), got {:?}", admin.listen)))?;
+    admin.listen.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::new(
+            "admin.listen",
+            format!(
+                "must be host:port (e.g. 127.0.0.1:9464), got {:?}",
+                admin.listen
+            ),
+        )
+    })?;
     admin.token_source = secret_pair("admin.token", admin.token.take(), admin.token_file.take())?;
 
     // Mappings
     if mappings.is_empty() {
-        return Err(ConfigError::new("mappings", "at least one [[mappings]] entry is needed"));
+        return Err(ConfigError::new(
+            "mappings",
+            "at least one [[mappings]] entry is needed",
+        ));
     }
     let mut names = std::collections::HashSet::new();
     let mut fields_by_kind: HashMap<(Kind, String), String> = HashMap::new();
@@ -598,7 +636,10 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
             ));
         }
         if !names.insert(m.name.clone()) {
-            return Err(ConfigError::new(at("name"), format!("{:?} is used by two mappings", m.name)));
+            return Err(ConfigError::new(
+                at("name"),
+                format!("{:?} is used by two mappings", m.name),
+            ));
         }
         match m.source {
             Source::Salesforce if salesforce.is_none() => {
@@ -616,14 +657,23 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
             _ => {}
         }
         if !is_identifier(&m.object) {
-            return Err(ConfigError::new(at("object"), format!("{:?} is not a CRM object name", m.object)));
+            return Err(ConfigError::new(
+                at("object"),
+                format!("{:?} is not a CRM object name", m.object),
+            ));
         }
         if !is_field_path(&m.id) {
-            return Err(ConfigError::new(at("id"), format!("{:?} is not a field path", m.id)));
+            return Err(ConfigError::new(
+                at("id"),
+                format!("{:?} is not a field path", m.id),
+            ));
         }
         if let Some(f) = &m.filter {
             if f.trim().is_empty() {
-                return Err(ConfigError::new(at("filter"), "is empty; remove it or give a condition"));
+                return Err(ConfigError::new(
+                    at("filter"),
+                    "is empty; remove it or give a condition",
+                ));
             }
             if m.source == Source::Hubspot {
                 parse_hubspot_filter(f).map_err(|e| ConfigError::new(at("filter"), e))?;
@@ -657,7 +707,10 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
             if !is_field_path(&f.from) {
                 return Err(ConfigError::new(
                     format!("{fk}.from"),
-                    format!("{:?} is not a plausible CRM field path (e.g. ARR__c or Owner.Email)", f.from),
+                    format!(
+                        "{:?} is not a plausible CRM field path (e.g. ARR__c or Owner.Email)",
+                        f.from
+                    ),
                 ));
             }
             if let Some(t) = f.transform {
@@ -707,7 +760,10 @@ fn validate_salesforce(mut sf: SalesforceSettings) -> Result<SalesforceSettings,
     check_url("salesforce.login_url", &sf.login_url)?;
     let v = sf.api_version.strip_prefix('v').unwrap_or("");
     let ok = v.split_once('.').is_some_and(|(a, b)| {
-        !a.is_empty() && !b.is_empty() && a.chars().all(|c| c.is_ascii_digit()) && b.chars().all(|c| c.is_ascii_digit())
+        !a.is_empty()
+            && !b.is_empty()
+            && a.chars().all(|c| c.is_ascii_digit())
+            && b.chars().all(|c| c.is_ascii_digit())
     });
     if !ok {
         return Err(ConfigError::new(
@@ -716,17 +772,33 @@ fn validate_salesforce(mut sf: SalesforceSettings) -> Result<SalesforceSettings,
         ));
     }
     if sf.client_id.trim().is_empty() {
-        return Err(ConfigError::new("salesforce.client_id", "must not be empty"));
+        return Err(ConfigError::new(
+            "salesforce.client_id",
+            "must not be empty",
+        ));
     }
-    sf.private_key_source = secret_pair("salesforce.private_key", sf.private_key.take(), sf.private_key_file.take())?;
-    sf.client_secret_source =
-        secret_pair("salesforce.client_secret", sf.client_secret.take(), sf.client_secret_file.take())?;
-    sf.refresh_token_source =
-        secret_pair("salesforce.refresh_token", sf.refresh_token.take(), sf.refresh_token_file.take())?;
+    sf.private_key_source = secret_pair(
+        "salesforce.private_key",
+        sf.private_key.take(),
+        sf.private_key_file.take(),
+    )?;
+    sf.client_secret_source = secret_pair(
+        "salesforce.client_secret",
+        sf.client_secret.take(),
+        sf.client_secret_file.take(),
+    )?;
+    sf.refresh_token_source = secret_pair(
+        "salesforce.refresh_token",
+        sf.refresh_token.take(),
+        sf.refresh_token_file.take(),
+    )?;
     match sf.auth {
         SalesforceAuth::Jwt => {
             if sf.username.as_deref().is_none_or(|u| u.trim().is_empty()) {
-                return Err(ConfigError::new("salesforce.username", "is required when auth = \"jwt\""));
+                return Err(ConfigError::new(
+                    "salesforce.username",
+                    "is required when auth = \"jwt\"",
+                ));
             }
             if !sf.private_key_source.is_set() {
                 return Err(ConfigError::new(
@@ -752,8 +824,17 @@ fn validate_salesforce(mut sf: SalesforceSettings) -> Result<SalesforceSettings,
             }
         }
     }
-    check_positive("salesforce.requests_per_second", sf.requests_per_second, 10_000.0)?;
-    check_range("salesforce.max_daily_api_percent", sf.max_daily_api_percent, 1.0, 100.0)?;
+    check_positive(
+        "salesforce.requests_per_second",
+        sf.requests_per_second,
+        10_000.0,
+    )?;
+    check_range(
+        "salesforce.max_daily_api_percent",
+        sf.max_daily_api_percent,
+        1.0,
+        100.0,
+    )?;
     check_duration("salesforce.timeout", sf.timeout)?;
     Ok(sf)
 }
@@ -771,11 +852,21 @@ fn validate_hubspot(mut hs: HubspotSettings) -> Result<HubspotSettings, ConfigEr
             format!("must be v3 or a dated version such as 2026-03, got {v:?}"),
         ));
     }
-    hs.access_token_source = secret_pair("hubspot.access_token", hs.access_token.take(), hs.access_token_file.take())?;
-    hs.client_secret_source =
-        secret_pair("hubspot.client_secret", hs.client_secret.take(), hs.client_secret_file.take())?;
-    hs.refresh_token_source =
-        secret_pair("hubspot.refresh_token", hs.refresh_token.take(), hs.refresh_token_file.take())?;
+    hs.access_token_source = secret_pair(
+        "hubspot.access_token",
+        hs.access_token.take(),
+        hs.access_token_file.take(),
+    )?;
+    hs.client_secret_source = secret_pair(
+        "hubspot.client_secret",
+        hs.client_secret.take(),
+        hs.client_secret_file.take(),
+    )?;
+    hs.refresh_token_source = secret_pair(
+        "hubspot.refresh_token",
+        hs.refresh_token.take(),
+        hs.refresh_token_file.take(),
+    )?;
     match hs.auth {
         HubspotAuth::Token => {
             if !hs.access_token_source.is_set() {
@@ -787,18 +878,36 @@ fn validate_hubspot(mut hs: HubspotSettings) -> Result<HubspotSettings, ConfigEr
         }
         HubspotAuth::Oauth => {
             if hs.client_id.as_deref().is_none_or(|c| c.trim().is_empty()) {
-                return Err(ConfigError::new("hubspot.client_id", "is required when auth = \"oauth\""));
+                return Err(ConfigError::new(
+                    "hubspot.client_id",
+                    "is required when auth = \"oauth\"",
+                ));
             }
             if !hs.client_secret_source.is_set() {
-                return Err(ConfigError::new("hubspot.client_secret", "is required when auth = \"oauth\""));
+                return Err(ConfigError::new(
+                    "hubspot.client_secret",
+                    "is required when auth = \"oauth\"",
+                ));
             }
             if !hs.refresh_token_source.is_set() {
-                return Err(ConfigError::new("hubspot.refresh_token", "is required when auth = \"oauth\""));
+                return Err(ConfigError::new(
+                    "hubspot.refresh_token",
+                    "is required when auth = \"oauth\"",
+                ));
             }
         }
     }
-    check_range("hubspot.requests_per_10s", hs.requests_per_10s as f64, 1.0, 1000.0)?;
-    check_positive("hubspot.search_requests_per_second", hs.search_requests_per_second, 100.0)?;
+    check_range(
+        "hubspot.requests_per_10s",
+        hs.requests_per_10s as f64,
+        1.0,
+        1000.0,
+    )?;
+    check_positive(
+        "hubspot.search_requests_per_second",
+        hs.search_requests_per_second,
+        100.0,
+    )?;
     check_duration("hubspot.timeout", hs.timeout)?;
     Ok(hs)
 }
@@ -806,7 +915,11 @@ fn validate_hubspot(mut hs: HubspotSettings) -> Result<HubspotSettings, ConfigEr
 /// HubSpot filters are `property=value` pairs joined by `,` or `&&`.
 pub fn parse_hubspot_filter(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
-    for part in text.split([',', '&']).map(str::trim).filter(|p| !p.is_empty()) {
+    for part in text
+        .split([',', '&'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| format!("{part:?} is not property=value"))?;
@@ -837,22 +950,34 @@ fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
         Ok(u) => Err(ConfigError::new(
             key,
-            format!("must be an http(s) URL with a host, got scheme {:?} in {value:?}", u.scheme()),
+            format!(
+                "must be an http(s) URL with a host, got scheme {:?} in {value:?}",
+                u.scheme()
+            ),
         )),
-        Err(e) => Err(ConfigError::new(key, format!("is not a valid URL ({e}): {value:?}"))),
+        Err(e) => Err(ConfigError::new(
+            key,
+            format!("is not a valid URL ({e}): {value:?}"),
+        )),
     }
 }
 
 fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
     if !(lo..=hi).contains(&v) {
-        return Err(ConfigError::new(key, format!("must be between {lo} and {hi}, got {v}")));
+        return Err(ConfigError::new(
+            key,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ));
     }
     Ok(())
 }
 
 fn check_positive(key: &str, v: f64, hi: f64) -> Result<(), ConfigError> {
     if !(v > 0.0 && v <= hi) {
-        return Err(ConfigError::new(key, format!("must be greater than 0 and at most {hi}, got {v}")));
+        return Err(ConfigError::new(
+            key,
+            format!("must be greater than 0 and at most {hi}, got {v}"),
+        ));
     }
     Ok(())
 }
@@ -971,7 +1096,10 @@ mod tests {
         assert_eq!(s.pendo.batch_size, 500);
         assert_eq!(s.schedule.overlap, Duration::from_secs(300));
         assert_eq!(s.mappings[0].fields["arr"].field_type, FieldType::Number);
-        assert_eq!(s.mappings[1].fields["csmname"].transform, Some(Transform::OwnerName));
+        assert_eq!(
+            s.mappings[1].fields["csmname"].transform,
+            Some(Transform::OwnerName)
+        );
         assert_eq!(s.pendo.api_base(), "https://app.pendo.io");
     }
 
@@ -990,6 +1118,9 @@ mod tests {
     fn errors_name_the_key() {
         let bad = EXAMPLE.replace("batch_size = 500", "batch_size = 0");
         let e = load(&bad).unwrap_err();
-        assert_eq!(e.to_string(), "pendo.batch_size: must be between 1 and 10000, got 0");
+        assert_eq!(
+            e.to_string(),
+            "pendo.batch_size: must be between 1 and 10000, got 0"
+        );
     }
 }

@@ -78,7 +78,10 @@ impl FieldType {
         match self {
             FieldType::String => matches!(t.as_str(), "string" | "text"),
             FieldType::Number => {
-                matches!(t.as_str(), "number" | "float" | "integer" | "int" | "numeric")
+                matches!(
+                    t.as_str(),
+                    "number" | "float" | "integer" | "int" | "numeric"
+                )
             }
             FieldType::Boolean => matches!(t.as_str(), "boolean" | "bool"),
             FieldType::Date => matches!(t.as_str(), "date" | "time" | "datetime" | "timestamp"),
@@ -233,7 +236,10 @@ mod tests {
     #[test]
     fn dates_go_out_in_the_configured_format() {
         let v = Value::Date(1_767_225_600_000);
-        assert_eq!(v.to_wire(DateFormat::EpochMs), serde_json::json!(1_767_225_600_000i64));
+        assert_eq!(
+            v.to_wire(DateFormat::EpochMs),
+            serde_json::json!(1_767_225_600_000i64)
+        );
         assert_eq!(
             v.to_wire(DateFormat::Iso8601),
             serde_json::json!("2026-01-01T00:00:00.000Z")

@@ -17,8 +17,11 @@
 
 pub mod config;
 pub mod connectors;
+pub mod diff;
 pub mod domain;
 pub mod limiter;
+pub mod mapping;
 pub mod metrics;
+pub mod pendo;
 pub mod sim;
 pub mod store;

@@ -30,7 +30,11 @@ impl RateLimiter {
     /// In any span of length `w` at most `burst + w / (window / count)` requests pass, so a
     /// burst of 1 keeps the measured rate within the configured one.
     pub fn new(count: f64, window: Duration, burst: u32) -> RateLimiter {
-        let count = if count.is_finite() && count > 0.0 { count } else { 1.0 };
+        let count = if count.is_finite() && count > 0.0 {
+            count
+        } else {
+            1.0
+        };
         let period = window.div_f64(count).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(burst.max(1)).expect("burst >= 1");
         let quota = Quota::with_period(period)

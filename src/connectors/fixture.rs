@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, CheckFinding, Connector, ConnectorError, Page, Pull, PullSpec, RawRecord, Watermark};
+use super::{
+    BoxFuture, CheckFinding, Connector, ConnectorError, Page, Pull, PullSpec, RawRecord, Watermark,
+};
 
 #[derive(Debug, Clone)]
 struct Row {
@@ -46,11 +48,14 @@ impl FixtureConnector {
         let mut inner = self.inner.lock().expect("fixture lock");
         inner.seq += 1;
         let seq = inner.seq;
-        inner
-            .objects
-            .entry(object.to_owned())
-            .or_default()
-            .insert(crm_id.to_owned(), Row { seq, fields, deleted: false });
+        inner.objects.entry(object.to_owned()).or_default().insert(
+            crm_id.to_owned(),
+            Row {
+                seq,
+                fields,
+                deleted: false,
+            },
+        );
     }
 
     /// Changes one field of an existing record (dotted paths not supported: top level only).
@@ -72,7 +77,11 @@ impl FixtureConnector {
         let mut inner = self.inner.lock().expect("fixture lock");
         inner.seq += 1;
         let seq = inner.seq;
-        if let Some(row) = inner.objects.get_mut(object).and_then(|o| o.get_mut(crm_id)) {
+        if let Some(row) = inner
+            .objects
+            .get_mut(object)
+            .and_then(|o| o.get_mut(crm_id))
+        {
             row.deleted = true;
             row.seq = seq;
         }
@@ -113,7 +122,10 @@ impl Connector for FixtureConnector {
         "fixture"
     }
 
-    fn pull<'a>(&'a self, spec: PullSpec) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
+    fn pull<'a>(
+        &'a self,
+        spec: PullSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
         Box::pin(async move {
             let since: u64 = match &spec.since {
                 None => 0,
@@ -144,7 +156,10 @@ impl Connector for FixtureConnector {
         })
     }
 
-    fn check<'a>(&'a self, spec: &'a PullSpec) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
+    fn check<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
         Box::pin(async move {
             Ok(vec![CheckFinding {
                 ok: true,
@@ -160,7 +175,10 @@ impl Pull for FixturePull {
         Box::pin(async move {
             {
                 let mut inner = self.inner.lock().expect("fixture lock");
-                if inner.fail_after_pages.is_some_and(|n| inner.pages_served >= n) {
+                if inner
+                    .fail_after_pages
+                    .is_some_and(|n| inner.pages_served >= n)
+                {
                     inner.fail_after_pages = None;
                     return Err(ConnectorError::Transient {
                         api: "fixture",

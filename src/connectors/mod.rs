@@ -80,7 +80,11 @@ pub struct PullSpec {
 
 impl PullSpec {
     /// The fields a mapping needs, deduplicated, id first.
-    pub fn for_mapping(m: &MappingSettings, since: Option<Watermark>, overlap: Duration) -> PullSpec {
+    pub fn for_mapping(
+        m: &MappingSettings,
+        since: Option<Watermark>,
+        overlap: Duration,
+    ) -> PullSpec {
         let mut fields = vec![FieldRequest {
             path: m.id.clone(),
             transform: None,
@@ -151,10 +155,16 @@ pub trait Connector: Send + Sync {
     fn source(&self) -> &'static str;
 
     /// Starts a pull. Network work may begin here or in the first `next_page`.
-    fn pull<'a>(&'a self, spec: PullSpec) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>>;
+    fn pull<'a>(
+        &'a self,
+        spec: PullSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>>;
 
     /// Logs in and verifies each field in `spec` exists on its object, one finding per item.
-    fn check<'a>(&'a self, spec: &'a PullSpec) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>>;
+    fn check<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>>;
 }
 
 /// A connector failure, classified once by the connector that saw it.
@@ -192,6 +202,11 @@ pub enum ConnectorError {
 impl ConnectorError {
     /// Whether running the cycle again later may succeed without anyone changing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ConnectorError::Transient { .. } | ConnectorError::RateLimited { .. } | ConnectorError::Protocol { .. })
+        matches!(
+            self,
+            ConnectorError::Transient { .. }
+                | ConnectorError::RateLimited { .. }
+                | ConnectorError::Protocol { .. }
+        )
     }
 }

@@ -31,7 +31,9 @@ impl SimServer {
     }
 
     pub fn from_listener(router: axum::Router, listener: TcpListener) -> SimServer {
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let token = CancellationToken::new();
         let stop = token.clone();
         let task = tokio::spawn(async move {

@@ -190,9 +190,10 @@ impl Store {
     }
 
     pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .into_iter()
             .map(|r| (r.get(0), Watermark(r.get(1)), r.get(2)))
@@ -257,7 +258,10 @@ impl Store {
 
     // ---- invalid records ----------------------------------------------------------------------
 
-    pub async fn invalid_records(&self, mapping: Option<&str>) -> Result<Vec<InvalidRecord>, StoreError> {
+    pub async fn invalid_records(
+        &self,
+        mapping: Option<&str>,
+    ) -> Result<Vec<InvalidRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT mapping, crm_id, pendo_id, reason, detail, seen_at FROM invalid_records
              WHERE (?1 IS NULL OR mapping = ?1) ORDER BY mapping, crm_id",
@@ -278,7 +282,11 @@ impl Store {
             .collect())
     }
 
-    pub async fn drop_invalid(&self, mapping: Option<&str>, crm_id: Option<&str>) -> Result<u64, StoreError> {
+    pub async fn drop_invalid(
+        &self,
+        mapping: Option<&str>,
+        crm_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "DELETE FROM invalid_records WHERE (?1 IS NULL OR mapping = ?1) AND (?2 IS NULL OR crm_id = ?2)",
         )
@@ -292,12 +300,14 @@ impl Store {
     // ---- runs -------------------------------------------------------------------------------
 
     pub async fn start_run(&self, mapping: &str, mode: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("INSERT INTO runs (mapping, mode, started_at) VALUES (?1, ?2, ?3) RETURNING id")
-            .bind(mapping)
-            .bind(mode)
-            .bind(now_ms())
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "INSERT INTO runs (mapping, mode, started_at) VALUES (?1, ?2, ?3) RETURNING id",
+        )
+        .bind(mapping)
+        .bind(mode)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(row.get(0))
     }
 
@@ -410,4 +420,10 @@ fn create_owner_only(path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         message: format!("cannot create: {e}"),
     })
+}
+
+/// Reads a shadow record from its stored JSON text exactly as [`Store::load_shadow`] does (for
+/// tests and tools that build shadows by hand).
+pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
+    shadow::parse_record(crate::domain::Kind::Account, "-", text)
 }

@@ -96,6 +96,8 @@ pub enum Settlement {
         retry_at: i64,
         error: String,
         max_attempts: u32,
+        /// HTTP attempts this failure took (in-process retries included).
+        attempts: u32,
     },
     /// Will not succeed by retrying (a 400 for this record alone): kept, visible, retryable by hand.
     Dead { error: String },
@@ -115,7 +117,8 @@ fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
     let kind: String = row.get("kind");
     let state: String = row.get("state");
     Ok(OutboxEntry {
-        kind: Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("outbox kind {kind:?}")))?,
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("outbox kind {kind:?}")))?,
         pendo_id: row.get("pendo_id"),
         field: row.get("field"),
         value: row.get("value"),
@@ -189,7 +192,9 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
             for row in rows {
-                out.entry(row.get(0)).or_default().insert(row.get(1), row.get(2));
+                out.entry(row.get(0))
+                    .or_default()
+                    .insert(row.get(1), row.get(2));
             }
         }
         Ok(out)
@@ -206,7 +211,12 @@ impl Store {
 
     /// Leases the due rows of up to `max_records` entities of `kind` (pending, or unmatched whose
     /// retry time has come) and returns them, grouped by entity in id order.
-    pub async fn claim_due(&self, kind: Kind, now: i64, max_records: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+    pub async fn claim_due(
+        &self,
+        kind: Kind,
+        now: i64,
+        max_records: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE outbox SET leased = 1
@@ -223,7 +233,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut entries = rows.iter().map(entry_from_row).collect::<Result<Vec<_>, _>>()?;
+        let mut entries = rows
+            .iter()
+            .map(entry_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         entries.sort_by(|a, b| (&a.pendo_id, &a.field).cmp(&(&b.pendo_id, &b.field)));
         Ok(entries)
     }
@@ -247,11 +260,13 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         // Shadow patches grouped per entity: one statement per record, not per field.
-        let mut patches: BTreeMap<(Kind, &str), serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        let mut patches: BTreeMap<(Kind, &str), serde_json::Map<String, serde_json::Value>> =
+            BTreeMap::new();
         for (entry, settlement) in outcomes {
             if *settlement == Settlement::Confirmed {
-                let value: serde_json::Value = serde_json::from_str(&entry.value)
-                    .map_err(|e| StoreError::Corrupt(format!("outbox value {:?}: {e}", entry.value)))?;
+                let value: serde_json::Value = serde_json::from_str(&entry.value).map_err(|e| {
+                    StoreError::Corrupt(format!("outbox value {:?}: {e}", entry.value))
+                })?;
                 patches
                     .entry((entry.kind, entry.pendo_id.as_str()))
                     .or_default()
@@ -294,14 +309,16 @@ impl Store {
                     retry_at,
                     error,
                     max_attempts,
+                    attempts,
                 } => Some(
-                    key("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?5, last_error = ?6, updated_at = ?7,
-                            state = CASE WHEN attempts + 1 >= ?8 THEN 'dead' ELSE state END
+                    key("UPDATE outbox SET attempts = attempts + ?9, next_attempt_at = ?5, last_error = ?6, updated_at = ?7,
+                            state = CASE WHEN attempts + ?9 >= ?8 THEN 'dead' ELSE state END
                          WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
                     .bind(*retry_at)
                     .bind(error.as_str())
                     .bind(now)
-                    .bind(*max_attempts as i64),
+                    .bind(*max_attempts as i64)
+                    .bind(*attempts as i64),
                 ),
                 Settlement::Dead { error } => Some(
                     key("UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?5, updated_at = ?6
@@ -314,19 +331,25 @@ impl Store {
             if let Some(q) = q {
                 q.execute(&mut *tx).await?;
             }
-            sqlx::query("UPDATE outbox SET leased = 0 WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3")
-                .bind(entry.kind.as_str())
-                .bind(&entry.pendo_id)
-                .bind(&entry.field)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE outbox SET leased = 0 WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3",
+            )
+            .bind(entry.kind.as_str())
+            .bind(&entry.pendo_id)
+            .bind(&entry.field)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
     /// Rows matching `filter`, oldest first, at most `limit`.
-    pub async fn outbox_list(&self, filter: &QueueFilter, limit: u32) -> Result<Vec<OutboxEntry>, StoreError> {
+    pub async fn outbox_list(
+        &self,
+        filter: &QueueFilter,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
                AND (?3 IS NULL OR pendo_id = ?3)

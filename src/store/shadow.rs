@@ -26,7 +26,11 @@ pub(super) fn parse_record(kind: Kind, id: &str, text: &str) -> Result<ShadowRec
 
 impl Store {
     /// The confirmed records among `ids` (ids without a record are absent from the map).
-    pub async fn load_shadow(&self, kind: Kind, ids: &[&str]) -> Result<HashMap<String, ShadowRecord>, StoreError> {
+    pub async fn load_shadow(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
         let mut out = HashMap::with_capacity(ids.len());
         // json_each keeps the statement static and the parameter count at one, whatever the page size.
         for chunk in ids.chunks(5_000) {

@@ -1,0 +1,412 @@
+//! The Pendo Engage API client: token verify, metadata schema, the bulk custom-value write, and
+//! aggregation reads. Every request waits on the Pendo limiter first, retries included.
+//!
+//! Errors are classified here, once, into [`PendoError`] kinds; the writer decides what each kind
+//! means for the outbox (Vector's `RetryLogic`, supabase/etl's error policy).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value as Json;
+
+use crate::config::PendoSettings;
+use crate::domain::Kind;
+use crate::limiter::RateLimiter;
+use crate::metrics::record_request;
+
+/// What the operator should check when Pendo refuses the key.
+pub const AUTH_HINT: &str = "check the integration key, its region (pendo.region / pendo.base_url) and that it has write access";
+
+/// A classified Pendo failure.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PendoError {
+    /// 429, 5xx, timeouts, dropped connections, unreadable 2xx bodies: try again later.
+    #[error("Pendo is unavailable ({status}): {message}")]
+    Transient {
+        status: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// 408: the request ran past Pendo's 5-minute cap; a smaller batch may pass.
+    #[error("Pendo timed out the request (408): {message}")]
+    TooSlow { message: String },
+    /// 400 for the whole batch (malformed, undeclared field, bad value).
+    #[error("Pendo rejected the request (400): {message}")]
+    BadRequest { message: String },
+    /// 401/403: the key is wrong, revoked, for another region, or read-only.
+    #[error("Pendo refused the integration key ({status}); {AUTH_HINT}")]
+    Auth { status: u16 },
+    /// Any other status: not retried automatically.
+    #[error("Pendo answered {status}: {message}")]
+    Unexpected { status: u16, message: String },
+}
+
+impl PendoError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PendoError::Transient { .. })
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PendoError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The body of a 200 from the bulk write. Every key is optional and unknown keys are ignored:
+/// the response shape is only partly documented.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BulkResult {
+    pub total: Option<u64>,
+    pub updated: Option<u64>,
+    pub failed: Option<u64>,
+    pub missing: Vec<String>,
+    /// Errors Pendo attributed to an id we sent, with their text.
+    pub errors: Vec<(String, String)>,
+    /// Errors we could not attribute to an id (their text).
+    pub unattributed: Vec<String>,
+}
+
+impl BulkResult {
+    /// Parses a 200 body against the ids that were sent.
+    pub fn parse(body: &Json, sent_ids: &[&str]) -> BulkResult {
+        let num = |k: &str| body.get(k).and_then(Json::as_u64);
+        let id_text = |v: &Json| match v {
+            Json::String(s) => Some(s.clone()),
+            Json::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let missing = body
+            .get("missing")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().filter_map(id_text).collect())
+            .unwrap_or_default();
+        let mut errors = Vec::new();
+        let mut unattributed = Vec::new();
+        for e in body
+            .get("errors")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten()
+        {
+            match e {
+                Json::Object(o) => {
+                    let id = ["id", "visitorId", "accountId"]
+                        .iter()
+                        .find_map(|k| o.get(*k).and_then(id_text));
+                    let text = ["error", "message", "reason"]
+                        .iter()
+                        .find_map(|k| o.get(*k).and_then(Json::as_str).map(str::to_owned))
+                        .unwrap_or_else(|| e.to_string());
+                    match id.filter(|id| sent_ids.contains(&id.as_str())) {
+                        Some(id) => errors.push((id, text)),
+                        None => unattributed.push(text),
+                    }
+                }
+                Json::String(s) => {
+                    // "<id>: <text>" or just "<id>" are attributable; anything else is not.
+                    let id = sent_ids
+                        .iter()
+                        .find(|id| s == **id || s.starts_with(&format!("{id}:")));
+                    match id {
+                        Some(id) => errors.push(((*id).to_owned(), s.clone())),
+                        None => unattributed.push(s.clone()),
+                    }
+                }
+                other => unattributed.push(other.to_string()),
+            }
+        }
+        let mut result = BulkResult {
+            total: num("total"),
+            updated: num("updated"),
+            failed: num("failed"),
+            missing,
+            errors,
+            unattributed,
+        };
+        // A failure count larger than what was itemised means some ids failed silently: treat
+        // the gap as unattributed so the writer bisects instead of trusting the batch.
+        let itemised =
+            (result.missing.len() + result.errors.len() + result.unattributed.len()) as u64;
+        if let Some(failed) = result.failed {
+            if failed > itemised {
+                result.unattributed.push(format!(
+                    "Pendo reported {failed} failures but itemised {itemised}"
+                ));
+            }
+        }
+        result
+    }
+}
+
+/// What `token/verify` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub valid: bool,
+    pub write_access: bool,
+}
+
+/// The Pendo API client. Cheap to clone.
+#[derive(Clone)]
+pub struct PendoClient {
+    http: reqwest::Client,
+    base: String,
+    key: SecretString,
+    limiter: RateLimiter,
+}
+
+impl std::fmt::Debug for PendoClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendoClient")
+            .field("base", &self.base)
+            .field("key", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendoClient {
+    pub fn new(settings: &PendoSettings, key: SecretString) -> PendoClient {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("pendo-sync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds (rustls, no custom roots)");
+        PendoClient {
+            http,
+            base: settings.api_base(),
+            key,
+            limiter: RateLimiter::per_second(settings.requests_per_second),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/v1/token/verify`.
+    pub async fn verify_token(&self) -> Result<TokenInfo, PendoError> {
+        let body = self.get_json("/api/v1/token/verify").await?;
+        Ok(TokenInfo {
+            valid: body.get("valid").and_then(Json::as_bool).unwrap_or(false),
+            write_access: body
+                .get("writeAccess")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// `GET /api/v1/metadata/schema/{kind}`: custom field key → Pendo `Type`.
+    pub async fn custom_schema(&self, kind: Kind) -> Result<BTreeMap<String, String>, PendoError> {
+        let body = self
+            .get_json(&format!("/api/v1/metadata/schema/{kind}"))
+            .await?;
+        Ok(body
+            .get("custom")
+            .and_then(Json::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let t = v
+                            .get("Type")
+                            .or_else(|| v.get("type"))
+                            .and_then(Json::as_str)
+                            .unwrap_or("")
+                            .to_owned();
+                        (k.clone(), t)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// One attempt of `POST /api/v1/metadata/{kind}/custom/value` with a root-array body.
+    pub async fn set_values(
+        &self,
+        kind: Kind,
+        body: &Json,
+        create: bool,
+        sent_ids: &[&str],
+    ) -> Result<BulkResult, PendoError> {
+        let mut path = format!("/api/v1/metadata/{kind}/custom/value");
+        if create {
+            path.push_str("?create=true");
+        }
+        let json = self
+            .send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await?;
+        Ok(BulkResult::parse(&json, sent_ids))
+    }
+
+    /// One attempt of `POST /api/v1/aggregation`; returns the `results` rows.
+    pub async fn aggregate(&self, request: &Json) -> Result<Vec<Json>, PendoError> {
+        let body = self
+            .send(
+                self.http
+                    .post(format!("{}/api/v1/aggregation", self.base))
+                    .json(request),
+            )
+            .await?;
+        Ok(body
+            .get("results")
+            .and_then(Json::as_array)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Json, PendoError> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Sends one request through the limiter and classifies the answer.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Json, PendoError> {
+        self.limiter.acquire().await;
+        let response = request
+            .header("x-pendo-integration-key", self.key.expose_secret())
+            .header("content-type", "application/json")
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                record_request("pendo", None);
+                return Err(PendoError::Transient {
+                    status: if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connection"
+                    }
+                    .into(),
+                    message: describe_reqwest_error(&e),
+                    retry_after: None,
+                });
+            }
+        };
+        let status = response.status().as_u16();
+        record_request("pendo", Some(status));
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(PendoError::Transient {
+                    status: status.to_string(),
+                    message: format!("reading the body failed: {}", describe_reqwest_error(&e)),
+                    retry_after,
+                });
+            }
+        };
+        match status {
+            200..=299 => serde_json::from_str(&text).map_err(|e| PendoError::Transient {
+                // Pendo may have applied the write; sending it again is harmless.
+                status: status.to_string(),
+                message: format!("unreadable body ({e}): {}", excerpt(&text)),
+                retry_after: None,
+            }),
+            401 | 403 => Err(PendoError::Auth { status }),
+            408 => Err(PendoError::TooSlow {
+                message: excerpt(&text),
+            }),
+            400 => Err(PendoError::BadRequest {
+                message: excerpt(&text),
+            }),
+            429 | 500..=599 => Err(PendoError::Transient {
+                status: status.to_string(),
+                message: excerpt(&text),
+                retry_after,
+            }),
+            _ => Err(PendoError::Unexpected {
+                status,
+                message: excerpt(&text),
+            }),
+        }
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A short, single-line excerpt of a body for messages (an HTML error page can be long).
+pub fn excerpt(text: &str) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cut: String = flat.chars().take(200).collect();
+    if cut.len() < flat.len() {
+        format!("{cut}…")
+    } else if cut.is_empty() {
+        "(empty body)".into()
+    } else {
+        cut
+    }
+}
+
+/// reqwest's Display can include the URL; ours carries no secret (the key travels in a header),
+/// but keep the message to the error's kind and cause chain.
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_partial_success_with_both_error_shapes() {
+        let body = json!({"total": 4, "updated": 1, "failed": 3, "missing": ["b"],
+            "errors": [{"id": "c", "error": "bad type"}, "d: too long"], "kind": "visitor"});
+        let r = BulkResult::parse(&body, &["a", "b", "c", "d"]);
+        assert_eq!(r.missing, vec!["b"]);
+        assert_eq!(
+            r.errors,
+            vec![
+                ("c".into(), "bad type".into()),
+                ("d".into(), "d: too long".into())
+            ]
+        );
+        assert!(r.unattributed.is_empty());
+    }
+
+    #[test]
+    fn unitemised_failures_are_unattributed() {
+        let body = json!({"total": 2, "updated": 1, "failed": 1});
+        let r = BulkResult::parse(&body, &["a", "b"]);
+        assert_eq!(r.unattributed.len(), 1);
+        let r = BulkResult::parse(&json!({"errors": ["something broke"]}), &["a", "b"]);
+        assert_eq!(r.unattributed, vec!["something broke"]);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(30);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! The Pendo side: the API client ([`client`]) and the outbox writer ([`writer`]).
+
+pub mod client;
+pub mod writer;
+
+pub use client::{BulkResult, PendoClient, PendoError, TokenInfo};
+pub use writer::{DrainReport, Step, Writer, WriterConfig};
