@@ -780,3 +780,475 @@ impl AsyncWrite for KillableStream {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const KEY: &str = "test-key";
+
+    fn config() -> PendoSimConfig {
+        let field = |k, f: &str, t: &str| (k, f.to_owned(), t.to_owned());
+        PendoSimConfig {
+            integration_key: KEY.into(),
+            write_access: true,
+            schema: vec![
+                field(Kind::Account, "plan", "string"),
+                field(Kind::Account, "arr", "number"),
+                field(Kind::Account, "active", "boolean"),
+                field(Kind::Account, "renewal", "date"),
+                field(Kind::Visitor, "role", "string"),
+            ],
+            rate_limit: None,
+            errors_as_strings: false,
+        }
+    }
+
+    struct Fixture {
+        sim: PendoSim,
+        server: SimServer,
+        http: reqwest::Client,
+    }
+
+    impl Fixture {
+        async fn new(config: PendoSimConfig) -> Fixture {
+            let sim = PendoSim::new(config);
+            let server = sim.start(([127, 0, 0, 1], 0).into()).await.unwrap();
+            let http = reqwest::Client::new();
+            Fixture { sim, server, http }
+        }
+
+        async fn get(&self, path: &str) -> reqwest::Response {
+            let url = format!("{}{path}", self.server.url());
+            self.http
+                .get(url)
+                .header(KEY_HEADER, KEY)
+                .send()
+                .await
+                .unwrap()
+        }
+
+        async fn try_post(&self, path: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
+            let url = format!("{}{path}", self.server.url());
+            let req = self.http.post(url).header(KEY_HEADER, KEY).json(body);
+            req.send().await
+        }
+
+        async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+            let resp = self.try_post(path, body).await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(Value::Null))
+        }
+
+        async fn write(&self, body: Value) -> (u16, Value) {
+            self.post("/api/v1/metadata/account/custom/value", &body)
+                .await
+        }
+    }
+
+    #[tokio::test]
+    async fn auth_verify_and_schema() {
+        let f = Fixture::new(config()).await;
+        let url = format!("{}/api/v1/token/verify", f.server.url());
+        for key in [None, Some("wrong")] {
+            let mut req = f.http.get(&url);
+            if let Some(key) = key {
+                req = req.header(KEY_HEADER, key);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 403);
+            assert!(resp.bytes().await.unwrap().is_empty());
+        }
+        let verify: Value = f.get("/api/v1/token/verify").await.json().await.unwrap();
+        assert_eq!(verify, json!({ "valid": true, "writeAccess": true }));
+        let schema: Value = f
+            .get("/api/v1/metadata/schema/account")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(schema["custom"]["arr"]["Type"], "number");
+        assert_eq!(schema["custom"]["plan"]["DisplayName"], "plan");
+        assert_eq!(schema["custom"].as_object().unwrap().len(), 4);
+        assert_eq!(
+            f.sim.requests().iter().filter(|r| r.status == 403).count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn partial_200_reports_missing_and_errors_in_both_shapes() {
+        for as_strings in [false, true] {
+            let f = Fixture::new(PendoSimConfig {
+                errors_as_strings: as_strings,
+                ..config()
+            })
+            .await;
+            for id in ["a", "b", "c", "d"] {
+                f.sim.add_entity(Kind::Account, id);
+            }
+            let (status, body) = f
+                .write(json!([
+                    { "accountId": "a", "values": { "plan": "Pro", "arr": "12.5", "renewal": 1_700_000_000_000_i64 } },
+                    { "accountId": "b", "values": { "arr": "lots" } },
+                    { "accountId": "c", "values": { "active": "yes", "plan": "Free" } },
+                    { "accountId": "d", "values": { "renewal": "2026-03-31T00:00:00Z", "active": false } },
+                    { "accountId": "ghost", "values": { "plan": "Pro" } },
+                ]))
+                .await;
+            assert_eq!(status, 200);
+            assert_eq!(body["total"], 5);
+            assert_eq!(body["updated"], 2);
+            assert_eq!(body["failed"], 3);
+            assert_eq!(body["missing"], json!(["ghost"]));
+            assert_eq!(body["kind"], "account");
+            let errors = body["errors"].as_array().unwrap();
+            assert_eq!(errors.len(), 2);
+            if as_strings {
+                assert!(errors[0].as_str().unwrap().starts_with("b: "));
+            } else {
+                assert_eq!(errors[1]["id"], "c");
+                assert!(errors[1]["error"].as_str().unwrap().contains("active"));
+            }
+            assert_eq!(f.sim.value(Kind::Account, "a", "arr"), Some(json!("12.5")));
+            assert_eq!(
+                f.sim.value(Kind::Account, "d", "active"),
+                Some(json!(false))
+            );
+            assert_eq!(
+                f.sim.value(Kind::Account, "c", "plan"),
+                None,
+                "errored element applied"
+            );
+            assert!(!f.sim.values(Kind::Account).contains_key("ghost"));
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_batches_are_rejected_whole() {
+        let f = Fixture::new(config()).await;
+        f.sim.add_entity(Kind::Account, "a");
+        let undeclared = json!([
+            { "accountId": "a", "values": { "plan": "Pro" } },
+            { "accountId": "a", "values": { "colour": "red" } },
+        ]);
+        let (status, body) = f.write(undeclared).await;
+        assert_eq!(status, 400);
+        assert!(body["error"].as_str().unwrap().contains("colour"));
+        for bad in [
+            json!({ "accountId": "a" }),
+            json!([{ "visitorId": "a", "values": {} }]),
+        ] {
+            assert_eq!(f.write(bad).await.0, 400);
+        }
+        let url = format!("{}/api/v1/metadata/account/custom/value", f.server.url());
+        let resp = f
+            .http
+            .post(url)
+            .header(KEY_HEADER, KEY)
+            .body("[{")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+    }
+
+    #[tokio::test]
+    async fn create_true_creates_and_null_clears() {
+        let f = Fixture::new(config()).await;
+        let path = "/api/v1/metadata/visitor/custom/value?create=true";
+        let (status, body) = f
+            .post(
+                path,
+                &json!([{ "visitorId": "v1", "values": { "role": "admin" } }]),
+            )
+            .await;
+        assert_eq!((status, body["updated"].clone()), (200, json!(1)));
+        assert_eq!(
+            f.sim.value(Kind::Visitor, "v1", "role"),
+            Some(json!("admin"))
+        );
+        let clear = json!([{ "visitorId": "v1", "values": { "role": null } }]);
+        let (_, body) = f
+            .post("/api/v1/metadata/visitor/custom/value", &clear)
+            .await;
+        assert_eq!(body["updated"], 1);
+        assert_eq!(f.sim.values(Kind::Visitor)["v1"], BTreeMap::new());
+        assert_eq!(f.sim.requests().last().unwrap().body, Some(clear));
+    }
+
+    #[tokio::test]
+    async fn writes_without_write_access_are_forbidden() {
+        let f = Fixture::new(PendoSimConfig {
+            write_access: false,
+            ..config()
+        })
+        .await;
+        f.sim.add_entity(Kind::Account, "a");
+        let verify: Value = f.get("/api/v1/token/verify").await.json().await.unwrap();
+        assert_eq!(verify["writeAccess"], false);
+        let resp = f
+            .try_post("/api/v1/metadata/account/custom/value", &json!([]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn aggregation_select_sort_skip_limit() {
+        let f = Fixture::new(config()).await;
+        for (id, plan) in [("c", "Pro"), ("a", "Free"), ("d", "Pro"), ("b", "Team")] {
+            f.sim.set_value(Kind::Account, id, "plan", json!(plan));
+        }
+        f.sim.add_entity(Kind::Account, "e");
+        let query = |stages: Value| {
+            let mut pipeline = vec![
+                json!({ "source": { "accounts": null } }),
+                json!({ "identified": "accountId" }),
+            ];
+            pipeline.extend(stages.as_array().unwrap().iter().cloned());
+            json!({ "response": { "mimeType": "application/json" }, "request": { "pipeline": pipeline } })
+        };
+        let select =
+            json!({ "select": { "accountId": "accountId", "plan": "metadata.custom.plan" } });
+        let stages =
+            json!([select, { "sort": ["-plan", "accountId"] }, { "skip": 1 }, { "limit": 3 }]);
+        let (status, body) = f.post("/api/v1/aggregation", &query(stages)).await;
+        assert_eq!(status, 200);
+        assert!(body["startTime"].is_i64());
+        let expected = json!([
+            { "accountId": "c", "plan": "Pro" },
+            { "accountId": "d", "plan": "Pro" },
+            { "accountId": "a", "plan": "Free" },
+        ]);
+        assert_eq!(body["results"], expected);
+        let (_, body) = f
+            .post(
+                "/api/v1/aggregation",
+                &query(json!([{ "sort": ["accountId"] }, select])),
+            )
+            .await;
+        assert_eq!(
+            body["results"][4],
+            json!({ "accountId": "e", "plan": null })
+        );
+        let (_, body) = f
+            .post("/api/v1/aggregation", &query(json!([{ "limit": 1 }])))
+            .await;
+        let row = &body["results"][0];
+        assert_eq!(
+            (row["accountId"].clone(), row["metadata"]["custom"].clone()),
+            (json!("a"), json!({ "plan": "Free" }))
+        );
+        assert!(row["metadata"]["auto"]["lastupdated"].is_i64());
+        assert_eq!(
+            f.post("/api/v1/aggregation", &query(json!([{ "group": {} }])))
+                .await
+                .0,
+            400
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limit_answers_429_with_or_without_retry_after() {
+        for retry_after in [true, false] {
+            let rate_limit = Some(SimRateLimit {
+                requests_per_second: 0.5,
+                burst: 2,
+                retry_after,
+            });
+            let f = Fixture::new(PendoSimConfig {
+                rate_limit,
+                ..config()
+            })
+            .await;
+            assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+            assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+            let resp = f.get("/api/v1/token/verify").await;
+            assert_eq!(resp.status(), 429);
+            let header = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(header.is_some(), retry_after);
+            if let Some(secs) = header {
+                assert!(secs.parse::<u64>().unwrap() >= 1);
+            }
+            assert_eq!(
+                resp.json::<Value>().await.unwrap(),
+                json!({ "error": "Too Many Requests" })
+            );
+            // Control routes are neither limited nor recorded.
+            let resp = f
+                .http
+                .get(format!("{}/_sim/pendo/requests", f.server.url()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let statuses: Vec<u16> = f.sim.requests().iter().map(|r| r.status).collect();
+            assert_eq!(statuses, [200, 200, 429]);
+        }
+    }
+
+    #[tokio::test]
+    async fn status_script_answers_in_order_without_applying() {
+        let f = Fixture::new(config()).await;
+        f.sim.add_entity(Kind::Account, "a");
+        let script = vec![429, 408, 400, 401, 403, 500, 503];
+        f.sim.set_faults(PendoFaults {
+            status_script: script.clone(),
+            ..Default::default()
+        });
+        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
+        for expected in script {
+            let resp = f
+                .try_post("/api/v1/metadata/account/custom/value", &body)
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), expected);
+            assert_eq!(resp.headers().contains_key("retry-after"), expected == 429);
+            assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+        }
+        assert_eq!(f.write(body).await.0, 200);
+        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), Some(json!("Pro")));
+    }
+
+    #[tokio::test]
+    async fn error_rate_is_html_503_and_applied_then_500_applies() {
+        let f = Fixture::new(config()).await;
+        f.sim.add_entity(Kind::Account, "a");
+        f.sim.set_faults(PendoFaults {
+            error_rate: 1.0,
+            ..Default::default()
+        });
+        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
+        let resp = f
+            .try_post("/api/v1/metadata/account/custom/value", &body)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        assert!(
+            resp.text()
+                .await
+                .unwrap()
+                .contains("503 Service Unavailable")
+        );
+        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+        f.sim.set_faults(PendoFaults {
+            applied_then_500_rate: 1.0,
+            ..Default::default()
+        });
+        assert_eq!(f.write(body).await.0, 500);
+        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), Some(json!("Pro")));
+    }
+
+    #[tokio::test]
+    async fn dropped_connections_close_without_an_answer() {
+        let f = Fixture::new(config()).await;
+        f.sim.add_entity(Kind::Account, "a");
+        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+        f.sim.set_faults(PendoFaults {
+            drop_rate: 1.0,
+            ..Default::default()
+        });
+        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
+        for _ in 0..3 {
+            let err = f
+                .try_post("/api/v1/metadata/account/custom/value", &body)
+                .await
+                .unwrap_err();
+            assert!(err.status().is_none(), "{err:?}");
+        }
+        // On the wire: the request goes out and the socket closes without a single byte back.
+        let mut raw = TcpStream::connect(f.server.addr).await.unwrap();
+        let req =
+            format!("GET /api/v1/token/verify HTTP/1.1\r\nhost: x\r\n{KEY_HEADER}: {KEY}\r\n\r\n");
+        raw.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = raw.read_to_end(&mut answer).await;
+        assert!(answer.is_empty());
+        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+        assert!(f.sim.requests()[1..].iter().all(|r| r.status == 0));
+        f.sim.set_faults(PendoFaults::default());
+        assert_eq!(f.write(body).await.0, 200);
+        f.server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn latency_delays_every_request() {
+        let f = Fixture::new(config()).await;
+        f.sim.set_faults(PendoFaults {
+            latency: Duration::from_millis(150),
+            ..Default::default()
+        });
+        let started = Instant::now();
+        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn control_routes_read_state_and_set_faults() {
+        let f = Fixture::new(config()).await;
+        f.sim.set_value(Kind::Account, "a", "plan", json!("Pro"));
+        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+        let base = format!("{}/_sim/pendo", f.server.url());
+        let values: Value = f
+            .http
+            .get(format!("{base}/values/account"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(values, json!({ "a": { "plan": "Pro" } }));
+        let log: Value = f
+            .http
+            .get(format!("{base}/requests"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(log.as_array().unwrap().len(), 1);
+        assert_eq!(log[0]["path"], "/api/v1/token/verify");
+        let faults = json!({ "latency_ms": 5, "status_script": [408] });
+        let resp = f
+            .http
+            .post(format!("{base}/faults"))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+        assert_eq!(f.write(json!([])).await.0, 408);
+        let resp = f
+            .http
+            .post(format!("{base}/faults"))
+            .json(&json!({ "nope": 1 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        f.http
+            .delete(format!("{base}/requests"))
+            .send()
+            .await
+            .unwrap();
+        assert!(f.sim.requests().is_empty());
+        f.sim.clear_all_values(Kind::Account);
+        assert_eq!(f.sim.values(Kind::Account)["a"], BTreeMap::new());
+    }
+}
