@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Path, Query, Request, State as AxState};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{FieldType, Kind};
 use crate::sim::SimServer;
 
+/// Pendo publishes no size cap for a bulk write; this only bounds memory.
+const BODY_LIMIT: usize = 256 << 20;
 const KEY_HEADER: &str = "x-pendo-integration-key";
 const FORMAT_ERROR: &str =
     "The format is unacceptable due to malformed JSON or missing field mappings.";
@@ -127,6 +129,18 @@ struct Entity {
     last_updated: i64,
 }
 
+impl Entity {
+    /// Stores `v` exactly as received; `null` unsets the field.
+    fn apply(&mut self, field: String, v: Value) {
+        self.last_updated = now_ms();
+        if v.is_null() {
+            self.custom.remove(&field);
+        } else {
+            self.custom.insert(field, v);
+        }
+    }
+}
+
 impl State {
     fn entities(&mut self, kind: Kind) -> &mut BTreeMap<String, Entity> {
         self.entities.entry(kind).or_default()
@@ -153,17 +167,16 @@ impl State {
         let Some(rl) = &self.config.rate_limit else {
             return Ok(());
         };
-        let cap = f64::from(rl.burst.max(1));
+        let (cap, rps) = (f64::from(rl.burst.max(1)), rl.requests_per_second.max(0.0));
         let now = Instant::now();
         let (tokens, last) = self.bucket.unwrap_or((cap, now));
-        let tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * rl.requests_per_second).min(cap);
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * rps).min(cap);
         if tokens >= 1.0 {
             self.bucket = Some((tokens - 1.0, now));
             return Ok(());
         }
         self.bucket = Some((tokens, now));
-        let wait = ((1.0 - tokens) / rl.requests_per_second).ceil();
+        let wait = ((1.0 - tokens) / rps).ceil();
         Err(if wait.is_finite() {
             wait.clamp(1.0, 3600.0) as u64
         } else {
@@ -205,6 +218,10 @@ impl PendoSim {
                 get(sim_requests).delete(sim_reset_requests),
             )
             .route("/_sim/pendo/faults", post(sim_faults))
+            // Unknown paths still pass the gate: authenticated, limited and recorded like Pendo's.
+            .fallback(|| async { StatusCode::NOT_FOUND })
+            // The gate buffers bodies itself; no 2 MB default cap (Pendo publishes none).
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
             .layer(middleware::from_fn_with_state(self.clone(), gate))
             .with_state(self.clone())
     }
@@ -267,13 +284,8 @@ impl PendoSim {
     /// An edit made in Pendo behind the sync's back. Creates the entity if needed; `null` unsets.
     pub fn set_value(&self, kind: Kind, id: &str, field: &str, v: Value) {
         let mut st = self.lock();
-        let e = st.entities(kind).entry(id.to_owned()).or_default();
-        e.last_updated = now_ms();
-        if v.is_null() {
-            e.custom.remove(field);
-        } else {
-            e.custom.insert(field.to_owned(), v);
-        }
+        let entity = st.entities(kind).entry(id.to_owned()).or_default();
+        entity.apply(field.to_owned(), v);
     }
 
     /// Wipes every custom value of `kind`; the entities stay known.
@@ -356,7 +368,7 @@ async fn gate(AxState(sim): AxState<PendoSim>, req: Request, next: Next) -> Resp
     };
     let key_ok = parts.headers.get(KEY_HEADER).map(|v| v.as_bytes()) == Some(key.as_bytes());
     // A body that fails to arrive is treated as empty; the handler then answers 400.
-    let bytes = axum::body::to_bytes(body, 256 << 20)
+    let bytes = axum::body::to_bytes(body, BODY_LIMIT)
         .await
         .unwrap_or_default();
     if !latency.is_zero() {
@@ -532,11 +544,7 @@ async fn bulk(
         let entity = st.entities(kind).entry(id).or_default();
         entity.last_updated = now_ms();
         for (field, v) in values {
-            if v.is_null() {
-                entity.custom.remove(&field);
-            } else {
-                entity.custom.insert(field, v);
-            }
+            entity.apply(field, v);
         }
     }
     if roll(st.faults.applied_then_500_rate) {
@@ -757,19 +765,6 @@ impl AsyncWrite for KillableStream {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.check()?;
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.check()?;
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -788,6 +783,9 @@ mod tests {
     use super::*;
 
     const KEY: &str = "test-key";
+    const VERIFY: &str = "/api/v1/token/verify";
+    const BULK: &str = "/api/v1/metadata/account/custom/value";
+    const AGG: &str = "/api/v1/aggregation";
 
     fn config() -> PendoSimConfig {
         let field = |k, f: &str, t: &str| (k, f.to_owned(), t.to_owned());
@@ -812,6 +810,18 @@ mod tests {
         http: reqwest::Client,
     }
 
+    struct Answer {
+        status: u16,
+        headers: reqwest::header::HeaderMap,
+        text: String,
+    }
+
+    impl Answer {
+        fn json(&self) -> Value {
+            serde_json::from_str(&self.text).unwrap_or(Value::Null)
+        }
+    }
+
     impl Fixture {
         async fn new(config: PendoSimConfig) -> Fixture {
             let sim = PendoSim::new(config);
@@ -820,93 +830,117 @@ mod tests {
             Fixture { sim, server, http }
         }
 
-        async fn get(&self, path: &str) -> reqwest::Response {
-            let url = format!("{}{path}", self.server.url());
-            self.http
-                .get(url)
-                .header(KEY_HEADER, KEY)
-                .send()
+        fn faults(&self, f: PendoFaults) -> &Self {
+            self.sim.set_faults(f);
+            self
+        }
+
+        async fn call(
+            &self,
+            method: reqwest::Method,
+            path: &str,
+            key: Option<&str>,
+            body: Option<&[u8]>,
+        ) -> reqwest::Result<Answer> {
+            let mut req = self
+                .http
+                .request(method, format!("{}{path}", self.server.url()));
+            if let Some(key) = key {
+                req = req.header(KEY_HEADER, key);
+            }
+            if let Some(body) = body {
+                req = req.body(body.to_vec());
+            }
+            let resp = req.send().await?;
+            let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+            let text = resp.text().await?;
+            Ok(Answer {
+                status,
+                headers,
+                text,
+            })
+        }
+
+        async fn get(&self, path: &str) -> Answer {
+            let key = (!path.starts_with("/_sim")).then_some(KEY);
+            self.call(reqwest::Method::GET, path, key, None)
                 .await
                 .unwrap()
         }
 
-        async fn try_post(&self, path: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
-            let url = format!("{}{path}", self.server.url());
-            let req = self.http.post(url).header(KEY_HEADER, KEY).json(body);
-            req.send().await
-        }
-
-        async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-            let resp = self.try_post(path, body).await.unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json().await.unwrap_or(Value::Null))
-        }
-
-        async fn write(&self, body: Value) -> (u16, Value) {
-            self.post("/api/v1/metadata/account/custom/value", &body)
+        async fn try_post(&self, path: &str, body: &Value) -> reqwest::Result<Answer> {
+            let key = (!path.starts_with("/_sim")).then_some(KEY);
+            let body = body.to_string();
+            self.call(reqwest::Method::POST, path, key, Some(body.as_bytes()))
                 .await
         }
+
+        async fn post(&self, path: &str, body: &Value) -> Answer {
+            self.try_post(path, body).await.unwrap()
+        }
+
+        fn plan(&self, id: &str) -> Option<Value> {
+            self.sim.value(Kind::Account, id, "plan")
+        }
+    }
+
+    fn set_plan(id: &str) -> Value {
+        json!([{ "accountId": id, "values": { "plan": "Pro" } }])
     }
 
     #[tokio::test]
     async fn auth_verify_and_schema() {
         let f = Fixture::new(config()).await;
-        let url = format!("{}/api/v1/token/verify", f.server.url());
         for key in [None, Some("wrong")] {
-            let mut req = f.http.get(&url);
-            if let Some(key) = key {
-                req = req.header(KEY_HEADER, key);
-            }
-            let resp = req.send().await.unwrap();
-            assert_eq!(resp.status(), 403);
-            assert!(resp.bytes().await.unwrap().is_empty());
+            let answer = f
+                .call(reqwest::Method::GET, VERIFY, key, None)
+                .await
+                .unwrap();
+            assert_eq!((answer.status, answer.text.as_str()), (403, ""));
         }
-        let verify: Value = f.get("/api/v1/token/verify").await.json().await.unwrap();
+        let verify = f.get(VERIFY).await.json();
         assert_eq!(verify, json!({ "valid": true, "writeAccess": true }));
-        let schema: Value = f
-            .get("/api/v1/metadata/schema/account")
-            .await
-            .json()
-            .await
-            .unwrap();
+        let schema = f.get("/api/v1/metadata/schema/account").await.json();
         assert_eq!(schema["custom"]["arr"]["Type"], "number");
         assert_eq!(schema["custom"]["plan"]["DisplayName"], "plan");
         assert_eq!(schema["custom"].as_object().unwrap().len(), 4);
-        assert_eq!(
-            f.sim.requests().iter().filter(|r| r.status == 403).count(),
-            2
-        );
+        let unknown = f
+            .call(reqwest::Method::GET, "/api/v1/nope", None, None)
+            .await;
+        assert_eq!(unknown.unwrap().status, 403, "auth comes before routing");
+        assert_eq!(f.get("/api/v1/nope").await.status, 404);
+        let statuses: Vec<u16> = f.sim.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [403, 403, 200, 200, 403, 404]);
     }
 
     #[tokio::test]
     async fn partial_200_reports_missing_and_errors_in_both_shapes() {
-        for as_strings in [false, true] {
+        for errors_as_strings in [false, true] {
             let f = Fixture::new(PendoSimConfig {
-                errors_as_strings: as_strings,
+                errors_as_strings,
                 ..config()
             })
             .await;
             for id in ["a", "b", "c", "d"] {
                 f.sim.add_entity(Kind::Account, id);
             }
-            let (status, body) = f
-                .write(json!([
-                    { "accountId": "a", "values": { "plan": "Pro", "arr": "12.5", "renewal": 1_700_000_000_000_i64 } },
-                    { "accountId": "b", "values": { "arr": "lots" } },
-                    { "accountId": "c", "values": { "active": "yes", "plan": "Free" } },
-                    { "accountId": "d", "values": { "renewal": "2026-03-31T00:00:00Z", "active": false } },
-                    { "accountId": "ghost", "values": { "plan": "Pro" } },
-                ]))
-                .await;
-            assert_eq!(status, 200);
-            assert_eq!(body["total"], 5);
-            assert_eq!(body["updated"], 2);
-            assert_eq!(body["failed"], 3);
+            let batch = json!([
+                { "accountId": "a", "values": { "plan": "Pro", "arr": "12.5", "renewal": 1_700_000_000_000_i64 } },
+                { "accountId": "b", "values": { "arr": "lots" } },
+                { "accountId": "c", "values": { "active": "yes", "plan": "Free" } },
+                { "accountId": "d", "values": { "renewal": "2026-03-31T00:00:00Z", "active": false } },
+                { "accountId": "ghost", "values": { "plan": "Pro" } },
+            ]);
+            let answer = f.post(BULK, &batch).await;
+            let body = answer.json();
+            assert_eq!(answer.status, 200);
+            let counts = [&body["total"], &body["updated"], &body["failed"]];
+            assert_eq!(counts, [5, 2, 3]);
             assert_eq!(body["missing"], json!(["ghost"]));
             assert_eq!(body["kind"], "account");
             let errors = body["errors"].as_array().unwrap();
             assert_eq!(errors.len(), 2);
-            if as_strings {
+            if errors_as_strings {
                 assert!(errors[0].as_str().unwrap().starts_with("b: "));
             } else {
                 assert_eq!(errors[1]["id"], "c");
@@ -917,11 +951,7 @@ mod tests {
                 f.sim.value(Kind::Account, "d", "active"),
                 Some(json!(false))
             );
-            assert_eq!(
-                f.sim.value(Kind::Account, "c", "plan"),
-                None,
-                "errored element applied"
-            );
+            assert_eq!(f.plan("c"), None, "an element with an error is not applied");
             assert!(!f.sim.values(Kind::Account).contains_key("ghost"));
         }
     }
@@ -934,50 +964,45 @@ mod tests {
             { "accountId": "a", "values": { "plan": "Pro" } },
             { "accountId": "a", "values": { "colour": "red" } },
         ]);
-        let (status, body) = f.write(undeclared).await;
-        assert_eq!(status, 400);
-        assert!(body["error"].as_str().unwrap().contains("colour"));
-        for bad in [
-            json!({ "accountId": "a" }),
-            json!([{ "visitorId": "a", "values": {} }]),
-        ] {
-            assert_eq!(f.write(bad).await.0, 400);
-        }
-        let url = format!("{}/api/v1/metadata/account/custom/value", f.server.url());
-        let resp = f
-            .http
-            .post(url)
-            .header(KEY_HEADER, KEY)
-            .body("[{")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 400);
-        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+        let answer = f.post(BULK, &undeclared).await;
+        assert_eq!(answer.status, 400);
+        assert!(answer.json()["error"].as_str().unwrap().contains("colour"));
+        let not_array = json!({ "accountId": "a", "values": {} });
+        let wrong_id_key = json!([{ "visitorId": "a", "values": {} }]);
+        assert_eq!(f.post(BULK, &not_array).await.status, 400);
+        assert_eq!(f.post(BULK, &wrong_id_key).await.status, 400);
+        let malformed = f
+            .call(reqwest::Method::POST, BULK, Some(KEY), Some(b"[{"))
+            .await;
+        assert_eq!(malformed.unwrap().status, 400);
+        assert_eq!(f.plan("a"), None);
     }
 
     #[tokio::test]
     async fn create_true_creates_and_null_clears() {
         let f = Fixture::new(config()).await;
-        let path = "/api/v1/metadata/visitor/custom/value?create=true";
-        let (status, body) = f
-            .post(
-                path,
-                &json!([{ "visitorId": "v1", "values": { "role": "admin" } }]),
-            )
-            .await;
-        assert_eq!((status, body["updated"].clone()), (200, json!(1)));
+        let path = "/api/v1/metadata/visitor/custom/value";
+        let set = json!([{ "visitorId": "v1", "values": { "role": "admin" } }]);
+        assert_eq!(f.post(path, &set).await.json()["missing"], json!(["v1"]));
+        let answer = f.post(&format!("{path}?create=true"), &set).await;
+        assert_eq!(answer.json()["updated"], 1);
         assert_eq!(
             f.sim.value(Kind::Visitor, "v1", "role"),
             Some(json!("admin"))
         );
         let clear = json!([{ "visitorId": "v1", "values": { "role": null } }]);
-        let (_, body) = f
-            .post("/api/v1/metadata/visitor/custom/value", &clear)
-            .await;
-        assert_eq!(body["updated"], 1);
+        assert_eq!(f.post(path, &clear).await.json()["updated"], 1);
         assert_eq!(f.sim.values(Kind::Visitor)["v1"], BTreeMap::new());
-        assert_eq!(f.sim.requests().last().unwrap().body, Some(clear));
+        let last = f.sim.requests().pop().unwrap();
+        assert_eq!((last.path.as_str(), last.body), (path, Some(clear)));
+        // Bigger than axum's 2 MB default body cap: still accepted.
+        let big: Vec<Value> = (0..5_000)
+            .map(|i| json!({ "visitorId": format!("v{i}"), "values": { "role": "x".repeat(500) } }))
+            .collect();
+        let answer = f
+            .post(&format!("{path}?create=true"), &Value::Array(big))
+            .await;
+        assert_eq!(answer.json()["updated"], 5_000);
     }
 
     #[tokio::test]
@@ -988,14 +1013,10 @@ mod tests {
         })
         .await;
         f.sim.add_entity(Kind::Account, "a");
-        let verify: Value = f.get("/api/v1/token/verify").await.json().await.unwrap();
-        assert_eq!(verify["writeAccess"], false);
-        let resp = f
-            .try_post("/api/v1/metadata/account/custom/value", &json!([]))
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 403);
-        assert!(resp.bytes().await.unwrap().is_empty());
+        assert_eq!(f.get(VERIFY).await.json()["writeAccess"], false);
+        let answer = f.post(BULK, &set_plan("a")).await;
+        assert_eq!((answer.status, answer.text.as_str()), (403, ""));
+        assert_eq!(f.plan("a"), None);
     }
 
     #[tokio::test]
@@ -1011,14 +1032,14 @@ mod tests {
                 json!({ "identified": "accountId" }),
             ];
             pipeline.extend(stages.as_array().unwrap().iter().cloned());
-            json!({ "response": { "mimeType": "application/json" }, "request": { "pipeline": pipeline } })
+            let request = json!({ "pipeline": pipeline });
+            json!({ "response": { "mimeType": "application/json" }, "request": request })
         };
         let select =
             json!({ "select": { "accountId": "accountId", "plan": "metadata.custom.plan" } });
         let stages =
             json!([select, { "sort": ["-plan", "accountId"] }, { "skip": 1 }, { "limit": 3 }]);
-        let (status, body) = f.post("/api/v1/aggregation", &query(stages)).await;
-        assert_eq!(status, 200);
+        let body = f.post(AGG, &query(stages)).await.json();
         assert!(body["startTime"].is_i64());
         let expected = json!([
             { "accountId": "c", "plan": "Pro" },
@@ -1026,29 +1047,20 @@ mod tests {
             { "accountId": "a", "plan": "Free" },
         ]);
         assert_eq!(body["results"], expected);
-        let (_, body) = f
-            .post(
-                "/api/v1/aggregation",
-                &query(json!([{ "sort": ["accountId"] }, select])),
-            )
-            .await;
+        let body = f
+            .post(AGG, &query(json!([{ "sort": ["accountId"] }, select])))
+            .await
+            .json();
         assert_eq!(
             body["results"][4],
             json!({ "accountId": "e", "plan": null })
         );
-        let (_, body) = f
-            .post("/api/v1/aggregation", &query(json!([{ "limit": 1 }])))
-            .await;
-        let row = &body["results"][0];
-        assert_eq!(
-            (row["accountId"].clone(), row["metadata"]["custom"].clone()),
-            (json!("a"), json!({ "plan": "Free" }))
-        );
+        let row = &f.post(AGG, &query(json!([{ "limit": 1 }]))).await.json()["results"][0];
+        assert_eq!(row["accountId"], "a");
+        assert_eq!(row["metadata"]["custom"], json!({ "plan": "Free" }));
         assert!(row["metadata"]["auto"]["lastupdated"].is_i64());
         assert_eq!(
-            f.post("/api/v1/aggregation", &query(json!([{ "group": {} }])))
-                .await
-                .0,
+            f.post(AGG, &query(json!([{ "group": {} }]))).await.status,
             400
         );
     }
@@ -1056,40 +1068,29 @@ mod tests {
     #[tokio::test]
     async fn rate_limit_answers_429_with_or_without_retry_after() {
         for retry_after in [true, false] {
-            let rate_limit = Some(SimRateLimit {
+            let limit = SimRateLimit {
                 requests_per_second: 0.5,
                 burst: 2,
                 retry_after,
-            });
+            };
             let f = Fixture::new(PendoSimConfig {
-                rate_limit,
+                rate_limit: Some(limit),
                 ..config()
             })
             .await;
-            assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
-            assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
-            let resp = f.get("/api/v1/token/verify").await;
-            assert_eq!(resp.status(), 429);
-            let header = resp
-                .headers()
+            assert_eq!(f.get(VERIFY).await.status, 200);
+            assert_eq!(f.get(VERIFY).await.status, 200);
+            let answer = f.get(VERIFY).await;
+            assert_eq!(answer.status, 429);
+            assert_eq!(answer.json(), json!({ "error": "Too Many Requests" }));
+            let header = answer
+                .headers
                 .get("retry-after")
-                .map(|v| v.to_str().unwrap().to_owned());
+                .map(|v| v.to_str().unwrap());
             assert_eq!(header.is_some(), retry_after);
-            if let Some(secs) = header {
-                assert!(secs.parse::<u64>().unwrap() >= 1);
-            }
-            assert_eq!(
-                resp.json::<Value>().await.unwrap(),
-                json!({ "error": "Too Many Requests" })
-            );
+            assert!(header.is_none_or(|secs| secs.parse::<u64>().unwrap() >= 1));
             // Control routes are neither limited nor recorded.
-            let resp = f
-                .http
-                .get(format!("{}/_sim/pendo/requests", f.server.url()))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
+            assert_eq!(f.get("/_sim/pendo/requests").await.status, 200);
             let statuses: Vec<u16> = f.sim.requests().iter().map(|r| r.status).collect();
             assert_eq!(statuses, [200, 200, 429]);
         }
@@ -1099,101 +1100,91 @@ mod tests {
     async fn status_script_answers_in_order_without_applying() {
         let f = Fixture::new(config()).await;
         f.sim.add_entity(Kind::Account, "a");
-        let script = vec![429, 408, 400, 401, 403, 500, 503];
-        f.sim.set_faults(PendoFaults {
-            status_script: script.clone(),
+        let status_script = vec![429, 408, 400, 401, 403, 500, 503];
+        f.faults(PendoFaults {
+            status_script: status_script.clone(),
             ..Default::default()
         });
-        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
-        for expected in script {
-            let resp = f
-                .try_post("/api/v1/metadata/account/custom/value", &body)
-                .await
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), expected);
-            assert_eq!(resp.headers().contains_key("retry-after"), expected == 429);
-            assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
+        assert_eq!(
+            f.get(VERIFY).await.status,
+            200,
+            "only bulk writes consume the script"
+        );
+        for expected in status_script {
+            let answer = f.post(BULK, &set_plan("a")).await;
+            assert_eq!(answer.status, expected);
+            assert_eq!(answer.headers.contains_key("retry-after"), expected == 429);
+            assert_eq!(answer.text.is_empty(), matches!(expected, 401 | 403));
+            assert_eq!(f.plan("a"), None);
         }
-        assert_eq!(f.write(body).await.0, 200);
-        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), Some(json!("Pro")));
+        assert_eq!(f.post(BULK, &set_plan("a")).await.status, 200);
+        assert_eq!(f.plan("a"), Some(json!("Pro")));
     }
 
     #[tokio::test]
     async fn error_rate_is_html_503_and_applied_then_500_applies() {
         let f = Fixture::new(config()).await;
         f.sim.add_entity(Kind::Account, "a");
-        f.sim.set_faults(PendoFaults {
+        f.faults(PendoFaults {
             error_rate: 1.0,
             ..Default::default()
         });
-        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
-        let resp = f
-            .try_post("/api/v1/metadata/account/custom/value", &body)
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 503);
+        let answer = f.post(BULK, &set_plan("a")).await;
+        assert_eq!(answer.status, 503);
         assert!(
-            resp.headers()["content-type"]
+            answer.headers["content-type"]
                 .to_str()
                 .unwrap()
                 .starts_with("text/html")
         );
-        assert!(
-            resp.text()
-                .await
-                .unwrap()
-                .contains("503 Service Unavailable")
-        );
-        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
-        f.sim.set_faults(PendoFaults {
+        assert!(answer.text.contains("503 Service Unavailable"));
+        assert_eq!(f.plan("a"), None);
+        f.faults(PendoFaults {
             applied_then_500_rate: 1.0,
             ..Default::default()
         });
-        assert_eq!(f.write(body).await.0, 500);
-        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), Some(json!("Pro")));
+        assert_eq!(f.post(BULK, &set_plan("a")).await.status, 500);
+        assert_eq!(f.plan("a"), Some(json!("Pro")));
     }
 
     #[tokio::test]
     async fn dropped_connections_close_without_an_answer() {
         let f = Fixture::new(config()).await;
         f.sim.add_entity(Kind::Account, "a");
-        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
-        f.sim.set_faults(PendoFaults {
+        // Warm a keep-alive connection first: the drop must also work on a pooled connection.
+        assert_eq!(f.get(VERIFY).await.status, 200);
+        f.faults(PendoFaults {
             drop_rate: 1.0,
             ..Default::default()
         });
-        let body = json!([{ "accountId": "a", "values": { "plan": "Pro" } }]);
         for _ in 0..3 {
-            let err = f
-                .try_post("/api/v1/metadata/account/custom/value", &body)
-                .await
-                .unwrap_err();
+            let err = f.try_post(BULK, &set_plan("a")).await.err().unwrap();
             assert!(err.status().is_none(), "{err:?}");
         }
-        // On the wire: the request goes out and the socket closes without a single byte back.
+        // On the wire: the request goes out and the socket closes without a byte coming back.
         let mut raw = TcpStream::connect(f.server.addr).await.unwrap();
-        let req =
-            format!("GET /api/v1/token/verify HTTP/1.1\r\nhost: x\r\n{KEY_HEADER}: {KEY}\r\n\r\n");
+        let req = format!("GET {VERIFY} HTTP/1.1\r\nhost: x\r\n{KEY_HEADER}: {KEY}\r\n\r\n");
         raw.write_all(req.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         let _ = raw.read_to_end(&mut answer).await;
         assert!(answer.is_empty());
-        assert_eq!(f.sim.value(Kind::Account, "a", "plan"), None);
-        assert!(f.sim.requests()[1..].iter().all(|r| r.status == 0));
-        f.sim.set_faults(PendoFaults::default());
-        assert_eq!(f.write(body).await.0, 200);
+        assert_eq!(f.plan("a"), None);
+        let statuses: Vec<u16> = f.sim.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [200, 0, 0, 0, 0]);
+        f.faults(PendoFaults::default());
+        assert_eq!(f.post(BULK, &set_plan("a")).await.status, 200);
         f.server.shutdown().await;
     }
 
     #[tokio::test]
     async fn latency_delays_every_request() {
         let f = Fixture::new(config()).await;
-        f.sim.set_faults(PendoFaults {
+        f.faults(PendoFaults {
             latency: Duration::from_millis(150),
             ..Default::default()
         });
         let started = Instant::now();
-        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
+        assert_eq!(f.get(VERIFY).await.status, 200);
         assert!(started.elapsed() >= Duration::from_millis(150));
     }
 
@@ -1201,52 +1192,23 @@ mod tests {
     async fn control_routes_read_state_and_set_faults() {
         let f = Fixture::new(config()).await;
         f.sim.set_value(Kind::Account, "a", "plan", json!("Pro"));
-        assert_eq!(f.get("/api/v1/token/verify").await.status(), 200);
-        let base = format!("{}/_sim/pendo", f.server.url());
-        let values: Value = f
-            .http
-            .get(format!("{base}/values/account"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        assert_eq!(f.get(VERIFY).await.status, 200);
+        let values = f.get("/_sim/pendo/values/account").await.json();
         assert_eq!(values, json!({ "a": { "plan": "Pro" } }));
-        let log: Value = f
-            .http
-            .get(format!("{base}/requests"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let log = f.get("/_sim/pendo/requests").await.json();
         assert_eq!(log.as_array().unwrap().len(), 1);
-        assert_eq!(log[0]["path"], "/api/v1/token/verify");
+        assert_eq!(log[0]["path"], VERIFY);
         let faults = json!({ "latency_ms": 5, "status_script": [408] });
-        let resp = f
-            .http
-            .post(format!("{base}/faults"))
-            .json(&faults)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 204);
-        assert_eq!(f.write(json!([])).await.0, 408);
-        let resp = f
-            .http
-            .post(format!("{base}/faults"))
-            .json(&json!({ "nope": 1 }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 400);
-        f.http
-            .delete(format!("{base}/requests"))
-            .send()
-            .await
-            .unwrap();
+        assert_eq!(f.post("/_sim/pendo/faults", &faults).await.status, 204);
+        assert_eq!(f.post(BULK, &json!([])).await.status, 408);
+        assert_eq!(
+            f.post("/_sim/pendo/faults", &json!({ "nope": 1 }))
+                .await
+                .status,
+            400
+        );
+        let reset = f.call(reqwest::Method::DELETE, "/_sim/pendo/requests", None, None);
+        assert_eq!(reset.await.unwrap().status, 204);
         assert!(f.sim.requests().is_empty());
         f.sim.clear_all_values(Kind::Account);
         assert_eq!(f.sim.values(Kind::Account)["a"], BTreeMap::new());
