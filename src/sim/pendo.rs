@@ -295,6 +295,7 @@ impl PendoSim {
         }
     }
 
+    /// Every non-`/_sim` request, rejected ones included, in the order they were answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.lock().requests.clone()
     }
@@ -355,7 +356,8 @@ fn too_many_requests(retry_after_secs: Option<u64>) -> Response {
     resp
 }
 
-/// Everything under `/api/` passes here: latency, rate limit, auth, random faults, and the log.
+/// Every request except `/_sim/...` passes here: latency, rate limit, auth, random faults, and the
+/// log.
 async fn gate(AxState(sim): AxState<PendoSim>, req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/_sim/") {
         return next.run(req).await;
