@@ -15,13 +15,18 @@
 //! - [`sim`]: loopback simulators of Pendo, Salesforce and HubSpot.
 //! - [`domain`]: kinds, field types and the canonical [`domain::Value`].
 
+pub mod app;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod connectors;
 pub mod diff;
 pub mod domain;
+pub mod engine;
 pub mod limiter;
 pub mod mapping;
 pub mod metrics;
 pub mod pendo;
 pub mod sim;
 pub mod store;
+pub mod telemetry;

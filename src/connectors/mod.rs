@@ -210,3 +210,18 @@ impl ConnectorError {
         )
     }
 }
+
+/// Builds one connector per CRM source that a mapping uses.
+pub fn build(
+    settings: &crate::config::Settings,
+    _store: Option<crate::store::Store>,
+) -> Result<crate::app::Connectors, crate::config::ConfigError> {
+    let connectors = crate::app::Connectors::new();
+    for m in &settings.mappings {
+        return Err(crate::config::ConfigError::new(
+            m.source.as_str(),
+            "connector arrives with the Salesforce and HubSpot branches",
+        ));
+    }
+    Ok(connectors)
+}

@@ -93,6 +93,9 @@ pub struct PageCommit<'a> {
     pub invalid: &'a [InvalidRecord],
     /// CRM ids of this mapping that mapped cleanly: any earlier invalid entry is cleared.
     pub valid_crm_ids: &'a [String],
+    /// Queued values to withdraw (ambiguous ids); only `kind`, `pendo_id` and `field` are used.
+    /// Rows already in flight are left to finish.
+    pub unqueue: &'a [Change],
 }
 
 impl Store {
@@ -215,6 +218,14 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         outbox::enqueue(&mut tx, page.changes, now).await?;
+        for c in page.unqueue {
+            sqlx::query("DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND leased = 0")
+                .bind(c.kind.as_str())
+                .bind(&c.pendo_id)
+                .bind(&c.field)
+                .execute(&mut *tx)
+                .await?;
+        }
         if !page.valid_crm_ids.is_empty() {
             let ids = serde_json::to_string(page.valid_crm_ids).expect("strings serialize");
             sqlx::query(

@@ -1,0 +1,144 @@
+//! The command line (clap). Names and flags are a public interface: see DESIGN.md.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::domain::Kind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pendo-sync",
+    version,
+    about = "Keeps Pendo visitor and account metadata in step with Salesforce or HubSpot."
+)]
+pub struct Cli {
+    /// The configuration file (TOML). Every key can be overridden with PENDO_SYNC__<SECTION>__<KEY>.
+    #[arg(
+        long,
+        global = true,
+        env = "PENDO_SYNC_CONFIG",
+        default_value = "/etc/pendo-sync/config.toml"
+    )]
+    pub config: PathBuf,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less logging (warnings and errors only).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    Visitor,
+    Account,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Kind {
+        match k {
+            KindArg::Visitor => Kind::Visitor,
+            KindArg::Account => Kind::Account,
+        }
+    }
+}
+
+/// Outbox states, plus `invalid` for records set aside before they reached the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueStateArg {
+    Pending,
+    Unmatched,
+    Dead,
+    Invalid,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One incremental cycle per mapping, then drain the outbox, then exit (cron-friendly).
+    Sync {
+        /// Only this mapping.
+        #[arg(long)]
+        mapping: Option<String>,
+        /// Print what would be pushed; write nothing anywhere.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Full pull: push every mapped value whatever the shadow says, and clear records gone from the CRM.
+    Resync {
+        #[arg(long)]
+        mapping: Option<String>,
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// Print what would be pushed; write nothing anywhere.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Watermarks, last runs, outbox depth by state, oldest pending change, set-aside records, quota use.
+    Status {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Inspect or act on the outbox.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Validate the config and verify credentials, fields and types against Pendo and the CRMs.
+    Check,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct QueueSelector {
+    #[arg(long, value_enum)]
+    pub state: Option<QueueStateArg>,
+    #[arg(long, value_enum)]
+    pub kind: Option<KindArg>,
+    /// A Pendo id (outbox) or a CRM record id (invalid records).
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// List outbox rows (and set-aside records).
+    List {
+        #[command(flatten)]
+        select: QueueSelector,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Make matching rows pending and due now.
+    Retry {
+        #[command(flatten)]
+        select: QueueSelector,
+    },
+    /// Delete matching rows: these changes will not be sent.
+    Drop {
+        #[command(flatten)]
+        select: QueueSelector,
+    },
+}

@@ -1,0 +1,496 @@
+//! The commands behind the CLI: each loads what it needs, does its work, prints a readable
+//! report on stdout (logs go to stderr) and returns an exit code.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError, SyncReport};
+use crate::cli::{Cli, Command, KindArg, OutputFormat, QueueAction, QueueSelector, QueueStateArg};
+use crate::config::Settings;
+use crate::connectors::{self, PullSpec};
+use crate::domain::{FieldType, Kind, Value, now_ms};
+use crate::engine::Mode;
+use crate::pendo::writer::PAUSED_KEY;
+use crate::store::{QueueFilter, QueueState, Store};
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<u8, AppError> {
+    let settings = Arc::new(Settings::load(&cli.config)?);
+    match cli.command {
+        Command::Sync { mapping, dry_run } => {
+            sync(
+                settings,
+                mapping.as_deref(),
+                Mode::Incremental,
+                None,
+                dry_run,
+            )
+            .await
+        }
+        Command::Resync {
+            mapping,
+            kind,
+            dry_run,
+        } => sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await,
+        Command::Status { format } => status(&settings, format).await,
+        Command::Queue { action } => queue(&settings, action).await,
+        Command::Check => check(settings).await,
+    }
+}
+
+/// A token cancelled by SIGINT/SIGTERM: work stops between batches, what Pendo confirmed is kept.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(
+            "Stopping: finishing the requests in flight, leaving the rest in the outbox."
+        );
+        t.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
+    let store = Store::open(&settings.state.path).await?;
+    let connectors = connectors::build(&settings, Some(store.clone()))?;
+    App::open(settings, connectors).await
+}
+
+async fn sync(
+    settings: Arc<Settings>,
+    mapping: Option<&str>,
+    mode: Mode,
+    kind: Option<KindArg>,
+    dry_run: bool,
+) -> Result<u8, AppError> {
+    if let Some(name) = mapping {
+        settings.mapping(name)?;
+    }
+    let app = open_app(settings.clone()).await?;
+    let cancel = shutdown_token();
+    let kind: Option<Kind> = kind.map(Into::into);
+    let mut report = SyncReport::default();
+    for m in app.mappings(mapping)? {
+        if kind.is_some_and(|k| k != m.kind) {
+            continue;
+        }
+        let r = app.sync(Some(&m.name), mode, dry_run, &cancel, &()).await?;
+        report.cycles.extend(r.cycles);
+        report.failed.extend(r.failed);
+        if let Some(d) = r.drain {
+            let total = report.drain.get_or_insert_with(Default::default);
+            total.requests += d.requests;
+            total.confirmed += d.confirmed;
+            total.unmatched += d.unmatched;
+            total.failed += d.failed;
+            total.paused = d.paused;
+        }
+    }
+    print_sync_report(&report, dry_run);
+    app.store.close().await;
+    if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+fn print_sync_report(report: &SyncReport, dry_run: bool) {
+    for c in &report.cycles {
+        println!(
+            "{:<20} pulled {:>8}  changes {:>8}  set aside {:>6}  ambiguous {:>4}  cleared {:>4}",
+            c.mapping, c.pulled, c.changes, c.invalid, c.ambiguous, c.cleared_orphans
+        );
+        if dry_run {
+            for ch in &c.dry_run_changes {
+                let v = Value::from_stored(&ch.value)
+                    .map(|v| v.display())
+                    .unwrap_or_else(|e| e);
+                println!(
+                    "  would set {} {} {} = {}",
+                    ch.kind, ch.pendo_id, ch.field, v
+                );
+            }
+        }
+    }
+    for (m, e) in &report.failed {
+        println!("{m:<20} FAILED: {e}");
+    }
+    if let Some(d) = &report.drain {
+        println!(
+            "pendo: {} requests, {} records confirmed, {} unmatched, {} failed",
+            d.requests, d.confirmed, d.unmatched, d.failed
+        );
+        if let Some(reason) = &d.paused {
+            println!("pendo: writer PAUSED: {reason}");
+        }
+    }
+    if dry_run {
+        println!("dry run: nothing was written or sent");
+    }
+}
+
+// ---- status --------------------------------------------------------------------------------
+
+/// The status document (`status --format json`, `GET /v1/status`).
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub state_file: String,
+    pub writer_paused: Option<String>,
+    pub outbox: std::collections::BTreeMap<&'static str, i64>,
+    pub oldest_pending_seconds: Option<f64>,
+    pub invalid_records: usize,
+    pub mappings: Vec<MappingStatus>,
+    pub quota: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MappingStatus {
+    pub name: String,
+    pub watermark: Option<String>,
+    pub watermark_updated_at: Option<String>,
+    pub last_run: Option<crate::store::RunRecord>,
+    pub last_success_at: Option<String>,
+}
+
+fn iso(ms: i64) -> String {
+    crate::domain::iso8601_from_ms(ms)
+}
+
+pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusReport, AppError> {
+    let watermarks = store.watermarks().await?;
+    let runs = store.last_runs().await?;
+    let mut mappings = Vec::new();
+    for m in &settings.mappings {
+        let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
+        let run = runs.iter().find(|(r, _)| r.mapping == m.name);
+        mappings.push(MappingStatus {
+            name: m.name.clone(),
+            watermark: wm.map(|(_, w, _)| w.0.clone()),
+            watermark_updated_at: wm.map(|(_, _, at)| iso(*at)),
+            last_run: run.map(|(r, _)| r.clone()),
+            last_success_at: run.and_then(|(_, s)| s.map(iso)),
+        });
+    }
+    let mut quota = serde_json::Map::new();
+    for source in ["salesforce", "hubspot"] {
+        if let Some(v) = store.kv_get(&format!("quota.{source}")).await? {
+            quota.insert(source.into(), v);
+        }
+    }
+    Ok(StatusReport {
+        state_file: store.path().display().to_string(),
+        writer_paused: store
+            .kv_get(PAUSED_KEY)
+            .await?
+            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
+        outbox: store.outbox_counts().await?,
+        oldest_pending_seconds: store
+            .oldest_pending_at()
+            .await?
+            .map(|at| (now_ms() - at).max(0) as f64 / 1000.0),
+        invalid_records: store.invalid_records(None).await?.len(),
+        mappings,
+        quota,
+    })
+}
+
+async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppError> {
+    let store = Store::open_read_only(&settings.state.path).await?;
+    let report = status_report(settings, &store).await?;
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("status serializes")
+        ),
+        OutputFormat::Table => {
+            println!("state file      {}", report.state_file);
+            println!(
+                "writer          {}",
+                report
+                    .writer_paused
+                    .as_deref()
+                    .map_or("running".to_owned(), |r| format!("PAUSED: {r}"))
+            );
+            println!(
+                "outbox          pending {}  unmatched {}  dead {}",
+                report.outbox["pending"], report.outbox["unmatched"], report.outbox["dead"]
+            );
+            if let Some(s) = report.oldest_pending_seconds {
+                println!("oldest pending  {s:.0}s ago");
+            }
+            println!(
+                "set aside       {} records (see `queue list --state invalid`)",
+                report.invalid_records
+            );
+            for m in &report.mappings {
+                let run = m.last_run.as_ref().map_or("never run".to_owned(), |r| {
+                    format!(
+                        "{} {} at {}: pulled {}, changes {}{}",
+                        r.mode,
+                        if r.ok == Some(true) { "ok" } else { "FAILED" },
+                        iso(r.started_at),
+                        r.pulled,
+                        r.changes,
+                        r.error
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    )
+                });
+                println!("mapping {:<14} {}", m.name, run);
+                println!(
+                    "                watermark {}",
+                    m.watermark
+                        .as_deref()
+                        .unwrap_or("none (next cycle reads everything)")
+                );
+            }
+            for (api, q) in &report.quota {
+                println!("quota {api:<10} {q}");
+            }
+        }
+    }
+    store.close().await;
+    Ok(0)
+}
+
+// ---- queue ---------------------------------------------------------------------------------
+
+fn filter(select: &QueueSelector) -> QueueFilter {
+    QueueFilter {
+        state: match select.state {
+            Some(QueueStateArg::Pending) => Some(QueueState::Pending),
+            Some(QueueStateArg::Unmatched) => Some(QueueState::Unmatched),
+            Some(QueueStateArg::Dead) => Some(QueueState::Dead),
+            Some(QueueStateArg::Invalid) | None => None,
+        },
+        kind: select.kind.map(Into::into),
+        pendo_id: select.id.clone(),
+    }
+}
+
+async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError> {
+    match action {
+        QueueAction::List {
+            select,
+            limit,
+            format,
+        } => {
+            let store = Store::open_read_only(&settings.state.path).await?;
+            let show_outbox = select.state != Some(QueueStateArg::Invalid);
+            let show_invalid = matches!(select.state, None | Some(QueueStateArg::Invalid));
+            let rows = if show_outbox {
+                store.outbox_list(&filter(&select), limit).await?
+            } else {
+                vec![]
+            };
+            let invalid = if show_invalid {
+                store
+                    .invalid_records(None)
+                    .await?
+                    .into_iter()
+                    .filter(|r| {
+                        select
+                            .id
+                            .as_ref()
+                            .is_none_or(|id| *id == r.crm_id || r.pendo_id.as_ref() == Some(id))
+                    })
+                    .take(limit as usize)
+                    .collect()
+            } else {
+                vec![]
+            };
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"outbox": rows, "invalid": invalid})
+                    )
+                    .expect("rows serialize")
+                ),
+                OutputFormat::Table => {
+                    for r in &rows {
+                        let v = Value::from_stored(&r.value)
+                            .map(|v| v.display())
+                            .unwrap_or_else(|e| e);
+                        println!(
+                            "{:<9} {:<7} {:<24} {:<16} {:<24} attempts {:>2}  {}",
+                            r.state.as_str(),
+                            r.kind,
+                            r.pendo_id,
+                            r.field,
+                            v,
+                            r.attempts,
+                            r.last_error.as_deref().unwrap_or("")
+                        );
+                    }
+                    for r in &invalid {
+                        println!("invalid   {:<14} {:<14} {}", r.mapping, r.reason, r.detail);
+                    }
+                    if rows.is_empty() && invalid.is_empty() {
+                        println!("nothing matches");
+                    }
+                }
+            }
+            store.close().await;
+        }
+        QueueAction::Retry { select } => {
+            let store = Store::open(&settings.state.path).await?;
+            let n = store.outbox_retry(&filter(&select)).await?;
+            println!("{n} outbox rows made pending and due now");
+            store.close().await;
+        }
+        QueueAction::Drop { select } => {
+            let store = Store::open(&settings.state.path).await?;
+            let n = if select.state == Some(QueueStateArg::Invalid) {
+                store.drop_invalid(None, select.id.as_deref()).await?
+            } else {
+                store.outbox_drop(&filter(&select)).await?
+            };
+            println!("{n} rows dropped");
+            store.close().await;
+        }
+    }
+    Ok(0)
+}
+
+// ---- check ---------------------------------------------------------------------------------
+
+/// One line of the check report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub ok: bool,
+    pub subject: String,
+    pub detail: String,
+}
+
+/// Pendo side of `check`: the key is valid with write access, and every mapped field exists in
+/// the kind's custom schema with a type that can hold the mapping's values.
+pub async fn check_pendo(settings: &Settings, client: &crate::pendo::PendoClient) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match client.verify_token().await {
+        Ok(t) if t.valid && t.write_access => out.push(Finding {
+            ok: true,
+            subject: "pendo integration key".into(),
+            detail: format!("valid, with write access ({})", client.base()),
+        }),
+        Ok(t) if t.valid => out.push(Finding {
+            ok: false,
+            subject: "pendo integration key".into(),
+            detail: "valid but READ-ONLY: enable \"Allow Write Access\" on the key in Pendo".into(),
+        }),
+        Ok(_) => out.push(Finding {
+            ok: false,
+            subject: "pendo integration key".into(),
+            detail: "Pendo says the key is not valid".into(),
+        }),
+        Err(e) => {
+            out.push(Finding {
+                ok: false,
+                subject: "pendo integration key".into(),
+                detail: e.to_string(),
+            });
+            return out;
+        }
+    }
+    for kind in Kind::ALL {
+        let fields: Vec<(&str, &str, FieldType)> = settings
+            .mappings
+            .iter()
+            .filter(|m| m.kind == kind)
+            .flat_map(|m| {
+                m.fields
+                    .iter()
+                    .map(move |(k, f)| (m.name.as_str(), k.as_str(), f.field_type))
+            })
+            .collect();
+        if fields.is_empty() {
+            continue;
+        }
+        let schema = match client.custom_schema(kind).await {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(Finding {
+                    ok: false,
+                    subject: format!("pendo {kind} schema"),
+                    detail: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for (mapping, field, ty) in fields {
+            let subject = format!("pendo {kind} field {field} (mapping {mapping})");
+            match schema.get(field) {
+                None => out.push(Finding {
+                    ok: false,
+                    subject,
+                    detail: format!(
+                        "not declared in Pendo's {kind} custom fields; add it in Settings > Data Mappings (type {ty})"
+                    ),
+                }),
+                Some(pt) if !ty.compatible_with_pendo(pt) => out.push(Finding {
+                    ok: false,
+                    subject,
+                    detail: format!("Pendo declares it as {pt:?} but the mapping sends {ty}"),
+                }),
+                Some(pt) => out.push(Finding {
+                    ok: true,
+                    subject,
+                    detail: format!("declared as {pt}"),
+                }),
+            }
+        }
+    }
+    out
+}
+
+async fn check(settings: Arc<Settings>) -> Result<u8, AppError> {
+    println!("config          ok ({} mappings)", settings.mappings.len());
+    let app = open_app(settings.clone()).await?;
+    let mut findings = check_pendo(&settings, &app.pendo).await;
+    for m in &settings.mappings {
+        let spec = PullSpec::for_mapping(m, None, settings.schedule.overlap);
+        match app.connector(m.source)?.check(&spec).await {
+            Ok(list) => findings.extend(list.into_iter().map(|f| Finding {
+                ok: f.ok,
+                subject: format!("{} {} (mapping {})", m.source.as_str(), f.subject, m.name),
+                detail: f.detail,
+            })),
+            Err(e) => findings.push(Finding {
+                ok: false,
+                subject: format!("{} (mapping {})", m.source.as_str(), m.name),
+                detail: e.to_string(),
+            }),
+        }
+    }
+    let failed = findings.iter().filter(|f| !f.ok).count();
+    for f in &findings {
+        println!(
+            "{} {} — {}",
+            if f.ok { "ok  " } else { "FAIL" },
+            f.subject,
+            f.detail
+        );
+    }
+    println!("{} checks, {} failed", findings.len(), failed);
+    app.store.close().await;
+    Ok(if failed == 0 { 0 } else { 1 })
+}

@@ -1,0 +1,410 @@
+//! One sync cycle for one mapping: pull pages from the connector → map → diff against shadow and
+//! outbox → commit each page's changes together with its watermark.
+//!
+//! The cycle never talks to Pendo; the [`crate::pendo::Writer`] drains the outbox afterwards. That
+//! split is what makes a crash harmless at every step: before a page commits, nothing happened
+//! (the page is read again); after, its changes are durable in the outbox.
+//!
+//! Modes:
+//! - **incremental**: from the stored watermark (minus the connector's overlap);
+//! - **reconcile**: a full pull that also clears values of records gone from the CRM (or the
+//!   filter) when `on_delete = "clear"`;
+//! - **resync**: a reconcile that sends every mapped value whatever the shadow says.
+//!
+//! With `dry_run` nothing is written: the changes are returned instead.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use crate::config::OnDelete;
+use crate::connectors::{Connector, ConnectorError, PullSpec};
+use crate::diff::{clear_record, diff_record};
+use crate::domain::now_ms;
+use crate::mapping::{MappedRecord, Mapping, RecordError};
+use crate::metrics::{
+    CHANGES_DETECTED, CYCLE_DURATION, INVALID_RECORDS, LAST_SUCCESS, RECORDS_PULLED,
+};
+use crate::store::{Change, InvalidRecord, PageCommit, Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Incremental,
+    Reconcile,
+    Resync,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Incremental => "incremental",
+            Mode::Reconcile => "reconcile",
+            Mode::Resync => "resync",
+        }
+    }
+
+    fn full(self) -> bool {
+        self != Mode::Incremental
+    }
+}
+
+/// What a cycle saw and did.
+#[derive(Debug, Clone, Default)]
+pub struct CycleReport {
+    pub mapping: String,
+    pub pulled: u64,
+    pub changes: u64,
+    pub invalid: u64,
+    pub skipped_empty_ids: u64,
+    pub ambiguous: u64,
+    pub deleted: u64,
+    pub cleared_orphans: u64,
+    pub pages: u64,
+    /// Only filled on dry runs: the changes that would have been enqueued.
+    pub dry_run_changes: Vec<Change>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    #[error("mapping {mapping}: {source}")]
+    Connector {
+        mapping: String,
+        #[source]
+        source: ConnectorError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Observes progress (pages read, changes found), for progress bars and logs.
+pub trait Progress: Send + Sync {
+    fn page(&self, _report: &CycleReport) {}
+}
+
+impl Progress for () {}
+
+/// Runs one cycle of `mapping` through `connector`.
+pub async fn run_cycle(
+    store: &Store,
+    connector: &dyn Connector,
+    mapping: &Mapping,
+    spec_for: impl FnOnce(Option<crate::connectors::Watermark>) -> PullSpec,
+    mode: Mode,
+    dry_run: bool,
+    progress: &dyn Progress,
+) -> Result<CycleReport, CycleError> {
+    let started = Instant::now();
+    let since = match mode {
+        Mode::Incremental => store.watermark(&mapping.name).await?,
+        _ => None,
+    };
+    let run_id = if dry_run {
+        None
+    } else {
+        Some(store.start_run(&mapping.name, mode.as_str()).await?)
+    };
+    let mut report = CycleReport {
+        mapping: mapping.name.clone(),
+        ..CycleReport::default()
+    };
+    let result = pull_all(
+        store,
+        connector,
+        mapping,
+        spec_for(since),
+        mode,
+        dry_run,
+        &mut report,
+        progress,
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::histogram!(CYCLE_DURATION, "mapping" => mapping.name.clone()).record(seconds);
+    if let Some(id) = run_id {
+        let error = result.as_ref().err().map(|e| e.to_string());
+        store
+            .finish_run(
+                id,
+                report.pulled,
+                report.changes,
+                report.invalid,
+                error.as_deref(),
+            )
+            .await?;
+    }
+    match result {
+        Ok(()) => {
+            if !dry_run {
+                metrics::gauge!(LAST_SUCCESS, "mapping" => mapping.name.clone())
+                    .set(now_ms() as f64 / 1000.0);
+            }
+            tracing::info!(
+                mapping = %mapping.name,
+                mode = mode.as_str(),
+                pulled = report.pulled,
+                changes = report.changes,
+                invalid = report.invalid,
+                ambiguous = report.ambiguous,
+                seconds,
+                "Cycle finished."
+            );
+            Ok(report)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What one pull has seen of each Pendo id, to find ambiguous ids and, on full pulls, orphans.
+///
+/// Ids are kept as 64-bit hashes so a million-record pull costs a few tens of MB; a collision
+/// (odds ~1e-8 at a million ids) could only hold back a record as ambiguous or skip one orphan
+/// clear until the next reconcile.
+#[derive(Default)]
+struct Seen {
+    /// pendo id hash → (crm id hash, values hash)
+    ids: HashMap<u64, (u64, u64)>,
+    ambiguous: HashSet<u64>,
+}
+
+fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+fn values_hash(r: &MappedRecord) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in &r.values {
+        v.as_ref().map(|v| v.to_stored()).hash(&mut h);
+    }
+    h.finish()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_all(
+    store: &Store,
+    connector: &dyn Connector,
+    mapping: &Mapping,
+    spec: PullSpec,
+    mode: Mode,
+    dry_run: bool,
+    report: &mut CycleReport,
+    progress: &dyn Progress,
+) -> Result<(), CycleError> {
+    let force = mode == Mode::Resync;
+    let connector_error = |source| CycleError::Connector {
+        mapping: mapping.name.clone(),
+        source,
+    };
+    let mut pull = connector.pull(spec).await.map_err(connector_error)?;
+    let mut seen = Seen::default();
+    while let Some(page) = pull.next_page().await.map_err(connector_error)? {
+        report.pages += 1;
+        report.pulled += page.records.len() as u64;
+        metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
+            .increment(page.records.len() as u64);
+
+        let mut invalid = Vec::new();
+        let mut valid_crm_ids = Vec::new();
+        let mut live: Vec<MappedRecord> = Vec::new();
+        let mut gone: Vec<MappedRecord> = Vec::new();
+        for raw in &page.records {
+            match mapping.map(raw) {
+                Ok(rec) if rec.deleted => gone.push(rec),
+                Ok(rec) => live.push(rec),
+                Err(e) => {
+                    if matches!(e, RecordError::MissingId { .. }) {
+                        report.skipped_empty_ids += 1;
+                    }
+                    if raw.deleted {
+                        continue; // a deleted record with no usable id has nothing to clear
+                    }
+                    metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
+                        .increment(1);
+                    tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");
+                    invalid.push(InvalidRecord {
+                        mapping: mapping.name.clone(),
+                        crm_id: e.crm_id().to_owned(),
+                        pendo_id: e.pendo_id().map(str::to_owned),
+                        reason: e.reason().to_owned(),
+                        detail: e.to_string(),
+                        seen_at: now_ms(),
+                    });
+                }
+            }
+        }
+
+        // Two CRM records mapping to one Pendo id with different values: hold both back.
+        let mut held_back: Vec<String> = Vec::new();
+        live.retain(|rec| {
+            let id = hash_of(rec.pendo_id.as_str());
+            let entry = (hash_of(rec.crm_id.as_str()), values_hash(rec));
+            let conflict = match seen.ids.get(&id) {
+                Some(prev) => prev.0 != entry.0 && prev.1 != entry.1,
+                None => {
+                    seen.ids.insert(id, entry);
+                    false
+                }
+            };
+            if conflict || seen.ambiguous.contains(&id) {
+                if seen.ambiguous.insert(id) {
+                    held_back.push(rec.pendo_id.clone());
+                }
+                report.ambiguous += 1;
+                invalid.push(InvalidRecord {
+                    mapping: mapping.name.clone(),
+                    crm_id: rec.crm_id.clone(),
+                    pendo_id: Some(rec.pendo_id.clone()),
+                    reason: "ambiguous_id".into(),
+                    detail: format!(
+                        "record {}: Pendo id {} is also the id of another CRM record with different values in this pull; neither is sent until only one remains",
+                        rec.crm_id, rec.pendo_id
+                    ),
+                    seen_at: now_ms(),
+                });
+                metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => "ambiguous_id")
+                    .increment(1);
+                return false;
+            }
+            valid_crm_ids.push(rec.crm_id.clone());
+            true
+        });
+
+        let ids: Vec<&str> = live
+            .iter()
+            .chain(&gone)
+            .map(|r| r.pendo_id.as_str())
+            .chain(held_back.iter().map(String::as_str))
+            .collect();
+        let shadow = store.load_shadow(mapping.kind, &ids).await?;
+        let outbox = store.load_outbox_values(mapping.kind, &ids).await?;
+
+        let mut changes: Vec<Change> = Vec::new();
+        for rec in &live {
+            changes.extend(diff_record(
+                mapping,
+                rec,
+                shadow.get(&rec.pendo_id),
+                outbox.get(&rec.pendo_id),
+                force,
+            ));
+        }
+        if mapping.on_delete == OnDelete::Clear {
+            for rec in &gone {
+                // A live record with the same Pendo id in this pull wins over a deleted one.
+                if seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())) {
+                    continue;
+                }
+                report.deleted += 1;
+                changes.extend(clear_record(
+                    mapping,
+                    &rec.pendo_id,
+                    shadow.get(&rec.pendo_id),
+                    outbox.get(&rec.pendo_id),
+                    force,
+                ));
+            }
+        }
+        // Held-back ids lose any value this pull already queued for them: it was a coin toss.
+        let unqueue: Vec<Change> = held_back
+            .iter()
+            .flat_map(|id| {
+                let queued = outbox.get(id);
+                mapping.fields.iter().filter_map(move |f| {
+                    queued.and_then(|q| q.get(&f.pendo_field)).map(|_| (id, f))
+                })
+            })
+            .map(|(id, f)| Change {
+                kind: mapping.kind,
+                pendo_id: id.clone(),
+                field: f.pendo_field.clone(),
+                value: String::new(),
+                mapping: mapping.name.clone(),
+                force: false,
+            })
+            .collect();
+        changes.retain(|c| !held_back.contains(&c.pendo_id));
+
+        report.changes += changes.len() as u64;
+        report.invalid += invalid.len() as u64;
+        metrics::counter!(CHANGES_DETECTED, "mapping" => mapping.name.clone(), "kind" => mapping.kind.as_str())
+            .increment(changes.len() as u64);
+        if dry_run {
+            report.dry_run_changes.extend(changes);
+        } else {
+            store
+                .commit_page(&PageCommit {
+                    mapping: &mapping.name,
+                    changes: &changes,
+                    watermark: page.watermark.as_ref(),
+                    invalid: &invalid,
+                    valid_crm_ids: &valid_crm_ids,
+                    unqueue: &unqueue,
+                })
+                .await?;
+        }
+        progress.page(report);
+    }
+
+    if mode.full() && mapping.on_delete == OnDelete::Clear {
+        clear_orphans(store, mapping, &seen, force, dry_run, report).await?;
+    }
+    Ok(())
+}
+
+/// After a full pull: every shadow (or queued) record of this mapping's kind holding one of its
+/// fields that the pull did not see has left the CRM or the filter, and is cleared.
+async fn clear_orphans(
+    store: &Store,
+    mapping: &Mapping,
+    seen: &Seen,
+    force: bool,
+    dry_run: bool,
+    report: &mut CycleReport,
+) -> Result<(), CycleError> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .shadow_page(mapping.kind, after.as_deref(), 2_000)
+            .await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        let orphans: Vec<&(String, crate::store::ShadowRecord)> = page
+            .iter()
+            .filter(|(id, _)| !seen.ids.contains_key(&hash_of(id.as_str())))
+            .collect();
+        if orphans.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = orphans.iter().map(|(id, _)| id.as_str()).collect();
+        let outbox = store.load_outbox_values(mapping.kind, &ids).await?;
+        let changes: Vec<Change> = orphans
+            .iter()
+            .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), force))
+            .collect();
+        if changes.is_empty() {
+            continue;
+        }
+        report.cleared_orphans += changes
+            .iter()
+            .map(|c| &c.pendo_id)
+            .collect::<HashSet<_>>()
+            .len() as u64;
+        report.changes += changes.len() as u64;
+        if dry_run {
+            report.dry_run_changes.extend(changes);
+        } else {
+            store
+                .commit_page(&PageCommit {
+                    mapping: &mapping.name,
+                    changes: &changes,
+                    ..PageCommit::default()
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// How long `sync` waits for retries that fall due after the first pass over the outbox.
+pub const SYNC_RETRY_WAIT: Duration = Duration::from_secs(120);
