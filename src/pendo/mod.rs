@@ -4,4 +4,4 @@ pub mod client;
 pub mod writer;
 
 pub use client::{BulkResult, PendoClient, PendoError, TokenInfo};
-pub use writer::{DrainReport, Step, Writer, WriterConfig, WriterError};
+pub use writer::{DrainReport, FailPoint, Step, Writer, WriterConfig, WriterError};

@@ -49,6 +49,20 @@ pub struct WriterConfig {
     pub retry_max: Duration,
     /// Attempts made in-process before a failing batch goes back to the outbox with a backoff.
     pub in_process_attempts: u32,
+    /// Test hook: fail the next step once at this point, as a crash would.
+    pub fail_point: Option<FailPoint>,
+}
+
+/// Where an injected failure stops a step (crash tests). The effect on the state file is that of a
+/// process killed at that point: nothing after it is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// Rows claimed (leased), nothing sent.
+    BeforeSend,
+    /// Pendo applied the batch; the confirmation was never recorded.
+    AfterSend,
+    /// The settle transaction ran but never committed.
+    DuringSettle,
 }
 
 impl WriterConfig {
@@ -63,6 +77,7 @@ impl WriterConfig {
             retry_initial: s.retry_initial,
             retry_max: s.retry_max,
             in_process_attempts: 3,
+            fail_point: None,
         }
     }
 }
@@ -92,6 +107,8 @@ pub struct DrainReport {
 pub enum WriterError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("injected failure at {0:?}")]
+    Injected(FailPoint),
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +120,8 @@ struct Shared {
     confirmed: AtomicU32,
     unmatched: AtomicU32,
     failed: AtomicU32,
+    /// A configured fail point fires once.
+    fired: std::sync::atomic::AtomicBool,
 }
 
 /// The outbox writer. Cheap to clone; clones share pause state and counters.
@@ -170,6 +189,7 @@ impl Writer {
             stack.push(records);
         }
         while let Some(batch) = stack.pop() {
+            self.fail_at(FailPoint::BeforeSend)?;
             if self.paused().is_some() {
                 release(batch, &mut outcomes);
                 continue;
@@ -225,6 +245,13 @@ impl Writer {
                     self.retry_later(batch, attempts, &error, retry_after, &mut outcomes);
                 }
             }
+        }
+        self.fail_at(FailPoint::AfterSend)?;
+        if self.cfg.fail_point == Some(FailPoint::DuringSettle)
+            && !self.shared.fired.swap(true, Ordering::SeqCst)
+        {
+            self.store.settle_uncommitted(&outcomes).await?;
+            return Err(WriterError::Injected(FailPoint::DuringSettle));
         }
         self.store.settle(&outcomes).await?;
         if let Some(reason) = self.paused() {
@@ -295,6 +322,13 @@ impl Writer {
                 return Ok(());
             }
         }
+    }
+
+    fn fail_at(&self, point: FailPoint) -> Result<(), WriterError> {
+        if self.cfg.fail_point == Some(point) && !self.shared.fired.swap(true, Ordering::SeqCst) {
+            return Err(WriterError::Injected(point));
+        }
+        Ok(())
     }
 
     fn snapshot(&self) -> (u32, u32, u32, u32) {
@@ -484,16 +518,16 @@ impl Writer {
     ) {
         let now = now_ms();
         for (id, rows) in batch {
-            settle_all((id, rows), outcomes, |entry| {
-                let wait = self
-                    .backoff(entry.attempts + attempts)
-                    .max(retry_after.unwrap_or_default().min(self.cfg.retry_max));
-                Settlement::Retry {
-                    retry_at: now + wait.as_millis() as i64,
-                    error: error.to_owned(),
-                    max_attempts: self.cfg.max_attempts,
-                    attempts: attempts.max(1),
-                }
+            // One wait per record, so its fields stay together in the next batch.
+            let before = rows.iter().map(|r| r.attempts).max().unwrap_or(0);
+            let wait = self
+                .backoff(before + attempts)
+                .max(retry_after.unwrap_or_default().min(self.cfg.retry_max));
+            settle_all((id, rows), outcomes, |_| Settlement::Retry {
+                retry_at: now + wait.as_millis() as i64,
+                error: error.to_owned(),
+                max_attempts: self.cfg.max_attempts,
+                attempts: attempts.max(1),
             });
         }
     }

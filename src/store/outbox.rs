@@ -257,6 +257,22 @@ impl Store {
     /// outbox bookkeeping for everything else. Rows whose version moved on (a newer CRM value
     /// arrived while this one was in flight) are only released, so the newer value goes out next.
     pub async fn settle(&self, outcomes: &[(OutboxEntry, Settlement)]) -> Result<(), StoreError> {
+        self.settle_inner(outcomes, true).await
+    }
+
+    /// Runs the settle transaction and rolls it back, as a crash before COMMIT would (crash tests).
+    pub async fn settle_uncommitted(
+        &self,
+        outcomes: &[(OutboxEntry, Settlement)],
+    ) -> Result<(), StoreError> {
+        self.settle_inner(outcomes, false).await
+    }
+
+    async fn settle_inner(
+        &self,
+        outcomes: &[(OutboxEntry, Settlement)],
+        commit: bool,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         // Shadow patches grouped per entity: one statement per record, not per field.
@@ -340,7 +356,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        if commit {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
         Ok(())
     }
 

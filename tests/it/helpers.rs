@@ -1,0 +1,268 @@
+//! Shared test harness: a temp state file, the Pendo simulator on a loopback port, a fixture CRM,
+//! and settings pointing at them. `TestApp::app()` builds a fresh `App` on the same state file,
+//! which is what a restart is.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pendo_sync::app::{App, Connectors, SyncReport};
+use pendo_sync::config::{Settings, Source};
+use pendo_sync::connectors::fixture::FixtureConnector;
+use pendo_sync::domain::Kind;
+use pendo_sync::engine::Mode;
+use pendo_sync::sim::SimServer;
+use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The integration key used everywhere in tests: a canary that must never be printed.
+pub const CANARY_KEY: &str = "canary-pendo-key-7f3a9c";
+
+pub const ACCOUNT_FIELDS: [(&str, &str); 5] = [
+    ("plantier", "string"),
+    ("arr", "number"),
+    ("owneremail", "string"),
+    ("renewaldate", "date"),
+    ("isstrategic", "boolean"),
+];
+
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub pendo: PendoSim,
+    /// Keeps the simulator serving for the test's lifetime.
+    #[allow(dead_code)]
+    pub server: SimServer,
+    pub crm: FixtureConnector,
+    pub settings: Arc<Settings>,
+}
+
+pub struct Options {
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub create_missing: bool,
+    pub extra_pendo: String,
+    /// Pendo's declared account fields (key, Type).
+    pub schema: Vec<(&'static str, &'static str)>,
+    pub errors_as_strings: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            batch_size: 50,
+            max_attempts: 6,
+            create_missing: false,
+            extra_pendo: String::new(),
+            schema: ACCOUNT_FIELDS.to_vec(),
+            errors_as_strings: false,
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn new() -> TestApp {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(opts: Options) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pendo = PendoSim::new(PendoSimConfig {
+            integration_key: CANARY_KEY.into(),
+            write_access: true,
+            schema: opts
+                .schema
+                .iter()
+                .map(|(f, t)| (Kind::Account, f.to_string(), t.to_string()))
+                .collect(),
+            rate_limit: None,
+            errors_as_strings: opts.errors_as_strings,
+        });
+        let server = pendo
+            .start("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+            .await
+            .expect("pendo sim starts");
+        let toml = format!(
+            r#"
+[state]
+path = "{state}"
+
+[pendo]
+base_url = "{url}"
+integration_key = "{CANARY_KEY}"
+batch_size = {batch}
+requests_per_second = 2000
+max_in_flight = 2
+timeout = "5s"
+max_attempts = {attempts}
+create_missing = {create}
+unmatched_retry = "1h"
+retry_initial = "5ms"
+retry_max = "40ms"
+{extra}
+
+[salesforce]
+login_url = "http://127.0.0.1:9"
+auth = "client_credentials"
+client_id = "test"
+client_secret = "canary-sf-secret-55"
+
+[[mappings]]
+name = "accounts"
+source = "salesforce"
+object = "Account"
+kind = "account"
+id = "Id"
+on_delete = "clear"
+  [mappings.fields]
+  plantier    = {{ from = "Plan_Tier__c",    type = "string" }}
+  arr         = {{ from = "ARR__c",          type = "number" }}
+  owneremail  = {{ from = "Owner.Email",     type = "string" }}
+  renewaldate = {{ from = "Renewal_Date__c", type = "date" }}
+  isstrategic = {{ from = "Strategic__c",    type = "boolean" }}
+"#,
+            state = dir.path().join("state.db").display(),
+            url = server.url(),
+            batch = opts.batch_size,
+            attempts = opts.max_attempts,
+            create = opts.create_missing,
+            extra = opts.extra_pendo,
+        );
+        let settings = Arc::new(
+            Settings::from_toml_with_env(&toml, HashMap::new()).expect("test config is valid"),
+        );
+        TestApp {
+            dir,
+            pendo,
+            server,
+            crm: FixtureConnector::new(40),
+            settings,
+        }
+    }
+
+    /// A fresh App on the same state file: what a restart is.
+    pub async fn app(&self) -> App {
+        let mut connectors = Connectors::new();
+        connectors.insert(Source::Salesforce, Arc::new(self.crm.clone()));
+        App::open(self.settings.clone(), connectors)
+            .await
+            .expect("app opens")
+    }
+
+    /// One `sync`: an incremental cycle, then the outbox drained.
+    pub async fn sync(&self) -> SyncReport {
+        self.sync_mode(Mode::Incremental).await
+    }
+
+    pub async fn sync_mode(&self, mode: Mode) -> SyncReport {
+        let app = self.app().await;
+        let report = app
+            .sync(None, mode, false, &CancellationToken::new(), &())
+            .await
+            .expect("sync runs");
+        app.store.close().await;
+        report
+    }
+
+    /// Seeds `n` accounts in the CRM (and makes their ids known to Pendo).
+    pub fn seed(&self, n: usize) {
+        for i in 0..n {
+            let id = account_id(i);
+            self.crm.upsert("Account", &id, account(i));
+            self.pendo.add_entity(Kind::Account, &id);
+        }
+    }
+
+    /// What Pendo should hold for the fixture CRM's live accounts.
+    pub fn expected(&self) -> HashMap<String, HashMap<String, Value>> {
+        self.crm
+            .records("Account")
+            .into_iter()
+            .map(|(id, f)| {
+                let mut m = HashMap::new();
+                let mut put = |k: &str, v: &Value| {
+                    if !v.is_null() {
+                        m.insert(k.to_owned(), v.clone());
+                    }
+                };
+                put("plantier", &f["Plan_Tier__c"]);
+                put("arr", &f["ARR__c"]);
+                put("owneremail", &f["Owner"]["Email"]);
+                put("isstrategic", &f["Strategic__c"]);
+                drop(put);
+                if let Some(d) = f["Renewal_Date__c"].as_str() {
+                    let ms = pendo_sync::mapping::parse_date(d).unwrap();
+                    m.insert("renewaldate".into(), json!(ms));
+                }
+                (id, m)
+            })
+            .collect()
+    }
+
+    /// What the Pendo simulator holds for accounts, numbers compared as numbers.
+    pub fn held(&self) -> HashMap<String, HashMap<String, Value>> {
+        self.pendo
+            .values(Kind::Account)
+            .into_iter()
+            .map(|(id, f)| (id, f.into_iter().filter(|(_, v)| !v.is_null()).collect()))
+            .filter(|(_, f): &(String, HashMap<String, Value>)| !f.is_empty())
+            .collect()
+    }
+
+    /// Asserts Pendo equals the CRM, field by field, numbers by value.
+    pub fn assert_converged(&self) {
+        let expected = self.expected();
+        let held = self.held();
+        for (id, fields) in &expected {
+            let got = held.get(id).cloned().unwrap_or_default();
+            for (k, v) in fields {
+                let g = got.get(k);
+                let num = |v: &Value| {
+                    v.as_f64()
+                        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                };
+                let same = match (num(v), g.and_then(num)) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => Some(v) == g,
+                };
+                assert!(same, "account {id} field {k}: CRM {v}, Pendo {g:?}");
+            }
+            for k in got.keys() {
+                assert!(
+                    fields.contains_key(k),
+                    "account {id} field {k}: Pendo holds {:?}, CRM has nothing",
+                    got[k]
+                );
+            }
+        }
+        for id in held.keys() {
+            assert!(
+                expected.contains_key(id),
+                "Pendo holds values for {id}, which is not in the CRM"
+            );
+        }
+    }
+
+    pub fn writes(&self) -> Vec<pendo_sync::sim::pendo::RecordedRequest> {
+        self.pendo
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.contains("/custom/value"))
+            .collect()
+    }
+}
+
+pub fn account_id(i: usize) -> String {
+    format!("001A{i:06}")
+}
+
+pub fn account(i: usize) -> Value {
+    json!({
+        "Id": account_id(i),
+        "Plan_Tier__c": (["Starter", "Growth", "Enterprise"][i % 3]),
+        "ARR__c": (i as f64) * 1000.0 + 0.5,
+        "Owner": {"attributes": {"type": "User"}, "Email": format!("owner{}@acme.test", i % 7)},
+        "Renewal_Date__c": format!("2027-{:02}-{:02}", i % 12 + 1, i % 28 + 1),
+        "Strategic__c": i % 2 == 0,
+    })
+}

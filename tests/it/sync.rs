@@ -1,0 +1,224 @@
+//! The core promise: exact values in, only changes pushed, nothing when nothing changed.
+
+use pendo_sync::domain::Kind;
+use pendo_sync::engine::Mode;
+use serde_json::json;
+
+use crate::helpers::{TestApp, account_id};
+
+#[tokio::test]
+async fn first_sync_puts_exactly_the_crm_values_into_pendo() {
+    let t = TestApp::new().await;
+    t.seed(120);
+    let report = t.sync().await;
+    assert_eq!(report.cycles[0].pulled, 120);
+    t.assert_converged();
+    // 120 records at batch size 50: three requests, no more.
+    assert_eq!(t.writes().len(), 3);
+    // The wire format: numbers as numbers, dates as epoch ms, booleans as booleans.
+    let id = account_id(3);
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "arr"),
+        Some(json!(3000.5))
+    );
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "isstrategic"),
+        Some(json!(false))
+    );
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "renewaldate"),
+        Some(json!(1_806_796_800_000i64))
+    );
+}
+
+#[tokio::test]
+async fn a_cycle_with_no_change_sends_nothing_and_one_field_sends_one_field() {
+    let t = TestApp::new().await;
+    t.seed(80);
+    t.sync().await;
+    t.pendo.reset_requests();
+
+    // Nothing changed: zero Pendo requests, even on a full reconcile that re-reads everything.
+    t.sync().await;
+    t.sync_mode(Mode::Reconcile).await;
+    assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
+
+    // The same value in another representation is not a change either.
+    t.crm
+        .set_field("Account", &account_id(5), "ARR__c", json!("5000.50"));
+    t.sync().await;
+    assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
+
+    // One field of one record: one request carrying only that field.
+    t.crm
+        .set_field("Account", &account_id(7), "Plan_Tier__c", json!("Platinum"));
+    t.sync().await;
+    let writes = t.writes();
+    assert_eq!(writes.len(), 1);
+    assert_eq!(
+        writes[0].body,
+        Some(json!([{"accountId": account_id(7), "values": {"plantier": "Platinum"}}]))
+    );
+    t.assert_converged();
+}
+
+#[tokio::test]
+async fn an_emptied_field_clears_pendo_and_a_deleted_record_is_cleared() {
+    let t = TestApp::new().await;
+    t.seed(10);
+    t.sync().await;
+    t.crm
+        .set_field("Account", &account_id(1), "Plan_Tier__c", json!(null));
+    t.crm.delete("Account", &account_id(2));
+    t.sync().await;
+    assert_eq!(
+        t.pendo.value(Kind::Account, &account_id(1), "plantier"),
+        None
+    );
+    assert!(t.pendo.values(Kind::Account)[&account_id(2)].is_empty());
+    t.assert_converged();
+}
+
+#[tokio::test]
+async fn a_record_that_leaves_the_crm_is_cleared_by_the_reconcile() {
+    let t = TestApp::new().await;
+    t.seed(10);
+    t.sync().await;
+    // Gone without a trace (hard delete, or it left the filter): only a full pull notices.
+    let other = pendo_sync::connectors::fixture::FixtureConnector::new(40);
+    for i in 0..10 {
+        if i != 4 {
+            other.upsert("Account", &account_id(i), crate::helpers::account(i));
+        }
+    }
+    let mut t = t;
+    t.crm = other;
+    t.sync_mode(Mode::Reconcile).await;
+    assert!(t.pendo.values(Kind::Account)[&account_id(4)].is_empty());
+    t.assert_converged();
+}
+
+#[tokio::test]
+async fn bad_records_are_set_aside_and_the_rest_of_the_page_goes_on() {
+    let t = TestApp::new().await;
+    t.seed(20);
+    t.crm
+        .set_field("Account", &account_id(3), "ARR__c", json!("twelve"));
+    t.crm.set_field("Account", &account_id(4), "Id", json!(""));
+    // Two CRM records claiming one Pendo id with different values: ambiguous, neither is sent.
+    let mut twin = crate::helpers::account(6);
+    twin["Plan_Tier__c"] = json!("Other");
+    t.crm.upsert("Account", "001TWIN", twin);
+    let report = t.sync().await;
+    let c = &report.cycles[0];
+    assert_eq!(c.skipped_empty_ids, 1);
+    assert_eq!(c.ambiguous, 1);
+    let app = t.app().await;
+    let invalid = app.store.invalid_records(None).await.unwrap();
+    let reasons: Vec<(&str, &str)> = invalid
+        .iter()
+        .map(|r| (r.crm_id.as_str(), r.reason.as_str()))
+        .collect();
+    assert!(
+        reasons.contains(&(account_id(3).as_str(), "bad_value")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&(account_id(4).as_str(), "missing_id")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("001TWIN", "ambiguous_id")),
+        "{reasons:?}"
+    );
+    let bad = invalid.iter().find(|r| r.reason == "bad_value").unwrap();
+    assert!(
+        bad.detail.contains("arr")
+            && bad.detail.contains("ARR__c")
+            && bad.detail.contains("twelve"),
+        "{}",
+        bad.detail
+    );
+    // The ambiguous id got nothing; the others all went through.
+    assert!(t.pendo.values(Kind::Account)[&account_id(6)].is_empty());
+    assert_eq!(
+        t.pendo.value(Kind::Account, &account_id(5), "plantier"),
+        Some(json!("Enterprise"))
+    );
+    assert_eq!(
+        t.pendo
+            .values(Kind::Account)
+            .values()
+            .filter(|v| !v.is_empty())
+            .count(),
+        17
+    );
+}
+
+#[tokio::test]
+async fn latest_value_wins_while_a_change_waits_in_the_outbox() {
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.sync().await;
+    let app = t.app().await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // Two cycles without a drain: A → B → A must leave A (the outbox holds one row per field).
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("B"));
+    app.sync(None, Mode::Incremental, false, &cancel, &())
+        .await
+        .unwrap();
+    t.pendo.reset_requests();
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("C"));
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Starter"));
+    app.cycle(&t.settings.mappings[0], Mode::Incremental, false, &())
+        .await
+        .unwrap();
+    let rows = app
+        .store
+        .outbox_list(&Default::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    app.drain(&cancel, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    t.assert_converged();
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_anywhere() {
+    let t = TestApp::new().await;
+    t.seed(5);
+    let app = t.app().await;
+    app.store.close().await; // checkpoint: the file is now what a fresh state file holds
+    let before = std::fs::read(t.dir.path().join("state.db")).unwrap();
+    let app = t.app().await;
+    let report = app
+        .sync(
+            None,
+            Mode::Incremental,
+            true,
+            &tokio_util::sync::CancellationToken::new(),
+            &(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.cycles[0].dry_run_changes.len(), 25);
+    assert!(t.pendo.requests().is_empty());
+    assert!(app.store.watermark("accounts").await.unwrap().is_none());
+    assert!(
+        app.store
+            .outbox_list(&Default::default(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    app.store.close().await;
+    assert!(
+        before == std::fs::read(t.dir.path().join("state.db")).unwrap(),
+        "the state file changed"
+    );
+}
