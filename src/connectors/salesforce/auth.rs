@@ -1,0 +1,236 @@
+//! Salesforce login: the three OAuth grants a daemon can use (JWT bearer, client credentials,
+//! refresh token), all a form POST to `{login_url}/services/oauth2/token`.
+//!
+//! Owns the credentials (held as [`SecretString`], never printed) and turns token-endpoint
+//! refusals into [`ConnectorError::Auth`] with a hint naming the setting to fix. A rotated refresh
+//! token is kept in the state file (`salesforce.refresh_token`) and preferred on later logins,
+//! because the configured one stops working once Salesforce rotates it.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::{ConfigError, SalesforceAuth, SalesforceSettings};
+use crate::connectors::ConnectorError;
+
+use super::{API, SalesforceConnector, excerpt};
+
+/// The kv key holding the newest refresh token Salesforce issued (a secret: never logged).
+pub(super) const REFRESH_TOKEN_KEY: &str = "salesforce.refresh_token";
+
+/// What the configured grant needs, secrets resolved at start-up.
+pub(super) enum Credentials {
+    Jwt {
+        username: String,
+        key: Box<jsonwebtoken::EncodingKey>,
+    },
+    ClientCredentials {
+        secret: SecretString,
+    },
+    RefreshToken {
+        secret: SecretString,
+        configured: SecretString,
+    },
+}
+
+impl Credentials {
+    pub(super) fn from_settings(s: &SalesforceSettings) -> Result<Credentials, ConfigError> {
+        Ok(match s.auth {
+            SalesforceAuth::Jwt => {
+                let pem = s.private_key_source.resolve("salesforce.private_key")?;
+                let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
+                    ConfigError::new("salesforce.private_key", "is not an RSA private key in PEM form")
+                })?;
+                Credentials::Jwt {
+                    username: s.username.clone().unwrap_or_default(),
+                    key: Box::new(key),
+                }
+            }
+            SalesforceAuth::ClientCredentials => Credentials::ClientCredentials {
+                secret: s.client_secret_source.resolve("salesforce.client_secret")?,
+            },
+            SalesforceAuth::RefreshToken => Credentials::RefreshToken {
+                secret: s.client_secret_source.resolve("salesforce.client_secret")?,
+                configured: s.refresh_token_source.resolve("salesforce.refresh_token")?,
+            },
+        })
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            Credentials::Jwt { .. } => {
+                "check salesforce.username, salesforce.client_id, salesforce.private_key_file (the key whose certificate is on the app) and that the app is pre-authorised for the user"
+            }
+            Credentials::ClientCredentials { .. } => {
+                "check salesforce.client_id, salesforce.client_secret, that the app has a Run As user, and that salesforce.login_url is the org's My Domain"
+            }
+            Credentials::RefreshToken { .. } => {
+                "check salesforce.client_id, salesforce.client_secret and salesforce.refresh_token (it may have been revoked or rotated; obtain a new one)"
+            }
+        }
+    }
+}
+
+/// A logged-in session. `generation` tells a caller whose token failed whether someone else
+/// already logged in again.
+#[derive(Clone)]
+pub(super) struct Session {
+    pub access_token: SecretString,
+    pub instance_url: String,
+    pub generation: u64,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: SecretString,
+    instance_url: String,
+    #[serde(default)]
+    refresh_token: Option<SecretString>,
+}
+
+#[derive(Deserialize)]
+struct TokenError {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: u64,
+}
+
+impl SalesforceConnector {
+    /// The current session, logging in if there is none.
+    pub(super) async fn session(&self) -> Result<Session, ConnectorError> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self.login(0).await?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Logs in again after `failed` was refused, unless another task already did.
+    pub(super) async fn relogin(&self, failed: u64) -> Result<Session, ConnectorError> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| s.generation != failed) {
+            return Ok(s.clone());
+        }
+        tracing::info!("salesforce session expired; logging in again");
+        *slot = None;
+        let s = self.login(failed).await?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn login(&self, previous: u64) -> Result<Session, ConnectorError> {
+        let s = &self.settings;
+        let mut form: Vec<(&str, String)> = Vec::new();
+        match &self.creds {
+            Credentials::Jwt { username, key } => {
+                let claims = Claims {
+                    iss: &s.client_id,
+                    sub: username,
+                    aud: &self.login_origin,
+                    exp: jsonwebtoken::get_current_timestamp() + 180,
+                };
+                let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+                let assertion = jsonwebtoken::encode(&header, &claims, key).map_err(|e| ConnectorError::Auth {
+                    api: API,
+                    message: format!("cannot sign the JWT assertion: {e}"),
+                    hint: "check salesforce.private_key_file".into(),
+                })?;
+                form.push(("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()));
+                form.push(("assertion", assertion));
+            }
+            Credentials::ClientCredentials { secret } => {
+                form.push(("grant_type", "client_credentials".into()));
+                form.push(("client_id", s.client_id.clone()));
+                form.push(("client_secret", secret.expose_secret().to_owned()));
+            }
+            Credentials::RefreshToken { secret, configured } => {
+                let token = self.current_refresh_token(configured).await;
+                form.push(("grant_type", "refresh_token".into()));
+                form.push(("client_id", s.client_id.clone()));
+                form.push(("client_secret", secret.expose_secret().to_owned()));
+                form.push(("refresh_token", token.expose_secret().to_owned()));
+            }
+        }
+        let url = format!("{}/services/oauth2/token", s.login_url.trim_end_matches('/'));
+        self.limiter.acquire().await;
+        let resp = self.client.post(&url).form(&form).send().await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                crate::metrics::record_request(API, None);
+                return Err(ConnectorError::Transient {
+                    api: API,
+                    message: format!("login request failed: {}", e.without_url()),
+                });
+            }
+        };
+        let status = resp.status();
+        crate::metrics::record_request(API, Some(status.as_u16()));
+        let body = resp.text().await.unwrap_or_default();
+        if status.is_server_error() {
+            return Err(ConnectorError::Transient {
+                api: API,
+                message: format!("login answered HTTP {status}"),
+            });
+        }
+        if !status.is_success() {
+            let message = match serde_json::from_str::<TokenError>(&body) {
+                Ok(e) => format!("{}: {}", e.error, e.error_description),
+                Err(_) => format!("HTTP {status}: {}", excerpt(&body)),
+            };
+            return Err(ConnectorError::Auth {
+                api: API,
+                message,
+                hint: self.creds.hint().into(),
+            });
+        }
+        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| ConnectorError::Protocol {
+            api: API,
+            message: "the token endpoint answered without access_token/instance_url".into(),
+        })?;
+        if let Some(new) = answer.refresh_token {
+            self.keep_refresh_token(new).await;
+        }
+        Ok(Session {
+            access_token: answer.access_token,
+            instance_url: answer.instance_url.trim_end_matches('/').to_owned(),
+            generation: previous + 1,
+        })
+    }
+
+    /// The newest refresh token: the rotated one we kept, else the configured one.
+    async fn current_refresh_token(&self, configured: &SecretString) -> SecretString {
+        if let Some(t) = self.rotated_refresh.lock().await.clone() {
+            return t;
+        }
+        if let Some(store) = &self.store {
+            match store.kv_get(REFRESH_TOKEN_KEY).await {
+                Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => return SecretString::from(t),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the kept salesforce refresh token; using the configured one"),
+            }
+        }
+        configured.clone()
+    }
+
+    async fn keep_refresh_token(&self, token: SecretString) {
+        if let Some(store) = &self.store {
+            let value = serde_json::Value::String(token.expose_secret().to_owned());
+            if let Err(e) = store.kv_set(REFRESH_TOKEN_KEY, &value).await {
+                // The login itself worked; the next restart would fall back to the configured
+                // token, which Salesforce may have invalidated. Say so loudly.
+                tracing::error!(error = %e, "cannot keep the rotated salesforce refresh token in the state file");
+            }
+        }
+        *self.rotated_refresh.lock().await = Some(token);
+    }
+}
