@@ -22,6 +22,7 @@
 //!   what happens next from the kind alone.
 
 pub mod fixture;
+pub mod hubspot;
 
 use std::future::Future;
 use std::pin::Pin;

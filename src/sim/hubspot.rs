@@ -157,7 +157,11 @@ fn iso(ms: u64) -> String {
 /// The modification-date property: contacts use `lastmodifieddate`, other objects
 /// `hs_lastmodifieddate` (reference §h).
 fn modified_prop(object: &str) -> &'static str {
-    if object == "contacts" { "lastmodifieddate" } else { "hs_lastmodifieddate" }
+    if object == "contacts" {
+        "lastmodifieddate"
+    } else {
+        "hs_lastmodifieddate"
+    }
 }
 
 const KNOWN_OBJECTS: &[&str] = &["contacts", "companies", "deals", "tickets"];
@@ -170,15 +174,41 @@ impl HubspotSim {
         };
         st.cfg = Some(cfg);
         for (object, names) in [
-            ("contacts", &["email", "firstname", "lastname", "lifecyclestage", "hubspot_owner_id"][..]),
-            ("companies", &["name", "domain", "plan_tier", "annualrevenue", "hubspot_owner_id"][..]),
+            (
+                "contacts",
+                &[
+                    "email",
+                    "firstname",
+                    "lastname",
+                    "lifecyclestage",
+                    "hubspot_owner_id",
+                ][..],
+            ),
+            (
+                "companies",
+                &[
+                    "name",
+                    "domain",
+                    "plan_tier",
+                    "annualrevenue",
+                    "hubspot_owner_id",
+                ][..],
+            ),
         ] {
             let props = st.properties.entry(object.into()).or_default();
             for n in names {
                 props.insert((*n).into(), "string".into());
             }
             for n in ["hs_object_id", "createdate", modified_prop(object)] {
-                props.insert(n.into(), if n == "hs_object_id" { "number" } else { "datetime" }.into());
+                props.insert(
+                    n.into(),
+                    if n == "hs_object_id" {
+                        "number"
+                    } else {
+                        "datetime"
+                    }
+                    .into(),
+                );
             }
         }
         HubspotSim(Arc::new(Mutex::new(st)))
@@ -216,12 +246,17 @@ impl HubspotSim {
                 updates.push((k, v));
             }
         }
-        let rec = st.objects.entry(object.to_owned()).or_default().entry(id).or_insert(Rec {
-            props: BTreeMap::new(),
-            created_ms: modified_ms,
-            modified_ms,
-            archived_ms: None,
-        });
+        let rec = st
+            .objects
+            .entry(object.to_owned())
+            .or_default()
+            .entry(id)
+            .or_insert(Rec {
+                props: BTreeMap::new(),
+                created_ms: modified_ms,
+                modified_ms,
+                archived_ms: None,
+            });
         rec.modified_ms = modified_ms;
         for (k, v) in updates {
             match v {
@@ -246,7 +281,11 @@ impl HubspotSim {
         let st = self.lock();
         st.objects
             .get(object)
-            .map(|o| o.iter().map(|(id, r)| render(object, *id, r, None)).collect())
+            .map(|o| {
+                o.iter()
+                    .map(|(id, r)| render(object, *id, r, None))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -261,7 +300,11 @@ impl HubspotSim {
 
     /// Associates a contact with a company; `primary` adds the typeId 1 "Primary" label.
     pub fn associate(&self, contact_id: u64, company_id: u64, primary: bool) {
-        self.lock().associations.entry(contact_id).or_default().push((company_id, primary));
+        self.lock()
+            .associations
+            .entry(contact_id)
+            .or_default()
+            .push((company_id, primary));
     }
 
     pub fn declare_property(&self, object: &str, name: &str, kind: &str) {
@@ -294,7 +337,11 @@ impl HubspotSim {
     /// Demo data: three owners, `companies` companies (ids 1001..) and `contacts` contacts
     /// (ids 5001..), each contact primary-associated with a company.
     pub fn seed_demo(&self, companies: usize, contacts: usize) {
-        let owners = [("101", "ada@example.com", "Ada", "Lovelace"), ("102", "alan@example.com", "Alan", "Turing"), ("103", "grace@example.com", "Grace", "Hopper")];
+        let owners = [
+            ("101", "ada@example.com", "Ada", "Lovelace"),
+            ("102", "alan@example.com", "Alan", "Turing"),
+            ("103", "grace@example.com", "Grace", "Hopper"),
+        ];
         for (id, email, first, last) in owners {
             self.add_owner(id, email, first, last);
         }
@@ -343,7 +390,10 @@ impl HubspotSim {
             .route("/crm/objects/{version}/{object}/search", post(search_dated))
             .route("/crm/owners/{version}", get(owners))
             .route("/crm/properties/{version}/{object}", get(properties_dated))
-            .route("/crm/v4/associations/{from}/{to}/batch/read", post(associations))
+            .route(
+                "/crm/v4/associations/{from}/{to}/batch/read",
+                post(associations),
+            )
             .route("/oauth/{version}/token", post(token))
             .route("/_sim/hubspot/records/{object}", get(readback))
             .with_state(self.clone())
@@ -372,7 +422,10 @@ fn render(object: &str, id: u64, r: &Rec, wanted: Option<&[String]>) -> Value {
         Some(wanted) => {
             for k in wanted {
                 // HubSpot returns requested properties without a value as null.
-                let v = r.props.get(k).map_or(Value::Null, |v| Value::String(v.clone()));
+                let v = r
+                    .props
+                    .get(k)
+                    .map_or(Value::Null, |v| Value::String(v.clone()));
                 props.insert(k.clone(), v);
             }
         }
@@ -451,7 +504,10 @@ fn gate_and_run(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let cfg = st.cfg().clone();
-    let oauth_token = st.issued_tokens.iter().any(|(t, exp)| t == bearer && *exp > now);
+    let oauth_token = st
+        .issued_tokens
+        .iter()
+        .any(|(t, exp)| t == bearer && *exp > now);
     if !(bearer == cfg.access_token || oauth_token) {
         return error_body(
             StatusCode::UNAUTHORIZED,
@@ -480,11 +536,18 @@ fn gate_and_run(
     }
     match class {
         Class::Search => {
-            while st.search_window.front().is_some_and(|t| now.saturating_sub(*t) >= 1000) {
+            while st
+                .search_window
+                .front()
+                .is_some_and(|t| now.saturating_sub(*t) >= 1000)
+            {
                 st.search_window.pop_front();
             }
             let forced = st.faults.secondly_429s > 0;
-            if forced || (cfg.search_per_second > 0 && st.search_window.len() >= cfg.search_per_second as usize) {
+            if forced
+                || (cfg.search_per_second > 0
+                    && st.search_window.len() >= cfg.search_per_second as usize)
+            {
                 st.faults.secondly_429s = st.faults.secondly_429s.saturating_sub(1);
                 // Search 429s carry no rate-limit headers (reference §j).
                 return rate_429("SECONDLY", "You have reached your secondly limit.");
@@ -493,16 +556,25 @@ fn gate_and_run(
             f(st)
         }
         Class::General => {
-            while st.general_window.front().is_some_and(|t| now.saturating_sub(*t) >= cfg.window_ms) {
+            while st
+                .general_window
+                .front()
+                .is_some_and(|t| now.saturating_sub(*t) >= cfg.window_ms)
+            {
                 st.general_window.pop_front();
             }
             let forced = st.faults.ten_secondly_429s > 0;
-            let over = cfg.requests_per_10s > 0 && st.general_window.len() >= cfg.requests_per_10s as usize;
+            let over = cfg.requests_per_10s > 0
+                && st.general_window.len() >= cfg.requests_per_10s as usize;
             let mut resp = if forced || over {
                 st.faults.ten_secondly_429s = st.faults.ten_secondly_429s.saturating_sub(1);
-                let mut r = rate_429("TEN_SECONDLY_ROLLING", "You have reached your ten_secondly_rolling limit.");
+                let mut r = rate_429(
+                    "TEN_SECONDLY_ROLLING",
+                    "You have reached your ten_secondly_rolling limit.",
+                );
                 if let Some(secs) = cfg.retry_after {
-                    r.headers_mut().insert("retry-after", HeaderValue::from(secs));
+                    r.headers_mut()
+                        .insert("retry-after", HeaderValue::from(secs));
                 }
                 r
             } else {
@@ -510,8 +582,15 @@ fn gate_and_run(
                 f(st)
             };
             let h = resp.headers_mut();
-            let max = if cfg.requests_per_10s == 0 { 1000 } else { cfg.requests_per_10s as u64 };
-            h.insert("x-hubspot-ratelimit-interval-milliseconds", HeaderValue::from(cfg.window_ms));
+            let max = if cfg.requests_per_10s == 0 {
+                1000
+            } else {
+                cfg.requests_per_10s as u64
+            };
+            h.insert(
+                "x-hubspot-ratelimit-interval-milliseconds",
+                HeaderValue::from(cfg.window_ms),
+            );
             h.insert("x-hubspot-ratelimit-max", HeaderValue::from(max));
             h.insert(
                 "x-hubspot-ratelimit-remaining",
@@ -519,7 +598,11 @@ fn gate_and_run(
             );
             // OAuth-authorised calls carry no daily headers (there is no daily limit for them).
             if !oauth_token {
-                let daily = if cfg.daily_limit == 0 { 1_000_000 } else { cfg.daily_limit };
+                let daily = if cfg.daily_limit == 0 {
+                    1_000_000
+                } else {
+                    cfg.daily_limit
+                };
                 h.insert("x-hubspot-ratelimit-daily", HeaderValue::from(daily));
                 h.insert(
                     "x-hubspot-ratelimit-daily-remaining",
@@ -535,19 +618,31 @@ fn check_object(st: &SimState, object: &str) -> Result<(), Response> {
     if KNOWN_OBJECTS.contains(&object) || st.objects.contains_key(object) {
         Ok(())
     } else {
-        Err(validation(format!("Unable to infer object type from: {object}")))
+        Err(validation(format!(
+            "Unable to infer object type from: {object}"
+        )))
     }
 }
 
 fn split_list(v: Option<&String>) -> Option<Vec<String>> {
-    v.map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+    v.map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    })
 }
 
 fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> Response {
     if let Err(r) = check_object(st, object) {
         return r;
     }
-    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(10).clamp(1, 100);
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10)
+        .clamp(1, 100);
     let archived = q.get("archived").is_some_and(|a| a == "true");
     // The cursor is opaque to clients: the next id, in hex.
     let start = match q.get("after") {
@@ -559,11 +654,15 @@ fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> R
     };
     let wanted = split_list(q.get("properties")).map(|w| {
         let declared = st.properties.get(object);
-        w.into_iter().filter(|p| declared.is_some_and(|d| d.contains_key(p))).collect::<Vec<_>>()
+        w.into_iter()
+            .filter(|p| declared.is_some_and(|d| d.contains_key(p)))
+            .collect::<Vec<_>>()
     });
     let empty = BTreeMap::new();
     let recs = st.objects.get(object).unwrap_or(&empty);
-    let mut iter = recs.range(start..).filter(|(_, r)| r.archived_ms.is_some() == archived);
+    let mut iter = recs
+        .range(start..)
+        .filter(|(_, r)| r.archived_ms.is_some() == archived);
     let page: Vec<Value> = iter
         .by_ref()
         .take(limit)
@@ -669,7 +768,10 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
     }
     let sort = sorts.first().map(|s| {
         (
-            s["propertyName"].as_str().unwrap_or("hs_object_id").to_owned(),
+            s["propertyName"]
+                .as_str()
+                .unwrap_or("hs_object_id")
+                .to_owned(),
             s["direction"].as_str() == Some("DESCENDING"),
         )
     });
@@ -704,7 +806,13 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
         // Keys computed once; a stable sort over id order returns ties by id, one valid order.
         let mut keyed: Vec<(Option<Result<f64, String>>, u64, &Rec)> = hits
             .into_iter()
-            .map(|(id, r)| (prop_value(object, id, r, p).map(|v| comparable(&v).map_err(str::to_owned)), id, r))
+            .map(|(id, r)| {
+                (
+                    prop_value(object, id, r, p).map(|v| comparable(&v).map_err(str::to_owned)),
+                    id,
+                    r,
+                )
+            })
             .collect();
         keyed.sort_by(|(a, _, _), (b, _, _)| {
             let o = match (a, b) {
@@ -719,10 +827,21 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
     }
     let wanted: Vec<String> = req["properties"]
         .as_array()
-        .map(|ps| ps.iter().filter_map(|p| p.as_str()).filter(|p| declared.contains_key(*p)).map(String::from).collect())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.as_str())
+                .filter(|p| declared.contains_key(*p))
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default();
     let total = hits.len();
-    let results: Vec<Value> = hits.iter().skip(after).take(limit).map(|(id, r)| render(object, *id, r, Some(&wanted))).collect();
+    let results: Vec<Value> = hits
+        .iter()
+        .skip(after)
+        .take(limit)
+        .map(|(id, r)| render(object, *id, r, Some(&wanted)))
+        .collect();
     let mut body = json!({"total": total, "results": results});
     if after + limit < total {
         body["paging"] = json!({"next": {"after": (after + limit).to_string()}});
@@ -738,7 +857,9 @@ async fn list_v3(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| list_impl(st, &object, &q))
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        list_impl(st, &object, &q)
+    })
 }
 
 async fn list_dated(
@@ -749,7 +870,9 @@ async fn list_dated(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| list_impl(st, &object, &q))
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        list_impl(st, &object, &q)
+    })
 }
 
 async fn search_v3(
@@ -760,7 +883,9 @@ async fn search_v3(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::Search, |st| search_impl(st, &object, &body))
+    serve(&sim, &method, &uri, &headers, Class::Search, |st| {
+        search_impl(st, &object, &body)
+    })
 }
 
 async fn search_dated(
@@ -771,7 +896,9 @@ async fn search_dated(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::Search, |st| search_impl(st, &object, &body))
+    serve(&sim, &method, &uri, &headers, Class::Search, |st| {
+        search_impl(st, &object, &body)
+    })
 }
 
 async fn owners(
@@ -782,8 +909,15 @@ async fn owners(
     headers: HeaderMap,
 ) -> Response {
     serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).clamp(1, 500);
-        let start = q.get("after").and_then(|a| a.parse::<usize>().ok()).unwrap_or(0);
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(100)
+            .clamp(1, 500);
+        let start = q
+            .get("after")
+            .and_then(|a| a.parse::<usize>().ok())
+            .unwrap_or(0);
         let results: Vec<Value> = st
             .owners
             .iter()
@@ -826,7 +960,9 @@ async fn properties_v3(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| properties_impl(st, &object))
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        properties_impl(st, &object)
+    })
 }
 
 async fn properties_dated(
@@ -836,7 +972,9 @@ async fn properties_dated(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| properties_impl(st, &object))
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        properties_impl(st, &object)
+    })
 }
 
 async fn associations(
@@ -853,7 +991,11 @@ async fn associations(
         };
         let ids: Vec<u64> = req["inputs"]
             .as_array()
-            .map(|is| is.iter().filter_map(|i| i["id"].as_str().and_then(|s| s.parse().ok())).collect())
+            .map(|is| {
+                is.iter()
+                    .filter_map(|i| i["id"].as_str().and_then(|s| s.parse().ok()))
+                    .collect()
+            })
             .unwrap_or_default();
         if ids.len() > 1000 {
             return validation("Too many inputs: at most 1000".into());
@@ -867,9 +1009,13 @@ async fn associations(
                 let to: Vec<Value> = assocs
                     .iter()
                     .map(|(company, primary)| {
-                        let mut types = vec![json!({"category":"HUBSPOT_DEFINED","typeId":279,"label":null})];
+                        let mut types =
+                            vec![json!({"category":"HUBSPOT_DEFINED","typeId":279,"label":null})];
                         if *primary {
-                            types.insert(0, json!({"category":"HUBSPOT_DEFINED","typeId":1,"label":"Primary"}));
+                            types.insert(
+                                0,
+                                json!({"category":"HUBSPOT_DEFINED","typeId":1,"label":"Primary"}),
+                            );
                         }
                         // A JSON number, as the real API sends (not the spec's string).
                         json!({"toObjectId": company, "associationTypes": types})
@@ -902,7 +1048,8 @@ async fn token(State(sim): State<HubspotSim>, method: Method, uri: Uri, body: By
             } else {
                 st.token_seq += 1;
                 let access = format!("sim-oauth-access-{}", st.token_seq);
-                st.issued_tokens.push((access.clone(), now + o.expires_in * 1000));
+                st.issued_tokens
+                    .push((access.clone(), now + o.expires_in * 1000));
                 if o.rotate {
                     st.refresh_token = Some(format!("sim-refresh-{}", st.token_seq));
                 }
