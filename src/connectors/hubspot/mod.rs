@@ -137,10 +137,10 @@ impl HubspotConnector {
             c.as_ref()
                 .is_none_or(|m| ids.iter().any(|i| !m.contains_key(i)))
         };
+        // A fresh load (first use, or a miss in a pull that has not refreshed yet) serves the
+        // rest of the pull: an id unknown to a just-loaded list stays unknown.
         if cache.is_none() || (missing(&cache) && *may_refresh) {
-            if cache.is_some() {
-                *may_refresh = false;
-            }
+            *may_refresh = false;
             *cache = Some(self.load_owners(mapping).await?);
         }
         let map = cache.as_ref().expect("loaded above");
