@@ -405,13 +405,25 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
         1,
         "a full pull's watermark comes with its last page"
     );
-    // The unknown owner made the cache refresh once (two owner loads), not once per record.
-    let owner_calls = sim
-        .requests()
-        .iter()
-        .filter(|r| r.path == "/crm/v3/owners")
-        .count();
-    assert_eq!(owner_calls, 2);
+    let owner_calls = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.path == "/crm/v3/owners")
+            .count()
+    };
+    assert_eq!(owner_calls(), 1, "owners are loaded once and cached");
+    // A new owner appears: the next pull's miss refreshes the cache once.
+    sim.add_owner("999", "new@example.com", "New", "");
+    let (records, _) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    let b = records.iter().find(|r| r.crm_id == "2").unwrap();
+    assert_eq!(
+        b.fields["hubspot_owner_id#owner_email"],
+        json!("new@example.com")
+    );
+    assert_eq!(b.fields["hubspot_owner_id#owner_name"], json!("New"));
+    assert_eq!(owner_calls(), 2);
+    drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    assert_eq!(owner_calls(), 2, "no miss, no refresh");
     let quota = store
         .kv_get("quota.hubspot")
         .await
