@@ -22,6 +22,7 @@
 //!   what happens next from the kind alone.
 
 pub mod fixture;
+pub mod hubspot;
 pub mod salesforce;
 
 use std::future::Future;
@@ -212,17 +213,29 @@ impl ConnectorError {
     }
 }
 
-/// Builds one connector per CRM source that a mapping uses.
+/// Builds one connector per CRM source that a mapping uses (so each source has one limiter).
 pub fn build(
     settings: &crate::config::Settings,
-    _store: Option<crate::store::Store>,
+    store: Option<crate::store::Store>,
 ) -> Result<crate::app::Connectors, crate::config::ConfigError> {
-    let connectors = crate::app::Connectors::new();
+    use crate::config::{ConfigError, Source};
+    let mut connectors = crate::app::Connectors::new();
     for m in &settings.mappings {
-        return Err(crate::config::ConfigError::new(
-            m.source.as_str(),
-            "connector arrives with the Salesforce and HubSpot branches",
-        ));
+        if connectors.contains_key(&m.source) {
+            continue;
+        }
+        let missing = || ConfigError::new(m.source.as_str(), "section is missing");
+        let connector: std::sync::Arc<dyn Connector> = match m.source {
+            Source::Salesforce => std::sync::Arc::new(salesforce::SalesforceConnector::new(
+                settings.salesforce.as_ref().ok_or_else(missing)?,
+                store.clone(),
+            )?),
+            Source::Hubspot => std::sync::Arc::new(hubspot::HubspotConnector::new(
+                settings.hubspot.as_ref().ok_or_else(missing)?,
+                store.clone(),
+            )?),
+        };
+        connectors.insert(m.source, connector);
     }
     Ok(connectors)
 }

@@ -1,1 +1,1072 @@
-//! Simulator (being built).
+//! A loopback HubSpot CRM: objects (list with opaque `after` cursors, `archived=true`, search with
+//! filters, one sort, `limit` ≤ 200 and the 10,000-result offset cap), owners, properties, v4
+//! contact→company associations and the OAuth token endpoint, under both `v3` and dated
+//! (`/crm/objects/2026-03/...`) paths.
+//!
+//! It reproduces what the connector must cope with, from `reference/crm-apis.md` §f–j: every
+//! property value is a string (dates as ISO-8601), `toObjectId` is a JSON number, 401 and 429
+//! bodies are HubSpot's own, the ten-secondly rolling limit sends `X-HubSpot-RateLimit-*` headers
+//! (with or without `Retry-After`), search has its own per-second limit and no rate headers, and a
+//! daily limit answers `DAILY`. Faults (5xx, HTML pages, forced 429s) are switched on per test.
+//! The state is readable over HTTP at `GET /_sim/hubspot/records/{object}` (no auth, not counted).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::SimServer;
+
+/// How the simulated portal is set up.
+#[derive(Debug, Clone)]
+pub struct HubspotSimConfig {
+    /// The private-app token accepted as `Authorization: Bearer ...`.
+    pub access_token: String,
+    /// OAuth app: tokens issued by `/oauth/.../token` are accepted too.
+    pub oauth: Option<SimOauth>,
+    /// Ten-secondly limit on non-search calls per `window_ms`; 0 = unlimited.
+    pub requests_per_10s: u32,
+    /// Length of the "ten-secondly" rolling window (tests shorten it); sent as
+    /// `X-HubSpot-RateLimit-Interval-Milliseconds`.
+    pub window_ms: u64,
+    /// `Some(secs)`: ten-secondly 429s carry `Retry-After: secs`; `None`: no Retry-After (HubSpot
+    /// does not always send it).
+    pub retry_after: Option<u64>,
+    /// Search requests per second; 0 = unlimited.
+    pub search_per_second: u32,
+    /// Requests per day (all endpoints); 0 = unlimited.
+    pub daily_limit: u64,
+    /// Search cannot page past this many results (HubSpot: 10,000).
+    pub search_cap: usize,
+}
+
+impl Default for HubspotSimConfig {
+    fn default() -> Self {
+        HubspotSimConfig {
+            access_token: "pat-na1-sim-token".into(),
+            oauth: None,
+            requests_per_10s: 190,
+            window_ms: 10_000,
+            retry_after: None,
+            search_per_second: 5,
+            daily_limit: 0,
+            search_cap: 10_000,
+        }
+    }
+}
+
+/// A simulated OAuth app.
+#[derive(Debug, Clone)]
+pub struct SimOauth {
+    pub client_id: String,
+    pub client_secret: String,
+    pub refresh_token: String,
+    /// Issue a new refresh token on every refresh (the old one stops working).
+    pub rotate: bool,
+    /// `expires_in` of issued access tokens, seconds.
+    pub expires_in: u64,
+}
+
+/// Faults served before normal processing; each counter is used up one request at a time.
+#[derive(Debug, Clone, Default)]
+pub struct SimFaults {
+    /// Next N API requests answer 503.
+    pub server_errors: u32,
+    /// Next N API requests answer 200 with an HTML page.
+    pub html_pages: u32,
+    /// Next N non-search requests answer 429 TEN_SECONDLY_ROLLING.
+    pub ten_secondly_429s: u32,
+    /// Next N search requests answer 429 "You have reached your secondly limit.".
+    pub secondly_429s: u32,
+}
+
+/// One request as the simulator saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimRequest {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Rec {
+    props: BTreeMap<String, String>,
+    created_ms: u64,
+    modified_ms: u64,
+    archived_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Owner {
+    id: String,
+    email: String,
+    first: String,
+    last: String,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    cfg: Option<HubspotSimConfig>,
+    /// object → numeric id → record
+    objects: BTreeMap<String, BTreeMap<u64, Rec>>,
+    /// object → property name → type
+    properties: BTreeMap<String, BTreeMap<String, String>>,
+    owners: Vec<Owner>,
+    /// contact id → (company id, primary)
+    associations: BTreeMap<u64, Vec<(u64, bool)>>,
+    issued_tokens: Vec<(String, u64)>,
+    refresh_token: Option<String>,
+    token_seq: u64,
+    faults: SimFaults,
+    general_window: VecDeque<u64>,
+    search_window: VecDeque<u64>,
+    daily_used: u64,
+    last_modified: u64,
+    log: Vec<SimRequest>,
+}
+
+impl SimState {
+    fn cfg(&self) -> &HubspotSimConfig {
+        self.cfg.as_ref().expect("sim configured")
+    }
+}
+
+/// A handle on the simulated portal; clones share state.
+#[derive(Debug, Clone)]
+pub struct HubspotSim(Arc<Mutex<SimState>>);
+
+fn now_ms() -> u64 {
+    chrono::Utc::now().timestamp_millis().max(0) as u64
+}
+
+fn iso(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+/// The modification-date property: contacts use `lastmodifieddate`, other objects
+/// `hs_lastmodifieddate` (reference §h).
+fn modified_prop(object: &str) -> &'static str {
+    if object == "contacts" {
+        "lastmodifieddate"
+    } else {
+        "hs_lastmodifieddate"
+    }
+}
+
+const KNOWN_OBJECTS: &[&str] = &["contacts", "companies", "deals", "tickets"];
+
+impl HubspotSim {
+    pub fn new(cfg: HubspotSimConfig) -> HubspotSim {
+        let mut st = SimState {
+            refresh_token: cfg.oauth.as_ref().map(|o| o.refresh_token.clone()),
+            ..SimState::default()
+        };
+        st.cfg = Some(cfg);
+        for (object, names) in [
+            (
+                "contacts",
+                &[
+                    "email",
+                    "firstname",
+                    "lastname",
+                    "lifecyclestage",
+                    "hubspot_owner_id",
+                ][..],
+            ),
+            (
+                "companies",
+                &[
+                    "name",
+                    "domain",
+                    "plan_tier",
+                    "annualrevenue",
+                    "hubspot_owner_id",
+                ][..],
+            ),
+        ] {
+            let props = st.properties.entry(object.into()).or_default();
+            for n in names {
+                props.insert((*n).into(), "string".into());
+            }
+            for n in ["hs_object_id", "createdate", modified_prop(object)] {
+                props.insert(
+                    n.into(),
+                    if n == "hs_object_id" {
+                        "number"
+                    } else {
+                        "datetime"
+                    }
+                    .into(),
+                );
+            }
+        }
+        HubspotSim(Arc::new(Mutex::new(st)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or updates a record; it is stamped "modified now" (strictly later than any earlier
+    /// change, so ordering is deterministic).
+    pub fn upsert(&self, object: &str, id: u64, props: Value) {
+        let mut st = self.lock();
+        let ms = now_ms().max(st.last_modified + 1);
+        st.last_modified = ms;
+        drop(st);
+        self.upsert_at(object, id, props, ms);
+    }
+
+    /// Creates or updates a record with an explicit modification time (ties, old records).
+    /// `props` is a JSON object of string (or null, which removes the value) properties.
+    pub fn upsert_at(&self, object: &str, id: u64, props: Value, modified_ms: u64) {
+        let mut st = self.lock();
+        st.last_modified = st.last_modified.max(modified_ms);
+        let declared = st.properties.entry(object.to_owned()).or_default();
+        let mut updates = Vec::new();
+        if let Value::Object(map) = props {
+            for (k, v) in map {
+                declared.entry(k.clone()).or_insert_with(|| "string".into());
+                let v = match v {
+                    Value::Null => None,
+                    Value::String(s) => Some(s),
+                    other => Some(other.to_string()),
+                };
+                updates.push((k, v));
+            }
+        }
+        let rec = st
+            .objects
+            .entry(object.to_owned())
+            .or_default()
+            .entry(id)
+            .or_insert(Rec {
+                props: BTreeMap::new(),
+                created_ms: modified_ms,
+                modified_ms,
+                archived_ms: None,
+            });
+        rec.modified_ms = modified_ms;
+        for (k, v) in updates {
+            match v {
+                Some(v) => rec.props.insert(k, v),
+                None => rec.props.remove(&k),
+            };
+        }
+    }
+
+    /// Archives (soft-deletes) a record: it leaves list and search, and appears in `archived=true`.
+    pub fn archive(&self, object: &str, id: u64) {
+        let mut st = self.lock();
+        let ms = now_ms().max(st.last_modified + 1);
+        st.last_modified = ms;
+        if let Some(rec) = st.objects.get_mut(object).and_then(|o| o.get_mut(&id)) {
+            rec.archived_ms = Some(ms);
+        }
+    }
+
+    /// Every record of `object` as the API would show it (all properties), archived ones included.
+    pub fn records(&self, object: &str) -> Vec<Value> {
+        let st = self.lock();
+        st.objects
+            .get(object)
+            .map(|o| {
+                o.iter()
+                    .map(|(id, r)| render(object, *id, r, None))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn add_owner(&self, id: &str, email: &str, first: &str, last: &str) {
+        self.lock().owners.push(Owner {
+            id: id.into(),
+            email: email.into(),
+            first: first.into(),
+            last: last.into(),
+        });
+    }
+
+    /// Associates a contact with a company; `primary` adds the typeId 1 "Primary" label.
+    pub fn associate(&self, contact_id: u64, company_id: u64, primary: bool) {
+        self.lock()
+            .associations
+            .entry(contact_id)
+            .or_default()
+            .push((company_id, primary));
+    }
+
+    pub fn declare_property(&self, object: &str, name: &str, kind: &str) {
+        self.lock()
+            .properties
+            .entry(object.into())
+            .or_default()
+            .insert(name.into(), kind.into());
+    }
+
+    /// Every request served so far (API and token calls; not `/_sim`).
+    pub fn requests(&self) -> Vec<SimRequest> {
+        self.lock().log.clone()
+    }
+
+    pub fn set_fault(&self, faults: SimFaults) {
+        self.lock().faults = faults;
+    }
+
+    /// Issued OAuth access tokens stop working (as if they expired early).
+    pub fn expire_tokens(&self) {
+        self.lock().issued_tokens.clear();
+    }
+
+    /// The refresh token the portal currently accepts.
+    pub fn current_refresh_token(&self) -> Option<String> {
+        self.lock().refresh_token.clone()
+    }
+
+    /// Demo data: three owners, `companies` companies (ids 1001..) and `contacts` contacts
+    /// (ids 5001..), each contact primary-associated with a company.
+    pub fn seed_demo(&self, companies: usize, contacts: usize) {
+        let owners = [
+            ("101", "ada@example.com", "Ada", "Lovelace"),
+            ("102", "alan@example.com", "Alan", "Turing"),
+            ("103", "grace@example.com", "Grace", "Hopper"),
+        ];
+        for (id, email, first, last) in owners {
+            self.add_owner(id, email, first, last);
+        }
+        let tiers = ["starter", "pro", "enterprise"];
+        for i in 0..companies {
+            self.upsert(
+                "companies",
+                1001 + i as u64,
+                json!({
+                    "name": format!("Company {}", i + 1),
+                    "domain": format!("company{}.example", i + 1),
+                    "plan_tier": tiers[i % 3],
+                    "annualrevenue": ((i + 1) * 12_000).to_string(),
+                    "hubspot_owner_id": owners[i % 3].0,
+                }),
+            );
+        }
+        let stages = ["lead", "opportunity", "customer"];
+        for i in 0..contacts {
+            let id = 5001 + i as u64;
+            self.upsert(
+                "contacts",
+                id,
+                json!({
+                    "email": format!("user{}@company{}.example", i + 1, i % companies.max(1) + 1),
+                    "firstname": format!("User{}", i + 1),
+                    "lastname": "Example",
+                    "lifecyclestage": stages[i % 3],
+                    "hubspot_owner_id": owners[i % 3].0,
+                }),
+            );
+            if companies > 0 {
+                self.associate(id, 1001 + (i % companies) as u64, true);
+            }
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/crm/v3/objects/{object}", get(list_v3))
+            .route("/crm/v3/objects/{object}/search", post(search_v3))
+            .route("/crm/v3/owners", get(owners))
+            .route("/crm/v3/owners/", get(owners))
+            .route("/crm/v3/properties/{object}", get(properties_v3))
+            .route("/crm/objects/{version}/{object}", get(list_dated))
+            .route("/crm/objects/{version}/{object}/search", post(search_dated))
+            .route("/crm/owners/{version}", get(owners))
+            .route("/crm/properties/{version}/{object}", get(properties_dated))
+            .route(
+                "/crm/v4/associations/{from}/{to}/batch/read",
+                post(associations),
+            )
+            .route("/oauth/{version}/token", post(token))
+            .route("/_sim/hubspot/records/{object}", get(readback))
+            .with_state(self.clone())
+    }
+
+    pub async fn start(&self, addr: SocketAddr) -> std::io::Result<SimServer> {
+        SimServer::start(self.router(), addr).await
+    }
+}
+
+/// The API's view of a record: string properties (only `wanted` ones when given, plus the system
+/// ones HubSpot always returns).
+fn render(object: &str, id: u64, r: &Rec, wanted: Option<&[String]>) -> Value {
+    let mut props = serde_json::Map::new();
+    let system = [
+        ("hs_object_id", id.to_string()),
+        ("createdate", iso(r.created_ms)),
+        (modified_prop(object), iso(r.modified_ms)),
+    ];
+    match wanted {
+        None => {
+            for (k, v) in &r.props {
+                props.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+        Some(wanted) => {
+            for k in wanted {
+                // HubSpot returns requested properties without a value as null.
+                let v = r
+                    .props
+                    .get(k)
+                    .map_or(Value::Null, |v| Value::String(v.clone()));
+                props.insert(k.clone(), v);
+            }
+        }
+    }
+    for (k, v) in system {
+        props.insert(k.into(), Value::String(v));
+    }
+    let mut out = json!({
+        "id": id.to_string(),
+        "properties": props,
+        "createdAt": iso(r.created_ms),
+        "updatedAt": iso(r.modified_ms),
+        "archived": r.archived_ms.is_some(),
+    });
+    if let Some(at) = r.archived_ms {
+        out["archivedAt"] = Value::String(iso(at));
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    General,
+    Search,
+}
+
+fn error_body(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn validation(message: String) -> Response {
+    error_body(
+        StatusCode::BAD_REQUEST,
+        json!({"status":"error","message":message,"correlationId":"sim-correlation","category":"VALIDATION_ERROR"}),
+    )
+}
+
+fn rate_429(policy: &str, message: &str) -> Response {
+    error_body(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"status":"error","message":message,"errorType":"RATE_LIMIT","correlationId":"sim-correlation","policyName":policy,"requestId":"sim-request"}),
+    )
+}
+
+/// Auth, faults and limits for one API request, then `f`, then rate headers and the log entry.
+fn serve(
+    sim: &HubspotSim,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    class: Class,
+    f: impl FnOnce(&mut SimState) -> Response,
+) -> Response {
+    let mut st = sim.lock();
+    let now = now_ms();
+    let resp = gate_and_run(&mut st, now, headers, class, f);
+    st.log.push(SimRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        status: resp.status().as_u16(),
+        at_ms: now,
+    });
+    resp
+}
+
+fn gate_and_run(
+    st: &mut SimState,
+    now: u64,
+    headers: &HeaderMap,
+    class: Class,
+    f: impl FnOnce(&mut SimState) -> Response,
+) -> Response {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let cfg = st.cfg().clone();
+    let oauth_token = st
+        .issued_tokens
+        .iter()
+        .any(|(t, exp)| t == bearer && *exp > now);
+    if !(bearer == cfg.access_token || oauth_token) {
+        return error_body(
+            StatusCode::UNAUTHORIZED,
+            json!({"status":"error","message":"Authentication credentials not found. This API supports OAuth 2.0 authentication and you can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview","correlationId":"sim-correlation","category":"INVALID_AUTHENTICATION"}),
+        );
+    }
+    if cfg.daily_limit > 0 && st.daily_used >= cfg.daily_limit {
+        return rate_429("DAILY", "You have reached your daily limit.");
+    }
+    st.daily_used += 1;
+    if st.faults.server_errors > 0 {
+        st.faults.server_errors -= 1;
+        return error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status":"error","message":"Service unavailable","category":"SERVICE_UNAVAILABLE"}),
+        );
+    }
+    if st.faults.html_pages > 0 {
+        st.faults.html_pages -= 1;
+        return (
+            StatusCode::OK,
+            [("content-type", "text/html")],
+            "<html><body>502 Bad Gateway</body></html>",
+        )
+            .into_response();
+    }
+    match class {
+        Class::Search => {
+            while st
+                .search_window
+                .front()
+                .is_some_and(|t| now.saturating_sub(*t) >= 1000)
+            {
+                st.search_window.pop_front();
+            }
+            let forced = st.faults.secondly_429s > 0;
+            if forced
+                || (cfg.search_per_second > 0
+                    && st.search_window.len() >= cfg.search_per_second as usize)
+            {
+                st.faults.secondly_429s = st.faults.secondly_429s.saturating_sub(1);
+                // Search 429s carry no rate-limit headers (reference §j).
+                return rate_429("SECONDLY", "You have reached your secondly limit.");
+            }
+            st.search_window.push_back(now);
+            f(st)
+        }
+        Class::General => {
+            while st
+                .general_window
+                .front()
+                .is_some_and(|t| now.saturating_sub(*t) >= cfg.window_ms)
+            {
+                st.general_window.pop_front();
+            }
+            let forced = st.faults.ten_secondly_429s > 0;
+            let over = cfg.requests_per_10s > 0
+                && st.general_window.len() >= cfg.requests_per_10s as usize;
+            let mut resp = if forced || over {
+                st.faults.ten_secondly_429s = st.faults.ten_secondly_429s.saturating_sub(1);
+                let mut r = rate_429(
+                    "TEN_SECONDLY_ROLLING",
+                    "You have reached your ten_secondly_rolling limit.",
+                );
+                if let Some(secs) = cfg.retry_after {
+                    r.headers_mut()
+                        .insert("retry-after", HeaderValue::from(secs));
+                }
+                r
+            } else {
+                st.general_window.push_back(now);
+                f(st)
+            };
+            let h = resp.headers_mut();
+            let max = if cfg.requests_per_10s == 0 {
+                1000
+            } else {
+                cfg.requests_per_10s as u64
+            };
+            h.insert(
+                "x-hubspot-ratelimit-interval-milliseconds",
+                HeaderValue::from(cfg.window_ms),
+            );
+            h.insert("x-hubspot-ratelimit-max", HeaderValue::from(max));
+            h.insert(
+                "x-hubspot-ratelimit-remaining",
+                HeaderValue::from(max.saturating_sub(st.general_window.len() as u64)),
+            );
+            // OAuth-authorised calls carry no daily headers (there is no daily limit for them).
+            if !oauth_token {
+                let daily = if cfg.daily_limit == 0 {
+                    1_000_000
+                } else {
+                    cfg.daily_limit
+                };
+                h.insert("x-hubspot-ratelimit-daily", HeaderValue::from(daily));
+                h.insert(
+                    "x-hubspot-ratelimit-daily-remaining",
+                    HeaderValue::from(daily.saturating_sub(st.daily_used)),
+                );
+            }
+            resp
+        }
+    }
+}
+
+fn check_object(st: &SimState, object: &str) -> Result<(), Response> {
+    if KNOWN_OBJECTS.contains(&object) || st.objects.contains_key(object) {
+        Ok(())
+    } else {
+        Err(validation(format!(
+            "Unable to infer object type from: {object}"
+        )))
+    }
+}
+
+fn split_list(v: Option<&String>) -> Option<Vec<String>> {
+    v.map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    })
+}
+
+fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> Response {
+    if let Err(r) = check_object(st, object) {
+        return r;
+    }
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10)
+        .clamp(1, 100);
+    let archived = q.get("archived").is_some_and(|a| a == "true");
+    // The cursor is opaque to clients: the next id, in hex.
+    let start = match q.get("after") {
+        None => 0,
+        Some(a) => match u64::from_str_radix(a, 16) {
+            Ok(v) => v,
+            Err(_) => return validation(format!("Invalid after cursor: {a}")),
+        },
+    };
+    let wanted = split_list(q.get("properties")).map(|w| {
+        let declared = st.properties.get(object);
+        w.into_iter()
+            .filter(|p| declared.is_some_and(|d| d.contains_key(p)))
+            .collect::<Vec<_>>()
+    });
+    let empty = BTreeMap::new();
+    let recs = st.objects.get(object).unwrap_or(&empty);
+    let mut iter = recs
+        .range(start..)
+        .filter(|(_, r)| r.archived_ms.is_some() == archived);
+    let page: Vec<Value> = iter
+        .by_ref()
+        .take(limit)
+        .map(|(id, r)| render(object, *id, r, Some(wanted.as_deref().unwrap_or(&[]))))
+        .collect();
+    let mut body = json!({ "results": page });
+    if let Some((next, _)) = iter.next() {
+        let after = format!("{next:x}");
+        body["paging"] = json!({"next": {"after": after, "link": format!("?after={after}")}});
+    }
+    axum::Json(body).into_response()
+}
+
+/// A property value for comparisons: numbers (and ISO dates, as epoch ms) compare numerically.
+fn comparable(s: &str) -> Result<f64, &str> {
+    if let Ok(n) = s.parse::<f64>() {
+        return Ok(n);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| d.timestamp_millis() as f64)
+        .map_err(|_| s)
+}
+
+fn prop_value(object: &str, id: u64, r: &Rec, name: &str) -> Option<String> {
+    match name {
+        "hs_object_id" => Some(id.to_string()),
+        "createdate" => Some(r.created_ms.to_string()),
+        n if n == modified_prop(object) => Some(r.modified_ms.to_string()),
+        n => r.props.get(n).cloned(),
+    }
+}
+
+fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+    match (comparable(a), comparable(b)) {
+        (Ok(x), Ok(y)) => x.total_cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
+    use std::cmp::Ordering;
+    if let Err(r) = check_object(st, object) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return validation("Invalid input JSON on line 1".into());
+    };
+    let limit = req["limit"].as_u64().unwrap_or(10) as usize;
+    if limit > 200 {
+        return validation(format!("limit must be at most 200, got {limit}"));
+    }
+    let after: usize = match &req["after"] {
+        Value::Null => 0,
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0) as usize,
+        _ => 0,
+    };
+    let cap = st.cfg().search_cap;
+    if after + limit > cap {
+        return validation(format!(
+            "There was a problem with the request. Search results are limited to {cap} total results; after + limit = {}",
+            after + limit
+        ));
+    }
+    let declared = st.properties.get(object).cloned().unwrap_or_default();
+    let groups: Vec<Vec<(String, String, String)>> = req["filterGroups"]
+        .as_array()
+        .map(|gs| {
+            gs.iter()
+                .map(|g| {
+                    g["filters"]
+                        .as_array()
+                        .map(|fs| {
+                            fs.iter()
+                                .map(|f| {
+                                    (
+                                        f["propertyName"].as_str().unwrap_or("").to_owned(),
+                                        f["operator"].as_str().unwrap_or("").to_owned(),
+                                        match &f["value"] {
+                                            Value::String(s) => s.clone(),
+                                            v => v.to_string(),
+                                        },
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (p, op, _) in groups.iter().flatten() {
+        if !declared.contains_key(p) {
+            return validation(format!("Property \"{p}\" does not exist on {object}"));
+        }
+        if !["EQ", "NEQ", "GT", "GTE", "LT", "LTE"].contains(&op.as_str()) {
+            return validation(format!("Unsupported operator {op}"));
+        }
+    }
+    let sorts = req["sorts"].as_array().cloned().unwrap_or_default();
+    if sorts.len() > 1 {
+        return validation("Only one sort is supported".into());
+    }
+    let sort = sorts.first().map(|s| {
+        (
+            s["propertyName"]
+                .as_str()
+                .unwrap_or("hs_object_id")
+                .to_owned(),
+            s["direction"].as_str() == Some("DESCENDING"),
+        )
+    });
+    let empty = BTreeMap::new();
+    let recs = st.objects.get(object).unwrap_or(&empty);
+    let matches = |id: u64, r: &Rec| {
+        groups.is_empty()
+            || groups.iter().any(|g| {
+                g.iter().all(|(p, op, v)| {
+                    let Some(have) = prop_value(object, id, r, p) else {
+                        return op == "NEQ";
+                    };
+                    let ord = compare(&have, v);
+                    match op.as_str() {
+                        "EQ" => ord == Ordering::Equal,
+                        "NEQ" => ord != Ordering::Equal,
+                        "GT" => ord == Ordering::Greater,
+                        "GTE" => ord != Ordering::Less,
+                        "LT" => ord == Ordering::Less,
+                        _ => ord != Ordering::Greater,
+                    }
+                })
+            })
+    };
+    // Search never returns archived records.
+    let mut hits: Vec<(u64, &Rec)> = recs
+        .iter()
+        .filter(|(id, r)| r.archived_ms.is_none() && matches(**id, r))
+        .map(|(id, r)| (*id, r))
+        .collect();
+    if let Some((p, desc)) = &sort {
+        // Keys computed once; a stable sort over id order returns ties by id, one valid order.
+        let mut keyed: Vec<(Option<Result<f64, String>>, u64, &Rec)> = hits
+            .into_iter()
+            .map(|(id, r)| {
+                (
+                    prop_value(object, id, r, p).map(|v| comparable(&v).map_err(str::to_owned)),
+                    id,
+                    r,
+                )
+            })
+            .collect();
+        keyed.sort_by(|(a, _, _), (b, _, _)| {
+            let o = match (a, b) {
+                (Some(Ok(x)), Some(Ok(y))) => x.total_cmp(y),
+                (Some(Err(x)), Some(Err(y))) => x.cmp(y),
+                (Some(x), Some(y)) => x.is_err().cmp(&y.is_err()),
+                (x, y) => x.is_some().cmp(&y.is_some()),
+            };
+            if *desc { o.reverse() } else { o }
+        });
+        hits = keyed.into_iter().map(|(_, id, r)| (id, r)).collect();
+    }
+    let wanted: Vec<String> = req["properties"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.as_str())
+                .filter(|p| declared.contains_key(*p))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let total = hits.len();
+    let results: Vec<Value> = hits
+        .iter()
+        .skip(after)
+        .take(limit)
+        .map(|(id, r)| render(object, *id, r, Some(&wanted)))
+        .collect();
+    let mut body = json!({"total": total, "results": results});
+    if after + limit < total {
+        body["paging"] = json!({"next": {"after": (after + limit).to_string()}});
+    }
+    axum::Json(body).into_response()
+}
+
+async fn list_v3(
+    State(sim): State<HubspotSim>,
+    Path(object): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        list_impl(st, &object, &q)
+    })
+}
+
+async fn list_dated(
+    State(sim): State<HubspotSim>,
+    Path((_version, object)): Path<(String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        list_impl(st, &object, &q)
+    })
+}
+
+async fn search_v3(
+    State(sim): State<HubspotSim>,
+    Path(object): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::Search, |st| {
+        search_impl(st, &object, &body)
+    })
+}
+
+async fn search_dated(
+    State(sim): State<HubspotSim>,
+    Path((_version, object)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::Search, |st| {
+        search_impl(st, &object, &body)
+    })
+}
+
+async fn owners(
+    State(sim): State<HubspotSim>,
+    Query(q): Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(100)
+            .clamp(1, 500);
+        let start = q
+            .get("after")
+            .and_then(|a| a.parse::<usize>().ok())
+            .unwrap_or(0);
+        let results: Vec<Value> = st
+            .owners
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|o| {
+                json!({"id": o.id, "email": o.email, "firstName": o.first, "lastName": o.last,
+                       "userId": o.id.parse::<u64>().unwrap_or(0) + 9_000_000, "type": "PERSON", "archived": false,
+                       "createdAt": "2019-10-30T03:30:17.883Z", "updatedAt": "2019-12-07T16:50:06.678Z"})
+            })
+            .collect();
+        let mut body = json!({ "results": results });
+        if start + limit < st.owners.len() {
+            body["paging"] = json!({"next": {"after": (start + limit).to_string()}});
+        }
+        axum::Json(body).into_response()
+    })
+}
+
+fn properties_impl(st: &mut SimState, object: &str) -> Response {
+    if let Err(r) = check_object(st, object) {
+        return r;
+    }
+    let results: Vec<Value> = st
+        .properties
+        .get(object)
+        .map(|ps| {
+            ps.iter()
+                .map(|(n, t)| json!({"name": n, "label": n, "type": t, "fieldType": "text", "groupName": "sim"}))
+                .collect()
+        })
+        .unwrap_or_default();
+    axum::Json(json!({ "results": results })).into_response()
+}
+
+async fn properties_v3(
+    State(sim): State<HubspotSim>,
+    Path(object): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        properties_impl(st, &object)
+    })
+}
+
+async fn properties_dated(
+    State(sim): State<HubspotSim>,
+    Path((_version, object)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        properties_impl(st, &object)
+    })
+}
+
+async fn associations(
+    State(sim): State<HubspotSim>,
+    Path((from, to)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+            return validation("Invalid input JSON".into());
+        };
+        let ids: Vec<u64> = req["inputs"]
+            .as_array()
+            .map(|is| {
+                is.iter()
+                    .filter_map(|i| i["id"].as_str().and_then(|s| s.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids.len() > 1000 {
+            return validation("Too many inputs: at most 1000".into());
+        }
+        let supported = from == "contacts" && to == "companies";
+        let results: Vec<Value> = ids
+            .iter()
+            .filter(|_| supported)
+            .filter_map(|id| st.associations.get(id).map(|a| (id, a)))
+            .map(|(id, assocs)| {
+                let to: Vec<Value> = assocs
+                    .iter()
+                    .map(|(company, primary)| {
+                        let mut types =
+                            vec![json!({"category":"HUBSPOT_DEFINED","typeId":279,"label":null})];
+                        if *primary {
+                            types.insert(
+                                0,
+                                json!({"category":"HUBSPOT_DEFINED","typeId":1,"label":"Primary"}),
+                            );
+                        }
+                        // A JSON number, as the real API sends (not the spec's string).
+                        json!({"toObjectId": company, "associationTypes": types})
+                    })
+                    .collect();
+                json!({"from": {"id": id.to_string()}, "to": to})
+            })
+            .collect();
+        axum::Json(json!({"status":"COMPLETE","results":results,"startedAt":iso(now_ms()),"completedAt":iso(now_ms())}))
+            .into_response()
+    })
+}
+
+async fn token(State(sim): State<HubspotSim>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let mut st = sim.lock();
+    let now = now_ms();
+    let form: BTreeMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let resp = match st.cfg().oauth.clone() {
+        None => validation("OAuth is not enabled on this portal".into()),
+        Some(o) => {
+            let grant_ok = form.get("grant_type").map(String::as_str) == Some("refresh_token")
+                && form.get("client_id") == Some(&o.client_id)
+                && form.get("client_secret") == Some(&o.client_secret)
+                && form.get("refresh_token") == st.refresh_token.as_ref();
+            if !grant_ok {
+                error_body(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error":"invalid_grant","error_description":"refresh token is invalid, expired or revoked","status":"BAD_REFRESH_TOKEN","message":"missing or invalid refresh token"}),
+                )
+            } else {
+                st.token_seq += 1;
+                let access = format!("sim-oauth-access-{}", st.token_seq);
+                st.issued_tokens
+                    .push((access.clone(), now + o.expires_in * 1000));
+                if o.rotate {
+                    st.refresh_token = Some(format!("sim-refresh-{}", st.token_seq));
+                }
+                axum::Json(json!({"token_type":"bearer","refresh_token":st.refresh_token,"access_token":access,"expires_in":o.expires_in,"token_use":"access_token"}))
+                    .into_response()
+            }
+        }
+    };
+    st.log.push(SimRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        status: resp.status().as_u16(),
+        at_ms: now,
+    });
+    resp
+}
+
+async fn readback(State(sim): State<HubspotSim>, Path(object): Path<String>) -> Response {
+    axum::Json(json!({ "results": sim.records(&object) })).into_response()
+}

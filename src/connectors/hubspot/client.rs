@@ -1,0 +1,515 @@
+//! The HubSpot HTTP layer: path building for `v3` and dated API versions, Bearer / OAuth auth,
+//! the two shared limiters, retries, and the classification of every failure into a
+//! [`ConnectorError`]. Nothing here knows about pulls or watermarks.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+use crate::config::{ConfigError, HubspotAuth, HubspotSettings};
+use crate::connectors::ConnectorError;
+use crate::limiter::RateLimiter;
+use crate::store::Store;
+
+pub(super) const API: &str = "hubspot";
+const AUTH_HINT: &str = "check hubspot.access_token: the private app token or service key, and its crm.objects.*.read scopes";
+const OAUTH_HINT: &str = "check hubspot.client_id, hubspot.client_secret and hubspot.refresh_token (the grant may have been revoked)";
+/// Store key of a rotated OAuth refresh token.
+pub(super) const REFRESH_KEY: &str = "hubspot.refresh_token";
+/// Store key of the latest rate-limit reading.
+pub(super) const QUOTA_KEY: &str = "quota.hubspot";
+/// Attempts for 5xx, timeouts and dropped connections before giving up with `Transient`.
+const MAX_FAILURES: u32 = 4;
+/// Rate-limit waits (429 ten-secondly / secondly) before giving up with `RateLimited`.
+const MAX_RATE_WAITS: u32 = 20;
+
+/// The endpoints the connector uses. Path building lives in [`Client::path`] only.
+pub(super) enum Endpoint<'a> {
+    Objects(&'a str),
+    Search(&'a str),
+    Owners,
+    Properties(&'a str),
+    /// v4 batch read of associations from one object type to another.
+    Associations(&'a str, &'a str),
+    Token,
+}
+
+struct OAuth {
+    client_id: String,
+    client_secret: SecretString,
+    configured_refresh: SecretString,
+    /// The access token and when to stop using it.
+    cached: tokio::sync::Mutex<Option<(SecretString, Instant)>>,
+}
+
+enum Auth {
+    Token(SecretString),
+    OAuth(Box<OAuth>),
+}
+
+/// One HubSpot portal's client: a reqwest client, the limiters and the credentials.
+pub(super) struct Client {
+    http: reqwest::Client,
+    base: String,
+    version: String,
+    auth: Auth,
+    general: RateLimiter,
+    search: RateLimiter,
+    store: Option<Store>,
+    /// The latest rate-limit reading not yet written to the store.
+    quota: Mutex<Option<Value>>,
+}
+
+/// What one response means for the retry loop.
+enum Verdict {
+    Done(Value),
+    Retry(Duration, bool),
+    Unauthorized(String),
+    Fail(ConnectorError),
+}
+
+impl Client {
+    pub(super) fn new(s: &HubspotSettings, store: Option<Store>) -> Result<Client, ConfigError> {
+        let auth = match s.auth {
+            HubspotAuth::Token => {
+                Auth::Token(s.access_token_source.resolve("hubspot.access_token")?)
+            }
+            HubspotAuth::Oauth => Auth::OAuth(Box::new(OAuth {
+                client_id: s.client_id.clone().ok_or_else(|| {
+                    ConfigError::new("hubspot.client_id", "is required when auth = \"oauth\"")
+                })?,
+                client_secret: s.client_secret_source.resolve("hubspot.client_secret")?,
+                configured_refresh: s.refresh_token_source.resolve("hubspot.refresh_token")?,
+                cached: tokio::sync::Mutex::new(None),
+            })),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(s.timeout)
+            .user_agent(concat!("pendo-sync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                ConfigError::new("hubspot", format!("cannot build an HTTP client: {e}"))
+            })?;
+        Ok(Client {
+            http,
+            base: s.base_url.trim_end_matches('/').to_owned(),
+            version: s.api_version.clone(),
+            auth,
+            general: RateLimiter::new(s.requests_per_10s as f64, Duration::from_secs(10), 1),
+            search: RateLimiter::per_second(s.search_requests_per_second),
+            store,
+            quota: Mutex::new(None),
+        })
+    }
+
+    /// The URL of an endpoint. Assumption (reference §k): `v3` paths are
+    /// `/crm/v3/{objects|owners|properties}/...`, dated versions put the version after the
+    /// resource family (`/crm/objects/2026-03/contacts`, `/crm/owners/2026-03`,
+    /// `/crm/properties/2026-03/contacts`, `/oauth/2026-03/token`). Associations stay on v4 until
+    /// HubSpot dates them.
+    pub(super) fn path(&self, ep: Endpoint<'_>) -> String {
+        let v = &self.version;
+        let dated = v != "v3";
+        let p = match ep {
+            Endpoint::Objects(o) if dated => format!("/crm/objects/{v}/{o}"),
+            Endpoint::Objects(o) => format!("/crm/v3/objects/{o}"),
+            Endpoint::Search(o) if dated => format!("/crm/objects/{v}/{o}/search"),
+            Endpoint::Search(o) => format!("/crm/v3/objects/{o}/search"),
+            Endpoint::Owners if dated => format!("/crm/owners/{v}"),
+            Endpoint::Owners => "/crm/v3/owners".to_owned(),
+            Endpoint::Properties(o) if dated => format!("/crm/properties/{v}/{o}"),
+            Endpoint::Properties(o) => format!("/crm/v3/properties/{o}"),
+            Endpoint::Associations(from, to) => {
+                format!("/crm/v4/associations/{from}/{to}/batch/read")
+            }
+            Endpoint::Token if dated => format!("/oauth/{v}/token"),
+            Endpoint::Token => "/oauth/v3/token".to_owned(),
+        };
+        format!("{}{p}", self.base)
+    }
+
+    pub(super) async fn get(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+        mapping: &str,
+    ) -> Result<Value, ConnectorError> {
+        self.call(reqwest::Method::GET, url, query, None, false, mapping)
+            .await
+    }
+
+    pub(super) async fn post(
+        &self,
+        url: &str,
+        body: &Value,
+        search: bool,
+        mapping: &str,
+    ) -> Result<Value, ConnectorError> {
+        self.call(reqwest::Method::POST, url, &[], Some(body), search, mapping)
+            .await
+    }
+
+    /// One API call with limiter, auth, retries and classification. Every attempt, retries
+    /// included, waits on the general limiter (and the search limiter for searches).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        search: bool,
+        mapping: &str,
+    ) -> Result<Value, ConnectorError> {
+        let mut failures = 0;
+        let mut rate_waits = 0;
+        let mut refreshed = false;
+        loop {
+            let token = self.bearer().await?;
+            let mut req = self
+                .http
+                .request(method.clone(), url)
+                .bearer_auth(token.expose_secret());
+            if !query.is_empty() {
+                req = req.query(query);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match self.send(req, search, mapping).await {
+                Verdict::Done(v) => return Ok(v),
+                Verdict::Retry(wait, is_rate) => {
+                    if is_rate {
+                        rate_waits += 1;
+                        if rate_waits > MAX_RATE_WAITS {
+                            return Err(ConnectorError::RateLimited {
+                                api: API,
+                                message: format!("still throttled after {MAX_RATE_WAITS} waits"),
+                                wait,
+                            });
+                        }
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        failures += 1;
+                        if failures >= MAX_FAILURES {
+                            return Err(ConnectorError::Transient {
+                                api: API,
+                                message: format!("{url}: failed {failures} times"),
+                            });
+                        }
+                        // Linear backoff with jitter, as HubSpot's own SDK does for 5xx.
+                        tokio::time::sleep(
+                            wait * failures + Duration::from_millis(fastrand::u64(0..100)),
+                        )
+                        .await;
+                    }
+                }
+                Verdict::Unauthorized(message) => match &self.auth {
+                    // An OAuth token can die early (revoked, clock skew): refresh once, then stop.
+                    Auth::OAuth(o) if !refreshed => {
+                        refreshed = true;
+                        *o.cached.lock().await = None;
+                    }
+                    Auth::OAuth(_) => {
+                        return Err(ConnectorError::Auth {
+                            api: API,
+                            message,
+                            hint: OAUTH_HINT.into(),
+                        });
+                    }
+                    Auth::Token(_) => {
+                        return Err(ConnectorError::Auth {
+                            api: API,
+                            message,
+                            hint: AUTH_HINT.into(),
+                        });
+                    }
+                },
+                Verdict::Fail(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends one attempt (after the limiters) and judges the answer.
+    async fn send(&self, req: reqwest::RequestBuilder, search: bool, mapping: &str) -> Verdict {
+        self.general.acquire().await;
+        if search {
+            self.search.acquire().await;
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                crate::metrics::record_request(API, None);
+                tracing::warn!(error = %e.without_url(), "hubspot request failed; retrying");
+                return Verdict::Retry(Duration::from_millis(500), false);
+            }
+        };
+        let status = resp.status().as_u16();
+        crate::metrics::record_request(API, Some(status));
+        let headers = resp.headers().clone();
+        self.note_quota(&headers);
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e.without_url(), "hubspot response body failed; retrying");
+                return Verdict::Retry(Duration::from_millis(500), false);
+            }
+        };
+        classify(status, &headers, &text, mapping)
+    }
+
+    /// The bearer token: the static one, or a cached / freshly refreshed OAuth access token.
+    async fn bearer(&self) -> Result<SecretString, ConnectorError> {
+        let o = match &self.auth {
+            Auth::Token(t) => return Ok(t.clone()),
+            Auth::OAuth(o) => o,
+        };
+        let mut cached = o.cached.lock().await;
+        if let Some((t, until)) = &*cached
+            && Instant::now() < *until
+        {
+            return Ok(t.clone());
+        }
+        let (token, until) = self.refresh(o).await?;
+        *cached = Some((token.clone(), until));
+        Ok(token)
+    }
+
+    /// Exchanges a refresh token for an access token. A rotated refresh token is kept in the
+    /// store and preferred next time; if the stored one is refused, the configured one is tried
+    /// (an operator may have issued a new grant).
+    async fn refresh(&self, o: &OAuth) -> Result<(SecretString, Instant), ConnectorError> {
+        let mut candidates: Vec<SecretString> = Vec::new();
+        if let Some(store) = &self.store {
+            match store.kv_get(REFRESH_KEY).await {
+                Ok(Some(Value::String(s))) if s != o.configured_refresh.expose_secret() => {
+                    candidates.push(SecretString::from(s))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the stored HubSpot refresh token")
+                }
+            }
+        }
+        candidates.push(o.configured_refresh.clone());
+        let url = self.path(Endpoint::Token);
+        let mut last_error = String::new();
+        for refresh in candidates {
+            let mut failures = 0;
+            let answer = loop {
+                let form = [
+                    ("grant_type", "refresh_token"),
+                    ("client_id", o.client_id.as_str()),
+                    ("client_secret", o.client_secret.expose_secret()),
+                    ("refresh_token", refresh.expose_secret()),
+                ];
+                match self
+                    .send(self.http.post(&url).form(&form), false, "oauth")
+                    .await
+                {
+                    Verdict::Done(v) => break Some(v),
+                    Verdict::Retry(wait, is_rate) => {
+                        failures += u32::from(!is_rate);
+                        if failures >= MAX_FAILURES {
+                            return Err(ConnectorError::Transient {
+                                api: API,
+                                message: "the OAuth token endpoint keeps failing".into(),
+                            });
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                    Verdict::Unauthorized(m) => {
+                        last_error = m;
+                        break None;
+                    }
+                    Verdict::Fail(ConnectorError::Mapping { message, .. }) => {
+                        last_error = message;
+                        break None;
+                    }
+                    Verdict::Fail(e) => return Err(e),
+                }
+            };
+            let Some(v) = answer else { continue };
+            let access = v["access_token"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| ConnectorError::Protocol {
+                    api: API,
+                    message: "the OAuth token answer has no access_token".into(),
+                })?;
+            let expires_in = v["expires_in"].as_u64().unwrap_or(1800);
+            // Refresh a minute early so a token never expires mid-request.
+            let until = Instant::now()
+                + Duration::from_secs(expires_in.saturating_sub(60).max(expires_in / 2));
+            if let Some(new_refresh) = v["refresh_token"].as_str()
+                && new_refresh != refresh.expose_secret()
+            {
+                match &self.store {
+                    Some(store) => {
+                        if let Err(e) = store
+                            .kv_set(REFRESH_KEY, &Value::String(new_refresh.to_owned()))
+                            .await
+                        {
+                            tracing::error!(error = %e, "cannot store HubSpot's rotated refresh token");
+                        }
+                    }
+                    None => tracing::warn!(
+                        "HubSpot rotated the refresh token but there is no state file to keep it"
+                    ),
+                }
+            }
+            return Ok((SecretString::from(access.to_owned()), until));
+        }
+        Err(ConnectorError::Auth {
+            api: API,
+            message: format!("the OAuth refresh was refused: {last_error}"),
+            hint: OAUTH_HINT.into(),
+        })
+    }
+
+    /// Remembers the latest `X-HubSpot-RateLimit-*` reading (written out by [`Client::flush_quota`]).
+    fn note_quota(&self, h: &HeaderMap) {
+        let num = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let daily = num("x-hubspot-ratelimit-daily");
+        let remaining = num("x-hubspot-ratelimit-daily-remaining");
+        if daily.is_none() && remaining.is_none() {
+            return;
+        }
+        let reading = json!({
+            "daily_limit": daily,
+            "daily_remaining": remaining,
+            "interval_max": num("x-hubspot-ratelimit-max"),
+            "interval_remaining": num("x-hubspot-ratelimit-remaining"),
+            "at_ms": chrono::Utc::now().timestamp_millis(),
+        });
+        *self.quota.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
+    }
+
+    /// Writes the latest quota reading to the store (called once per page).
+    pub(super) async fn flush_quota(&self) {
+        let reading = self.quota.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(store), Some(reading)) = (&self.store, reading)
+            && let Err(e) = store.kv_set(QUOTA_KEY, &reading).await
+        {
+            tracing::warn!(error = %e, "cannot record the HubSpot quota reading");
+        }
+    }
+}
+
+/// Until the next midnight UTC (HubSpot resets at midnight in the portal's time zone, which we do
+/// not know; UTC midnight errs on the late side for the Americas).
+fn until_midnight_utc() -> Duration {
+    let now = chrono::Utc::now();
+    let next = (now.date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc();
+    (next - now).to_std().unwrap_or(Duration::from_secs(3600))
+}
+
+fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Judges one answer. `Retry(wait, true)` is a rate-limit wait, `Retry(wait, false)` a failure.
+fn classify(status: u16, headers: &HeaderMap, text: &str, mapping: &str) -> Verdict {
+    let body: Option<Value> = serde_json::from_str(text).ok();
+    let message = body
+        .as_ref()
+        .and_then(|b| b["message"].as_str().or(b["error_description"].as_str()))
+        .unwrap_or("")
+        .to_owned();
+    match status {
+        200..=299 => match body {
+            Some(v) if v.is_object() => Verdict::Done(v),
+            _ => Verdict::Fail(ConnectorError::Protocol {
+                api: API,
+                message: format!(
+                    "expected a JSON object, got {:?}",
+                    text.chars().take(80).collect::<String>()
+                ),
+            }),
+        },
+        401 => Verdict::Unauthorized(format!("401 {message}")),
+        // A malformed token can come back as Cloudflare's 530 (reference §f).
+        530 => Verdict::Unauthorized("530: the token was not accepted".into()),
+        403 => Verdict::Fail(ConnectorError::Auth {
+            api: API,
+            message: format!("403 {message}"),
+            hint: AUTH_HINT.into(),
+        }),
+        429 => {
+            let policy = body
+                .as_ref()
+                .and_then(|b| b["policyName"].as_str())
+                .unwrap_or("");
+            if policy == "DAILY" {
+                let wait = until_midnight_utc();
+                return Verdict::Fail(ConnectorError::RateLimited {
+                    api: API,
+                    message: format!(
+                        "the portal's daily API limit is used up ({message}); pulls resume after it resets at midnight"
+                    ),
+                    wait,
+                });
+            }
+            if policy == "SECONDLY" || message.contains("secondly limit") {
+                return Verdict::Retry(Duration::from_secs(1), true);
+            }
+            // Ten-secondly (or unknown): Retry-After if given, else the advertised window.
+            let wait = header_u64(headers, "retry-after")
+                .map(Duration::from_secs)
+                .or_else(|| {
+                    header_u64(headers, "x-hubspot-ratelimit-interval-milliseconds")
+                        .map(Duration::from_millis)
+                })
+                .unwrap_or(Duration::from_secs(10));
+            tracing::info!(
+                policy,
+                wait_ms = wait.as_millis() as u64,
+                "hubspot rate limit; waiting"
+            );
+            Verdict::Retry(wait, true)
+        }
+        500..=599 => Verdict::Retry(Duration::from_millis(300), false),
+        400 | 404 | 409 | 422 => Verdict::Fail(ConnectorError::Mapping {
+            api: API,
+            mapping: mapping.to_owned(),
+            message: if message.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {message}")
+            },
+        }),
+        _ => Verdict::Fail(ConnectorError::Protocol {
+            api: API,
+            message: format!(
+                "unexpected HTTP {status}: {}",
+                text.chars().take(120).collect::<String>()
+            ),
+        }),
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("version", &self.version)
+            .field(
+                "auth",
+                &matches!(self.auth, Auth::OAuth(_))
+                    .then_some("oauth")
+                    .unwrap_or("token"),
+            )
+            .finish_non_exhaustive()
+    }
+}

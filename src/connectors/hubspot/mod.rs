@@ -1,0 +1,827 @@
+//! The HubSpot connector: full pulls through the list endpoint (plus an `archived=true` sweep
+//! for deletes), incremental pulls through search on the modification date, owner lookups and
+//! contact→company associations. HTTP, auth, limits and error classification live in
+//! [`client`].
+//!
+//! # Incremental pulls and the 10,000-result search cap
+//!
+//! Search pages are read by **keyset**, never by offset: every query asks for `after: 0` with
+//! the modification-date bound moved up to the last timestamp seen (`GTE t`), and records at `t`
+//! already delivered are skipped by id. The offset never grows, so the 10,000-result cap is never
+//! reached however many records changed, and a record edited mid-pull moves forward in the sort
+//! instead of shifting everyone behind it (which offset paging would turn into a skipped record).
+//! When one whole page shares a single timestamp (≥ 200 ties), ordering by date cannot make
+//! progress, so the pull switches to a *tie scan* of that timestamp (`date EQ t`,
+//! `hs_object_id GT last`, sorted by `hs_object_id`), again keyset, then continues with `GT t`.
+//! Any number of records sharing one timestamp arrive.
+//!
+//! The watermark is JSON `{"ms": <epoch ms>, "id": "<hs_object_id>"}` of the last record of the
+//! page (never earlier than the one the pull started from). A pull resumes with `GTE ms - overlap`,
+//! so the id is informational: ties at `ms` are re-read rather than trusted to an order HubSpot
+//! does not promise.
+//!
+//! Filters (`property=value` pairs) are sent as `EQ` filters in searches and applied client-side
+//! to list pages (the list endpoint cannot filter). Search never returns archived records, so
+//! incremental pulls do not report deletes; the periodic full reconcile's archived sweep does.
+
+mod client;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use self::client::{API, Client, Endpoint};
+use super::{
+    BoxFuture, CheckFinding, Connector, ConnectorError, Page, Pull, PullSpec, RawRecord, Watermark,
+};
+use crate::config::{ConfigError, HubspotSettings, Transform, parse_hubspot_filter};
+use crate::store::Store;
+
+/// List endpoint page size (HubSpot's practical maximum).
+const LIST_LIMIT: usize = 100;
+/// Search page size (HubSpot's maximum).
+const SEARCH_LIMIT: usize = 200;
+/// Ids per associations batch read.
+const ASSOC_BATCH: usize = 100;
+
+#[derive(Debug, Clone)]
+struct OwnerInfo {
+    email: Option<String>,
+    name: Option<String>,
+}
+
+/// HubSpot as a [`Connector`]. One instance per portal: its limiters are shared by every pull.
+pub struct HubspotConnector {
+    client: Client,
+    /// Owner id → owner, loaded on first use and refreshed (once per pull) on a miss.
+    owners: tokio::sync::Mutex<Option<HashMap<String, OwnerInfo>>>,
+}
+
+impl std::fmt::Debug for HubspotConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubspotConnector")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubspotConnector {
+    /// Resolves the secrets and builds the HTTP client and the shared limiters
+    /// (`requests_per_10s` for every call, `search_requests_per_second` also for searches).
+    /// `store` keeps rotated OAuth refresh tokens and the latest quota reading.
+    pub fn new(settings: &HubspotSettings, store: Option<Store>) -> Result<Self, ConfigError> {
+        Ok(HubspotConnector {
+            client: Client::new(settings, store)?,
+            owners: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn load_owners(
+        &self,
+        mapping: &str,
+    ) -> Result<HashMap<String, OwnerInfo>, ConnectorError> {
+        let url = self.client.path(Endpoint::Owners);
+        let mut out = HashMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = vec![
+                ("limit", "100".to_owned()),
+                ("archived", "false".to_owned()),
+            ];
+            if let Some(a) = &after {
+                q.push(("after", a.clone()));
+            }
+            let v = self.client.get(&url, &q, mapping).await?;
+            for o in v["results"].as_array().into_iter().flatten() {
+                let Some(id) = id_string(&o["id"]) else {
+                    continue;
+                };
+                let text = |k: &str| {
+                    o[k].as_str()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                };
+                let name = [text("firstName"), text("lastName")]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                out.insert(
+                    id,
+                    OwnerInfo {
+                        email: text("email"),
+                        name: (!name.is_empty()).then_some(name),
+                    },
+                );
+            }
+            after = next_after(&v);
+            if after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The owners among `ids`, refreshing the cache once per pull when one is unknown.
+    async fn owners_for(
+        &self,
+        ids: &BTreeSet<String>,
+        may_refresh: &mut bool,
+        mapping: &str,
+    ) -> Result<HashMap<String, OwnerInfo>, ConnectorError> {
+        let mut cache = self.owners.lock().await;
+        let missing = |c: &Option<HashMap<String, OwnerInfo>>| {
+            c.as_ref()
+                .is_none_or(|m| ids.iter().any(|i| !m.contains_key(i)))
+        };
+        // A fresh load (first use, or a miss in a pull that has not refreshed yet) serves the
+        // rest of the pull: an id unknown to a just-loaded list stays unknown.
+        if cache.is_none() || (missing(&cache) && *may_refresh) {
+            *may_refresh = false;
+            *cache = Some(self.load_owners(mapping).await?);
+        }
+        let map = cache.as_ref().expect("loaded above");
+        Ok(ids
+            .iter()
+            .filter_map(|i| map.get(i).map(|o| (i.clone(), o.clone())))
+            .collect())
+    }
+
+    /// Contact id → primary company id (typeId 1 / "Primary", else the first company).
+    async fn primary_companies(
+        &self,
+        object: &str,
+        ids: &[String],
+        mapping: &str,
+    ) -> Result<HashMap<String, String>, ConnectorError> {
+        let url = self
+            .client
+            .path(Endpoint::Associations(object, "companies"));
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(ASSOC_BATCH) {
+            let inputs: Vec<Value> = chunk.iter().map(|id| json!({ "id": id })).collect();
+            let v = self
+                .client
+                .post(&url, &json!({ "inputs": inputs }), false, mapping)
+                .await?;
+            for r in v["results"].as_array().into_iter().flatten() {
+                let Some(from) = id_string(&r["from"]["id"]) else {
+                    continue;
+                };
+                let to = r["to"].as_array().cloned().unwrap_or_default();
+                let is_primary = |t: &Value| {
+                    t["associationTypes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|a| {
+                            a["typeId"].as_u64() == Some(1)
+                                || a["label"].as_str() == Some("Primary")
+                        })
+                };
+                let pick = to.iter().find(|t| is_primary(t)).or(to.first());
+                if let Some(company) = pick.and_then(|t| id_string(&t["toObjectId"])) {
+                    out.insert(from, company);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An id that HubSpot sends as a string or (associations) a number.
+fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn next_after(v: &Value) -> Option<String> {
+    id_string(&v["paging"]["next"]["after"])
+}
+
+/// Numeric order of HubSpot ids (they are decimal integers; anything else sorts first).
+fn id_num(id: &str) -> u64 {
+    id.parse().unwrap_or(0)
+}
+
+/// Epoch ms from a HubSpot date value: epoch-ms digits or ISO-8601.
+fn parse_ms(s: &str) -> Option<i64> {
+    s.parse::<i64>().ok().or_else(|| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|d| d.timestamp_millis())
+    })
+}
+
+/// The modification-date property searches filter and sort on (reference §h).
+fn cursor_property(object: &str) -> &'static str {
+    if object == "contacts" {
+        "lastmodifieddate"
+    } else {
+        "hs_lastmodifieddate"
+    }
+}
+
+/// `(modified ms, id)`, ordered by time then id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Mark {
+    ms: i64,
+    #[serde(with = "id_as_string")]
+    id: u64,
+}
+
+/// The id is written as a string (HubSpot ids outgrow JavaScript numbers).
+mod id_as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(s.parse().unwrap_or(0))
+    }
+}
+
+impl Mark {
+    fn parse(w: &Watermark) -> Result<Mark, ConnectorError> {
+        if let Ok(m) = serde_json::from_str::<Mark>(&w.0) {
+            return Ok(m);
+        }
+        // A bare timestamp (epoch ms or ISO) is accepted too, e.g. one set by hand.
+        parse_ms(w.0.trim())
+            .map(|ms| Mark { ms, id: 0 })
+            .ok_or_else(|| ConnectorError::Protocol {
+                api: API,
+                message: format!(
+                    "unreadable HubSpot watermark {:?}; run a resync to reset it",
+                    w.0
+                ),
+            })
+    }
+
+    fn to_watermark(self) -> Watermark {
+        Watermark(serde_json::to_string(&self).expect("a mark serializes"))
+    }
+}
+
+/// One record from a list or search answer.
+struct Hit {
+    id: String,
+    props: Map<String, Value>,
+    ms: Option<i64>,
+    archived: bool,
+}
+
+fn parse_hits(v: &Value, cursor: &str) -> Result<Vec<Hit>, ConnectorError> {
+    let results = v["results"]
+        .as_array()
+        .ok_or_else(|| ConnectorError::Protocol {
+            api: API,
+            message: "answer has no results array".into(),
+        })?;
+    results
+        .iter()
+        .map(|r| {
+            let id = id_string(&r["id"]).ok_or_else(|| ConnectorError::Protocol {
+                api: API,
+                message: "a record has no id".into(),
+            })?;
+            let props = r["properties"].as_object().cloned().unwrap_or_default();
+            let ms = props
+                .get(cursor)
+                .and_then(Value::as_str)
+                .or(r["updatedAt"].as_str())
+                .and_then(parse_ms);
+            Ok(Hit {
+                id,
+                props,
+                ms,
+                archived: r["archived"].as_bool().unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+enum State {
+    Full {
+        archived: bool,
+        after: Option<String>,
+        max_ms: Option<i64>,
+        started_ms: i64,
+    },
+    Incremental {
+        start: Mark,
+        /// Lower bound on the modification date: `GT lo` when `strict`, else `GTE lo`.
+        lo: i64,
+        strict: bool,
+        /// Ids already delivered whose date is exactly `lo`.
+        seen: HashSet<String>,
+        /// Scanning the ties of one timestamp by id: `(ms, last id delivered)`.
+        tie: Option<(i64, u64)>,
+    },
+    Done,
+}
+
+struct HubspotPull<'a> {
+    conn: &'a HubspotConnector,
+    spec: PullSpec,
+    filters: Vec<(String, String)>,
+    /// Properties to request: the mapped ones, filter ones, the cursor and the id.
+    properties: Vec<String>,
+    cursor: &'static str,
+    state: State,
+    may_refresh_owners: bool,
+}
+
+impl HubspotPull<'_> {
+    fn search_body(&self, filters: Vec<Value>, sort: &str) -> Value {
+        let mut all = filters;
+        all.extend(
+            self.filters
+                .iter()
+                .map(|(k, v)| json!({"propertyName": k, "operator": "EQ", "value": v})),
+        );
+        json!({
+            "filterGroups": [{ "filters": all }],
+            "sorts": [{ "propertyName": sort, "direction": "ASCENDING" }],
+            "properties": self.properties,
+            "limit": SEARCH_LIMIT,
+            "after": "0",
+        })
+    }
+
+    async fn search(&self, body: &Value) -> Result<(Vec<Hit>, bool), ConnectorError> {
+        let url = self.conn.client.path(Endpoint::Search(&self.spec.object));
+        let v = self
+            .conn
+            .client
+            .post(&url, body, true, &self.spec.mapping)
+            .await?;
+        Ok((parse_hits(&v, self.cursor)?, next_after(&v).is_some()))
+    }
+
+    /// The next incremental page (see the module docs for the keyset scheme).
+    async fn next_incremental(&mut self) -> Result<Option<Page>, ConnectorError> {
+        loop {
+            let State::Incremental {
+                start,
+                lo,
+                strict,
+                tie,
+                ..
+            } = &self.state
+            else {
+                return Ok(None);
+            };
+            let (start, lo_v, strict_v, tie_v) = (*start, *lo, *strict, *tie);
+            if let Some((t_ms, after_id)) = tie_v {
+                let body = self.search_body(
+                    vec![
+                        json!({"propertyName": self.cursor, "operator": "EQ", "value": t_ms.to_string()}),
+                        json!({"propertyName": "hs_object_id", "operator": "GT", "value": after_id.to_string()}),
+                    ],
+                    "hs_object_id",
+                );
+                let (hits, more) = self.search(&body).await?;
+                let hits: Vec<Hit> = hits
+                    .into_iter()
+                    .filter(|h| id_num(&h.id) > after_id)
+                    .collect();
+                let max_id = hits.iter().map(|h| id_num(&h.id)).max();
+                if let State::Incremental {
+                    lo,
+                    strict,
+                    seen,
+                    tie,
+                    ..
+                } = &mut self.state
+                {
+                    match (more, max_id) {
+                        (true, Some(m)) => *tie = Some((t_ms, m)),
+                        _ => {
+                            // The timestamp is exhausted: continue strictly after it.
+                            *tie = None;
+                            *lo = t_ms;
+                            *strict = true;
+                            seen.clear();
+                        }
+                    }
+                }
+                let Some(max_id) = max_id else { continue };
+                let mark = Mark {
+                    ms: t_ms,
+                    id: max_id,
+                };
+                return self.finish(hits, Some(mark.max(start))).await.map(Some);
+            }
+            let op = if strict_v { "GT" } else { "GTE" };
+            let body = self.search_body(
+                vec![
+                    json!({"propertyName": self.cursor, "operator": op, "value": lo_v.to_string()}),
+                ],
+                self.cursor,
+            );
+            let (hits, more) = self.search(&body).await?;
+            if hits.is_empty() {
+                self.state = State::Done;
+                return Ok(None);
+            }
+            let mut dated = Vec::with_capacity(hits.len());
+            for h in hits {
+                let ms = h.ms.ok_or_else(|| ConnectorError::Protocol {
+                    api: API,
+                    message: format!("record {} has no {}", h.id, self.cursor),
+                })?;
+                dated.push((ms, h));
+            }
+            let min_ms = dated.iter().map(|d| d.0).min().unwrap_or(lo_v);
+            let max_ms = dated.iter().map(|d| d.0).max().unwrap_or(lo_v);
+            let State::Incremental {
+                lo,
+                strict,
+                seen,
+                tie,
+                ..
+            } = &mut self.state
+            else {
+                return Ok(None);
+            };
+            if more && min_ms == max_ms {
+                // A full page of one timestamp: only an id-ordered scan of it can progress.
+                *tie = Some((max_ms, 0));
+                continue;
+            }
+            let fresh: Vec<(i64, Hit)> = dated
+                .into_iter()
+                .filter(|(ms, h)| !(*ms == lo_v && seen.contains(&h.id)))
+                .collect();
+            let done = !more;
+            if more {
+                // Records at `max_ms` may continue on the next page: re-read from it, skipping
+                // the ones delivered here.
+                if max_ms != lo_v {
+                    seen.clear();
+                }
+                seen.extend(
+                    fresh
+                        .iter()
+                        .filter(|(ms, _)| *ms == max_ms)
+                        .map(|(_, h)| h.id.clone()),
+                );
+                *lo = max_ms;
+                *strict = false;
+            }
+            if done {
+                self.state = State::Done;
+            }
+            let Some(mark) = fresh
+                .iter()
+                .map(|(ms, h)| Mark {
+                    ms: *ms,
+                    id: id_num(&h.id),
+                })
+                .max()
+            else {
+                if done {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let hits = fresh.into_iter().map(|(_, h)| h).collect();
+            return self.finish(hits, Some(mark.max(start))).await.map(Some);
+        }
+    }
+
+    /// The next full-pull page: live records, then the archived sweep.
+    async fn next_full(&mut self) -> Result<Option<Page>, ConnectorError> {
+        loop {
+            let State::Full {
+                archived,
+                after,
+                max_ms,
+                started_ms,
+            } = &self.state
+            else {
+                return Ok(None);
+            };
+            let (archived, after, max_ms, started_ms) =
+                (*archived, after.clone(), *max_ms, *started_ms);
+            let url = self.conn.client.path(Endpoint::Objects(&self.spec.object));
+            let mut q = vec![
+                ("limit", LIST_LIMIT.to_string()),
+                ("properties", self.properties.join(",")),
+                ("archived", archived.to_string()),
+            ];
+            if let Some(a) = after {
+                q.push(("after", a));
+            }
+            let v = self.conn.client.get(&url, &q, &self.spec.mapping).await?;
+            let hits = parse_hits(&v, self.cursor)?;
+            let page_max = hits.iter().filter_map(|h| h.ms).max();
+            let max_ms = max_ms.max(page_max);
+            let next = next_after(&v);
+            let finished = next.is_none() && archived;
+            self.state = match next {
+                Some(a) => State::Full {
+                    archived,
+                    after: Some(a),
+                    max_ms,
+                    started_ms,
+                },
+                None if !archived => State::Full {
+                    archived: true,
+                    after: None,
+                    max_ms,
+                    started_ms,
+                },
+                None => State::Done,
+            };
+            let hits: Vec<Hit> = hits
+                .into_iter()
+                .filter(|h| {
+                    self.filters.iter().all(|(k, want)| {
+                        h.props.get(k).and_then(Value::as_str) == Some(want.as_str())
+                    })
+                })
+                .collect();
+            // Only the last page carries a watermark: list order is not date order. It is capped
+            // at the pull's start so changes made during the pull are read again next cycle.
+            let watermark = finished
+                .then(|| {
+                    max_ms.map(|m| Mark {
+                        ms: m.min(started_ms),
+                        id: 0,
+                    })
+                })
+                .flatten();
+            if hits.is_empty() && watermark.is_none() {
+                if finished {
+                    return Ok(None);
+                }
+                continue;
+            }
+            return self.finish(hits, watermark).await.map(Some);
+        }
+    }
+
+    /// Builds the page's records (owners, associations) and records the quota reading.
+    async fn finish(
+        &mut self,
+        hits: Vec<Hit>,
+        watermark: Option<Mark>,
+    ) -> Result<Page, ConnectorError> {
+        let mapping = self.spec.mapping.clone();
+        let owner_paths: BTreeSet<&str> = self
+            .spec
+            .fields
+            .iter()
+            .filter(|f| f.transform.is_some())
+            .map(|f| f.path.as_str())
+            .collect();
+        let owner_ids: BTreeSet<String> = hits
+            .iter()
+            .flat_map(|h| {
+                owner_paths
+                    .iter()
+                    .filter_map(|p| h.props.get(*p).and_then(Value::as_str))
+            })
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+        let owners = if owner_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.conn
+                .owners_for(&owner_ids, &mut self.may_refresh_owners, &mapping)
+                .await?
+        };
+        for id in owner_ids.iter().filter(|i| !owners.contains_key(*i)) {
+            tracing::warn!(owner_id = %id, mapping = %mapping, "unknown HubSpot owner id; its owner fields are left empty");
+        }
+        let companies =
+            if self.spec.account_from.as_deref() == Some("primary_company") && !hits.is_empty() {
+                let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+                self.conn
+                    .primary_companies(&self.spec.object, &ids, &mapping)
+                    .await?
+            } else {
+                HashMap::new()
+            };
+        let records = hits
+            .into_iter()
+            .map(|h| {
+                let mut fields = Map::new();
+                for f in &self.spec.fields {
+                    let raw = h.props.get(&f.path).cloned().unwrap_or(Value::Null);
+                    let value = match f.transform {
+                        None => raw,
+                        Some(t) => {
+                            let owner = raw.as_str().and_then(|id| owners.get(id));
+                            let v = match t {
+                                Transform::OwnerEmail => owner.and_then(|o| o.email.clone()),
+                                Transform::OwnerName => owner.and_then(|o| o.name.clone()),
+                            };
+                            v.map_or(Value::Null, Value::String)
+                        }
+                    };
+                    fields.insert(f.key(), value);
+                }
+                if self.spec.account_from.is_some() {
+                    fields.insert(
+                        "account_from".into(),
+                        companies
+                            .get(&h.id)
+                            .cloned()
+                            .map_or(Value::Null, Value::String),
+                    );
+                }
+                RawRecord {
+                    crm_id: h.id,
+                    fields: Value::Object(fields),
+                    deleted: h.archived,
+                }
+            })
+            .collect();
+        self.conn.client.flush_quota().await;
+        Ok(Page {
+            records,
+            watermark: watermark.map(Mark::to_watermark),
+        })
+    }
+}
+
+impl Pull for HubspotPull<'_> {
+    fn next_page(&mut self) -> BoxFuture<'_, Result<Option<Page>, ConnectorError>> {
+        Box::pin(async move {
+            match self.state {
+                State::Full { .. } => self.next_full().await,
+                State::Incremental { .. } => self.next_incremental().await,
+                State::Done => Ok(None),
+            }
+        })
+    }
+}
+
+fn filter_pairs(spec: &PullSpec) -> Result<Vec<(String, String)>, ConnectorError> {
+    match &spec.filter {
+        None => Ok(Vec::new()),
+        Some(f) => parse_hubspot_filter(f).map_err(|message| ConnectorError::Mapping {
+            api: API,
+            mapping: spec.mapping.clone(),
+            message: format!("bad filter: {message}"),
+        }),
+    }
+}
+
+impl Connector for HubspotConnector {
+    fn source(&self) -> &'static str {
+        "hubspot"
+    }
+
+    fn pull<'a>(
+        &'a self,
+        spec: PullSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
+        Box::pin(async move {
+            let filters = filter_pairs(&spec)?;
+            let cursor = cursor_property(&spec.object);
+            let mut properties: Vec<String> = Vec::new();
+            let wanted = spec
+                .fields
+                .iter()
+                .map(|f| f.path.as_str())
+                .chain(filters.iter().map(|(k, _)| k.as_str()))
+                .chain([cursor, "hs_object_id"]);
+            for p in wanted {
+                if !properties.iter().any(|q| q == p) {
+                    properties.push(p.to_owned());
+                }
+            }
+            let state = match &spec.since {
+                None => State::Full {
+                    archived: false,
+                    after: None,
+                    max_ms: None,
+                    started_ms: chrono::Utc::now().timestamp_millis(),
+                },
+                Some(w) => {
+                    let start = Mark::parse(w)?;
+                    let overlap = i64::try_from(spec.overlap.as_millis()).unwrap_or(i64::MAX);
+                    State::Incremental {
+                        start,
+                        lo: start.ms.saturating_sub(overlap),
+                        strict: false,
+                        seen: HashSet::new(),
+                        tie: None,
+                    }
+                }
+            };
+            Ok(Box::new(HubspotPull {
+                conn: self,
+                spec,
+                filters,
+                properties,
+                cursor,
+                state,
+                may_refresh_owners: true,
+            }) as Box<dyn Pull + 'a>)
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
+        Box::pin(async move {
+            let object = &spec.object;
+            let url = self.client.path(Endpoint::Properties(object));
+            let mut findings = Vec::new();
+            let declared: HashMap<String, String> =
+                match self.client.get(&url, &[], &spec.mapping).await {
+                    Ok(v) => {
+                        findings.push(CheckFinding {
+                            ok: true,
+                            subject: "hubspot login".into(),
+                            detail: "token accepted".into(),
+                        });
+                        v["results"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|p| {
+                                Some((
+                                    p["name"].as_str()?.to_owned(),
+                                    p["type"].as_str().unwrap_or("?").to_owned(),
+                                ))
+                            })
+                            .collect()
+                    }
+                    Err(e @ ConnectorError::Auth { .. }) => {
+                        return Ok(vec![CheckFinding {
+                            ok: false,
+                            subject: "hubspot login".into(),
+                            detail: e.to_string(),
+                        }]);
+                    }
+                    Err(ConnectorError::Mapping { message, .. }) => {
+                        findings.push(CheckFinding {
+                            ok: false,
+                            subject: format!("hubspot {object}"),
+                            detail: format!("hubspot has no object {object}: {message}"),
+                        });
+                        return Ok(findings);
+                    }
+                    Err(e) => return Err(e),
+                };
+            let filters = filter_pairs(spec)?;
+            let mut names: Vec<&str> = Vec::new();
+            for n in spec
+                .fields
+                .iter()
+                .map(|f| f.path.as_str())
+                .chain(filters.iter().map(|(k, _)| k.as_str()))
+            {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+            for n in names {
+                findings.push(match declared.get(n) {
+                    Some(t) => CheckFinding {
+                        ok: true,
+                        subject: format!("{object}.{n}"),
+                        detail: format!("property exists (type {t})"),
+                    },
+                    None => CheckFinding {
+                        ok: false,
+                        subject: format!("{object}.{n}"),
+                        detail: format!("{object} has no property {n}"),
+                    },
+                });
+            }
+            if spec.fields.iter().any(|f| f.transform.is_some()) {
+                let url = self.client.path(Endpoint::Owners);
+                let q = [("limit", "1".to_owned())];
+                findings.push(match self.client.get(&url, &q, &spec.mapping).await {
+                    Ok(_) => CheckFinding {
+                        ok: true,
+                        subject: "hubspot owners".into(),
+                        detail: "owners are readable".into(),
+                    },
+                    Err(e) => CheckFinding {
+                        ok: false,
+                        subject: "hubspot owners".into(),
+                        detail: format!("cannot read owners (needs crm.objects.owners.read): {e}"),
+                    },
+                });
+            }
+            Ok(findings)
+        })
+    }
+}

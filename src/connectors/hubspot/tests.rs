@@ -1,0 +1,672 @@
+//! The HubSpot connector against the HubSpot simulator over real HTTP: paging, the search cap,
+//! ties, rate limits, owners, associations, archived records, dated paths, OAuth and `check`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::HubspotConnector;
+use crate::config::{HubspotSettings, Settings, Transform};
+use crate::connectors::{Connector, ConnectorError, FieldRequest, PullSpec, RawRecord, Watermark};
+use crate::sim::SimServer;
+use crate::sim::hubspot::{HubspotSim, HubspotSimConfig, SimFaults, SimOauth};
+use crate::store::Store;
+
+const TOKEN: &str = "pat-na1-test-secret-token";
+
+fn settings(url: &str, extra: &str) -> HubspotSettings {
+    let auth = if extra.contains("auth = \"oauth\"") {
+        String::new()
+    } else {
+        format!("access_token = \"{TOKEN}\"")
+    };
+    let text = format!(
+        r#"
+[state]
+path = "/tmp/unused-hubspot-test.db"
+[pendo]
+integration_key = "pendo-key"
+[hubspot]
+base_url = "{url}"
+{auth}
+{extra}
+[[mappings]]
+name = "hs-contacts"
+source = "hubspot"
+object = "contacts"
+kind = "visitor"
+id = "email"
+  [mappings.fields]
+  lifecyclestage = {{ from = "lifecyclestage", type = "string" }}
+"#
+    );
+    let s = Settings::from_toml_with_env(&text, HashMap::new()).expect("test config loads");
+    s.hubspot.expect("hubspot section")
+}
+
+fn sim_config() -> HubspotSimConfig {
+    HubspotSimConfig {
+        access_token: TOKEN.into(),
+        requests_per_10s: 0,
+        search_per_second: 0,
+        ..HubspotSimConfig::default()
+    }
+}
+
+/// A sim and a connector with generous limits (`extra` lines go into `[hubspot]`).
+async fn setup(
+    cfg: HubspotSimConfig,
+    extra: &str,
+    store: Option<Store>,
+) -> (HubspotSim, SimServer, HubspotConnector) {
+    let sim = HubspotSim::new(cfg);
+    let server = sim
+        .start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("sim starts");
+    let extra = if extra.contains("requests_per_10s") {
+        extra.to_owned()
+    } else {
+        format!("requests_per_10s = 1000\nsearch_requests_per_second = 100\n{extra}")
+    };
+    let conn =
+        HubspotConnector::new(&settings(&server.url(), &extra), store).expect("connector builds");
+    (sim, server, conn)
+}
+
+fn spec(object: &str, fields: &[(&str, Option<Transform>)], since: Option<Watermark>) -> PullSpec {
+    PullSpec {
+        mapping: "hs-test".into(),
+        object: object.into(),
+        fields: fields
+            .iter()
+            .map(|(p, t)| FieldRequest {
+                path: (*p).into(),
+                transform: *t,
+            })
+            .collect(),
+        filter: None,
+        since,
+        overlap: Duration::ZERO,
+        account_from: None,
+    }
+}
+
+fn mark(ms: i64) -> Watermark {
+    Watermark(json!({"ms": ms, "id": "0"}).to_string())
+}
+
+fn mark_ms(w: &Watermark) -> (i64, u64) {
+    let v: Value = serde_json::from_str(&w.0).expect("watermark is JSON");
+    (
+        v["ms"].as_i64().unwrap(),
+        v["id"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+/// Drains a pull: every record, and every watermark in order.
+async fn drain(
+    conn: &HubspotConnector,
+    spec: PullSpec,
+) -> Result<(Vec<RawRecord>, Vec<Watermark>), ConnectorError> {
+    let mut pull = conn.pull(spec).await?;
+    let (mut records, mut marks) = (Vec::new(), Vec::new());
+    while let Some(page) = pull.next_page().await? {
+        records.extend(page.records);
+        marks.extend(page.watermark);
+    }
+    Ok((records, marks))
+}
+
+fn ids(records: &[RawRecord]) -> BTreeSet<u64> {
+    records.iter().map(|r| r.crm_id.parse().unwrap()).collect()
+}
+
+fn assert_marks_ordered(marks: &[Watermark], start: (i64, u64)) {
+    let mut prev = start;
+    for m in marks {
+        let m = mark_ms(m);
+        assert!(m >= prev, "watermark moved backward: {prev:?} -> {m:?}");
+        prev = m;
+    }
+}
+
+const T0: i64 = 1_760_000_000_000;
+
+#[tokio::test]
+async fn more_than_10k_changes_since_the_watermark_all_arrive() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    // An old record before the watermark, then 10,150 changes at distinct times.
+    sim.upsert_at(
+        "contacts",
+        1,
+        json!({"email": "old@x.io"}),
+        (T0 - 60_000) as u64,
+    );
+    for i in 0..10_150u64 {
+        sim.upsert_at(
+            "contacts",
+            100 + i,
+            json!({"email": format!("c{i}@x.io")}),
+            T0 as u64 + i,
+        );
+    }
+    let (records, marks) = drain(&conn, spec("contacts", &[("email", None)], Some(mark(T0))))
+        .await
+        .unwrap();
+    let got = ids(&records);
+    assert_eq!(got, (100..10_250).collect::<BTreeSet<u64>>());
+    assert_marks_ordered(&marks, (T0, 0));
+    assert_eq!(mark_ms(marks.last().unwrap()), (T0 + 10_149, 10_249));
+    // The search offset never reached the cap (it would have answered 400).
+    assert!(sim.requests().iter().all(|r| r.status == 200));
+}
+
+#[tokio::test]
+async fn more_than_10k_records_sharing_one_timestamp_all_arrive() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    for i in 0..10_250u64 {
+        sim.upsert_at(
+            "contacts",
+            1_000 + i,
+            json!({"email": format!("t{i}@x.io")}),
+            T0 as u64,
+        );
+    }
+    for i in 0..30u64 {
+        sim.upsert_at(
+            "contacts",
+            50 + i,
+            json!({"email": format!("late{i}@x.io")}),
+            T0 as u64 + 5 + i,
+        );
+    }
+    let (records, marks) = drain(
+        &conn,
+        spec("contacts", &[("email", None)], Some(mark(T0 - 1))),
+    )
+    .await
+    .unwrap();
+    let want: BTreeSet<u64> = (1_000..11_250).chain(50..80).collect();
+    assert_eq!(ids(&records), want);
+    assert_marks_ordered(&marks, (T0 - 1, 0));
+    assert_eq!(mark_ms(marks.last().unwrap()).0, T0 + 34);
+}
+
+#[tokio::test]
+async fn ties_across_pages_arrive_with_a_small_search_cap() {
+    let cfg = HubspotSimConfig {
+        search_cap: 600,
+        ..sim_config()
+    };
+    let (sim, _server, conn) = setup(cfg, "", None).await;
+    // Groups of 150 records sharing a timestamp straddle the 200-record pages; 2,400 records
+    // are four times the (shrunk) cap.
+    for i in 0..2_400u64 {
+        sim.upsert_at(
+            "companies",
+            10_000 + i,
+            json!({"name": format!("co{i}")}),
+            T0 as u64 + i / 150,
+        );
+    }
+    let (records, marks) = drain(&conn, spec("companies", &[("name", None)], Some(mark(T0))))
+        .await
+        .unwrap();
+    assert_eq!(ids(&records), (10_000..12_400).collect::<BTreeSet<u64>>());
+    assert_marks_ordered(&marks, (T0, 0));
+    // The search used the companies cursor property.
+    assert!(
+        sim.requests()
+            .iter()
+            .any(|r| r.path == "/crm/v3/objects/companies/search")
+    );
+    assert!(sim.requests().iter().all(|r| r.status == 200));
+    // Names pass through as strings.
+    assert!(records.iter().all(|r| r.fields["name"].is_string()));
+}
+
+/// The most requests in any window of `window_ms` among `times`.
+fn max_in_window(times: &[u64], window_ms: u64) -> usize {
+    times
+        .iter()
+        .map(|t| {
+            times
+                .iter()
+                .filter(|u| **u >= *t && **u < t + window_ms)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_429_storm_loses_nothing_and_the_rate_stays_within_limits() {
+    let cfg = HubspotSimConfig {
+        requests_per_10s: 10,
+        window_ms: 1_000,
+        retry_after: None,
+        search_per_second: 3,
+        ..sim_config()
+    };
+    // The connector: 100 per 10 s (10/s) for everything, 2/s for searches.
+    let (sim, _server, conn) = setup(
+        cfg,
+        "requests_per_10s = 100\nsearch_requests_per_second = 2",
+        None,
+    )
+    .await;
+    for i in 0..900u64 {
+        sim.upsert_at(
+            "contacts",
+            1 + i,
+            json!({"email": format!("s{i}@x.io")}),
+            T0 as u64 + i,
+        );
+    }
+    sim.set_fault(SimFaults {
+        ten_secondly_429s: 2,
+        secondly_429s: 2,
+        ..SimFaults::default()
+    });
+    let (full, _) = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    assert_eq!(ids(&full), (1..901).collect::<BTreeSet<u64>>());
+    let (incr, _) = drain(&conn, spec("contacts", &[("email", None)], Some(mark(T0))))
+        .await
+        .unwrap();
+    assert_eq!(ids(&incr), (1..901).collect::<BTreeSet<u64>>());
+
+    let log = sim.requests();
+    assert!(
+        log.iter().filter(|r| r.status == 429).count() >= 4,
+        "the storm happened"
+    );
+    let search: Vec<u64> = log
+        .iter()
+        .filter(|r| r.path.ends_with("/search"))
+        .map(|r| r.at_ms)
+        .collect();
+    let general: Vec<u64> = log
+        .iter()
+        .filter(|r| !r.path.ends_with("/search"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert!(general.len() >= 12 && search.len() >= 6);
+    // Burst 1: in any window w at most 1 + w × rate requests; small slack for clock rounding.
+    assert!(
+        max_in_window(&general, 1_000) <= 11,
+        "general rate exceeded: {}",
+        max_in_window(&general, 1_000)
+    );
+    assert!(
+        max_in_window(&search, 1_000) <= 3,
+        "search rate exceeded: {}",
+        max_in_window(&search, 1_000)
+    );
+}
+
+#[tokio::test]
+async fn the_daily_limit_is_rate_limited_until_midnight() {
+    let cfg = HubspotSimConfig {
+        daily_limit: 1,
+        ..sim_config()
+    };
+    let (sim, _server, conn) = setup(cfg, "", None).await;
+    for i in 0..150u64 {
+        sim.upsert("contacts", 1 + i, json!({"email": format!("d{i}@x.io")}));
+    }
+    let mut pull = conn
+        .pull(spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    assert_eq!(pull.next_page().await.unwrap().unwrap().records.len(), 100);
+    match pull.next_page().await {
+        Err(ConnectorError::RateLimited { wait, message, .. }) => {
+            assert!(wait > Duration::ZERO && wait <= Duration::from_secs(86_400));
+            assert!(message.contains("daily"), "{message}");
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let (sim, _server, conn) = setup(sim_config(), "", Some(store.clone())).await;
+    sim.add_owner("101", "ada@example.com", "Ada", "Lovelace");
+    sim.declare_property("contacts", "annualrevenue", "number");
+    sim.declare_property("contacts", "is_strategic", "bool");
+    sim.upsert(
+        "contacts",
+        1,
+        json!({"email": "a@x.io", "annualrevenue": "1200000", "is_strategic": "true", "lifecyclestage": "", "hubspot_owner_id": "101"}),
+    );
+    sim.upsert(
+        "contacts",
+        2,
+        json!({"email": "b@x.io", "hubspot_owner_id": "999"}),
+    );
+    sim.upsert(
+        "contacts",
+        3,
+        json!({"email": "gone@x.io", "hubspot_owner_id": "101"}),
+    );
+    sim.archive("contacts", 3);
+    sim.upsert("companies", 700, json!({"name": "Acme"}));
+    sim.upsert("companies", 12_675_602_284, json!({"name": "Big"}));
+    sim.associate(1, 700, false);
+    sim.associate(1, 12_675_602_284, true);
+    sim.associate(2, 700, false);
+    let fields = [
+        ("email", None),
+        ("annualrevenue", None),
+        ("is_strategic", None),
+        ("lifecyclestage", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+        ("hubspot_owner_id", Some(Transform::OwnerName)),
+    ];
+    let mut s = spec("contacts", &fields, None);
+    s.account_from = Some("primary_company".into());
+    let (records, marks) = drain(&conn, s).await.unwrap();
+    let by_id: HashMap<&str, &RawRecord> = records.iter().map(|r| (r.crm_id.as_str(), r)).collect();
+    assert_eq!(records.len(), 3);
+    let a = &by_id["1"].fields;
+    assert_eq!(a["annualrevenue"], json!("1200000"));
+    assert_eq!(a["is_strategic"], json!("true"));
+    assert_eq!(a["lifecyclestage"], json!(""));
+    assert_eq!(a["hubspot_owner_id#owner_email"], json!("ada@example.com"));
+    assert_eq!(a["hubspot_owner_id#owner_name"], json!("Ada Lovelace"));
+    // The primary company wins over the first one; the number id arrives as a string.
+    assert_eq!(a["account_from"], json!("12675602284"));
+    let b = &by_id["2"].fields;
+    assert_eq!(
+        b["hubspot_owner_id#owner_email"],
+        Value::Null,
+        "unknown owner -> null"
+    );
+    assert_eq!(b["annualrevenue"], Value::Null);
+    assert_eq!(
+        b["account_from"],
+        json!("700"),
+        "no primary: the first company"
+    );
+    assert!(!by_id["1"].deleted && !by_id["2"].deleted);
+    assert!(
+        by_id["3"].deleted,
+        "archived records come with deleted = true"
+    );
+    assert_eq!(by_id["3"].fields["email"], json!("gone@x.io"));
+    assert_eq!(
+        marks.len(),
+        1,
+        "a full pull's watermark comes with its last page"
+    );
+    let owner_calls = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.path == "/crm/v3/owners")
+            .count()
+    };
+    assert_eq!(owner_calls(), 1, "owners are loaded once and cached");
+    // A new owner appears: the next pull's miss refreshes the cache once.
+    sim.add_owner("999", "new@example.com", "New", "");
+    let (records, _) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    let b = records.iter().find(|r| r.crm_id == "2").unwrap();
+    assert_eq!(
+        b.fields["hubspot_owner_id#owner_email"],
+        json!("new@example.com")
+    );
+    assert_eq!(b.fields["hubspot_owner_id#owner_name"], json!("New"));
+    assert_eq!(owner_calls(), 2);
+    drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    assert_eq!(owner_calls(), 2, "no miss, no refresh");
+    let quota = store
+        .kv_get("quota.hubspot")
+        .await
+        .unwrap()
+        .expect("quota recorded");
+    assert_eq!(quota["daily_limit"], json!(1_000_000));
+    assert!(quota["daily_remaining"].as_u64().unwrap() < 1_000_000);
+}
+
+#[tokio::test]
+async fn filters_apply_to_list_and_search_pulls() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    for i in 0..30u64 {
+        let stage = if i % 3 == 0 { "customer" } else { "lead" };
+        sim.upsert_at(
+            "contacts",
+            1 + i,
+            json!({"email": format!("f{i}@x.io"), "lifecyclestage": stage}),
+            T0 as u64 + i,
+        );
+    }
+    let mut s = spec("contacts", &[("email", None)], None);
+    s.filter = Some("lifecyclestage=customer".into());
+    let (full, _) = drain(&conn, s.clone()).await.unwrap();
+    s.since = Some(mark(T0));
+    let (incr, _) = drain(&conn, s).await.unwrap();
+    let want: BTreeSet<u64> = (0..30).filter(|i| i % 3 == 0).map(|i| i + 1).collect();
+    assert_eq!(ids(&full), want);
+    assert_eq!(ids(&incr), want);
+}
+
+#[tokio::test]
+async fn dated_api_version_uses_dated_paths() {
+    let (sim, _server, conn) = setup(sim_config(), "api_version = \"2026-03\"", None).await;
+    sim.add_owner("7", "o@x.io", "O", "Wner");
+    sim.upsert_at(
+        "companies",
+        5,
+        json!({"name": "Dated", "hubspot_owner_id": "7"}),
+        T0 as u64,
+    );
+    let fields = [
+        ("name", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+    ];
+    let (full, _) = drain(&conn, spec("companies", &fields, None))
+        .await
+        .unwrap();
+    let (incr, _) = drain(&conn, spec("companies", &fields, Some(mark(T0))))
+        .await
+        .unwrap();
+    assert_eq!(
+        full[0].fields["hubspot_owner_id#owner_email"],
+        json!("o@x.io")
+    );
+    assert_eq!(incr.len(), 1);
+    let findings = conn.check(&spec("companies", &fields, None)).await.unwrap();
+    assert!(findings.iter().all(|f| f.ok), "{findings:?}");
+    let paths: BTreeSet<String> = sim.requests().into_iter().map(|r| r.path).collect();
+    let want: BTreeSet<String> = [
+        "/crm/objects/2026-03/companies",
+        "/crm/objects/2026-03/companies/search",
+        "/crm/owners/2026-03",
+        "/crm/properties/2026-03/companies",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(paths, want);
+}
+
+#[tokio::test]
+async fn oauth_refreshes_and_keeps_the_rotated_refresh_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let cfg = HubspotSimConfig {
+        oauth: Some(SimOauth {
+            client_id: "app-id".into(),
+            client_secret: "app-secret".into(),
+            refresh_token: "refresh-original".into(),
+            rotate: true,
+            expires_in: 1800,
+        }),
+        ..sim_config()
+    };
+    let extra = "auth = \"oauth\"\nclient_id = \"app-id\"\nclient_secret = \"app-secret\"\nrefresh_token = \"refresh-original\"";
+    let (sim, server, conn) = setup(cfg, extra, Some(store.clone())).await;
+    sim.upsert("contacts", 1, json!({"email": "o@x.io"}));
+    let (records, _) = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    let rotated = sim.current_refresh_token().unwrap();
+    assert_ne!(rotated, "refresh-original");
+    assert_eq!(
+        store.kv_get("hubspot.refresh_token").await.unwrap(),
+        Some(json!(rotated))
+    );
+
+    // The access token dies early: one 401, one refresh, and the pull goes on.
+    sim.expire_tokens();
+    drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    let rotated2 = sim.current_refresh_token().unwrap();
+    assert_ne!(rotated2, rotated);
+    assert_eq!(
+        store.kv_get("hubspot.refresh_token").await.unwrap(),
+        Some(json!(rotated2))
+    );
+
+    // A new process with the original (now revoked) token in its config uses the stored one.
+    let s = settings(&server.url(), &format!("requests_per_10s = 1000\n{extra}"));
+    let conn2 = HubspotConnector::new(&s, Some(store.clone())).unwrap();
+    drain(&conn2, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    let token_calls: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/oauth/v3/token")
+        .collect();
+    assert_eq!(token_calls.len(), 3);
+    assert!(token_calls.iter().all(|r| r.status == 200));
+    // Without a store nothing else holds the rotated token: the refresh is refused clearly.
+    let conn3 = HubspotConnector::new(&s, None).unwrap();
+    match drain(&conn3, spec("contacts", &[("email", None)], None)).await {
+        Err(e @ ConnectorError::Auth { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("refresh"), "{text}");
+            assert!(
+                !text.contains("app-secret") && !text.contains("refresh-original"),
+                "{text}"
+            );
+        }
+        other => panic!("expected Auth, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn check_names_each_missing_property() {
+    let (_sim, _server, conn) = setup(sim_config(), "", None).await;
+    let s = spec(
+        "contacts",
+        &[
+            ("email", None),
+            ("plan_tierr", None),
+            ("arr_custom", None),
+            ("hubspot_owner_id", Some(Transform::OwnerName)),
+        ],
+        None,
+    );
+    let findings = conn.check(&s).await.unwrap();
+    let bad: Vec<&str> = findings
+        .iter()
+        .filter(|f| !f.ok)
+        .map(|f| f.detail.as_str())
+        .collect();
+    assert_eq!(
+        bad,
+        [
+            "contacts has no property plan_tierr",
+            "contacts has no property arr_custom"
+        ]
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.ok && f.subject == "contacts.email")
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.ok && f.subject == "hubspot owners")
+    );
+    let unknown = conn
+        .check(&spec("widgets", &[("x", None)], None))
+        .await
+        .unwrap();
+    assert!(!unknown.iter().all(|f| f.ok));
+}
+
+#[tokio::test]
+async fn the_token_never_leaks_and_a_bad_token_is_an_auth_error() {
+    let cfg = HubspotSimConfig {
+        access_token: "some-other-token".into(),
+        ..sim_config()
+    };
+    let (_sim, _server, conn) = setup(cfg, "", None).await;
+    assert!(!format!("{conn:?}").contains(TOKEN));
+    let err = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Auth { .. }), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains(TOKEN), "{text}");
+    assert!(
+        text.contains("crm.objects"),
+        "the hint names the scopes: {text}"
+    );
+    let findings = conn
+        .check(&spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap();
+    assert!(!findings[0].ok && !findings[0].detail.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn server_errors_retry_html_is_protocol_and_bad_properties_are_mapping_errors() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    sim.upsert_at("contacts", 1, json!({"email": "r@x.io"}), T0 as u64);
+    sim.set_fault(SimFaults {
+        server_errors: 2,
+        ..SimFaults::default()
+    });
+    let (records, _) = drain(&conn, spec("contacts", &[("email", None)], Some(mark(T0))))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "two 503s are retried");
+    sim.set_fault(SimFaults {
+        server_errors: 10,
+        ..SimFaults::default()
+    });
+    let err = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    sim.set_fault(SimFaults {
+        html_pages: 1,
+        ..SimFaults::default()
+    });
+    let err = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Protocol { .. }), "{err:?}");
+    sim.set_fault(SimFaults::default());
+    let mut s = spec("contacts", &[("email", None)], Some(mark(T0)));
+    s.filter = Some("no_such_prop=1".into());
+    let err = drain(&conn, s).await.unwrap_err();
+    match err {
+        ConnectorError::Mapping { message, .. } => {
+            assert!(message.contains("no_such_prop"), "{message}")
+        }
+        other => panic!("expected Mapping, got {other:?}"),
+    }
+}
