@@ -107,6 +107,14 @@ pub enum Command {
     },
     /// Validate the config and verify credentials, fields and types against Pendo and the CRMs.
     Check,
+    /// Start the built-in simulators, sync, change some CRM records, sync again, audit; no config needed.
+    Demo,
+    /// Run the simulators alone (Pendo, Salesforce, HubSpot on loopback) to try a config against.
+    Simulate {
+        /// Address for the Pendo simulator; Salesforce and HubSpot take the next two ports.
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -17,6 +17,12 @@ use crate::store::{QueueFilter, QueueState, Store};
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<u8, AppError> {
+    // The simulators need no configuration file.
+    match cli.command {
+        Command::Demo => return crate::demo::demo().await,
+        Command::Simulate { listen } => return crate::demo::simulate(listen).await,
+        _ => {}
+    }
     let settings = Arc::new(Settings::load(&cli.config)?);
     match cli.command {
         Command::Sync { mapping, dry_run } => {
@@ -37,6 +43,7 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
         Command::Status { format } => status(&settings, format).await,
         Command::Queue { action } => queue(&settings, action).await,
         Command::Check => check(settings).await,
+        Command::Demo | Command::Simulate { .. } => unreachable!("handled above"),
     }
 }
 

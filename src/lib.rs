@@ -20,6 +20,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod connectors;
+pub mod demo;
 pub mod diff;
 pub mod domain;
 pub mod engine;

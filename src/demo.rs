@@ -1,0 +1,299 @@
+//! `pendo-sync demo` and `pendo-sync simulate`: the three simulators on loopback, seeded, and
+//! (for the demo) a first sync, a round of CRM edits, a second sync that sends only what changed,
+//! and a dry-run audit. Nothing leaves the machine; no config is needed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError};
+use crate::config::Settings;
+use crate::domain::Kind;
+use crate::engine::Mode;
+use crate::sim::SimServer;
+use crate::sim::hubspot::{HubspotSim, HubspotSimConfig};
+use crate::sim::pendo::{PendoSim, PendoSimConfig};
+use crate::sim::salesforce::{SalesforceSim, SalesforceSimConfig};
+
+const PENDO_KEY: &str = "demo-integration-key";
+const SF_SECRET: &str = "demo-client-secret";
+
+struct Sims {
+    pendo: PendoSim,
+    salesforce: SalesforceSim,
+    hubspot: HubspotSim,
+    servers: Vec<SimServer>,
+}
+
+async fn start_sims(first: SocketAddr) -> std::io::Result<Sims> {
+    let mut schema = Vec::new();
+    for (f, t) in [
+        ("plantier", "string"),
+        ("arr", "number"),
+        ("owneremail", "string"),
+        ("renewaldate", "date"),
+        ("isstrategic", "boolean"),
+    ] {
+        schema.push((Kind::Account, f.to_owned(), t.to_owned()));
+    }
+    for f in ["lifecyclestage", "owneremail", "csmname"] {
+        schema.push((Kind::Visitor, f.to_owned(), "string".to_owned()));
+    }
+    let pendo = PendoSim::new(PendoSimConfig {
+        integration_key: PENDO_KEY.into(),
+        write_access: true,
+        schema,
+        rate_limit: None,
+        errors_as_strings: false,
+    });
+    let salesforce = SalesforceSim::new(SalesforceSimConfig {
+        client_secret: SF_SECRET.into(),
+        ..SalesforceSimConfig::default()
+    });
+    let hubspot = HubspotSim::new(HubspotSimConfig::default());
+    let port = |n: u16| {
+        let mut a = first;
+        if a.port() != 0 {
+            a.set_port(a.port() + n);
+        }
+        a
+    };
+    let servers = vec![
+        pendo.start(port(0)).await?,
+        salesforce.start(port(1)).await?,
+        hubspot.start(port(2)).await?,
+    ];
+    Ok(Sims {
+        pendo,
+        salesforce,
+        hubspot,
+        servers,
+    })
+}
+
+fn config_text(sims: &Sims, state: &std::path::Path) -> String {
+    let sf_client_id = SalesforceSimConfig::default().client_id;
+    let hs_token = HubspotSimConfig::default().access_token;
+    format!(
+        r#"[state]
+path = "{state}"
+
+[pendo]
+base_url = "{pendo}"
+integration_key = "{PENDO_KEY}"
+batch_size = 500
+requests_per_second = 50
+create_missing = true
+
+[salesforce]
+login_url = "{sf}"
+auth = "client_credentials"
+client_id = "{sf_client_id}"
+client_secret = "{SF_SECRET}"
+requests_per_second = 50
+
+[hubspot]
+base_url = "{hs}"
+access_token = "{hs_token}"
+requests_per_10s = 150
+
+[[mappings]]
+name = "sf-accounts"
+source = "salesforce"
+object = "Account"
+kind = "account"
+id = "Id"
+filter = "Type = 'Customer'"
+on_delete = "clear"
+  [mappings.fields]
+  plantier    = {{ from = "Plan_Tier__c",     type = "string" }}
+  arr         = {{ from = "ARR__c",           type = "number" }}
+  owneremail  = {{ from = "Owner.Email",      type = "string" }}
+  renewaldate = {{ from = "Renewal_Date__c",  type = "date" }}
+  isstrategic = {{ from = "Strategic__c",     type = "boolean" }}
+
+[[mappings]]
+name = "hs-contacts"
+source = "hubspot"
+object = "contacts"
+kind = "visitor"
+id = "email"
+id_case = "lower"
+on_delete = "keep"
+  [mappings.fields]
+  lifecyclestage = {{ from = "lifecyclestage",   type = "string" }}
+  owneremail     = {{ from = "hubspot_owner_id", type = "string", transform = "owner_email" }}
+  csmname        = {{ from = "hubspot_owner_id", type = "string", transform = "owner_name" }}
+"#,
+        state = state.display(),
+        pendo = sims.servers[0].url(),
+        sf = sims.servers[1].url(),
+        hs = sims.servers[2].url(),
+    )
+}
+
+/// `pendo-sync simulate`: serve the simulators until Ctrl-C, printing their URLs and a config.
+pub async fn simulate(listen: SocketAddr) -> Result<u8, AppError> {
+    let sims = start_sims(listen)
+        .await
+        .map_err(|e| AppError::Runtime(format!("cannot listen on {listen}: {e}")))?;
+    sims.salesforce.seed_demo(200, 300);
+    sims.hubspot.seed_demo(50, 300);
+    println!("Pendo simulator       {}", sims.servers[0].url());
+    println!("Salesforce simulator  {}", sims.servers[1].url());
+    println!("HubSpot simulator     {}", sims.servers[2].url());
+    println!(
+        "\n# A config that points at them (save it and run `pendo-sync --config FILE sync`):\n"
+    );
+    println!(
+        "{}",
+        config_text(&sims, std::path::Path::new("./pendo-sync-sim.db"))
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(0)
+}
+
+/// `pendo-sync demo`.
+pub async fn demo() -> Result<u8, AppError> {
+    let started = Instant::now();
+    let sims = start_sims("127.0.0.1:0".parse().expect("address"))
+        .await
+        .map_err(|e| AppError::Runtime(format!("cannot start the simulators: {e}")))?;
+    let accounts = 2_000;
+    sims.salesforce.seed_demo(accounts, 3_000);
+    sims.hubspot.seed_demo(300, 2_000);
+    let dir = std::env::temp_dir().join(format!("pendo-sync-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AppError::Runtime(format!("cannot create {}: {e}", dir.display())))?;
+    let text = config_text(&sims, &dir.join("state.db"));
+    let settings = Arc::new(Settings::from_toml_with_env(&text, HashMap::new())?);
+    let store = crate::store::Store::open(&settings.state.path).await?;
+    let connectors = crate::connectors::build(&settings, Some(store.clone()))?;
+    let app = App::open(settings.clone(), connectors).await?;
+    let cancel = CancellationToken::new();
+
+    println!(
+        "pendo-sync demo: Salesforce ({accounts} accounts), HubSpot (2,000 contacts) and Pendo simulators on loopback\n"
+    );
+    println!("1. First sync: everything the CRMs hold goes to Pendo");
+    let first = app
+        .sync(None, Mode::Incremental, false, &cancel, &())
+        .await?;
+    report(&first, &sims);
+
+    println!("\n2. Nothing changed: a second sync sends Pendo nothing");
+    let before = sims.pendo.requests().len();
+    let idle = app
+        .sync(None, Mode::Incremental, false, &cancel, &())
+        .await?;
+    println!(
+        "   pulled {} changed records, Pendo requests: {}",
+        idle.cycles.iter().map(|c| c.pulled).sum::<u64>(),
+        sims.pendo.requests().len() - before
+    );
+
+    println!(
+        "\n3. RevOps edits the CRM: 25 plan tiers and 10 ARR figures in Salesforce, 15 lifecycle stages in HubSpot"
+    );
+    for i in 0..25 {
+        sims.salesforce.set_field(
+            "Account",
+            &crate::sim::salesforce::account_id(i * 7),
+            "Plan_Tier__c",
+            serde_json::json!("Platinum"),
+        );
+    }
+    for i in 0..10 {
+        sims.salesforce.set_field(
+            "Account",
+            &crate::sim::salesforce::account_id(i * 11 + 3),
+            "ARR__c",
+            serde_json::json!(999_000.0 + i as f64),
+        );
+    }
+    for i in 0..15u64 {
+        sims.hubspot.upsert(
+            "contacts",
+            5001 + i * 13,
+            serde_json::json!({"lifecyclestage": "evangelist"}),
+        );
+    }
+    sims.pendo.reset_requests();
+    let second = app
+        .sync(None, Mode::Incremental, false, &cancel, &())
+        .await?;
+    report(&second, &sims);
+    let values: usize = sims
+        .pendo
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.body.as_ref()?.as_array().map(|a| {
+                a.iter()
+                    .map(|e| e["values"].as_object().map_or(0, |v| v.len()))
+                    .sum::<usize>()
+            })
+        })
+        .sum();
+    println!("   field values sent: {values} (only the changed fields, not whole records)");
+
+    println!("\n4. Audit (dry run, writes nothing): the CRM against what Pendo confirmed");
+    let mut drift = 0;
+    for m in &settings.mappings {
+        let r = app.cycle(m, Mode::Reconcile, true, &()).await?;
+        drift += r.dry_run_changes.len();
+        println!(
+            "   {:<12} {} records read, {} fields differ",
+            m.name,
+            r.pulled,
+            r.dry_run_changes.len()
+        );
+    }
+    println!(
+        "\n{} in {:.1}s. State file: {}",
+        if drift == 0 { "In sync" } else { "Drift found" },
+        started.elapsed().as_secs_f64(),
+        settings.state.path.display()
+    );
+    app.store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(if drift == 0 && second.failed.is_empty() {
+        0
+    } else {
+        1
+    })
+}
+
+fn report(r: &crate::app::SyncReport, sims: &Sims) {
+    for c in &r.cycles {
+        println!(
+            "   {:<12} pulled {:>5} records, {:>5} field changes, {} set aside",
+            c.mapping, c.pulled, c.changes, c.invalid
+        );
+    }
+    for (m, e) in &r.failed {
+        println!("   {m:<12} FAILED: {e}");
+    }
+    if let Some(d) = &r.drain {
+        println!(
+            "   Pendo: {} requests, {} records confirmed, {} unknown ids",
+            d.requests, d.confirmed, d.unmatched
+        );
+    }
+    let accounts = sims
+        .pendo
+        .values(Kind::Account)
+        .values()
+        .filter(|v| !v.is_empty())
+        .count();
+    let visitors = sims
+        .pendo
+        .values(Kind::Visitor)
+        .values()
+        .filter(|v| !v.is_empty())
+        .count();
+    println!("   Pendo now holds metadata for {accounts} accounts and {visitors} visitors");
+}
