@@ -116,11 +116,19 @@ pub struct SalesforceSim {
 type Answer = Result<Response, Response>;
 
 fn sf_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(json!([{ "message": message, "errorCode": code }]))).into_response()
+    (
+        status,
+        axum::Json(json!([{ "message": message, "errorCode": code }])),
+    )
+        .into_response()
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    (status, axum::Json(json!({ "error": error, "error_description": description }))).into_response()
+    (
+        status,
+        axum::Json(json!({ "error": error, "error_description": description })),
+    )
+        .into_response()
 }
 
 /// `2026-11-01T10:00:00.000+0000`, the REST JSON form.
@@ -170,7 +178,10 @@ impl SalesforceSim {
             .route("/services/data/{v}/sobjects/{obj}/describe", get(describe))
             .route("/services/data/{v}/jobs/query", post(create_job))
             .route("/services/data/{v}/jobs/query/{id}", get(job_info))
-            .route("/services/data/{v}/jobs/query/{id}/results", get(job_results))
+            .route(
+                "/services/data/{v}/jobs/query/{id}/results",
+                get(job_results),
+            )
             .route("/_sim/salesforce/records/{object}", get(sim_records))
             .layer(middleware::from_fn_with_state(self.clone(), track))
             .with_state(self.clone())
@@ -192,14 +203,18 @@ impl SalesforceSim {
             _ => Map::new(),
         };
         fields.insert("Id".into(), Value::String(id.into()));
-        self.lock().objects.entry(object.into()).or_default().insert(
-            id.into(),
-            Row {
-                fields,
-                modstamp,
-                deleted: false,
-            },
-        );
+        self.lock()
+            .objects
+            .entry(object.into())
+            .or_default()
+            .insert(
+                id.into(),
+                Row {
+                    fields,
+                    modstamp,
+                    deleted: false,
+                },
+            );
     }
 
     /// Changes one top-level field and bumps `SystemModstamp`.
@@ -312,7 +327,10 @@ pub fn account_id(i: usize) -> String {
 
 fn full_view(r: &Row) -> Map<String, Value> {
     let mut m = r.fields.clone();
-    m.insert("SystemModstamp".into(), Value::String(format_rest(r.modstamp)));
+    m.insert(
+        "SystemModstamp".into(),
+        Value::String(format_rest(r.modstamp)),
+    );
     m.insert("IsDeleted".into(), Value::Bool(r.deleted));
     m
 }
@@ -327,7 +345,8 @@ async fn track(AxState(sim): AxState<SalesforceSim>, req: Request, next: Next) -
         return resp;
     }
     let mut st = sim.lock();
-    st.requests.push((method, path.clone(), resp.status().as_u16()));
+    st.requests
+        .push((method, path.clone(), resp.status().as_u16()));
     if path.starts_with("/services/data/") {
         let info = format!("api-usage={}/{}", st.api_used, st.cfg.daily_limit);
         if let Ok(v) = HeaderValue::from_str(&info) {
@@ -340,7 +359,11 @@ async fn track(AxState(sim): AxState<SalesforceSim>, req: Request, next: Next) -
 impl SalesforceSim {
     /// The checks every data call passes: a live bearer token, the daily allocation, injected
     /// faults. `counted` calls add one to the daily usage.
-    fn gate(&self, headers: &HeaderMap, counted: bool) -> Result<MutexGuard<'_, SimState>, Response> {
+    fn gate(
+        &self,
+        headers: &HeaderMap,
+        counted: bool,
+    ) -> Result<MutexGuard<'_, SimState>, Response> {
         let mut st = self.lock();
         let token = headers
             .get(header::AUTHORIZATION)
@@ -352,7 +375,11 @@ impl SalesforceSim {
             .get(token)
             .is_some_and(|issued| st.cfg.token_ttl.is_none_or(|ttl| issued.elapsed() < ttl));
         if !live {
-            return Err(sf_error(StatusCode::UNAUTHORIZED, "INVALID_SESSION_ID", "Session expired or invalid"));
+            return Err(sf_error(
+                StatusCode::UNAUTHORIZED,
+                "INVALID_SESSION_ID",
+                "Session expired or invalid",
+            ));
         }
         if st.api_used >= st.cfg.daily_limit {
             return Err(sf_error(
@@ -371,7 +398,11 @@ impl SalesforceSim {
             return Err((status, [(header::CONTENT_TYPE, ctype)], body).into_response());
         }
         if st.fault.error_rate > 0.0 && fastrand::f64() < st.fault.error_rate {
-            return Err(sf_error(StatusCode::SERVICE_UNAVAILABLE, "SERVER_UNAVAILABLE", "Service unavailable"));
+            return Err(sf_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SERVER_UNAVAILABLE",
+                "Service unavailable",
+            ));
         }
         if counted {
             st.api_used += 1;
@@ -407,7 +438,10 @@ async fn token(AxState(sim): AxState<SalesforceSim>, headers: HeaderMap, body: B
         .and_then(base64_decode)
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned())));
-    let client_id = form.get("client_id").cloned().or_else(|| basic.as_ref().map(|b| b.0.clone()));
+    let client_id = form
+        .get("client_id")
+        .cloned()
+        .or_else(|| basic.as_ref().map(|b| b.0.clone()));
     let client_secret = form
         .get("client_secret")
         .cloned()
@@ -441,7 +475,11 @@ async fn token(AxState(sim): AxState<SalesforceSim>, headers: HeaderMap, body: B
             if claims.sub != st.cfg.username {
                 return bad("invalid_grant", "user hasn't approved this consumer");
             }
-            let audiences = [origin.as_str(), "https://login.salesforce.com", "https://test.salesforce.com"];
+            let audiences = [
+                origin.as_str(),
+                "https://login.salesforce.com",
+                "https://test.salesforce.com",
+            ];
             if !audiences.contains(&claims.aud.as_str()) {
                 return bad("invalid_grant", "audience is invalid");
             }
@@ -541,15 +579,29 @@ async fn query_all(
     run_query(&sim, &v, &q, &headers, true).unwrap_or_else(|e| e)
 }
 
-fn run_query(sim: &SalesforceSim, v: &str, q: &HashMap<String, String>, headers: &HeaderMap, all: bool) -> Answer {
+fn run_query(
+    sim: &SalesforceSim,
+    v: &str,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    all: bool,
+) -> Answer {
     let mut st = sim.gate(headers, true)?;
-    let text = q
-        .get("q")
-        .ok_or_else(|| sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", "missing q parameter"))?;
-    let soql = parse_soql(text).map_err(|m| sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", &m))?;
+    let text = q.get("q").ok_or_else(|| {
+        sf_error(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_QUERY",
+            "missing q parameter",
+        )
+    })?;
+    let soql =
+        parse_soql(text).map_err(|m| sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", &m))?;
     let rows = execute(&st, &soql, all)?;
     if soql.count {
-        return Ok(axum::Json(json!({"totalSize": rows.len(), "done": true, "records": []})).into_response());
+        return Ok(
+            axum::Json(json!({"totalSize": rows.len(), "done": true, "records": []}))
+                .into_response(),
+        );
     }
     // Resolve the columns once: schema derivation scans every row.
     let columns = soql
@@ -557,7 +609,10 @@ fn run_query(sim: &SalesforceSim, v: &str, q: &HashMap<String, String>, headers:
         .iter()
         .map(|f| resolve_path(&st, &soql.object, f))
         .collect::<Result<Vec<_>, _>>()?;
-    let records: Vec<Value> = rows.iter().map(|r| render_rest(v, &soql.object, &columns, r)).collect();
+    let records: Vec<Value> = rows
+        .iter()
+        .map(|r| render_rest(v, &soql.object, &columns, r))
+        .collect();
     st.seq += 1;
     let locator = format!("01gSIM{:012}", st.seq);
     st.cursors.insert(locator.clone(), records);
@@ -592,7 +647,11 @@ async fn query_more(
         .and_then(|(l, o)| Some((l.to_owned(), o.parse::<usize>().ok()?)));
     match parsed {
         Some((l, offset)) if st.cursors.contains_key(&l) => page_answer(&st, &v, &l, offset),
-        _ => sf_error(StatusCode::BAD_REQUEST, "INVALID_QUERY_LOCATOR", "invalid query locator"),
+        _ => sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY_LOCATOR",
+            "invalid query locator",
+        ),
     }
 }
 
@@ -643,7 +702,11 @@ fn infer_type(v: &Value) -> &'static str {
     match v {
         Value::Bool(_) => "boolean",
         Value::Number(_) => "double",
-        Value::String(s) if s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok() => "date",
+        Value::String(s)
+            if s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok() =>
+        {
+            "date"
+        }
         Value::String(s) if parse_dt(s).is_some() => "datetime",
         _ => "string",
     }
@@ -734,7 +797,11 @@ fn resolve_path(st: &SimState, object: &str, path: &str) -> Result<Vec<String>, 
         } else {
             let f = fields
                 .values()
-                .find(|f| f.relationship.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(seg)))
+                .find(|f| {
+                    f.relationship
+                        .as_deref()
+                        .is_some_and(|r| r.eq_ignore_ascii_case(seg))
+                })
                 .ok_or_else(no_such)?;
             canon.push(f.relationship.clone().unwrap_or_default());
             current = f.reference_to.clone().unwrap_or_default();
@@ -753,7 +820,11 @@ async fn describe(
         Err(e) => return e,
     };
     let Some(fields) = schema(&st, &obj) else {
-        return sf_error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist");
+        return sf_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        );
     };
     let fields: Vec<Value> = fields
         .values()
@@ -825,7 +896,11 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
             }
             '=' | '!' | '<' | '>' => {
                 let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
-                let op = if ["!=", "<=", ">=", "<>"].contains(&two.as_str()) { two } else { c.to_string() };
+                let op = if ["!=", "<=", ">=", "<>"].contains(&two.as_str()) {
+                    two
+                } else {
+                    c.to_string()
+                };
                 if op == "!" {
                     return Err("unexpected '!'".into());
                 }
@@ -834,7 +909,8 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
             }
             c if c.is_alphanumeric() || c == '_' || c == '-' || c == '.' => {
                 let start = i;
-                while i < chars.len() && (chars[i].is_alphanumeric() || "_-.:+".contains(chars[i])) {
+                while i < chars.len() && (chars[i].is_alphanumeric() || "_-.:+".contains(chars[i]))
+                {
                     i += 1;
                 }
                 out.push(Tok::Word(chars[start..i].iter().collect()));
@@ -932,7 +1008,11 @@ impl Parser {
         let field = self.word()?;
         let op = match self.next() {
             Some(Tok::Op(op)) => op,
-            other => return Err(format!("expected an operator after {field}, found {other:?}")),
+            other => {
+                return Err(format!(
+                    "expected an operator after {field}, found {other:?}"
+                ));
+            }
         };
         let lit = match self.next() {
             Some(Tok::Str(s)) => Lit::Str(s),
@@ -1017,7 +1097,11 @@ fn parse_soql(text: &str) -> Result<Soql, String> {
     }
     if p.peek_kw("LIMIT") {
         p.pos += 1;
-        soql.limit = Some(p.word()?.parse().map_err(|_| "LIMIT needs a number".to_owned())?);
+        soql.limit = Some(
+            p.word()?
+                .parse()
+                .map_err(|_| "LIMIT needs a number".to_owned())?,
+        );
     }
     if p.pos < p.toks.len() {
         return Err(format!("unexpected token {:?}", p.toks[p.pos]));
@@ -1211,11 +1295,21 @@ async fn create_job(
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let operation = req["operation"].as_str().unwrap_or("").to_owned();
     if operation != "query" && operation != "queryAll" {
-        return sf_error(StatusCode::BAD_REQUEST, "INVALIDJOB", "operation must be query or queryAll");
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALIDJOB",
+            "operation must be query or queryAll",
+        );
     }
     let soql = match parse_soql(req["query"].as_str().unwrap_or("")) {
         Ok(s) if !s.count => s,
-        Ok(_) => return sf_error(StatusCode::BAD_REQUEST, "INVALIDJOB", "aggregate queries are not supported"),
+        Ok(_) => {
+            return sf_error(
+                StatusCode::BAD_REQUEST,
+                "INVALIDJOB",
+                "aggregate queries are not supported",
+            );
+        }
         Err(m) => return sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", &m),
     };
     let rows = match execute(&st, &soql, operation == "queryAll") {
@@ -1262,11 +1356,19 @@ async fn job_info(
         Err(e) => return e,
     };
     let Some(job) = st.jobs.get_mut(&id) else {
-        return sf_error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist");
+        return sf_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        );
     };
     job.polls += 1;
     // The first poll finds the job still running, as real jobs mostly are.
-    let state = if job.polls == 1 { "InProgress" } else { "JobComplete" };
+    let state = if job.polls == 1 {
+        "InProgress"
+    } else {
+        "JobComplete"
+    };
     axum::Json(json!({
         "id": id, "operation": job.operation, "object": job.object, "state": state,
         "numberRecordsProcessed": if state == "JobComplete" { job.rows.len() } else { 0 },
@@ -1285,13 +1387,20 @@ async fn job_results(
         Err(e) => return e,
     };
     let Some(job) = st.jobs.get(&id) else {
-        return sf_error(StatusCode::NOT_FOUND, "NOT_FOUND", "The requested resource does not exist");
+        return sf_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        );
     };
     if job.polls < 2 {
         return sf_error(StatusCode::BAD_REQUEST, "INVALIDJOB", "job is not complete");
     }
     let start: usize = q.get("locator").and_then(|l| l.parse().ok()).unwrap_or(0);
-    let max: usize = q.get("maxRecords").and_then(|m| m.parse().ok()).unwrap_or(usize::MAX);
+    let max: usize = q
+        .get("maxRecords")
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(usize::MAX);
     let end = start.saturating_add(max.max(1)).min(job.rows.len());
     let mut csv = job
         .columns
@@ -1304,7 +1413,11 @@ async fn job_results(
         csv.push_str(&row.join(","));
         csv.push('\n');
     }
-    let locator = if end < job.rows.len() { end.to_string() } else { "null".into() };
+    let locator = if end < job.rows.len() {
+        end.to_string()
+    } else {
+        "null".into()
+    };
     (
         [
             (header::CONTENT_TYPE, "text/csv".to_owned()),

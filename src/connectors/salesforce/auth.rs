@@ -37,8 +37,12 @@ impl Credentials {
         Ok(match s.auth {
             SalesforceAuth::Jwt => {
                 let pem = s.private_key_source.resolve("salesforce.private_key")?;
-                let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
-                    ConfigError::new("salesforce.private_key", "is not an RSA private key in PEM form")
+                let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes())
+                    .map_err(|_| {
+                    ConfigError::new(
+                        "salesforce.private_key",
+                        "is not an RSA private key in PEM form",
+                    )
                 })?;
                 Credentials::Jwt {
                     username: s.username.clone().unwrap_or_default(),
@@ -139,12 +143,17 @@ impl SalesforceConnector {
                     exp: jsonwebtoken::get_current_timestamp() + 180,
                 };
                 let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-                let assertion = jsonwebtoken::encode(&header, &claims, key).map_err(|e| ConnectorError::Auth {
-                    api: API,
-                    message: format!("cannot sign the JWT assertion: {e}"),
-                    hint: "check salesforce.private_key_file".into(),
+                let assertion = jsonwebtoken::encode(&header, &claims, key).map_err(|e| {
+                    ConnectorError::Auth {
+                        api: API,
+                        message: format!("cannot sign the JWT assertion: {e}"),
+                        hint: "check salesforce.private_key_file".into(),
+                    }
                 })?;
-                form.push(("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()));
+                form.push((
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:jwt-bearer".into(),
+                ));
                 form.push(("assertion", assertion));
             }
             Credentials::Client { secret } => {
@@ -160,7 +169,10 @@ impl SalesforceConnector {
                 form.push(("refresh_token", token.expose_secret().to_owned()));
             }
         }
-        let url = format!("{}/services/oauth2/token", s.login_url.trim_end_matches('/'));
+        let url = format!(
+            "{}/services/oauth2/token",
+            s.login_url.trim_end_matches('/')
+        );
         self.limiter.acquire().await;
         let resp = self.client.post(&url).form(&form).send().await;
         let resp = match resp {
@@ -193,10 +205,11 @@ impl SalesforceConnector {
                 hint: self.creds.hint().into(),
             });
         }
-        let answer: TokenAnswer = serde_json::from_str(&body).map_err(|_| ConnectorError::Protocol {
-            api: API,
-            message: "the token endpoint answered without access_token/instance_url".into(),
-        })?;
+        let answer: TokenAnswer =
+            serde_json::from_str(&body).map_err(|_| ConnectorError::Protocol {
+                api: API,
+                message: "the token endpoint answered without access_token/instance_url".into(),
+            })?;
         if let Some(new) = answer.refresh_token {
             self.keep_refresh_token(new).await;
         }
@@ -214,9 +227,13 @@ impl SalesforceConnector {
         }
         if let Some(store) = &self.store {
             match store.kv_get(REFRESH_TOKEN_KEY).await {
-                Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => return SecretString::from(t),
+                Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => {
+                    return SecretString::from(t);
+                }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the kept salesforce refresh token; using the configured one"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the kept salesforce refresh token; using the configured one")
+                }
             }
         }
         configured.clone()

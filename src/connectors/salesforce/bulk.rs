@@ -38,19 +38,27 @@ pub(super) async fn start(
 ) -> Result<BulkState, ConnectorError> {
     let mut req = Req::get(conn.data_path("jobs/query"));
     req.method = reqwest::Method::POST;
-    req.json = Some(json!({"operation": "queryAll", "query": soql::bulk_query(spec), "contentType": "CSV"}));
+    req.json = Some(
+        json!({"operation": "queryAll", "query": soql::bulk_query(spec), "contentType": "CSV"}),
+    );
     let ans = conn.send(&req, Some(&mut *probed)).await?;
     let job = conn.json(ans, &spec.mapping)?;
-    let id = job["id"].as_str().map(str::to_owned).ok_or_else(|| ConnectorError::Protocol {
-        api: API,
-        message: "Bulk job created without an id".into(),
-    })?;
+    let id = job["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ConnectorError::Protocol {
+            api: API,
+            message: "Bulk job created without an id".into(),
+        })?;
     let mut wait = conn.backoff.poll;
     for _ in 0..MAX_POLLS {
         tokio::time::sleep(wait).await;
         wait = (wait * 3 / 2).min(conn.backoff.poll * 10);
         let ans = conn
-            .send(&Req::get(conn.data_path(&format!("jobs/query/{id}"))), Some(&mut *probed))
+            .send(
+                &Req::get(conn.data_path(&format!("jobs/query/{id}"))),
+                Some(&mut *probed),
+            )
             .await?;
         let info = conn.json(ans, &spec.mapping)?;
         match info["state"].as_str().unwrap_or("") {
@@ -73,7 +81,10 @@ pub(super) async fn start(
     }
     Err(ConnectorError::Transient {
         api: API,
-        message: format!("Bulk job {id} for mapping {} did not finish in time", spec.mapping),
+        message: format!(
+            "Bulk job {id} for mapping {} did not finish in time",
+            spec.mapping
+        ),
     })
 }
 
@@ -94,10 +105,13 @@ pub(super) async fn next_page(
     }
     let ans = conn.send(&req, Some(probed)).await?;
     if ans.status != 200 {
-        return Err(conn.json(ans, &spec.mapping).err().unwrap_or(ConnectorError::Protocol {
-            api: API,
-            message: "Bulk results answered without a body".into(),
-        }));
+        return Err(conn
+            .json(ans, &spec.mapping)
+            .err()
+            .unwrap_or(ConnectorError::Protocol {
+                api: API,
+                message: "Bulk results answered without a body".into(),
+            }));
     }
     let locator = ans
         .headers
@@ -121,14 +135,19 @@ pub(super) async fn next_page(
             });
         };
         let deleted_col = col("IsDeleted");
-        let field_cols: Vec<(String, Option<usize>)> = spec.fields.iter().map(|f| (f.key(), col(&f.path))).collect();
+        let field_cols: Vec<(String, Option<usize>)> = spec
+            .fields
+            .iter()
+            .map(|f| (f.key(), col(&f.path)))
+            .collect();
         for row in rows {
             let cell = |i: usize| row.get(i).map(String::as_str).unwrap_or("");
             let id = cell(id_col).to_owned();
-            let ts = soql::parse_datetime(cell(ts_col)).ok_or_else(|| ConnectorError::Protocol {
-                api: API,
-                message: format!("Bulk CSV: unreadable SystemModstamp {:?}", cell(ts_col)),
-            })?;
+            let ts =
+                soql::parse_datetime(cell(ts_col)).ok_or_else(|| ConnectorError::Protocol {
+                    api: API,
+                    message: format!("Bulk CSV: unreadable SystemModstamp {:?}", cell(ts_col)),
+                })?;
             let mut fields = Map::new();
             for (key, c) in &field_cols {
                 let v = match c.map(cell) {

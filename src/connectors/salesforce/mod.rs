@@ -121,7 +121,11 @@ pub(super) fn excerpt(body: &str) -> String {
     if flat.chars().count() > 160 {
         out.push('…');
     }
-    if out.is_empty() { "(empty body)".into() } else { out }
+    if out.is_empty() {
+        "(empty body)".into()
+    } else {
+        out
+    }
 }
 
 /// `(errorCode, message)` of Salesforce's `[{"message":..,"errorCode":..}]` error body.
@@ -143,7 +147,12 @@ pub fn parse_limit_info(header: &str) -> Option<(u64, u64)> {
             return None;
         }
         let (used, limit) = value.trim().split_once('/')?;
-        let digits = |s: &str| s.trim().chars().take_while(char::is_ascii_digit).collect::<String>();
+        let digits = |s: &str| {
+            s.trim()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        };
         Some((digits(used).parse().ok()?, digits(limit).parse().ok()?))
     })
 }
@@ -153,14 +162,17 @@ impl SalesforceConnector {
     /// `store` keeps the rotated refresh token and the latest quota reading.
     pub fn new(settings: &SalesforceSettings, store: Option<Store>) -> Result<Self, ConfigError> {
         let creds = Credentials::from_settings(settings)?;
-        let login = url::Url::parse(&settings.login_url)
-            .map_err(|e| ConfigError::new("salesforce.login_url", format!("is not a valid URL ({e})")))?;
+        let login = url::Url::parse(&settings.login_url).map_err(|e| {
+            ConfigError::new("salesforce.login_url", format!("is not a valid URL ({e})"))
+        })?;
         let login_origin = login.origin().ascii_serialization();
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .user_agent(concat!("pendo-sync/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ConfigError::new("salesforce", format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| {
+                ConfigError::new("salesforce", format!("cannot build the HTTP client: {e}"))
+            })?;
         Ok(SalesforceConnector {
             limiter: RateLimiter::per_second(settings.requests_per_second),
             settings: settings.clone(),
@@ -273,7 +285,11 @@ impl SalesforceConnector {
     /// Sends one data request through the limiter, re-logging in once on 401 and retrying
     /// 5xx, network failures and 403 REQUEST_LIMIT_EXCEEDED with backoff. `budget` (pulls only)
     /// enforces the daily API budget before every attempt.
-    pub(super) async fn send(&self, req: &Req, mut budget: Option<&mut bool>) -> Result<Answer, ConnectorError> {
+    pub(super) async fn send(
+        &self,
+        req: &Req,
+        mut budget: Option<&mut bool>,
+    ) -> Result<Answer, ConnectorError> {
         let mut relogged = false;
         let mut failures = 0u32;
         let mut limited = 0u32;
@@ -285,7 +301,10 @@ impl SalesforceConnector {
             self.limiter.acquire().await;
             let mut rb = self
                 .client
-                .request(req.method.clone(), format!("{}{}", session.instance_url, req.path))
+                .request(
+                    req.method.clone(),
+                    format!("{}{}", session.instance_url, req.path),
+                )
                 .bearer_auth(session.access_token.expose_secret());
             if !req.query.is_empty() {
                 rb = rb.query(&req.query);
@@ -306,7 +325,11 @@ impl SalesforceConnector {
                 }
                 Err(e) => {
                     crate::metrics::record_request(API, None);
-                    (0, reqwest::header::HeaderMap::new(), e.without_url().to_string())
+                    (
+                        0,
+                        reqwest::header::HeaderMap::new(),
+                        e.without_url().to_string(),
+                    )
                 }
             };
             if let Some((used, limit)) = headers
@@ -317,7 +340,10 @@ impl SalesforceConnector {
                 self.note_quota(used, limit);
             }
             let code = error_code(&body).map(|c| c.0);
-            if status == 401 && !relogged && code.as_deref().is_none_or(|c| c == "INVALID_SESSION_ID") {
+            if status == 401
+                && !relogged
+                && code.as_deref().is_none_or(|c| c == "INVALID_SESSION_ID")
+            {
                 relogged = true;
                 session = self.relogin(session.generation).await?;
                 continue;
@@ -345,19 +371,31 @@ impl SalesforceConnector {
             }
             if status == 0 || status >= 500 {
                 if failures + 1 < MAX_ATTEMPTS {
-                    let wait = self.backoff.transient * 2u32.pow(failures) + Duration::from_millis(fastrand::u64(0..100));
+                    let wait = self.backoff.transient * 2u32.pow(failures)
+                        + Duration::from_millis(fastrand::u64(0..100));
                     failures += 1;
                     tracing::warn!(status, ?wait, path = %req.path, "salesforce request failed; retrying");
                     tokio::time::sleep(wait).await;
                     continue;
                 }
-                let what = if status == 0 { body } else { format!("HTTP {status}") };
+                let what = if status == 0 {
+                    body
+                } else {
+                    format!("HTTP {status}")
+                };
                 return Err(ConnectorError::Transient {
                     api: API,
-                    message: format!("{} {} failed {MAX_ATTEMPTS} times: {what}", req.method, req.path),
+                    message: format!(
+                        "{} {} failed {MAX_ATTEMPTS} times: {what}",
+                        req.method, req.path
+                    ),
                 });
             }
-            return Ok(Answer { status, body, headers });
+            return Ok(Answer {
+                status,
+                body,
+                headers,
+            });
         }
     }
 
@@ -378,7 +416,10 @@ impl SalesforceConnector {
             Ok(_) => out.push(CheckFinding {
                 ok: true,
                 subject: "salesforce login".into(),
-                detail: format!("logged in via {:?} at {}", self.settings.auth, self.settings.login_url),
+                detail: format!(
+                    "logged in via {:?} at {}",
+                    self.settings.auth, self.settings.login_url
+                ),
             }),
             Err(e) => {
                 out.push(CheckFinding {
@@ -406,7 +447,11 @@ impl SalesforceConnector {
                 Ok(ty) => (true, format!("exists ({ty})")),
                 Err(e) => (false, e),
             };
-            out.push(CheckFinding { ok, subject, detail });
+            out.push(CheckFinding {
+                ok,
+                subject,
+                detail,
+            });
         }
         out
     }
@@ -421,7 +466,9 @@ impl SalesforceConnector {
         }
         let path = self.data_path(&format!("sobjects/{object}/describe"));
         let result = match self.send(&Req::get(path), None).await {
-            Ok(ans) if ans.status == 404 => Err(format!("the org has no object {object} (or the user cannot see it)")),
+            Ok(ans) if ans.status == 404 => Err(format!(
+                "the org has no object {object} (or the user cannot see it)"
+            )),
             Ok(ans) => self
                 .json(ans, "check")
                 .map(|v| v["fields"].as_array().cloned().unwrap_or_default())
@@ -458,7 +505,11 @@ impl SalesforceConnector {
             }
             current = match found["referenceTo"].get(0).and_then(Value::as_str) {
                 Some(t) => t.to_owned(),
-                None => return Err(format!("{current}.{seg} does not say which object it points to")),
+                None => {
+                    return Err(format!(
+                        "{current}.{seg} does not say which object it points to"
+                    ));
+                }
             };
         }
         Err(format!("{path} is not a field path"))
@@ -502,11 +553,17 @@ impl Connector for SalesforceConnector {
         API
     }
 
-    fn pull<'a>(&'a self, spec: PullSpec) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
+    fn pull<'a>(
+        &'a self,
+        spec: PullSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
         Box::pin(async move { Ok(Box::new(pull::SfPull::new(self, spec)?) as Box<dyn Pull + 'a>) })
     }
 
-    fn check<'a>(&'a self, spec: &'a PullSpec) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
+    fn check<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
         Box::pin(async move { Ok(self.check_inner(spec).await) })
     }
 }

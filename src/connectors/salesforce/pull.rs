@@ -43,7 +43,10 @@ pub(super) struct SfPull<'a> {
 }
 
 impl<'a> SfPull<'a> {
-    pub(super) fn new(conn: &'a SalesforceConnector, spec: PullSpec) -> Result<Self, ConnectorError> {
+    pub(super) fn new(
+        conn: &'a SalesforceConnector,
+        spec: PullSpec,
+    ) -> Result<Self, ConnectorError> {
         let start = match &spec.since {
             None => None,
             Some(w) => Some(Cursor::from_watermark(w).ok_or_else(|| ConnectorError::Protocol {
@@ -110,31 +113,44 @@ impl<'a> SfPull<'a> {
         req.query.push(("q", soql::count_query(&self.spec)));
         let ans = self.conn.send(&req, Some(&mut self.probed)).await?;
         let v = self.conn.json(ans, &self.spec.mapping)?;
-        v["totalSize"].as_u64().ok_or_else(|| ConnectorError::Protocol {
-            api: API,
-            message: "COUNT() answer without totalSize".into(),
-        })
+        v["totalSize"]
+            .as_u64()
+            .ok_or_else(|| ConnectorError::Protocol {
+                api: API,
+                message: "COUNT() answer without totalSize".into(),
+            })
     }
 
     async fn rest_page(&mut self) -> Result<Option<Page>, ConnectorError> {
         loop {
-            let Stage::Rest(st) = &mut self.stage else { return Ok(None) };
+            let Stage::Rest(st) = &mut self.stage else {
+                return Ok(None);
+            };
             let (req, first) = match st.next_url.take() {
                 Some(url) => (Req::get(url), false),
                 None => {
                     let mut req = Req::get(self.conn.data_path("queryAll"));
-                    req.query.push(("q", soql::rest_query(&self.spec, st.window)));
+                    req.query
+                        .push(("q", soql::rest_query(&self.spec, st.window)));
                     (req, true)
                 }
             };
             let window = st.window;
             let ans = self.conn.send(&req, Some(&mut self.probed)).await?;
-            let Stage::Rest(st) = &mut self.stage else { return Ok(None) };
-            if first && ans.status == 400 && error_code(&ans.body).is_some_and(|c| c.0 == "QUERY_TIMEOUT") {
+            let Stage::Rest(st) = &mut self.stage else {
+                return Ok(None);
+            };
+            if first
+                && ans.status == 400
+                && error_code(&ans.body).is_some_and(|c| c.0 == "QUERY_TIMEOUT")
+            {
                 let Some(from) = window.from.filter(|_| st.narrowed < MAX_NARROWINGS) else {
                     return Err(ConnectorError::Transient {
                         api: API,
-                        message: format!("QUERY_TIMEOUT for mapping {} even on a narrowed window", self.spec.mapping),
+                        message: format!(
+                            "QUERY_TIMEOUT for mapping {} even on a narrowed window",
+                            self.spec.mapping
+                        ),
                     });
                 };
                 let span = st.span.unwrap_or(self.started_at - from) / 2;
@@ -147,12 +163,15 @@ impl<'a> SfPull<'a> {
             let body = self.conn.json(ans, &self.spec.mapping)?;
             let done = body["done"].as_bool().unwrap_or(true);
             if !done {
-                st.next_url = Some(body["nextRecordsUrl"].as_str().map(str::to_owned).ok_or_else(|| {
-                    ConnectorError::Protocol {
-                        api: API,
-                        message: "done:false without nextRecordsUrl".into(),
-                    }
-                })?);
+                st.next_url = Some(
+                    body["nextRecordsUrl"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| ConnectorError::Protocol {
+                            api: API,
+                            message: "done:false without nextRecordsUrl".into(),
+                        })?,
+                );
             } else if let (Some(to), Some(span)) = (window.to, st.span) {
                 // Next window; the last one is open-ended so it reaches "now".
                 st.window.from = Some(to);
@@ -164,9 +183,11 @@ impl<'a> SfPull<'a> {
             let mut page = Vec::with_capacity(records.len());
             let mut last = None;
             for r in records {
-                let (raw, cur) = soql::flatten(r, &self.spec.fields).ok_or_else(|| ConnectorError::Protocol {
-                    api: API,
-                    message: "a record without Id/SystemModstamp".into(),
+                let (raw, cur) = soql::flatten(r, &self.spec.fields).ok_or_else(|| {
+                    ConnectorError::Protocol {
+                        api: API,
+                        message: "a record without Id/SystemModstamp".into(),
+                    }
                 })?;
                 page.push(raw);
                 last = Some(cur);
@@ -187,7 +208,9 @@ impl<'a> SfPull<'a> {
 
 impl SfPull<'_> {
     async fn bulk_page(&mut self) -> Result<Option<Page>, ConnectorError> {
-        let Stage::Bulk(st) = &mut self.stage else { return Ok(None) };
+        let Stage::Bulk(st) = &mut self.stage else {
+            return Ok(None);
+        };
         let page = super::bulk::next_page(self.conn, &self.spec, &mut self.probed, st).await?;
         if st.finished() {
             self.stage = Stage::Done;

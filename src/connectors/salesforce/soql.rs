@@ -112,7 +112,11 @@ pub(super) fn bulk_query(spec: &PullSpec) -> String {
 }
 
 pub(super) fn count_query(spec: &PullSpec) -> String {
-    format!("SELECT COUNT() FROM {}{}", spec.object, where_clause(spec, Window::default()))
+    format!(
+        "SELECT COUNT() FROM {}{}",
+        spec.object,
+        where_clause(spec, Window::default())
+    )
 }
 
 /// Looks up a dotted path in a REST record, walking relationship objects (`"Owner": {...}` or
@@ -122,9 +126,11 @@ fn lookup<'a>(record: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     let mut cur = record;
     let mut segs = path.split('.').peekable();
     while let Some(seg) = segs.next() {
-        let v = cur
-            .get(seg)
-            .or_else(|| cur.iter().find(|(k, _)| k.eq_ignore_ascii_case(seg)).map(|(_, v)| v))?;
+        let v = cur.get(seg).or_else(|| {
+            cur.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(seg))
+                .map(|(_, v)| v)
+        })?;
         if segs.peek().is_none() {
             return Some(v);
         }
@@ -138,10 +144,15 @@ pub(super) fn flatten(record: &Value, fields: &[FieldRequest]) -> Option<(RawRec
     let map = record.as_object()?;
     let id = lookup(map, "Id")?.as_str()?.to_owned();
     let ts = parse_datetime(lookup(map, "SystemModstamp")?.as_str()?)?;
-    let deleted = lookup(map, "IsDeleted").and_then(Value::as_bool).unwrap_or(false);
+    let deleted = lookup(map, "IsDeleted")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut flat = Map::new();
     for f in fields {
-        flat.insert(f.key(), lookup(map, &f.path).cloned().unwrap_or(Value::Null));
+        flat.insert(
+            f.key(),
+            lookup(map, &f.path).cloned().unwrap_or(Value::Null),
+        );
     }
     Some((
         RawRecord {

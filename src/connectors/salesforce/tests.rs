@@ -18,8 +18,7 @@ const PUBLIC_KEY: &str = include_str!("../../../tests/fixtures/salesforce/test_p
 
 const JWT: &str = "auth = \"jwt\"\nusername = \"integration@example.com\"";
 const CLIENT: &str = "auth = \"client_credentials\"\nclient_secret = \"sim-client-secret\"";
-const REFRESH: &str =
-    "auth = \"refresh_token\"\nclient_secret = \"sim-client-secret\"\nrefresh_token = \"sim-refresh-token\"";
+const REFRESH: &str = "auth = \"refresh_token\"\nclient_secret = \"sim-client-secret\"\nrefresh_token = \"sim-refresh-token\"";
 
 fn settings(url: &str, auth: &str, extra: &str) -> SalesforceSettings {
     let key = if auth.contains("jwt") {
@@ -65,11 +64,19 @@ fn sim_config() -> SalesforceSimConfig {
 
 async fn start(cfg: SalesforceSimConfig) -> (SalesforceSim, SimServer) {
     let sim = SalesforceSim::new(cfg);
-    let server = sim.start("127.0.0.1:0".parse().unwrap()).await.expect("sim starts");
+    let server = sim
+        .start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("sim starts");
     (sim, server)
 }
 
-fn connector(server: &SimServer, auth: &str, extra: &str, store: Option<Store>) -> SalesforceConnector {
+fn connector(
+    server: &SimServer,
+    auth: &str,
+    extra: &str,
+    store: Option<Store>,
+) -> SalesforceConnector {
     SalesforceConnector::new(&settings(&server.url(), auth, extra), store)
         .expect("connector builds")
         .with_backoff(Duration::from_millis(5))
@@ -111,7 +118,10 @@ async fn drain(
 }
 
 fn by_id(records: &[RawRecord]) -> BTreeMap<String, RawRecord> {
-    records.iter().map(|r| (r.crm_id.clone(), r.clone())).collect()
+    records
+        .iter()
+        .map(|r| (r.crm_id.clone(), r.clone()))
+        .collect()
 }
 
 fn count(sim: &SalesforceSim, method: &str, path_part: &str) -> usize {
@@ -126,8 +136,17 @@ async fn jwt_login_and_paged_pull_with_filter_and_relationships() {
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(2500, 0);
     let conn = connector(&server, JWT, "", None);
-    let fields = ["Id", "ARR__c", "Owner.Email", "Plan_Tier__c", "Strategic__c", "Renewal_Date__c"];
-    let (records, wm, pages) = drain(&conn, spec(&fields, Some("Type = 'Customer'"), None)).await.unwrap();
+    let fields = [
+        "Id",
+        "ARR__c",
+        "Owner.Email",
+        "Plan_Tier__c",
+        "Strategic__c",
+        "Renewal_Date__c",
+    ];
+    let (records, wm, pages) = drain(&conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
     assert_eq!(records.len(), 2250, "every Customer, none of the Prospects");
     assert_eq!(pages, 2, "2,000 per page");
     assert!(wm.is_some(), "a full pull still yields a watermark");
@@ -138,18 +157,35 @@ async fn jwt_login_and_paged_pull_with_filter_and_relationships() {
                "Plan_Tier__c": "Starter", "Strategic__c": true, "Renewal_Date__c": "2027-03-31"})
     );
     assert!(!first.deleted);
-    assert_eq!(count(&sim, "POST", "/services/oauth2/token"), 1, "one login for the whole pull");
-    assert_eq!(count(&sim, "GET", "/query/"), 1, "followed nextRecordsUrl once");
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        1,
+        "one login for the whole pull"
+    );
+    assert_eq!(
+        count(&sim, "GET", "/query/"),
+        1,
+        "followed nextRecordsUrl once"
+    );
 }
 
 #[tokio::test]
 async fn relationship_that_is_empty_arrives_as_null() {
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(1, 0);
-    sim.upsert("Account", "001X", json!({"Name": "Orphan", "Owner": null, "ARR__c": null}));
+    sim.upsert(
+        "Account",
+        "001X",
+        json!({"Name": "Orphan", "Owner": null, "ARR__c": null}),
+    );
     let conn = connector(&server, JWT, "", None);
-    let (records, _, _) = drain(&conn, spec(&["Id", "Owner.Email", "ARR__c"], None, None)).await.unwrap();
-    assert_eq!(by_id(&records)["001X"].fields, json!({"Id": "001X", "Owner.Email": null, "ARR__c": null}));
+    let (records, _, _) = drain(&conn, spec(&["Id", "Owner.Email", "ARR__c"], None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_id(&records)["001X"].fields,
+        json!({"Id": "001X", "Owner.Email": null, "ARR__c": null})
+    );
 }
 
 #[tokio::test]
@@ -183,7 +219,9 @@ async fn client_credentials_login_pulls() {
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(10, 0);
     let conn = connector(&server, CLIENT, "", None);
-    let (records, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, None)).await.unwrap();
+    let (records, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, None))
+        .await
+        .unwrap();
     assert_eq!(records.len(), 10);
 }
 
@@ -199,18 +237,40 @@ async fn rotated_refresh_token_is_kept_in_the_store_and_used_next_time() {
     let store = Store::open(&dir.path().join("state.db")).await.unwrap();
 
     let conn = connector(&server, REFRESH, "", Some(store.clone()));
-    assert_eq!(drain(&conn, spec(&["Id"], None, None)).await.unwrap().0.len(), 3);
+    assert_eq!(
+        drain(&conn, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
     let rotated = sim.current_refresh_token();
     assert_ne!(rotated, "sim-refresh-token", "the sim rotated the token");
-    assert_eq!(store.kv_get("salesforce.refresh_token").await.unwrap(), Some(Value::String(rotated.clone())));
-    assert!(!format!("{conn:?}").contains(&rotated), "Debug must not show the refresh token");
+    assert_eq!(
+        store.kv_get("salesforce.refresh_token").await.unwrap(),
+        Some(Value::String(rotated.clone()))
+    );
+    assert!(
+        !format!("{conn:?}").contains(&rotated),
+        "Debug must not show the refresh token"
+    );
 
     // A restart: a new connector with the (now invalid) configured token logs in with the kept one.
     let restarted = connector(&server, REFRESH, "", Some(store.clone()));
-    assert_eq!(drain(&restarted, spec(&["Id"], None, None)).await.unwrap().0.len(), 3);
+    assert_eq!(
+        drain(&restarted, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
     // Without the store, the configured token has been rotated out.
     let forgetful = connector(&server, REFRESH, "", None);
-    let e = drain(&forgetful, spec(&["Id"], None, None)).await.unwrap_err();
+    let e = drain(&forgetful, spec(&["Id"], None, None))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ConnectorError::Auth { .. }), "{e}");
     assert!(e.to_string().contains("salesforce.refresh_token"), "{e}");
 }
@@ -225,7 +285,15 @@ async fn token_expiry_mid_pull_logs_in_again_once_and_loses_nothing() {
     sim.seed_demo(350, 0);
     let conn = connector(&server, JWT, "", None);
     let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
-    let mut ids: Vec<String> = pull.next_page().await.unwrap().unwrap().records.into_iter().map(|r| r.crm_id).collect();
+    let mut ids: Vec<String> = pull
+        .next_page()
+        .await
+        .unwrap()
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.crm_id)
+        .collect();
     sim.expire_tokens();
     while let Some(page) = pull.next_page().await.unwrap() {
         ids.extend(page.records.into_iter().map(|r| r.crm_id));
@@ -233,7 +301,11 @@ async fn token_expiry_mid_pull_logs_in_again_once_and_loses_nothing() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 350);
-    assert_eq!(count(&sim, "POST", "/services/oauth2/token"), 2, "exactly one re-login");
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        2,
+        "exactly one re-login"
+    );
     assert_eq!(sim.requests().iter().filter(|r| r.2 == 401).count(), 1);
 }
 
@@ -242,7 +314,12 @@ async fn three_thousand_records_sharing_a_modstamp_all_arrive_even_after_a_crash
     let (sim, server) = start(sim_config()).await;
     let ts = Utc.with_ymd_and_hms(2026, 11, 1, 10, 0, 0).unwrap();
     for i in 0..3000 {
-        sim.upsert_at("Account", &account_id(i), json!({"Name": format!("A{i}")}), ts);
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({"Name": format!("A{i}")}),
+            ts,
+        );
     }
     let conn = connector(&server, JWT, "", None);
     let (records, _, pages) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
@@ -253,13 +330,24 @@ async fn three_thousand_records_sharing_a_modstamp_all_arrive_even_after_a_crash
     let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
     let first = pull.next_page().await.unwrap().unwrap();
     drop(pull);
-    let delivered: std::collections::BTreeSet<String> = first.records.iter().map(|r| r.crm_id.clone()).collect();
-    let (again, wm, _) = drain(&conn, spec(&["Id"], None, first.watermark.clone())).await.unwrap();
-    let missing = (0..3000).map(account_id).filter(|id| !delivered.contains(id));
+    let delivered: std::collections::BTreeSet<String> =
+        first.records.iter().map(|r| r.crm_id.clone()).collect();
+    let (again, wm, _) = drain(&conn, spec(&["Id"], None, first.watermark.clone()))
+        .await
+        .unwrap();
+    let missing = (0..3000)
+        .map(account_id)
+        .filter(|id| !delivered.contains(id));
     let again = by_id(&again);
-    assert!(missing.clone().count() == 1000 && missing.into_iter().all(|id| again.contains_key(&id)));
-    let cursor = |w: &Option<Watermark>| super::soql::Cursor::from_watermark(w.as_ref().unwrap()).unwrap();
-    assert!(cursor(&wm) >= cursor(&first.watermark), "watermarks never move backward");
+    assert!(
+        missing.clone().count() == 1000 && missing.into_iter().all(|id| again.contains_key(&id))
+    );
+    let cursor =
+        |w: &Option<Watermark>| super::soql::Cursor::from_watermark(w.as_ref().unwrap()).unwrap();
+    assert!(
+        cursor(&wm) >= cursor(&first.watermark),
+        "watermarks never move backward"
+    );
 }
 
 #[tokio::test]
@@ -272,23 +360,42 @@ async fn a_record_changed_during_a_pull_arrives_next_cycle() {
     let base = Utc::now() - chrono::Duration::hours(2);
     for i in 0..300 {
         let at = base + chrono::Duration::seconds(i as i64);
-        sim.upsert_at("Account", &account_id(i), json!({"Plan_Tier__c": "Starter"}), at);
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({"Plan_Tier__c": "Starter"}),
+            at,
+        );
     }
     let conn = connector(&server, JWT, "", None);
-    let mut pull = conn.pull(spec(&["Id", "Plan_Tier__c"], None, None)).await.unwrap();
+    let mut pull = conn
+        .pull(spec(&["Id", "Plan_Tier__c"], None, None))
+        .await
+        .unwrap();
     let mut wm = pull.next_page().await.unwrap().unwrap().watermark;
     // Change a record already delivered, and one still to come in this pull's snapshot.
-    sim.set_field("Account", &account_id(5), "Plan_Tier__c", json!("Enterprise"));
+    sim.set_field(
+        "Account",
+        &account_id(5),
+        "Plan_Tier__c",
+        json!("Enterprise"),
+    );
     sim.set_field("Account", &account_id(250), "Plan_Tier__c", json!("Growth"));
     while let Some(page) = pull.next_page().await.unwrap() {
         wm = page.watermark.or(wm);
     }
     drop(pull);
-    let (next, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, wm)).await.unwrap();
+    let (next, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, wm))
+        .await
+        .unwrap();
     let next = by_id(&next);
     assert_eq!(next[&account_id(5)].fields["Plan_Tier__c"], "Enterprise");
     assert_eq!(next[&account_id(250)].fields["Plan_Tier__c"], "Growth");
-    assert!(next.len() <= 3, "the incremental pull reads only what changed, got {}", next.len());
+    assert!(
+        next.len() <= 3,
+        "the incremental pull reads only what changed, got {}",
+        next.len()
+    );
 }
 
 #[tokio::test]
@@ -316,7 +423,12 @@ async fn daily_budget_pauses_the_pull_and_resumes_when_usage_drops() {
     sim.set_api_usage(600);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("state.db")).await.unwrap();
-    let conn = connector(&server, JWT, "max_daily_api_percent = 50", Some(store.clone()));
+    let conn = connector(
+        &server,
+        JWT,
+        "max_daily_api_percent = 50",
+        Some(store.clone()),
+    );
 
     let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
     // Pages are served while no reading says otherwise; the first answer reports 60%.
@@ -332,7 +444,10 @@ async fn daily_budget_pauses_the_pull_and_resumes_when_usage_drops() {
     assert!(got < 300);
     match &err {
         ConnectorError::RateLimited { message, wait, .. } => {
-            assert!(message.contains("salesforce.max_daily_api_percent"), "{message}");
+            assert!(
+                message.contains("salesforce.max_daily_api_percent"),
+                "{message}"
+            );
             assert!(*wait >= Duration::from_secs(60));
         }
         other => panic!("expected RateLimited, got {other}"),
@@ -358,7 +473,8 @@ async fn daily_budget_pauses_the_pull_and_resumes_when_usage_drops() {
 async fn request_limit_exceeded_waits_then_succeeds_or_gives_up() {
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(5, 0);
-    let limited = r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+    let limited =
+        r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
     sim.set_fault(SalesforceFault {
         forced: vec![(403, limited.to_owned()); 2].into(),
         ..SalesforceFault::default()
@@ -385,7 +501,14 @@ async fn server_errors_retry_and_html_answers_are_protocol_errors() {
         forced: vec![(503, "<html>down</html>".to_owned()); 2].into(),
         ..SalesforceFault::default()
     });
-    assert_eq!(drain(&conn, spec(&["Id"], None, None)).await.unwrap().0.len(), 5);
+    assert_eq!(
+        drain(&conn, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        5
+    );
 
     sim.set_fault(SalesforceFault {
         forced: vec![(500, "oops".to_owned()); 10].into(),
@@ -408,7 +531,12 @@ async fn query_timeout_narrows_the_window() {
     let (sim, server) = start(sim_config()).await;
     let base = Utc::now() - chrono::Duration::hours(10);
     for i in 0..20 {
-        sim.upsert_at("Account", &account_id(i), json!({}), base + chrono::Duration::minutes(30 * i as i64));
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({}),
+            base + chrono::Duration::minutes(30 * i as i64),
+        );
     }
     let conn = connector(&server, JWT, "", None);
     let timeout = r#"[{"message":"Your query request was running for too long.","errorCode":"QUERY_TIMEOUT"}]"#;
@@ -421,8 +549,14 @@ async fn query_timeout_narrows_the_window() {
         id: String::new(),
     }
     .to_watermark();
-    let (records, _, _) = drain(&conn, spec(&["Id"], None, Some(since))).await.unwrap();
-    assert_eq!(by_id(&records).len(), 20, "the narrowed windows together cover everything");
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, Some(since)))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_id(&records).len(),
+        20,
+        "the narrowed windows together cover everything"
+    );
 }
 
 #[tokio::test]
@@ -430,20 +564,38 @@ async fn a_missing_field_is_named_by_check_and_fails_the_pull_as_a_mapping_error
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(3, 0);
     let conn = connector(&server, JWT, "", None);
-    let s = spec(&["Id", "ARR__c", "Owner.Email", "Plan_Tier_X__c", "Owner.Nope"], None, None);
+    let s = spec(
+        &[
+            "Id",
+            "ARR__c",
+            "Owner.Email",
+            "Plan_Tier_X__c",
+            "Owner.Nope",
+        ],
+        None,
+        None,
+    );
     let findings = conn.check(&s).await.unwrap();
     let by: HashMap<&str, _> = findings.iter().map(|f| (f.subject.as_str(), f)).collect();
     assert!(by["salesforce login"].ok);
     assert!(by["Account.ARR__c"].ok && by["Account.Owner.Email"].ok);
     assert!(!by["Account.Plan_Tier_X__c"].ok);
-    assert_eq!(by["Account.Plan_Tier_X__c"].detail, "Account has no field Plan_Tier_X__c");
+    assert_eq!(
+        by["Account.Plan_Tier_X__c"].detail,
+        "Account has no field Plan_Tier_X__c"
+    );
     assert_eq!(by["Account.Owner.Nope"].detail, "User has no field Nope");
 
     let e = drain(&conn, s).await.unwrap_err();
     match e {
-        ConnectorError::Mapping { mapping, message, .. } => {
+        ConnectorError::Mapping {
+            mapping, message, ..
+        } => {
             assert_eq!(mapping, "sf-accounts");
-            assert!(message.contains("No such column 'Plan_Tier_X__c'"), "{message}");
+            assert!(
+                message.contains("No such column 'Plan_Tier_X__c'"),
+                "{message}"
+            );
         }
         other => panic!("expected Mapping, got {other}"),
     }
@@ -453,18 +605,33 @@ async fn a_missing_field_is_named_by_check_and_fails_the_pull_as_a_mapping_error
 async fn bulk_full_pull_returns_the_same_records_as_rest() {
     let (sim, server) = start(sim_config()).await;
     sim.seed_demo(120, 0);
-    sim.upsert("Account", "001Q", json!({"Name": "Quote \"and\", comma\nnewline", "Type": "Customer"}));
+    sim.upsert(
+        "Account",
+        "001Q",
+        json!({"Name": "Quote \"and\", comma\nnewline", "Type": "Customer"}),
+    );
     sim.delete("Account", &account_id(3));
     let fields = ["Id", "Name", "ARR__c", "Owner.Email", "Strategic__c"];
     let rest_conn = connector(&server, JWT, "", None);
     let bulk_conn = connector(&server, JWT, "bulk_threshold = 50", None);
-    let (rest, rest_wm, _) = drain(&rest_conn, spec(&fields, Some("Type = 'Customer'"), None)).await.unwrap();
+    let (rest, rest_wm, _) = drain(&rest_conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
     assert_eq!(count(&sim, "POST", "/jobs/query"), 0);
-    let (bulk, bulk_wm, _) = drain(&bulk_conn, spec(&fields, Some("Type = 'Customer'"), None)).await.unwrap();
-    assert_eq!(count(&sim, "POST", "/jobs/query"), 1, "the big full pull went through Bulk 2.0");
+    let (bulk, bulk_wm, _) = drain(&bulk_conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&sim, "POST", "/jobs/query"),
+        1,
+        "the big full pull went through Bulk 2.0"
+    );
     assert_eq!(rest_wm, bulk_wm);
     let (rest, bulk) = (by_id(&rest), by_id(&bulk));
-    assert_eq!(rest.keys().collect::<Vec<_>>(), bulk.keys().collect::<Vec<_>>());
+    assert_eq!(
+        rest.keys().collect::<Vec<_>>(),
+        bulk.keys().collect::<Vec<_>>()
+    );
     assert!(bulk[&account_id(3)].deleted);
     // CSV values are strings; they must say the same thing REST's typed values do.
     let as_text = |v: &Value| match v {
@@ -478,7 +645,11 @@ async fn bulk_full_pull_returns_the_same_records_as_rest() {
         assert_eq!(r.deleted, b.deleted);
         for f in fields {
             let (rv, bv) = (&r.fields[f], &b.fields[f]);
-            let bv = bv.as_str().map(|s| s.parse::<f64>().map(|n| n.to_string()).unwrap_or(s.to_owned()));
+            let bv = bv.as_str().map(|s| {
+                s.parse::<f64>()
+                    .map(|n| n.to_string())
+                    .unwrap_or(s.to_owned())
+            });
             assert_eq!(as_text(rv), bv.unwrap_or_default(), "{id} {f}");
         }
     }
@@ -501,17 +672,36 @@ async fn secrets_never_appear_in_debug_or_errors() {
     }
     // An error after a failed re-login carries no token either.
     sim.set_fault(SalesforceFault {
-        forced: vec![(401, r#"[{"message":"no","errorCode":"INVALID_SESSION_ID"}]"#.into()); 2].into(),
+        forced: vec![
+            (
+                401,
+                r#"[{"message":"no","errorCode":"INVALID_SESSION_ID"}]"#.into()
+            );
+            2
+        ]
+        .into(),
         ..SalesforceFault::default()
     });
-    let e = drain(&cc, spec(&["Id"], None, None)).await.unwrap_err().to_string();
-    assert!(!e.contains("00DSIM") && !e.contains("sim-client-secret"), "{e}");
+    let e = drain(&cc, spec(&["Id"], None, None))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !e.contains("00DSIM") && !e.contains("sim-client-secret"),
+        "{e}"
+    );
 }
 
 #[test]
 fn limit_info_is_parsed_tolerantly() {
-    assert_eq!(parse_limit_info("api-usage=10018/100000"), Some((10018, 100000)));
-    assert_eq!(parse_limit_info("api-usage=18/5000; api-bursts=1/750"), Some((18, 5000)));
+    assert_eq!(
+        parse_limit_info("api-usage=10018/100000"),
+        Some((10018, 100000))
+    );
+    assert_eq!(
+        parse_limit_info("api-usage=18/5000; api-bursts=1/750"),
+        Some((18, 5000))
+    );
     assert_eq!(
         parse_limit_info("per-app-api-usage=17/250(appName=x); api-usage=25/5000"),
         Some((25, 5000))
