@@ -10,6 +10,9 @@
 //! Records are flat JSON objects; a relationship is a nested object (`{"Owner":{"Email":..}}`).
 //! The schema `describe` reports is derived from the data plus whatever tests declare.
 
+// Handlers return a ready-made error `Response` as their `Err`; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -600,7 +603,16 @@ fn run_query(
                 .into_response(),
         );
     }
-    let records: Vec<Value> = rows.iter().map(|r| render_rest(&st, v, &soql, r)).collect();
+    // Resolve the columns once: schema derivation scans every row.
+    let columns = soql
+        .fields
+        .iter()
+        .map(|f| resolve_path(&st, &soql.object, f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let records: Vec<Value> = rows
+        .iter()
+        .map(|r| render_rest(v, &soql.object, &columns, r))
+        .collect();
     st.seq += 1;
     let locator = format!("01gSIM{:012}", st.seq);
     st.cursors.insert(locator.clone(), records);
@@ -1217,18 +1229,15 @@ fn execute(st: &SimState, soql: &Soql, all: bool) -> Result<Vec<Map<String, Valu
 }
 
 /// A record as REST returns it: `attributes`, requested fields, relationships nested.
-fn render_rest(st: &SimState, v: &str, soql: &Soql, view: &Map<String, Value>) -> Value {
+fn render_rest(v: &str, object: &str, columns: &[Vec<String>], view: &Map<String, Value>) -> Value {
     let id = view.get("Id").and_then(Value::as_str).unwrap_or("");
     let mut rec = Map::new();
     rec.insert(
         "attributes".into(),
-        json!({"type": soql.object, "url": format!("/services/data/{v}/sobjects/{}/{id}", soql.object)}),
+        json!({"type": object, "url": format!("/services/data/{v}/sobjects/{object}/{id}")}),
     );
-    for f in &soql.fields {
-        let Ok(canon) = resolve_path(st, &soql.object, f) else {
-            continue;
-        };
-        let value = lookup(view, &canon);
+    for canon in columns {
+        let value = lookup(view, canon);
         if canon.len() == 1 {
             rec.insert(canon[0].clone(), value);
             continue;

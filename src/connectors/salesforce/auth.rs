@@ -23,7 +23,7 @@ pub(super) enum Credentials {
         username: String,
         key: Box<jsonwebtoken::EncodingKey>,
     },
-    ClientCredentials {
+    Client {
         secret: SecretString,
     },
     RefreshToken {
@@ -49,7 +49,7 @@ impl Credentials {
                     key: Box::new(key),
                 }
             }
-            SalesforceAuth::ClientCredentials => Credentials::ClientCredentials {
+            SalesforceAuth::ClientCredentials => Credentials::Client {
                 secret: s.client_secret_source.resolve("salesforce.client_secret")?,
             },
             SalesforceAuth::RefreshToken => Credentials::RefreshToken {
@@ -64,7 +64,7 @@ impl Credentials {
             Credentials::Jwt { .. } => {
                 "check salesforce.username, salesforce.client_id, salesforce.private_key_file (the key whose certificate is on the app) and that the app is pre-authorised for the user"
             }
-            Credentials::ClientCredentials { .. } => {
+            Credentials::Client { .. } => {
                 "check salesforce.client_id, salesforce.client_secret, that the app has a Run As user, and that salesforce.login_url is the org's My Domain"
             }
             Credentials::RefreshToken { .. } => {
@@ -156,7 +156,7 @@ impl SalesforceConnector {
                 ));
                 form.push(("assertion", assertion));
             }
-            Credentials::ClientCredentials { secret } => {
+            Credentials::Client { secret } => {
                 form.push(("grant_type", "client_credentials".into()));
                 form.push(("client_id", s.client_id.clone()));
                 form.push(("client_secret", secret.expose_secret().to_owned()));

@@ -1,1 +1,710 @@
-//! Connector tests against the simulator.
+//! Connector tests against the Salesforce simulator on loopback, over real HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use serde_json::{Value, json};
+
+use super::{QUOTA_KEY, SalesforceConnector, parse_limit_info};
+use crate::config::{SalesforceSettings, Settings};
+use crate::connectors::{Connector, ConnectorError, FieldRequest, PullSpec, RawRecord, Watermark};
+use crate::sim::SimServer;
+use crate::sim::salesforce::{SalesforceFault, SalesforceSim, SalesforceSimConfig, account_id};
+use crate::store::Store;
+
+const PRIVATE_KEY: &str = include_str!("../../../tests/fixtures/salesforce/test_private_key.pem");
+const PUBLIC_KEY: &str = include_str!("../../../tests/fixtures/salesforce/test_public_key.pem");
+
+const JWT: &str = "auth = \"jwt\"\nusername = \"integration@example.com\"";
+const CLIENT: &str = "auth = \"client_credentials\"\nclient_secret = \"sim-client-secret\"";
+const REFRESH: &str = "auth = \"refresh_token\"\nclient_secret = \"sim-client-secret\"\nrefresh_token = \"sim-refresh-token\"";
+
+fn settings(url: &str, auth: &str, extra: &str) -> SalesforceSettings {
+    let key = if auth.contains("jwt") {
+        format!("private_key = '''\n{PRIVATE_KEY}'''")
+    } else {
+        String::new()
+    };
+    let text = format!(
+        r#"
+[state]
+path = "/tmp/pendo-sync-unused.db"
+[pendo]
+integration_key = "pendo-test-key"
+[salesforce]
+login_url = "{url}"
+client_id = "sim-client-id"
+requests_per_second = 1000
+{auth}
+{key}
+{extra}
+[[mappings]]
+name = "sf-accounts"
+source = "salesforce"
+object = "Account"
+kind = "account"
+id = "Id"
+  [mappings.fields]
+  arr = {{ from = "ARR__c", type = "number" }}
+"#
+    );
+    Settings::from_toml_with_env(&text, HashMap::new())
+        .expect("test config loads")
+        .salesforce
+        .expect("salesforce section")
+}
+
+fn sim_config() -> SalesforceSimConfig {
+    SalesforceSimConfig {
+        jwt_public_key_pem: Some(PUBLIC_KEY.into()),
+        ..SalesforceSimConfig::default()
+    }
+}
+
+async fn start(cfg: SalesforceSimConfig) -> (SalesforceSim, SimServer) {
+    let sim = SalesforceSim::new(cfg);
+    let server = sim
+        .start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("sim starts");
+    (sim, server)
+}
+
+fn connector(
+    server: &SimServer,
+    auth: &str,
+    extra: &str,
+    store: Option<Store>,
+) -> SalesforceConnector {
+    SalesforceConnector::new(&settings(&server.url(), auth, extra), store)
+        .expect("connector builds")
+        .with_backoff(Duration::from_millis(5))
+}
+
+fn spec(paths: &[&str], filter: Option<&str>, since: Option<Watermark>) -> PullSpec {
+    PullSpec {
+        mapping: "sf-accounts".into(),
+        object: "Account".into(),
+        fields: paths
+            .iter()
+            .map(|p| FieldRequest {
+                path: (*p).into(),
+                transform: None,
+            })
+            .collect(),
+        filter: filter.map(str::to_owned),
+        since,
+        overlap: Duration::ZERO,
+        account_from: None,
+    }
+}
+
+/// Every page of a pull: records, last watermark, page count.
+async fn drain(
+    conn: &SalesforceConnector,
+    spec: PullSpec,
+) -> Result<(Vec<RawRecord>, Option<Watermark>, usize), ConnectorError> {
+    let mut pull = conn.pull(spec).await?;
+    let (mut records, mut wm, mut pages) = (Vec::new(), None, 0);
+    while let Some(page) = pull.next_page().await? {
+        pages += 1;
+        records.extend(page.records);
+        if page.watermark.is_some() {
+            wm = page.watermark;
+        }
+    }
+    Ok((records, wm, pages))
+}
+
+fn by_id(records: &[RawRecord]) -> BTreeMap<String, RawRecord> {
+    records
+        .iter()
+        .map(|r| (r.crm_id.clone(), r.clone()))
+        .collect()
+}
+
+fn count(sim: &SalesforceSim, method: &str, path_part: &str) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|(m, p, _)| m == method && p.contains(path_part))
+        .count()
+}
+
+#[tokio::test]
+async fn jwt_login_and_paged_pull_with_filter_and_relationships() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(2500, 0);
+    let conn = connector(&server, JWT, "", None);
+    let fields = [
+        "Id",
+        "ARR__c",
+        "Owner.Email",
+        "Plan_Tier__c",
+        "Strategic__c",
+        "Renewal_Date__c",
+    ];
+    let (records, wm, pages) = drain(&conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 2250, "every Customer, none of the Prospects");
+    assert_eq!(pages, 2, "2,000 per page");
+    assert!(wm.is_some(), "a full pull still yields a watermark");
+    let first = by_id(&records)[&account_id(0)].clone();
+    assert_eq!(
+        first.fields,
+        json!({"Id": account_id(0), "ARR__c": 1200.0, "Owner.Email": "owner0@example.com",
+               "Plan_Tier__c": "Starter", "Strategic__c": true, "Renewal_Date__c": "2027-03-31"})
+    );
+    assert!(!first.deleted);
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        1,
+        "one login for the whole pull"
+    );
+    assert_eq!(
+        count(&sim, "GET", "/query/"),
+        1,
+        "followed nextRecordsUrl once"
+    );
+}
+
+#[tokio::test]
+async fn relationship_that_is_empty_arrives_as_null() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(1, 0);
+    sim.upsert(
+        "Account",
+        "001X",
+        json!({"Name": "Orphan", "Owner": null, "ARR__c": null}),
+    );
+    let conn = connector(&server, JWT, "", None);
+    let (records, _, _) = drain(&conn, spec(&["Id", "Owner.Email", "ARR__c"], None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_id(&records)["001X"].fields,
+        json!({"Id": "001X", "Owner.Email": null, "ARR__c": null})
+    );
+}
+
+#[tokio::test]
+async fn auth_failures_name_the_setting_and_hide_secrets() {
+    let (_sim, server) = start(SalesforceSimConfig {
+        username: "someone-else@example.com".into(),
+        ..sim_config()
+    })
+    .await;
+    let conn = connector(&server, JWT, "", None);
+    let e = drain(&conn, spec(&["Id"], None, None)).await.unwrap_err();
+    assert!(matches!(e, ConnectorError::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("salesforce.username"), "{e}");
+
+    let bad_secret = CLIENT.replace("sim-client-secret", "wrong-secret-value");
+    let conn = connector(&server, &bad_secret, "", None);
+    let e = drain(&conn, spec(&["Id"], None, None)).await.unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, ConnectorError::Auth { .. }), "{text}");
+    assert!(text.contains("salesforce.client_secret"), "{text}");
+    assert!(!text.contains("wrong-secret-value"), "{text}");
+    // check() reports a failed login as a finding, not an error.
+    let s = spec(&["Id"], None, None);
+    let findings = conn.check(&s).await.unwrap();
+    assert_eq!(findings.len(), 1);
+    assert!(!findings[0].ok && findings[0].subject == "salesforce login");
+}
+
+#[tokio::test]
+async fn client_credentials_login_pulls() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(10, 0);
+    let conn = connector(&server, CLIENT, "", None);
+    let (records, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, None))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 10);
+}
+
+#[tokio::test]
+async fn rotated_refresh_token_is_kept_in_the_store_and_used_next_time() {
+    let (sim, server) = start(SalesforceSimConfig {
+        rotate_refresh_token: true,
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+
+    let conn = connector(&server, REFRESH, "", Some(store.clone()));
+    assert_eq!(
+        drain(&conn, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
+    let rotated = sim.current_refresh_token();
+    assert_ne!(rotated, "sim-refresh-token", "the sim rotated the token");
+    assert_eq!(
+        store.kv_get("salesforce.refresh_token").await.unwrap(),
+        Some(Value::String(rotated.clone()))
+    );
+    assert!(
+        !format!("{conn:?}").contains(&rotated),
+        "Debug must not show the refresh token"
+    );
+
+    // A restart: a new connector with the (now invalid) configured token logs in with the kept one.
+    let restarted = connector(&server, REFRESH, "", Some(store.clone()));
+    assert_eq!(
+        drain(&restarted, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
+    // Without the store, the configured token has been rotated out.
+    let forgetful = connector(&server, REFRESH, "", None);
+    let e = drain(&forgetful, spec(&["Id"], None, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConnectorError::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("salesforce.refresh_token"), "{e}");
+}
+
+#[tokio::test]
+async fn token_expiry_mid_pull_logs_in_again_once_and_loses_nothing() {
+    let (sim, server) = start(SalesforceSimConfig {
+        page_size: 100,
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(350, 0);
+    let conn = connector(&server, JWT, "", None);
+    let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
+    let mut ids: Vec<String> = pull
+        .next_page()
+        .await
+        .unwrap()
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.crm_id)
+        .collect();
+    sim.expire_tokens();
+    while let Some(page) = pull.next_page().await.unwrap() {
+        ids.extend(page.records.into_iter().map(|r| r.crm_id));
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 350);
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        2,
+        "exactly one re-login"
+    );
+    assert_eq!(sim.requests().iter().filter(|r| r.2 == 401).count(), 1);
+}
+
+#[tokio::test]
+async fn three_thousand_records_sharing_a_modstamp_all_arrive_even_after_a_crash() {
+    let (sim, server) = start(sim_config()).await;
+    let ts = Utc.with_ymd_and_hms(2026, 11, 1, 10, 0, 0).unwrap();
+    for i in 0..3000 {
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({"Name": format!("A{i}")}),
+            ts,
+        );
+    }
+    let conn = connector(&server, JWT, "", None);
+    let (records, _, pages) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    assert_eq!((by_id(&records).len(), pages), (3000, 2));
+
+    // Crash after the first page: its watermark is all the engine kept. The next pull must
+    // still deliver the 1,000 records of the tie group that page one did not carry.
+    let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
+    let first = pull.next_page().await.unwrap().unwrap();
+    drop(pull);
+    let delivered: std::collections::BTreeSet<String> =
+        first.records.iter().map(|r| r.crm_id.clone()).collect();
+    let (again, wm, _) = drain(&conn, spec(&["Id"], None, first.watermark.clone()))
+        .await
+        .unwrap();
+    let missing = (0..3000)
+        .map(account_id)
+        .filter(|id| !delivered.contains(id));
+    let again = by_id(&again);
+    assert!(
+        missing.clone().count() == 1000 && missing.into_iter().all(|id| again.contains_key(&id))
+    );
+    let cursor =
+        |w: &Option<Watermark>| super::soql::Cursor::from_watermark(w.as_ref().unwrap()).unwrap();
+    assert!(
+        cursor(&wm) >= cursor(&first.watermark),
+        "watermarks never move backward"
+    );
+}
+
+#[tokio::test]
+async fn a_record_changed_during_a_pull_arrives_next_cycle() {
+    let (sim, server) = start(SalesforceSimConfig {
+        page_size: 100,
+        ..sim_config()
+    })
+    .await;
+    let base = Utc::now() - chrono::Duration::hours(2);
+    for i in 0..300 {
+        let at = base + chrono::Duration::seconds(i as i64);
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({"Plan_Tier__c": "Starter"}),
+            at,
+        );
+    }
+    let conn = connector(&server, JWT, "", None);
+    let mut pull = conn
+        .pull(spec(&["Id", "Plan_Tier__c"], None, None))
+        .await
+        .unwrap();
+    let mut wm = pull.next_page().await.unwrap().unwrap().watermark;
+    // Change a record already delivered, and one still to come in this pull's snapshot.
+    sim.set_field(
+        "Account",
+        &account_id(5),
+        "Plan_Tier__c",
+        json!("Enterprise"),
+    );
+    sim.set_field("Account", &account_id(250), "Plan_Tier__c", json!("Growth"));
+    while let Some(page) = pull.next_page().await.unwrap() {
+        wm = page.watermark.or(wm);
+    }
+    drop(pull);
+    let (next, _, _) = drain(&conn, spec(&["Id", "Plan_Tier__c"], None, wm))
+        .await
+        .unwrap();
+    let next = by_id(&next);
+    assert_eq!(next[&account_id(5)].fields["Plan_Tier__c"], "Enterprise");
+    assert_eq!(next[&account_id(250)].fields["Plan_Tier__c"], "Growth");
+    assert!(
+        next.len() <= 3,
+        "the incremental pull reads only what changed, got {}",
+        next.len()
+    );
+}
+
+#[tokio::test]
+async fn deleted_records_arrive_flagged() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(5, 0);
+    let conn = connector(&server, JWT, "", None);
+    let (_, wm, _) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    sim.delete("Account", &account_id(2));
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, wm)).await.unwrap();
+    let rec = &by_id(&records)[&account_id(2)];
+    assert!(rec.deleted);
+    assert_eq!(rec.fields["Id"], account_id(2));
+}
+
+#[tokio::test]
+async fn daily_budget_pauses_the_pull_and_resumes_when_usage_drops() {
+    let (sim, server) = start(SalesforceSimConfig {
+        page_size: 100,
+        daily_limit: 1000,
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(300, 0);
+    sim.set_api_usage(600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let conn = connector(
+        &server,
+        JWT,
+        "max_daily_api_percent = 50",
+        Some(store.clone()),
+    );
+
+    let mut pull = conn.pull(spec(&["Id"], None, None)).await.unwrap();
+    // Pages are served while no reading says otherwise; the first answer reports 60%.
+    let mut got = 0;
+    let err = loop {
+        match pull.next_page().await {
+            Ok(Some(p)) => got += p.records.len(),
+            Ok(None) => panic!("the pull should have paused"),
+            Err(e) => break e,
+        }
+    };
+    drop(pull);
+    assert!(got < 300);
+    match &err {
+        ConnectorError::RateLimited { message, wait, .. } => {
+            assert!(
+                message.contains("salesforce.max_daily_api_percent"),
+                "{message}"
+            );
+            assert!(*wait >= Duration::from_secs(60));
+        }
+        other => panic!("expected RateLimited, got {other}"),
+    }
+    let (used, limit) = conn.quota().unwrap();
+    assert_eq!(limit, 1000);
+    assert!(used >= 600);
+    let kept = store.kv_get(QUOTA_KEY).await.unwrap().expect("quota kept");
+    assert_eq!(kept["limit"], 1000);
+    let sent_while_paused = sim.api_usage().0;
+
+    // Still over: a new pull sends no counted request.
+    assert!(drain(&conn, spec(&["Id"], None, None)).await.is_err());
+    assert_eq!(sim.api_usage().0, sent_while_paused);
+
+    // The rolling window frees up: the next cycle resumes.
+    sim.set_api_usage(100);
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    assert_eq!(records.len(), 300);
+}
+
+#[tokio::test]
+async fn request_limit_exceeded_waits_then_succeeds_or_gives_up() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(5, 0);
+    let limited =
+        r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+    sim.set_fault(SalesforceFault {
+        forced: vec![(403, limited.to_owned()); 2].into(),
+        ..SalesforceFault::default()
+    });
+    let conn = connector(&server, JWT, "", None);
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    assert_eq!(records.len(), 5);
+    assert_eq!(sim.requests().iter().filter(|r| r.2 == 403).count(), 2);
+
+    sim.set_fault(SalesforceFault {
+        forced: vec![(403, limited.to_owned()); 10].into(),
+        ..SalesforceFault::default()
+    });
+    let e = drain(&conn, spec(&["Id"], None, None)).await.unwrap_err();
+    assert!(matches!(e, ConnectorError::RateLimited { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn server_errors_retry_and_html_answers_are_protocol_errors() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(5, 0);
+    let conn = connector(&server, JWT, "", None);
+    sim.set_fault(SalesforceFault {
+        forced: vec![(503, "<html>down</html>".to_owned()); 2].into(),
+        ..SalesforceFault::default()
+    });
+    assert_eq!(
+        drain(&conn, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        5
+    );
+
+    sim.set_fault(SalesforceFault {
+        forced: vec![(500, "oops".to_owned()); 10].into(),
+        ..SalesforceFault::default()
+    });
+    let e = drain(&conn, spec(&["Id"], None, None)).await.unwrap_err();
+    assert!(matches!(e, ConnectorError::Transient { .. }), "{e}");
+
+    sim.set_fault(SalesforceFault {
+        forced: vec![(200, "<html><body>Maintenance</body></html>".to_owned())].into(),
+        ..SalesforceFault::default()
+    });
+    let e = drain(&conn, spec(&["Id"], None, None)).await.unwrap_err();
+    assert!(matches!(e, ConnectorError::Protocol { .. }), "{e}");
+    assert!(e.to_string().contains("Maintenance"), "{e}");
+}
+
+#[tokio::test]
+async fn query_timeout_narrows_the_window() {
+    let (sim, server) = start(sim_config()).await;
+    let base = Utc::now() - chrono::Duration::hours(10);
+    for i in 0..20 {
+        sim.upsert_at(
+            "Account",
+            &account_id(i),
+            json!({}),
+            base + chrono::Duration::minutes(30 * i as i64),
+        );
+    }
+    let conn = connector(&server, JWT, "", None);
+    let timeout = r#"[{"message":"Your query request was running for too long.","errorCode":"QUERY_TIMEOUT"}]"#;
+    sim.set_fault(SalesforceFault {
+        forced: vec![(400, timeout.to_owned()); 2].into(),
+        ..SalesforceFault::default()
+    });
+    let since = super::soql::Cursor {
+        ts: base - chrono::Duration::hours(1),
+        id: String::new(),
+    }
+    .to_watermark();
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, Some(since)))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_id(&records).len(),
+        20,
+        "the narrowed windows together cover everything"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_field_is_named_by_check_and_fails_the_pull_as_a_mapping_error() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(3, 0);
+    let conn = connector(&server, JWT, "", None);
+    let s = spec(
+        &[
+            "Id",
+            "ARR__c",
+            "Owner.Email",
+            "Plan_Tier_X__c",
+            "Owner.Nope",
+        ],
+        None,
+        None,
+    );
+    let findings = conn.check(&s).await.unwrap();
+    let by: HashMap<&str, _> = findings.iter().map(|f| (f.subject.as_str(), f)).collect();
+    assert!(by["salesforce login"].ok);
+    assert!(by["Account.ARR__c"].ok && by["Account.Owner.Email"].ok);
+    assert!(!by["Account.Plan_Tier_X__c"].ok);
+    assert_eq!(
+        by["Account.Plan_Tier_X__c"].detail,
+        "Account has no field Plan_Tier_X__c"
+    );
+    assert_eq!(by["Account.Owner.Nope"].detail, "User has no field Nope");
+
+    let e = drain(&conn, s).await.unwrap_err();
+    match e {
+        ConnectorError::Mapping {
+            mapping, message, ..
+        } => {
+            assert_eq!(mapping, "sf-accounts");
+            assert!(
+                message.contains("No such column 'Plan_Tier_X__c'"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Mapping, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn bulk_full_pull_returns_the_same_records_as_rest() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(120, 0);
+    sim.upsert(
+        "Account",
+        "001Q",
+        json!({"Name": "Quote \"and\", comma\nnewline", "Type": "Customer"}),
+    );
+    sim.delete("Account", &account_id(3));
+    let fields = ["Id", "Name", "ARR__c", "Owner.Email", "Strategic__c"];
+    let rest_conn = connector(&server, JWT, "", None);
+    let bulk_conn = connector(&server, JWT, "bulk_threshold = 50", None);
+    let (rest, rest_wm, _) = drain(&rest_conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
+    assert_eq!(count(&sim, "POST", "/jobs/query"), 0);
+    let (bulk, bulk_wm, _) = drain(&bulk_conn, spec(&fields, Some("Type = 'Customer'"), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&sim, "POST", "/jobs/query"),
+        1,
+        "the big full pull went through Bulk 2.0"
+    );
+    assert_eq!(rest_wm, bulk_wm);
+    let (rest, bulk) = (by_id(&rest), by_id(&bulk));
+    assert_eq!(
+        rest.keys().collect::<Vec<_>>(),
+        bulk.keys().collect::<Vec<_>>()
+    );
+    assert!(bulk[&account_id(3)].deleted);
+    // CSV values are strings; they must say the same thing REST's typed values do.
+    let as_text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Number(n) => n.as_f64().unwrap().to_string(),
+        other => other.to_string(),
+    };
+    for (id, r) in &rest {
+        let b = &bulk[id];
+        assert_eq!(r.deleted, b.deleted);
+        for f in fields {
+            let (rv, bv) = (&r.fields[f], &b.fields[f]);
+            let bv = bv.as_str().map(|s| {
+                s.parse::<f64>()
+                    .map(|n| n.to_string())
+                    .unwrap_or(s.to_owned())
+            });
+            assert_eq!(as_text(rv), bv.unwrap_or_default(), "{id} {f}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_appear_in_debug_or_errors() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(2, 0);
+    let conn = connector(&server, JWT, "", None);
+    drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    let key_line = PRIVATE_KEY.lines().nth(1).unwrap();
+    let cc = connector(&server, CLIENT, "", None);
+    drain(&cc, spec(&["Id"], None, None)).await.unwrap();
+    for dbg in [format!("{conn:?}"), format!("{cc:?}")] {
+        assert!(!dbg.contains(key_line), "{dbg}");
+        assert!(!dbg.contains("sim-client-secret"), "{dbg}");
+        assert!(!dbg.contains("00DSIM"), "no access token: {dbg}");
+        assert!(dbg.contains("SalesforceConnector"));
+    }
+    // An error after a failed re-login carries no token either.
+    sim.set_fault(SalesforceFault {
+        forced: vec![
+            (
+                401,
+                r#"[{"message":"no","errorCode":"INVALID_SESSION_ID"}]"#.into()
+            );
+            2
+        ]
+        .into(),
+        ..SalesforceFault::default()
+    });
+    let e = drain(&cc, spec(&["Id"], None, None))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !e.contains("00DSIM") && !e.contains("sim-client-secret"),
+        "{e}"
+    );
+}
+
+#[test]
+fn limit_info_is_parsed_tolerantly() {
+    assert_eq!(
+        parse_limit_info("api-usage=10018/100000"),
+        Some((10018, 100000))
+    );
+    assert_eq!(
+        parse_limit_info("api-usage=18/5000; api-bursts=1/750"),
+        Some((18, 5000))
+    );
+    assert_eq!(
+        parse_limit_info("per-app-api-usage=17/250(appName=x); api-usage=25/5000"),
+        Some((25, 5000))
+    );
+    assert_eq!(parse_limit_info("api-bursts=1/750"), None);
+}
