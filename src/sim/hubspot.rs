@@ -614,11 +614,12 @@ fn gate_and_run(
     }
 }
 
-fn check_object(st: &SimState, object: &str) -> Result<(), Response> {
+/// `None` for a known object, else the 400 HubSpot answers for an unknown object type.
+fn unknown_object(st: &SimState, object: &str) -> Option<Response> {
     if KNOWN_OBJECTS.contains(&object) || st.objects.contains_key(object) {
-        Ok(())
+        None
     } else {
-        Err(validation(format!(
+        Some(validation(format!(
             "Unable to infer object type from: {object}"
         )))
     }
@@ -635,7 +636,7 @@ fn split_list(v: Option<&String>) -> Option<Vec<String>> {
 }
 
 fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> Response {
-    if let Err(r) = check_object(st, object) {
+    if let Some(r) = unknown_object(st, object) {
         return r;
     }
     let limit = q
@@ -686,6 +687,9 @@ fn comparable(s: &str) -> Result<f64, &str> {
         .map_err(|_| s)
 }
 
+/// A sort key: absent, numeric, or text.
+type SortKey = Option<Result<f64, String>>;
+
 fn prop_value(object: &str, id: u64, r: &Rec, name: &str) -> Option<String> {
     match name {
         "hs_object_id" => Some(id.to_string()),
@@ -704,7 +708,7 @@ fn compare(a: &str, b: &str) -> std::cmp::Ordering {
 
 fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
     use std::cmp::Ordering;
-    if let Err(r) = check_object(st, object) {
+    if let Some(r) = unknown_object(st, object) {
         return r;
     }
     let Ok(req) = serde_json::from_slice::<Value>(body) else {
@@ -804,7 +808,7 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
         .collect();
     if let Some((p, desc)) = &sort {
         // Keys computed once; a stable sort over id order returns ties by id, one valid order.
-        let mut keyed: Vec<(Option<Result<f64, String>>, u64, &Rec)> = hits
+        let mut keyed: Vec<(SortKey, u64, &Rec)> = hits
             .into_iter()
             .map(|(id, r)| {
                 (
@@ -938,7 +942,7 @@ async fn owners(
 }
 
 fn properties_impl(st: &mut SimState, object: &str) -> Response {
-    if let Err(r) = check_object(st, object) {
+    if let Some(r) = unknown_object(st, object) {
         return r;
     }
     let results: Vec<Value> = st

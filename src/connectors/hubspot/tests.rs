@@ -435,7 +435,7 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
 
 #[tokio::test]
 async fn filters_apply_to_list_and_search_pulls() {
-    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    let (sim, server, conn) = setup(sim_config(), "", None).await;
     for i in 0..30u64 {
         let stage = if i % 3 == 0 { "customer" } else { "lead" };
         sim.upsert_at(
@@ -453,6 +453,16 @@ async fn filters_apply_to_list_and_search_pulls() {
     let want: BTreeSet<u64> = (0..30).filter(|i| i % 3 == 0).map(|i| i + 1).collect();
     assert_eq!(ids(&full), want);
     assert_eq!(ids(&incr), want);
+    // The sim's state reads back over HTTP without auth, and the read is not logged.
+    let before = sim.requests().len();
+    let url = format!("{}/_sim/hubspot/records/contacts", server.url());
+    let back: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    assert_eq!(back["results"].as_array().unwrap().len(), 30);
+    assert_eq!(
+        back["results"][0]["properties"]["lifecyclestage"],
+        json!("customer")
+    );
+    assert_eq!(sim.requests().len(), before);
 }
 
 #[tokio::test]
