@@ -199,10 +199,10 @@ pub fn lookup<'a>(fields: &'a serde_json::Value, key: &str) -> &'a serde_json::V
 /// Coerces a raw CRM value to `ty`. Empty strings are empty values (HubSpot sends "" for unset).
 pub fn coerce(raw: &serde_json::Value, ty: FieldType) -> Result<Value, String> {
     use serde_json::Value as J;
-    if let J::String(s) = raw {
-        if s.trim().is_empty() {
-            return Ok(Value::Null);
-        }
+    if let J::String(s) = raw
+        && s.trim().is_empty()
+    {
+        return Ok(Value::Null);
     }
     if raw.is_null() {
         return Ok(Value::Null);
@@ -288,10 +288,11 @@ fn short(s: &str) -> String {
 /// Accepts epoch milliseconds ("1767225600000"), a date ("2026-11-01", midnight UTC), RFC 3339
 /// ("2026-11-01T10:00:00Z", "+01:00") and Salesforce's offset form ("2026-11-01T10:00:00.000+0000").
 pub fn parse_date(s: &str) -> Result<i64, String> {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '-') && !s.contains("--") {
-        if let Ok(ms) = s.parse::<i64>() {
-            return Ok(ms);
-        }
+    if !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_digit() || c == '-')
+        && let Ok(ms) = s.parse::<i64>()
+    {
+        return Ok(ms);
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d

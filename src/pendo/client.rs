@@ -130,12 +130,12 @@ impl BulkResult {
         // the gap as unattributed so the writer bisects instead of trusting the batch.
         let itemised =
             (result.missing.len() + result.errors.len() + result.unattributed.len()) as u64;
-        if let Some(failed) = result.failed {
-            if failed > itemised {
-                result.unattributed.push(format!(
-                    "Pendo reported {failed} failures but itemised {itemised}"
-                ));
-            }
+        if let Some(failed) = result.failed
+            && failed > itemised
+        {
+            result.unattributed.push(format!(
+                "Pendo reported {failed} failures but itemised {itemised}"
+            ));
         }
         result
     }

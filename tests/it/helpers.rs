@@ -189,7 +189,6 @@ on_delete = "clear"
                 put("arr", &f["ARR__c"]);
                 put("owneremail", &f["Owner"]["Email"]);
                 put("isstrategic", &f["Strategic__c"]);
-                drop(put);
                 if let Some(d) = f["Renewal_Date__c"].as_str() {
                     let ms = pendo_sync::mapping::parse_date(d).unwrap();
                     m.insert("renewaldate".into(), json!(ms));
@@ -263,6 +262,6 @@ pub fn account(i: usize) -> Value {
         "ARR__c": (i as f64) * 1000.0 + 0.5,
         "Owner": {"attributes": {"type": "User"}, "Email": format!("owner{}@acme.test", i % 7)},
         "Renewal_Date__c": format!("2027-{:02}-{:02}", i % 12 + 1, i % 28 + 1),
-        "Strategic__c": i % 2 == 0,
+        "Strategic__c": i.is_multiple_of(2),
     })
 }
