@@ -99,7 +99,7 @@ fn record(i: u64, changed: bool) -> RawRecord {
         "Id": format!("001A{i:012}"),
         "Plan_Tier__c": tiers[(i % 4) as usize],
         "ARR__c": (i * 37 % 1_000_000) as f64 + 0.5,
-        "Strategic__c": i % 3 == 0,
+        "Strategic__c": i.is_multiple_of(3),
         "Renewal_Date__c": format!("2026-{:02}-{:02}", i % 12 + 1, i % 28 + 1),
         "Owner": { "Email": format!("owner{}@example.com", i % 5_000) },
     });
@@ -107,7 +107,7 @@ fn record(i: u64, changed: bool) -> RawRecord {
         match (i / 100) % 5 {
             0 => fields["Plan_Tier__c"] = json!(format!("custom-{i}")),
             1 => fields["ARR__c"] = json!((i * 37 % 1_000_000) as f64 + 1.75),
-            2 => fields["Strategic__c"] = json!(i % 3 != 0),
+            2 => fields["Strategic__c"] = json!(!i.is_multiple_of(3)),
             3 => fields["Renewal_Date__c"] = json!("2027-06-30"),
             _ => fields["Owner"] = json!({ "Email": format!("new-owner{i}@example.com") }),
         }
