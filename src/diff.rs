@@ -70,21 +70,21 @@ fn diff_field(
     outbox: Option<&HashMap<String, String>>,
     force: bool,
 ) -> Option<String> {
-    let stored = value.to_stored();
     if let Some(queued) = outbox.and_then(|o| o.get(field)) {
         // Something is already on its way: only a different value replaces it. (A forced send
         // still enqueues, so an unmatched or dead row is retried by a resync.)
+        let stored = value.to_stored();
         return (force || *queued != stored).then_some(stored);
     }
     if force {
-        return Some(stored);
+        return Some(value.to_stored());
     }
-    let confirmed = shadow.and_then(|s| s.get(field));
-    match (confirmed, value.is_null()) {
-        (None, true) => None,
-        (None, false) => Some(stored),
-        (Some(c), _) => (*c != stored).then_some(stored),
-    }
+    // The common case, unchanged data, is decided without formatting or allocating.
+    let same = match shadow.and_then(|s| s.get(field)) {
+        None => value.is_null(),
+        Some(confirmed) => value.matches_stored(confirmed),
+    };
+    (!same).then(|| value.to_stored())
 }
 
 #[cfg(test)]

@@ -175,11 +175,40 @@ fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
 fn values_hash(r: &MappedRecord) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for v in &r.values {
-        v.as_ref().map(|v| v.to_stored()).hash(&mut h);
+        match v {
+            Some(v) => v.hash_into(&mut h),
+            None => 255u8.hash(&mut h),
+        }
     }
     h.finish()
 }
 
+/// One page, mapped and checked, with the shadow and outbox state of its ids.
+struct Prepared {
+    watermark: Option<crate::connectors::Watermark>,
+    live: Vec<MappedRecord>,
+    gone: Vec<MappedRecord>,
+    held_back: Vec<String>,
+    invalid: Vec<InvalidRecord>,
+    valid_crm_ids: Vec<String>,
+    shadow: HashMap<String, crate::store::ShadowRecord>,
+    outbox: HashMap<String, HashMap<String, String>>,
+}
+
+/// What one page writes.
+#[derive(Default)]
+struct PageWrite {
+    changes: Vec<Change>,
+    unqueue: Vec<Change>,
+    invalid: Vec<InvalidRecord>,
+    valid_crm_ids: Vec<String>,
+    watermark: Option<crate::connectors::Watermark>,
+}
+
+/// Pages flow through a small pipeline so both cores work: while page N is diffed and committed,
+/// page N+1 is fetched from the CRM, mapped, and its shadow and outbox state loaded. Commits stay
+/// in page order, so the watermark only moves forward; page N+1's diff sees page N's changes
+/// through an overlay, whether or not N's commit has landed when N+1's outbox state was read.
 #[allow(clippy::too_many_arguments)]
 async fn pull_all(
     store: &Store,
@@ -198,157 +227,253 @@ async fn pull_all(
     };
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
     let mut seen = Seen::default();
-    while let Some(page) = pull.next_page().await.map_err(connector_error)? {
+    // Clearing earlier set-aside entries costs a lookup per record; skip it when there are none.
+    let mut any_invalid = !dry_run && store.has_invalid_records(&mapping.name).await?;
+
+    let mut page = pull.next_page().await.map_err(connector_error)?;
+    let mut previous: Option<PageWrite> = None;
+    let mut fetch_error = None;
+    while let Some(current) = page.take() {
         report.pages += 1;
-        report.pulled += page.records.len() as u64;
+        report.pulled += current.records.len() as u64;
         metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
-            .increment(page.records.len() as u64);
-
-        let mut invalid = Vec::new();
-        let mut valid_crm_ids = Vec::new();
-        let mut live: Vec<MappedRecord> = Vec::new();
-        let mut gone: Vec<MappedRecord> = Vec::new();
-        for raw in &page.records {
-            match mapping.map(raw) {
-                Ok(rec) if rec.deleted => gone.push(rec),
-                Ok(rec) => live.push(rec),
-                Err(e) => {
-                    if matches!(e, RecordError::MissingId { .. }) {
-                        report.skipped_empty_ids += 1;
-                    }
-                    if raw.deleted {
-                        continue; // a deleted record with no usable id has nothing to clear
-                    }
-                    metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
-                        .increment(1);
-                    tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");
-                    invalid.push(InvalidRecord {
-                        mapping: mapping.name.clone(),
-                        crm_id: e.crm_id().to_owned(),
-                        pendo_id: e.pendo_id().map(str::to_owned),
-                        reason: e.reason().to_owned(),
-                        detail: e.to_string(),
-                        seen_at: now_ms(),
-                    });
+            .increment(current.records.len() as u64);
+        let committing = previous.take();
+        let (prepared, committed, fetched) = tokio::join!(
+            prepare(store, mapping, current, &mut seen, report),
+            async {
+                match &committing {
+                    Some(w) if !dry_run => commit(store, mapping, w).await,
+                    _ => Ok(()),
                 }
-            }
+            },
+            pull.next_page(),
+        );
+        committed?;
+        let mut prepared = prepared?;
+        match fetched {
+            Ok(next) => page = next,
+            Err(e) => fetch_error = Some(e),
         }
-
-        // Two CRM records mapping to one Pendo id with different values: hold both back.
-        let mut held_back: Vec<String> = Vec::new();
-        live.retain(|rec| {
-            let id = hash_of(rec.pendo_id.as_str());
-            let entry = (hash_of(rec.crm_id.as_str()), values_hash(rec));
-            let conflict = match seen.ids.get(&id) {
-                Some(prev) => prev.0 != entry.0 && prev.1 != entry.1,
-                None => {
-                    seen.ids.insert(id, entry);
-                    false
-                }
-            };
-            if conflict || seen.ambiguous.contains(&id) {
-                if seen.ambiguous.insert(id) {
-                    held_back.push(rec.pendo_id.clone());
-                }
-                report.ambiguous += 1;
-                invalid.push(InvalidRecord {
-                    mapping: mapping.name.clone(),
-                    crm_id: rec.crm_id.clone(),
-                    pendo_id: Some(rec.pendo_id.clone()),
-                    reason: "ambiguous_id".into(),
-                    detail: format!(
-                        "record {}: Pendo id {} is also the id of another CRM record with different values in this pull; neither is sent until only one remains",
-                        rec.crm_id, rec.pendo_id
-                    ),
-                    seen_at: now_ms(),
-                });
-                metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => "ambiguous_id")
-                    .increment(1);
-                return false;
-            }
-            valid_crm_ids.push(rec.crm_id.clone());
-            true
-        });
-
-        let ids: Vec<&str> = live
-            .iter()
-            .chain(&gone)
-            .map(|r| r.pendo_id.as_str())
-            .chain(held_back.iter().map(String::as_str))
-            .collect();
-        let shadow = store.load_shadow(mapping.kind, &ids).await?;
-        let outbox = store.load_outbox_values(mapping.kind, &ids).await?;
-
-        let mut changes: Vec<Change> = Vec::new();
-        for rec in &live {
-            changes.extend(diff_record(
-                mapping,
-                rec,
-                shadow.get(&rec.pendo_id),
-                outbox.get(&rec.pendo_id),
-                force,
-            ));
+        if let Some(w) = &committing {
+            overlay(&mut prepared.outbox, w);
         }
-        if mapping.on_delete == OnDelete::Clear {
-            for rec in &gone {
-                // A live record with the same Pendo id in this pull wins over a deleted one.
-                if seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())) {
-                    continue;
-                }
-                report.deleted += 1;
-                changes.extend(clear_record(
-                    mapping,
-                    &rec.pendo_id,
-                    shadow.get(&rec.pendo_id),
-                    outbox.get(&rec.pendo_id),
-                    force,
-                ));
-            }
-        }
-        // Held-back ids lose any value this pull already queued for them: it was a coin toss.
-        let unqueue: Vec<Change> = held_back
-            .iter()
-            .flat_map(|id| {
-                let queued = outbox.get(id);
-                mapping.fields.iter().filter_map(move |f| {
-                    queued.and_then(|q| q.get(&f.pendo_field)).map(|_| (id, f))
-                })
-            })
-            .map(|(id, f)| Change {
-                kind: mapping.kind,
-                pendo_id: id.clone(),
-                field: f.pendo_field.clone(),
-                value: String::new(),
-                mapping: mapping.name.clone(),
-                force: false,
-            })
-            .collect();
-        changes.retain(|c| !held_back.contains(&c.pendo_id));
-
-        report.changes += changes.len() as u64;
-        report.invalid += invalid.len() as u64;
-        metrics::counter!(CHANGES_DETECTED, "mapping" => mapping.name.clone(), "kind" => mapping.kind.as_str())
-            .increment(changes.len() as u64);
+        let write = diff_page(mapping, prepared, &seen, force, &mut any_invalid, report);
         if dry_run {
-            report.dry_run_changes.extend(changes);
-        } else {
-            store
-                .commit_page(&PageCommit {
-                    mapping: &mapping.name,
-                    changes: &changes,
-                    watermark: page.watermark.as_ref(),
-                    invalid: &invalid,
-                    valid_crm_ids: &valid_crm_ids,
-                    unqueue: &unqueue,
-                })
-                .await?;
+            report.dry_run_changes.extend(write.changes.iter().cloned());
         }
         progress.page(report);
+        previous = Some(write);
+    }
+    if let Some(w) = previous.take().filter(|_| !dry_run) {
+        commit(store, mapping, &w).await?;
+    }
+    if let Some(e) = fetch_error {
+        return Err(connector_error(e));
     }
 
     if mode.full() && mapping.on_delete == OnDelete::Clear {
         clear_orphans(store, mapping, &seen, force, dry_run, report).await?;
     }
+    Ok(())
+}
+
+/// Maps a page, sets bad and ambiguous records aside, and loads the state the diff needs.
+async fn prepare(
+    store: &Store,
+    mapping: &Mapping,
+    page: crate::connectors::Page,
+    seen: &mut Seen,
+    report: &mut CycleReport,
+) -> Result<Prepared, CycleError> {
+    let mut invalid = Vec::new();
+    let mut valid_crm_ids = Vec::new();
+    let mut live: Vec<MappedRecord> = Vec::new();
+    let mut gone: Vec<MappedRecord> = Vec::new();
+    for raw in &page.records {
+        match mapping.map(raw) {
+            Ok(rec) if rec.deleted => gone.push(rec),
+            Ok(rec) => live.push(rec),
+            Err(e) => {
+                if matches!(e, RecordError::MissingId { .. }) {
+                    report.skipped_empty_ids += 1;
+                }
+                if raw.deleted {
+                    continue; // a deleted record with no usable id has nothing to clear
+                }
+                metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
+                    .increment(1);
+                tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");
+                invalid.push(InvalidRecord {
+                    mapping: mapping.name.clone(),
+                    crm_id: e.crm_id().to_owned(),
+                    pendo_id: e.pendo_id().map(str::to_owned),
+                    reason: e.reason().to_owned(),
+                    detail: e.to_string(),
+                    seen_at: now_ms(),
+                });
+            }
+        }
+    }
+
+    // Two CRM records mapping to one Pendo id with different values: hold both back.
+    let mut held_back: Vec<String> = Vec::new();
+    live.retain(|rec| {
+        let id = hash_of(rec.pendo_id.as_str());
+        let entry = (hash_of(rec.crm_id.as_str()), values_hash(rec));
+        let conflict = match seen.ids.get(&id) {
+            Some(prev) => prev.0 != entry.0 && prev.1 != entry.1,
+            None => {
+                seen.ids.insert(id, entry);
+                false
+            }
+        };
+        if conflict || seen.ambiguous.contains(&id) {
+            if seen.ambiguous.insert(id) {
+                held_back.push(rec.pendo_id.clone());
+            }
+            report.ambiguous += 1;
+            invalid.push(InvalidRecord {
+                mapping: mapping.name.clone(),
+                crm_id: rec.crm_id.clone(),
+                pendo_id: Some(rec.pendo_id.clone()),
+                reason: "ambiguous_id".into(),
+                detail: format!(
+                    "record {}: Pendo id {} is also the id of another CRM record with different values in this pull; neither is sent until only one remains",
+                    rec.crm_id, rec.pendo_id
+                ),
+                seen_at: now_ms(),
+            });
+            metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => "ambiguous_id")
+                .increment(1);
+            return false;
+        }
+        valid_crm_ids.push(rec.crm_id.clone());
+        true
+    });
+
+    let ids: Vec<&str> = live
+        .iter()
+        .chain(&gone)
+        .map(|r| r.pendo_id.as_str())
+        .chain(held_back.iter().map(String::as_str))
+        .collect();
+    let (shadow, outbox) = tokio::try_join!(
+        store.load_shadow(mapping.kind, &ids),
+        store.load_outbox_values(mapping.kind, &ids)
+    )?;
+    Ok(Prepared {
+        watermark: page.watermark,
+        live,
+        gone,
+        held_back,
+        invalid,
+        valid_crm_ids,
+        shadow,
+        outbox,
+    })
+}
+
+/// Makes the previous page's writes visible to this page's diff (latest wins across pages).
+fn overlay(outbox: &mut HashMap<String, HashMap<String, String>>, previous: &PageWrite) {
+    for c in &previous.unqueue {
+        if let Some(fields) = outbox.get_mut(&c.pendo_id) {
+            fields.remove(&c.field);
+        }
+    }
+    for c in &previous.changes {
+        outbox
+            .entry(c.pendo_id.clone())
+            .or_default()
+            .insert(c.field.clone(), c.value.clone());
+    }
+}
+
+fn diff_page(
+    mapping: &Mapping,
+    p: Prepared,
+    seen: &Seen,
+    force: bool,
+    any_invalid: &mut bool,
+    report: &mut CycleReport,
+) -> PageWrite {
+    let mut changes: Vec<Change> = Vec::new();
+    for rec in &p.live {
+        changes.extend(diff_record(
+            mapping,
+            rec,
+            p.shadow.get(&rec.pendo_id),
+            p.outbox.get(&rec.pendo_id),
+            force,
+        ));
+    }
+    if mapping.on_delete == OnDelete::Clear {
+        for rec in &p.gone {
+            // A live record with the same Pendo id in this pull wins over a deleted one.
+            if seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())) {
+                continue;
+            }
+            report.deleted += 1;
+            changes.extend(clear_record(
+                mapping,
+                &rec.pendo_id,
+                p.shadow.get(&rec.pendo_id),
+                p.outbox.get(&rec.pendo_id),
+                force,
+            ));
+        }
+    }
+    // Held-back ids lose any value this pull already queued for them: it was a coin toss.
+    let unqueue: Vec<Change> = p
+        .held_back
+        .iter()
+        .flat_map(|id| {
+            let queued = p.outbox.get(id);
+            mapping
+                .fields
+                .iter()
+                .filter(move |f| queued.is_some_and(|q| q.contains_key(&f.pendo_field)))
+                .map(move |f| Change {
+                    kind: mapping.kind,
+                    pendo_id: id.clone(),
+                    field: f.pendo_field.clone(),
+                    value: String::new(),
+                    mapping: mapping.name.clone(),
+                    force: false,
+                })
+        })
+        .collect();
+    changes.retain(|c| !p.held_back.contains(&c.pendo_id));
+    let mut valid_crm_ids = p.valid_crm_ids;
+    if !*any_invalid {
+        valid_crm_ids.clear();
+    }
+    *any_invalid |= !p.invalid.is_empty();
+
+    report.changes += changes.len() as u64;
+    report.invalid += p.invalid.len() as u64;
+    metrics::counter!(CHANGES_DETECTED, "mapping" => mapping.name.clone(), "kind" => mapping.kind.as_str())
+        .increment(changes.len() as u64);
+    PageWrite {
+        changes,
+        unqueue,
+        invalid: p.invalid,
+        valid_crm_ids,
+        watermark: p.watermark,
+    }
+}
+
+async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), CycleError> {
+    store
+        .commit_page(&PageCommit {
+            mapping: &mapping.name,
+            changes: &w.changes,
+            watermark: w.watermark.as_ref(),
+            invalid: &w.invalid,
+            valid_crm_ids: &w.valid_crm_ids,
+            unqueue: &w.unqueue,
+        })
+        .await?;
     Ok(())
 }
 

@@ -363,9 +363,10 @@ impl Writer {
             let confirmed = shadow
                 .get(&entry.pendo_id)
                 .and_then(|r| r.get(&entry.field));
-            let already = match confirmed {
-                Some(v) => *v == entry.value,
-                None => entry.value == "null",
+            let already = match (confirmed, Value::from_stored(&entry.value)) {
+                (Some(c), Ok(v)) => v.matches_stored(c),
+                (None, Ok(v)) => v.is_null(),
+                (_, Err(_)) => false,
             };
             if already && !entry.force {
                 outcomes.push((entry, Settlement::AlreadyConfirmed));

@@ -293,6 +293,15 @@ impl Store {
             .collect())
     }
 
+    /// Whether any record of `mapping` is set aside (lets a clean pull skip clearing them).
+    pub async fn has_invalid_records(&self, mapping: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM invalid_records WHERE mapping = ?1)")
+            .bind(mapping)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<i64, _>(0) != 0)
+    }
+
     pub async fn drop_invalid(
         &self,
         mapping: Option<&str>,

@@ -1,6 +1,7 @@
-//! The shadow copy: per Pendo entity, the field values Pendo has confirmed, as canonical stored
-//! text (see [`crate::domain::Value::to_stored`]). An absent field and a confirmed `null` mean the
-//! same thing (Pendo holds nothing), so a cleared field is removed from the record.
+//! The shadow copy: per Pendo entity, the field values Pendo has confirmed, in their canonical
+//! stored JSON form (see [`crate::domain::Value::to_stored`]; compare with
+//! [`crate::domain::Value::matches_stored`]). An absent field and a confirmed `null` mean the same
+//! thing (Pendo holds nothing), so a cleared field is removed from the record.
 
 use std::collections::HashMap;
 
@@ -9,19 +10,18 @@ use sqlx::Row;
 use super::{Store, StoreError};
 use crate::domain::Kind;
 
-/// Field key → canonical stored value text.
-pub type ShadowRecord = HashMap<String, String>;
+/// Field key → canonical stored value (parsed JSON; nulls dropped).
+pub type ShadowRecord = HashMap<String, serde_json::Value>;
 
 pub(super) fn parse_record(kind: Kind, id: &str, text: &str) -> Result<ShadowRecord, StoreError> {
-    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+    let object: HashMap<String, serde_json::Value> = serde_json::from_str(text)
         .map_err(|e| StoreError::Corrupt(format!("shadow {kind} {id:?}: {e}")))?;
-    // Re-printing through serde_json gives the same canonical text `Value::to_stored` produced,
-    // whatever spacing or escapes SQLite's json functions chose.
-    Ok(object
-        .into_iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k, v.to_string()))
-        .collect())
+    Ok(without_nulls(object))
+}
+
+fn without_nulls(mut record: ShadowRecord) -> ShadowRecord {
+    record.retain(|_, v| !v.is_null());
+    record
 }
 
 impl Store {
@@ -32,23 +32,24 @@ impl Store {
         ids: &[&str],
     ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
         let mut out = HashMap::with_capacity(ids.len());
-        // json_each keeps the statement static and the parameter count at one, whatever the page size.
+        // One statement and one result row per chunk: SQLite looks the ids up (json_each keeps
+        // the statement static) and folds the records into a single JSON object, which costs far
+        // less than handing thousands of rows one by one through the driver.
         for chunk in ids.chunks(5_000) {
             let list = serde_json::to_string(chunk).expect("strings serialize");
-            let rows = sqlx::query(
-                "SELECT pendo_id, vals FROM shadow
-                 WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+            let row = sqlx::query(
+                // `vals` is already JSON text: concatenating skips SQLite re-parsing it.
+                "SELECT '{' || coalesce(group_concat(json_quote(pendo_id) || ':' || vals, ','), '') || '}'
+                 FROM shadow WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
             )
             .bind(kind.as_str())
             .bind(list)
-            .fetch_all(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-            for row in rows {
-                let id: String = row.get(0);
-                let vals: String = row.get(1);
-                let record = parse_record(kind, &id, &vals)?;
-                out.insert(id, record);
-            }
+            let text: String = row.get(0);
+            let records: HashMap<String, ShadowRecord> = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
+            out.extend(records.into_iter().map(|(id, r)| (id, without_nulls(r))));
         }
         Ok(out)
     }
