@@ -862,7 +862,7 @@ impl MappingAudit<'_> {
         if pendo.is_some_and(|p| p != crm) {
             return Some((
                 Class::Drift,
-                "Pendo holds another value than the one it confirmed (edited in Pendo, or written by another integration); `resync` repairs it".to_owned(),
+                "changed in Pendo since it confirmed the CRM value (an edit, or another integration); `resync` repairs it".to_owned(),
             ));
         }
         Some((Class::InSync, String::new()))
