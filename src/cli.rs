@@ -95,6 +95,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Dry run: a field-level drift report between the CRM, the shadow copy and (optionally) Pendo. Writes nothing.
+    Audit(crate::audit::AuditArgs),
     /// Watermarks, last runs, outbox depth by state, oldest pending change, set-aside records, quota use.
     Status {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]

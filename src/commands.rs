@@ -40,6 +40,7 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             kind,
             dry_run,
         } => sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await,
+        Command::Audit(args) => crate::audit::run(settings, args).await,
         Command::Status { format } => status(&settings, format).await,
         Command::Queue { action } => queue(&settings, action).await,
         Command::Check => check(settings).await,

@@ -11,11 +11,13 @@
 //! - [`store`]: the SQLite state file: shadow, outbox, watermarks, run history.
 //! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
+//! - [`audit`]: the dry-run drift report: CRM against the shadow and (optionally) Pendo.
 //! - [`config`], [`telemetry`], [`cli`], [`commands`]: settings, logs, the command line.
 //! - [`sim`]: loopback simulators of Pendo, Salesforce and HubSpot.
 //! - [`domain`]: kinds, field types and the canonical [`domain::Value`].
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;
