@@ -369,9 +369,9 @@ struct MappingAudit<'a> {
     page_size: usize,
 }
 
-/// `"null"` (a stored clear) and absence are the same value.
-fn non_null(stored: String) -> Option<String> {
-    (stored != "null").then_some(stored)
+/// A shadow value as canonical stored text; a stored clear (`null`) and absence are the same.
+fn stored_text(stored: &serde_json::Value) -> Option<String> {
+    (!stored.is_null()).then(|| stored.to_string())
 }
 
 fn display(stored: Option<&str>) -> Option<String> {
@@ -467,7 +467,7 @@ impl MappingAudit<'_> {
                 let crm: Vec<Option<String>> = rec
                     .values
                     .iter()
-                    .map(|v| v.as_ref().and_then(|v| non_null(v.to_stored())))
+                    .map(|v| v.as_ref().filter(|v| !v.is_null()).map(|v| v.to_stored()))
                     .collect();
                 let managed: Vec<bool> = rec.values.iter().map(Option::is_some).collect();
                 if let Some(claimants) = ambiguous.get_mut(&rec.pendo_id) {
@@ -589,8 +589,7 @@ impl MappingAudit<'_> {
                     t.shadow[i] = shadow
                         .get(id)
                         .and_then(|s| s.get(&f.pendo_field))
-                        .cloned()
-                        .and_then(non_null);
+                        .and_then(stored_text);
                     t.queued[i] = outbox.get(id).and_then(|o| o.get(&f.pendo_field)).cloned();
                 }
             }
@@ -626,7 +625,7 @@ impl MappingAudit<'_> {
                     .mapping
                     .fields
                     .iter()
-                    .map(|f| shadow.get(&f.pendo_field).cloned().and_then(non_null))
+                    .map(|f| shadow.get(&f.pendo_field).and_then(stored_text))
                     .collect();
                 if values.iter().any(Option::is_some) {
                     found.push((id, values));

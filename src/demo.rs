@@ -240,27 +240,79 @@ pub async fn demo() -> Result<u8, AppError> {
         .sum();
     println!("   field values sent: {values} (only the changed fields, not whole records)");
 
-    println!("\n4. Audit (dry run, writes nothing): the CRM against what Pendo confirmed");
-    let mut drift = 0;
-    for m in &settings.mappings {
-        let r = app.cycle(m, Mode::Reconcile, true, &()).await?;
-        drift += r.dry_run_changes.len();
+    println!(
+        "\n4. Someone edits two accounts by hand in Pendo; the audit (a dry run: writes nothing) finds them"
+    );
+    let edited = [
+        crate::sim::salesforce::account_id(1),
+        crate::sim::salesforce::account_id(2),
+    ];
+    sims.pendo.set_value(
+        Kind::Account,
+        &edited[0],
+        "plantier",
+        serde_json::json!("Free"),
+    );
+    sims.pendo
+        .set_value(Kind::Account, &edited[1], "arr", serde_json::json!(1));
+    let connectors = crate::connectors::build(&settings, None)?;
+    let options = crate::audit::AuditOptions {
+        against: crate::audit::Against::Pendo,
+        ..Default::default()
+    };
+    let audit = crate::audit::audit(&settings, &connectors, &options).await?;
+    for m in &audit.mappings {
+        let differing: u64 = m
+            .counts
+            .iter()
+            .filter(|(c, _)| c.is_drift())
+            .map(|(_, n)| *n)
+            .sum();
         println!(
             "   {:<12} {} records read, {} fields differ",
-            m.name,
-            r.pulled,
-            r.dry_run_changes.len()
+            m.mapping, m.records, differing
         );
     }
+    for row in &audit.rows {
+        println!(
+            "   {} {} {}: CRM {}, Pendo {} ({})",
+            row.class.as_str(),
+            row.id,
+            row.field,
+            row.crm.as_deref().unwrap_or("-"),
+            row.pendo.clone().flatten().as_deref().unwrap_or("-"),
+            row.note
+        );
+    }
+    let drift = audit.rows.len();
+
+    println!(
+        "\n5. `resync sf-accounts` pushes every mapped value whatever the shadow says: the edits are repaired"
+    );
+    app.sync(Some("sf-accounts"), Mode::Resync, false, &cancel, &())
+        .await?;
+    println!(
+        "   Pendo now holds plantier {} and arr {} for the two accounts",
+        sims.pendo
+            .value(Kind::Account, &edited[0], "plantier")
+            .unwrap_or_default(),
+        sims.pendo
+            .value(Kind::Account, &edited[1], "arr")
+            .unwrap_or_default()
+    );
     println!(
         "\n{} in {:.1}s. State file: {}",
-        if drift == 0 { "In sync" } else { "Drift found" },
+        if drift == 2 {
+            "Done: the audit found exactly the two hand edits"
+        } else {
+            "Unexpected audit result"
+        },
         started.elapsed().as_secs_f64(),
         settings.state.path.display()
     );
     app.store.close().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if drift == 0 && second.failed.is_empty() {
+    Ok(if drift == 2 && second.failed.is_empty() {
         0
     } else {
         1

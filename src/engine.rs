@@ -301,6 +301,13 @@ async fn prepare(
                 if raw.deleted {
                     continue; // a deleted record with no usable id has nothing to clear
                 }
+                // A record set aside is still in the CRM: its Pendo id must not look like an
+                // orphan to the reconcile, which would clear what Pendo holds for it.
+                if let Some(pendo_id) = e.pendo_id() {
+                    seen.ids
+                        .entry(hash_of(pendo_id))
+                        .or_insert((hash_of(e.crm_id()), 0));
+                }
                 metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
                     .increment(1);
                 tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");

@@ -9,9 +9,10 @@ use crate::cli::LogFormat;
 /// Installs the global subscriber. `RUST_LOG` wins over `-v`/`-q`.
 pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "pendo_sync=debug,info",
+        // sqlx reports slow statements as warnings; a full pull legitimately runs long ones.
+        (true, _) => "warn,sqlx=error",
+        (false, 0) => "info,sqlx=error",
+        (false, 1) => "pendo_sync=debug,info,sqlx=error",
         (false, _) => "pendo_sync=trace,debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -88,3 +88,19 @@ fn a_missing_secret_file_exits_2_naming_the_key() {
         "{stderr}"
     );
 }
+
+/// The README's first command: the demo runs on loopback with no config and exits 0.
+#[test]
+fn the_demo_runs_and_finds_the_hand_edits() {
+    let out = pendo_sync().arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Pendo requests: 0"), "{stdout}");
+    assert!(stdout.contains("exactly the two hand edits"), "{stdout}");
+    assert!(stdout.contains("plantier \"Growth\""), "{stdout}");
+}
