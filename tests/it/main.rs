@@ -4,6 +4,8 @@
 mod answers;
 mod cli;
 mod crash;
+mod crm_harness;
+mod faults;
 mod helpers;
 mod secrets;
 mod sync;
