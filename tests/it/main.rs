@@ -2,6 +2,7 @@
 //! code against real SQLite files and the simulators over loopback.
 
 mod answers;
+mod bad_input;
 mod cli;
 mod crash;
 mod crm_harness;
