@@ -742,7 +742,7 @@ async fn bad_crm_records_are_set_aside_and_the_rest_arrive_exactly() {
             .contains("Pendo id 001SHARED is also the id of another CRM record")
     );
     assert!(
-        !held.get("001SHARED").is_some_and(|f| !f.is_empty()),
+        held.get("001SHARED").is_none_or(|f| f.is_empty()),
         "ambiguous id sent"
     );
     assert_eq!(held["001TWINS"]["plantier"], json!("Starter"));

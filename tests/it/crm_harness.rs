@@ -517,7 +517,7 @@ pub fn sf_account(i: usize) -> Value {
         "ARR__c": (i as f64) * 1500.0 + 0.25,
         "Owner": owner,
         "Renewal_Date__c": format!("2027-{:02}-{:02}", i % 12 + 1, i % 28 + 1),
-        "Strategic__c": i % 3 == 0,
+        "Strategic__c": i.is_multiple_of(3),
     })
 }
 

@@ -9,4 +9,5 @@ mod crm_harness;
 mod faults;
 mod helpers;
 mod secrets;
+mod security;
 mod sync;
