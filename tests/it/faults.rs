@@ -59,7 +59,8 @@ async fn pendo_server_errors_drops_latency_and_applied_then_500_converge() {
         drop_rate: 0.05,
         applied_then_500_rate: 0.1,
         latency: Duration::from_millis(15),
-        ..PendoFaults::default()
+        // Certain faults on top of the random ones, so the assertion below cannot miss.
+        status_script: vec![503, 500],
     });
     crm.sync_until_clean(4).await;
     crm.assert_converged();
@@ -161,9 +162,11 @@ async fn salesforce_server_errors_and_token_expiry_mid_pull_converge() {
     .await;
     crm.seed_accounts(50); // 5 pages of 10
     crm.seed_contacts(5);
+    // 20% at random, and one certain 503 so the assertion below cannot miss by chance.
+    let unavailable = r#"[{"message":"Service unavailable","errorCode":"SERVER_UNAVAILABLE"}]"#;
     crm.sf.set_fault(SalesforceFault {
         error_rate: 0.2,
-        ..SalesforceFault::default()
+        forced: [(503, unavailable.to_owned())].into(),
     });
     // Revoke the sessions once the pull is three data calls in (token, count, first page).
     let sf = crm.sf.clone();
@@ -209,7 +212,10 @@ async fn salesforce_server_errors_and_token_expiry_mid_pull_converge() {
     crm.sync_until_clean(4).await;
     crm.assert_converged();
     crm.sf.set_fault(SalesforceFault::default());
-    assert!(log.iter().any(|(_, _, s)| *s == 503), "the 503s fired");
+    assert!(
+        crm.sf.requests().iter().any(|(_, _, s)| *s == 503),
+        "the 503s fired"
+    );
     assert_rates(&crm, 50, 6, 500);
 }
 
