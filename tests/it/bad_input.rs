@@ -423,6 +423,30 @@ fn unknown_enum_values_list_the_accepted_ones() {
     }
 }
 
+/// A secret given in the environment is taken as written. `config`'s `try_parsing(true)` turns
+/// number- and boolean-looking text into numbers and booleans first, so the value that reaches
+/// the `SecretString` is the number's re-rendering: "007123" arrives as "7123", "1e5" as
+/// "100000", "TRUE" as "true". Pendo (or the CRM) then refuses a key the operator typed right.
+#[test]
+#[ignore = "bug: env values are parsed as numbers/booleans first (try_parsing), so PENDO_SYNC__PENDO__INTEGRATION_KEY=007123 becomes \"7123\""]
+fn secrets_from_the_environment_are_taken_verbatim() {
+    use secrecy::ExposeSecret;
+    let text = base().replacen("integration_key = \"k\"\n", "", 1);
+    for value in ["007123", "1e5", "+123", "12.50", "TRUE"] {
+        let env = HashMap::from([(
+            "PENDO_SYNC__PENDO__INTEGRATION_KEY".to_owned(),
+            value.to_owned(),
+        )]);
+        let s = Settings::from_toml_with_env(&text, env).expect("loads");
+        let key = s
+            .pendo
+            .integration_key_source
+            .resolve("pendo.integration_key")
+            .unwrap();
+        assert_eq!(key.expose_secret(), value);
+    }
+}
+
 fn pendo_sync() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pendo-sync"))
 }
@@ -528,7 +552,9 @@ struct DataCase {
 
 fn data_cases() -> Vec<DataCase> {
     use Outcome::*;
-    let long = "x".repeat(4_990) + "…ünïcødé";
+    // 5,000 characters (not bytes), ending in multi-byte ones: a cut would show.
+    let long = "x".repeat(4_992) + "…ünïcødé";
+    assert_eq!(long.chars().count(), 5_000);
     let long: &'static str = Box::leak(long.into_boxed_str());
     vec![
         DataCase {
