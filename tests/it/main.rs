@@ -3,8 +3,12 @@
 
 mod answers;
 mod audit;
+mod bad_input;
 mod cli;
 mod crash;
+mod crm_harness;
+mod faults;
 mod helpers;
 mod secrets;
+mod security;
 mod sync;
