@@ -488,7 +488,9 @@ impl Settings {
         let environment = config::Environment::with_prefix("PENDO_SYNC")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
+            // Values stay text: numeric and boolean settings parse their text when deserialized,
+            // and a secret such as "007123" reaches us exactly as written.
+            .try_parsing(false)
             .source(Some(env));
         let merged = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
@@ -505,7 +507,8 @@ impl Settings {
             } else {
                 path
             };
-            ConfigError::new(key, clean_serde_message(&e.into_inner().to_string()))
+            let message = clean_serde_message(&key, &e.into_inner().to_string());
+            ConfigError::new(key, message)
         })?;
         validate(raw)
     }
@@ -530,9 +533,35 @@ impl Settings {
 
 /// serde's messages mention Rust-side details ("variant", "struct"); keep them but tidy the
 /// quoting so users see the value they wrote.
-fn clean_serde_message(msg: &str) -> String {
+fn clean_serde_message(key: &str, msg: &str) -> String {
+    // The config crate reports an unknown enum value in its own words ("enum Source does not have
+    // variant constructor zoho for key ..."): say it like the other errors, with the choices.
+    if let Some(rest) = msg.split("variant constructor ").nth(1) {
+        let value = rest.split(" for key").next().unwrap_or(rest).trim();
+        let field = key.rsplit('.').next().unwrap_or(key);
+        return match accepted_values(field) {
+            Some(choices) => format!("unknown value {value:?}; expected one of {choices}"),
+            None => format!("unknown value {value:?}"),
+        };
+    }
     msg.replace("unknown variant", "unknown value")
         .replace("unknown field", "unknown key")
+}
+
+/// The accepted values of each enum-valued key, for error messages.
+fn accepted_values(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "source" => "salesforce, hubspot",
+        "kind" => "visitor, account",
+        "type" => "string, number, boolean, date",
+        "on_delete" => "keep, clear",
+        "on_null" => "clear, keep",
+        "id_case" => "keep, lower",
+        "transform" => "owner_email, owner_name",
+        "date_format" => "epoch_ms, iso8601",
+        "auth" => "jwt, client_credentials, refresh_token (salesforce); token, oauth (hubspot)",
+        _ => return None,
+    })
 }
 
 fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
