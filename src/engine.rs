@@ -205,10 +205,11 @@ struct PageWrite {
     watermark: Option<crate::connectors::Watermark>,
 }
 
-/// Pages flow through a small pipeline so both cores work: while page N is diffed and committed,
-/// page N+1 is fetched from the CRM, mapped, and its shadow and outbox state loaded. Commits stay
-/// in page order, so the watermark only moves forward; page N+1's diff sees page N's changes
-/// through an overlay, whether or not N's commit has landed when N+1's outbox state was read.
+/// Pages flow through a pipeline so both cores work: while page N is diffed and committed
+/// (the diff on a blocking thread, the commit on SQLite's), page N+1 is mapped and its shadow and
+/// outbox state loaded, and page N+2 is fetched from the CRM. Commits stay in page order, so the
+/// watermark only moves forward; page N+1's diff sees page N's changes through an overlay,
+/// whether or not N's commit had landed when N+1's outbox state was read.
 #[allow(clippy::too_many_arguments)]
 async fn pull_all(
     store: &Store,
@@ -225,48 +226,82 @@ async fn pull_all(
         mapping: mapping.name.clone(),
         source,
     };
+    let shared = std::sync::Arc::new(mapping.clone());
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
     let mut seen = Seen::default();
     // Clearing earlier set-aside entries costs a lookup per record; skip it when there are none.
     let mut any_invalid = !dry_run && store.has_invalid_records(&mapping.name).await?;
 
     let mut page = pull.next_page().await.map_err(connector_error)?;
-    let mut previous: Option<PageWrite> = None;
+    let mut ready: Option<Prepared> = None;
+    let mut last_write: Option<PageWrite> = None;
     let mut fetch_error = None;
-    while let Some(current) = page.take() {
-        report.pages += 1;
-        report.pulled += current.records.len() as u64;
-        metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
-            .increment(current.records.len() as u64);
-        let committing = previous.take();
-        let (prepared, committed, fetched) = tokio::join!(
-            prepare(store, mapping, current, &mut seen, report),
+    while page.is_some() || ready.is_some() {
+        let current = page.take();
+        if let Some(p) = &current {
+            report.pages += 1;
+            report.pulled += p.records.len() as u64;
+            metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
+                .increment(p.records.len() as u64);
+        }
+        let fetch_next = current.is_some() && fetch_error.is_none();
+        let to_diff = ready.take();
+        let previous = last_write.take();
+        let clear_valid = !any_invalid;
+        let (prepared, written, fetched) = tokio::join!(
             async {
-                match &committing {
-                    Some(w) if !dry_run => commit(store, mapping, w).await,
-                    _ => Ok(()),
+                match current {
+                    Some(p) => prepare(store, &shared, p, &mut seen, report)
+                        .await
+                        .map(Some),
+                    None => Ok(None),
                 }
             },
-            pull.next_page(),
+            async {
+                let Some(mut p) = to_diff else {
+                    return Ok(None);
+                };
+                if let Some(w) = &previous {
+                    overlay(&mut p.outbox, w);
+                }
+                let m = shared.clone();
+                let mut write = tokio::task::spawn_blocking(move || diff_page(&m, p, force))
+                    .await
+                    .expect("the diff does not panic");
+                if clear_valid {
+                    write.valid_crm_ids.clear();
+                }
+                if !dry_run {
+                    commit(store, mapping, &write).await?;
+                }
+                Ok::<_, CycleError>(Some(write))
+            },
+            async {
+                if fetch_next {
+                    Some(pull.next_page().await)
+                } else {
+                    None
+                }
+            },
         );
-        committed?;
-        let mut prepared = prepared?;
+        ready = prepared?;
+        if let Some(write) = written? {
+            any_invalid |= !write.invalid.is_empty();
+            report.changes += write.changes.len() as u64;
+            report.invalid += write.invalid.len() as u64;
+            metrics::counter!(CHANGES_DETECTED, "mapping" => mapping.name.clone(), "kind" => mapping.kind.as_str())
+                .increment(write.changes.len() as u64);
+            if dry_run {
+                report.dry_run_changes.extend(write.changes.iter().cloned());
+            }
+            progress.page(report);
+            last_write = Some(write);
+        }
         match fetched {
-            Ok(next) => page = next,
-            Err(e) => fetch_error = Some(e),
+            Some(Ok(next)) => page = next,
+            Some(Err(e)) => fetch_error = Some(e),
+            None => {}
         }
-        if let Some(w) = &committing {
-            overlay(&mut prepared.outbox, w);
-        }
-        let write = diff_page(mapping, prepared, &seen, force, &mut any_invalid, report);
-        if dry_run {
-            report.dry_run_changes.extend(write.changes.iter().cloned());
-        }
-        progress.page(report);
-        previous = Some(write);
-    }
-    if let Some(w) = previous.take().filter(|_| !dry_run) {
-        commit(store, mapping, &w).await?;
     }
     if let Some(e) = fetch_error {
         return Err(connector_error(e));
@@ -281,24 +316,37 @@ async fn pull_all(
 /// Maps a page, sets bad and ambiguous records aside, and loads the state the diff needs.
 async fn prepare(
     store: &Store,
-    mapping: &Mapping,
+    mapping: &std::sync::Arc<Mapping>,
     page: crate::connectors::Page,
     seen: &mut Seen,
     report: &mut CycleReport,
 ) -> Result<Prepared, CycleError> {
+    let watermark = page.watermark;
+    let m = mapping.clone();
+    let records = page.records;
+    // Mapping is pure CPU work on owned data: a blocking thread lets it overlap the rest.
+    let mapped: Vec<(bool, Result<MappedRecord, RecordError>)> =
+        tokio::task::spawn_blocking(move || {
+            records
+                .iter()
+                .map(|raw| (raw.deleted, m.map(raw)))
+                .collect()
+        })
+        .await
+        .expect("mapping does not panic");
     let mut invalid = Vec::new();
     let mut valid_crm_ids = Vec::new();
     let mut live: Vec<MappedRecord> = Vec::new();
     let mut gone: Vec<MappedRecord> = Vec::new();
-    for raw in &page.records {
-        match mapping.map(raw) {
+    for (deleted, result) in mapped {
+        match result {
             Ok(rec) if rec.deleted => gone.push(rec),
             Ok(rec) => live.push(rec),
             Err(e) => {
                 if matches!(e, RecordError::MissingId { .. }) {
                     report.skipped_empty_ids += 1;
                 }
-                if raw.deleted {
+                if deleted {
                     continue; // a deleted record with no usable id has nothing to clear
                 }
                 // A record set aside is still in the CRM: its Pendo id must not look like an
@@ -359,6 +407,13 @@ async fn prepare(
         true
     });
 
+    // A deleted record clears Pendo only if no live record holds its Pendo id in this pull.
+    if mapping.on_delete == OnDelete::Clear {
+        gone.retain(|rec| !seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())));
+        report.deleted += gone.len() as u64;
+    } else {
+        gone.clear();
+    }
     let ids: Vec<&str> = live
         .iter()
         .chain(&gone)
@@ -370,7 +425,7 @@ async fn prepare(
         store.load_outbox_values(mapping.kind, &ids)
     )?;
     Ok(Prepared {
-        watermark: page.watermark,
+        watermark,
         live,
         gone,
         held_back,
@@ -396,14 +451,7 @@ fn overlay(outbox: &mut HashMap<String, HashMap<String, String>>, previous: &Pag
     }
 }
 
-fn diff_page(
-    mapping: &Mapping,
-    p: Prepared,
-    seen: &Seen,
-    force: bool,
-    any_invalid: &mut bool,
-    report: &mut CycleReport,
-) -> PageWrite {
+fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     let mut changes: Vec<Change> = Vec::new();
     for rec in &p.live {
         changes.extend(diff_record(
@@ -414,21 +462,14 @@ fn diff_page(
             force,
         ));
     }
-    if mapping.on_delete == OnDelete::Clear {
-        for rec in &p.gone {
-            // A live record with the same Pendo id in this pull wins over a deleted one.
-            if seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())) {
-                continue;
-            }
-            report.deleted += 1;
-            changes.extend(clear_record(
-                mapping,
-                &rec.pendo_id,
-                p.shadow.get(&rec.pendo_id),
-                p.outbox.get(&rec.pendo_id),
-                force,
-            ));
-        }
+    for rec in &p.gone {
+        changes.extend(clear_record(
+            mapping,
+            &rec.pendo_id,
+            p.shadow.get(&rec.pendo_id),
+            p.outbox.get(&rec.pendo_id),
+            force,
+        ));
     }
     // Held-back ids lose any value this pull already queued for them: it was a coin toss.
     let unqueue: Vec<Change> = p
@@ -451,21 +492,11 @@ fn diff_page(
         })
         .collect();
     changes.retain(|c| !p.held_back.contains(&c.pendo_id));
-    let mut valid_crm_ids = p.valid_crm_ids;
-    if !*any_invalid {
-        valid_crm_ids.clear();
-    }
-    *any_invalid |= !p.invalid.is_empty();
-
-    report.changes += changes.len() as u64;
-    report.invalid += p.invalid.len() as u64;
-    metrics::counter!(CHANGES_DETECTED, "mapping" => mapping.name.clone(), "kind" => mapping.kind.as_str())
-        .increment(changes.len() as u64);
     PageWrite {
         changes,
         unqueue,
         invalid: p.invalid,
-        valid_crm_ids,
+        valid_crm_ids: p.valid_crm_ids,
         watermark: p.watermark,
     }
 }

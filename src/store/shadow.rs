@@ -47,8 +47,13 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
             let text: String = row.get(0);
-            let records: HashMap<String, ShadowRecord> = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
+            // Parsing a page of records is CPU work: off the async threads, so it overlaps the
+            // engine's other stages.
+            let records: HashMap<String, ShadowRecord> =
+                tokio::task::spawn_blocking(move || serde_json::from_str(&text))
+                    .await
+                    .expect("parsing does not panic")
+                    .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
             out.extend(records.into_iter().map(|(id, r)| (id, without_nulls(r))));
         }
         Ok(out)
