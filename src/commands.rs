@@ -35,11 +35,31 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             )
             .await
         }
+        Command::Run => crate::service::run(settings).await,
+        Command::Healthcheck => crate::admin::healthcheck(&settings).await,
         Command::Resync {
             mapping,
             kind,
+            no_wait,
             dry_run,
-        } => sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await,
+        } => {
+            if let Some(name) = mapping.as_deref() {
+                settings.mapping(name)?;
+            }
+            // A service holding the state file owns the outbox: hand it the request. Dry runs
+            // write nothing, so they can run beside it.
+            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
+                return crate::admin::hand_off_resync(
+                    &settings,
+                    mapping.as_deref(),
+                    kind,
+                    no_wait,
+                    pid,
+                )
+                .await;
+            }
+            sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await
+        }
         Command::Status { format } => status(&settings, format).await,
         Command::Queue { action } => queue(&settings, action).await,
         Command::Check => check(settings).await,
@@ -75,7 +95,7 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
+pub(crate) async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
     let store = Store::open(&settings.state.path).await?;
     let connectors = connectors::build(&settings, Some(store.clone()))?;
     App::open(settings, connectors).await
