@@ -26,6 +26,15 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
     let settings = Arc::new(Settings::load(&cli.config)?);
     match cli.command {
         Command::Sync { mapping, dry_run } => {
+            // The service already syncs every poll interval, and a second writer on its outbox
+            // would release the leases of its batches in flight.
+            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
+                return Err(AppError::Runtime(format!(
+                    "a pendo-sync run (pid {}) serves {}; it already syncs every schedule.poll_interval (use `resync` or its admin port to force a full pass)",
+                    pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                    settings.state.path.display()
+                )));
+            }
             sync(
                 settings,
                 mapping.as_deref(),

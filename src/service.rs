@@ -588,9 +588,18 @@ impl Service {
     /// a poll interval. Cancellation stops it between batches; batches in flight finish and settle.
     async fn outbox_worker(self: Arc<Self>, mut writer: Writer) {
         let mut last_probe = Instant::now();
+        let mut release_leases = false;
         loop {
             if self.cancel.is_cancelled() {
                 return;
+            }
+            // A failed pass may have dropped batches mid-flight with their rows still leased;
+            // by now (a wait later) those tasks are gone, and the rows must become claimable.
+            if std::mem::take(&mut release_leases)
+                && let Err(e) = self.store.release_leases().await
+            {
+                tracing::error!(error = %e, "Cannot release outbox leases; trying again next pass.");
+                release_leases = true;
             }
             let ticket = self.worker.requested.load(Ordering::SeqCst);
             if writer.paused().is_some() {
@@ -622,6 +631,7 @@ impl Service {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "An outbox pass failed; the rows stay in the outbox and are tried again.");
+                        release_leases = true;
                     }
                 }
             }
@@ -685,7 +695,9 @@ fn install_metrics() -> Option<PrometheusHandle> {
 
 /// `pendo-sync run`.
 pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
-    // The lock first: a second instance must say so, not fail later on the admin port.
+    // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
+    let cancel = crate::commands::shutdown_token();
+    // The lock next: a second instance must say so, not fail later on the admin port.
     let _lock = InstanceLock::acquire(&settings.state.path)?;
     let metrics = install_metrics();
     let admin_token = if settings.admin.token_source.is_set() {
@@ -702,7 +714,6 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         .await
         .map_err(|e| AppError::Runtime(format!("cannot listen on admin.listen = {listen}: {e}")))?;
 
-    let cancel = crate::commands::shutdown_token();
     let tracker = TaskTracker::new();
     let (completed, _) = watch::channel(0);
     let service = Arc::new(Service {

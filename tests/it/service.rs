@@ -27,6 +27,8 @@ struct Options {
     create_missing: bool,
     admin_token: bool,
     sf_page_size: usize,
+    /// The integration key comes from this file (`<dir>/pendo_key`) instead of the config.
+    pendo_key_file: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             create_missing: true,
             admin_token: true,
             sf_page_size: 2_000,
+            pendo_key_file: None,
         }
     }
 }
@@ -152,13 +155,21 @@ impl Env {
         } else {
             String::new()
         };
+        let pendo_key = match opts.pendo_key_file {
+            Some(key) => {
+                let path = dir.path().join("pendo_key");
+                std::fs::write(&path, format!("{key}\n")).unwrap();
+                format!("integration_key_file = \"{}\"", path.display())
+            }
+            None => format!("integration_key = \"{PENDO_KEY}\""),
+        };
         let text = format!(
             r#"[state]
 path = "{state}"
 
 [pendo]
 base_url = "{pendo}"
-integration_key = "{PENDO_KEY}"
+{pendo_key}
 batch_size = {batch}
 requests_per_second = 1000
 max_in_flight = 2
@@ -177,7 +188,7 @@ requests_per_second = 1000
 [schedule]
 poll_interval = "1s"
 reconcile_interval = "1h"
-overlap = "2s"
+overlap = "0s"
 
 [admin]
 listen = "{admin}"
@@ -427,6 +438,11 @@ async fn one_service_per_state_file_and_healthcheck_follows_readiness() {
         "{stderr}"
     );
 
+    // A cron `sync` beside the service would fight over the outbox: refused.
+    let sync = env.cli(&["sync"]).await;
+    assert_eq!(sync.status.code(), Some(1), "{sync:?}");
+    assert!(String::from_utf8_lossy(&sync.stderr).contains("already syncs"));
+
     // Without admin.token the POST endpoints are off.
     let resp = reqwest::Client::new()
         .post(env.url("/v1/resync"))
@@ -495,17 +511,20 @@ async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
     let mut env = Env::new(Options {
         accounts,
         batch_size: 25,
-        sf_page_size: 200,
+        sf_page_size: 100,
         ..Options::default()
     })
     .await;
     env.pendo.set_faults(PendoFaults {
-        latency: Duration::from_millis(5),
+        latency: Duration::from_millis(20),
         ..PendoFaults::default()
     });
     let mut rng = fastrand::Rng::with_seed(seed);
+    // Rounds killed while pushes were under way (writes before and after the kill).
+    let mut mid_push = 0;
     for round in 0..rounds {
-        for _ in 0..5 {
+        // A fifth of the accounts change between restarts: every round has a real push to cut.
+        for _ in 0..accounts / 5 {
             let i = rng.usize(0..accounts);
             env.sf.set_field(
                 "Account",
@@ -514,10 +533,20 @@ async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
                 json!((round * 1000 + i) as f64),
             );
         }
+        let writes = env.pendo_writes();
         let mut svc = env.start();
-        tokio::time::sleep(Duration::from_millis(rng.u64(50..600))).await;
+        // The first full cycle takes a few seconds (debug build): moments from start-up, through
+        // page commits, to pushes in flight.
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..1_500))).await;
         svc.crash();
+        if env.pendo_writes() > writes && !env.differences().is_empty() {
+            mid_push += 1;
+        }
     }
+    assert!(
+        mid_push >= rounds / 5,
+        "only {mid_push} of {rounds} kills landed while pushes were under way"
+    );
     env.pendo.set_faults(PendoFaults::default());
     let mut svc = env.start();
     env.wait_converged(&svc, Duration::from_secs(30)).await;
@@ -689,6 +718,48 @@ async fn resync_cli_hands_off_to_the_service_and_restores_wiped_values() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("/v1/resync/"));
 
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_pauses_the_writer_fails_readyz_and_a_fixed_key_resumes_it() {
+    let mut env = Env::new(Options {
+        pendo_key_file: Some("a-revoked-key"),
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = env.get("/readyz").await;
+        if code == 503 && body.contains("writer paused") {
+            assert!(body.contains("check the integration key"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{code} {body}; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The service stays up, sends nothing more, and says why.
+    assert_eq!(env.get("/healthz").await.0, 200);
+    let (_, status) = env.get("/v1/status").await;
+    assert!(
+        status.contains("writer_paused\":\"Pendo refused"),
+        "{status}"
+    );
+    assert!(env.held().values().all(|f| f.is_empty()));
+    let out = env.cli(&["healthcheck"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // The operator fixes the key file (a rotated credential): the worker tries again within a
+    // poll interval or two, without a restart.
+    std::fs::write(env.dir.path().join("pendo_key"), PENDO_KEY).unwrap();
+    env.wait_ready(&svc, 4 * POLL).await;
+    env.wait_converged(&svc, Duration::from_secs(5)).await;
     svc.sigterm();
     assert!(svc.exit_within(Duration::from_secs(10)).await.success());
 }
