@@ -29,6 +29,7 @@ struct Options {
     sf_page_size: usize,
     /// The integration key comes from this file (`<dir>/pendo_key`) instead of the config.
     pendo_key_file: Option<&'static str>,
+    reconcile_interval: &'static str,
 }
 
 impl Default for Options {
@@ -40,6 +41,7 @@ impl Default for Options {
             admin_token: true,
             sf_page_size: 2_000,
             pendo_key_file: None,
+            reconcile_interval: "1h",
         }
     }
 }
@@ -187,7 +189,7 @@ requests_per_second = 1000
 
 [schedule]
 poll_interval = "1s"
-reconcile_interval = "1h"
+reconcile_interval = "{reconcile}"
 overlap = "0s"
 
 [admin]
@@ -211,6 +213,7 @@ on_delete = "clear"
             sf = servers[1].url(),
             batch = opts.batch_size,
             create = opts.create_missing,
+            reconcile = opts.reconcile_interval,
             client_id = SalesforceSimConfig::default().client_id,
         );
         std::fs::write(&config, text).unwrap();
@@ -348,6 +351,21 @@ on_delete = "clear"
             .iter()
             .filter(|r| r.status == 200)
             .count()
+    }
+
+    /// The modes of the finished cycles in the state file's run history, oldest first.
+    async fn run_modes(&self) -> Vec<String> {
+        let Ok(store) =
+            pendo_sync::store::Store::open_read_only(&self.dir.path().join("state.db")).await
+        else {
+            return vec![];
+        };
+        let modes = sqlx::query_scalar("SELECT mode FROM runs WHERE ok = 1 ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap_or_default();
+        store.close().await;
+        modes
     }
 
     fn pendo_writes(&self) -> usize {
@@ -760,6 +778,50 @@ async fn a_refused_key_pauses_the_writer_fails_readyz_and_a_fixed_key_resumes_it
     std::fs::write(env.dir.path().join("pendo_key"), PENDO_KEY).unwrap();
     env.wait_ready(&svc, 4 * POLL).await;
     env.wait_converged(&svc, Duration::from_secs(5)).await;
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_come_every_reconcile_interval_and_a_restart_does_not_bring_one_early() {
+    let mut env = Env::new(Options {
+        reconcile_interval: "3s",
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.run_modes().await.iter().any(|m| m == "reconcile") {
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let modes = env.run_modes().await;
+    // The clock starts with the first run: incremental cycles first, a reconcile ~3 s later.
+    assert_eq!(modes[0], "incremental", "{modes:?}");
+    assert!(
+        modes.iter().filter(|m| *m == "incremental").count() >= 2,
+        "{modes:?}"
+    );
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+
+    // A restart right after a reconcile goes on with incremental cycles.
+    let before = env.run_modes().await.len();
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let modes = loop {
+        let modes = env.run_modes().await;
+        if modes.len() > before {
+            break modes;
+        }
+        assert!(Instant::now() < deadline, "no cycle; log:\n{}", svc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(modes[before], "incremental", "{modes:?}");
     svc.sigterm();
     assert!(svc.exit_within(Duration::from_secs(10)).await.success());
 }
