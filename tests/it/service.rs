@@ -825,3 +825,16 @@ async fn reconciles_come_every_reconcile_interval_and_a_restart_does_not_bring_o
     svc.sigterm();
     assert!(svc.exit_within(Duration::from_secs(10)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_in_use_fails_start_up_naming_admin_listen() {
+    let env = Env::new(Options::default()).await;
+    let _taken = std::net::TcpListener::bind(&env.admin).unwrap();
+    let out = env.cli(&["run"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on admin.listen = {}", env.admin)),
+        "{stderr}"
+    );
+}
