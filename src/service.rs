@@ -378,11 +378,32 @@ impl Service {
             }
         }
         // The worker sends what the resync queued; the resync is done when a pass that started
-        // after its last cycle has finished (a paused writer is tried again at once).
+        // after its last cycle has finished (a paused writer is tried again at once), and the
+        // retries falling due within SYNC_RETRY_WAIT have had their passes too, as `sync` waits.
         self.worker.probe_now.store(true, Ordering::SeqCst);
-        if !self.worker_pass().await {
-            self.finish_resync(id, Err("the service stopped during the resync".into()));
-            return;
+        let deadline = now_ms() + crate::engine::SYNC_RETRY_WAIT.as_millis() as i64;
+        loop {
+            if !self.worker_pass().await {
+                self.finish_resync(id, Err("the service stopped during the resync".into()));
+                return;
+            }
+            if self.writer_paused().is_some() {
+                break;
+            }
+            match self.store.next_due_at(None).await {
+                Ok(Some(due)) if due <= deadline => {
+                    let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    break;
+                }
+            }
         }
         let pushed = self.worker.confirmed.load(Ordering::SeqCst) - confirmed_before;
         self.update_resync(id, |s| s.pushed = pushed);

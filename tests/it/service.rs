@@ -525,7 +525,13 @@ async fn sigterm_during_a_push_exits_0_and_a_restart_finishes_the_work() {
 
 /// kill -9 at `rounds` random moments of a large sync, with CRM edits between restarts; then one
 /// clean run must leave Pendo equal to the CRM.
-async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
+async fn killed_at_random_moments(
+    accounts: usize,
+    rounds: usize,
+    changes_per_round: usize,
+    max_kill_ms: u64,
+    seed: u64,
+) {
     let mut env = Env::new(Options {
         accounts,
         batch_size: 25,
@@ -541,8 +547,8 @@ async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
     // Rounds killed while pushes were under way (writes before and after the kill).
     let mut mid_push = 0;
     for round in 0..rounds {
-        // A fifth of the accounts change between restarts: every round has a real push to cut.
-        for _ in 0..accounts / 5 {
+        // Many accounts change between restarts: every round has a real push to cut.
+        for _ in 0..changes_per_round {
             let i = rng.usize(0..accounts);
             env.sf.set_field(
                 "Account",
@@ -555,7 +561,7 @@ async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
         let mut svc = env.start();
         // The first full cycle takes a few seconds (debug build): moments from start-up, through
         // page commits, to pushes in flight.
-        tokio::time::sleep(Duration::from_millis(rng.u64(50..1_500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..max_kill_ms))).await;
         svc.crash();
         if env.pendo_writes() > writes && !env.differences().is_empty() {
             mid_push += 1;
@@ -574,13 +580,13 @@ async fn killed_at_random_moments(accounts: usize, rounds: usize, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_20_random_moments_then_a_restart_converges() {
-    killed_at_random_moments(1_500, 20, 11).await;
+    killed_at_random_moments(1_500, 20, 300, 1_500, 11).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 100 kills over 5,000 accounts"]
 async fn kill_9_at_100_random_moments_then_a_restart_converges() {
-    killed_at_random_moments(5_000, 100, 23).await;
+    killed_at_random_moments(5_000, 100, 200, 4_000, 23).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
