@@ -559,9 +559,17 @@ async fn killed_at_random_moments(
         }
         let writes = env.pendo_writes();
         let mut svc = env.start();
-        // The first full cycle takes a few seconds (debug build): moments from start-up, through
-        // page commits, to pushes in flight.
-        tokio::time::sleep(Duration::from_millis(rng.u64(50..max_kill_ms))).await;
+        if round % 2 == 0 {
+            // Any moment: start-up, reading pages, committing them, pushing.
+            tokio::time::sleep(Duration::from_millis(rng.u64(50..max_kill_ms))).await;
+        } else {
+            // Shortly after a push began, however fast this machine is.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while env.pendo_writes() == writes && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..60))).await;
+        }
         svc.crash();
         if env.pendo_writes() > writes && !env.differences().is_empty() {
             mid_push += 1;
