@@ -247,12 +247,19 @@ on_delete = "clear"
         Service { child, log }
     }
 
-    /// Runs a CLI command to completion off the async threads (the simulators live on them).
+    /// Runs a CLI command to completion without blocking the simulators' threads; one that hangs
+    /// (a `run` that should have refused to start) is killed and fails the test.
     async fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut c = self.command(args);
-        tokio::task::spawn_blocking(move || c.output().expect("the CLI runs"))
+        let mut c = tokio::process::Command::from(self.command(args));
+        c.kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().expect("the CLI runs");
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("pendo-sync {args:?} did not finish within 60 s"))
+            .expect("the CLI's output")
     }
 
     fn url(&self, path: &str) -> String {
