@@ -14,5 +14,14 @@ COPY config/example.toml /etc/pendo-sync/config.example.toml
 USER pendo-sync
 VOLUME ["/var/lib/pendo-sync"]
 ENV PENDO_SYNC_CONFIG=/etc/pendo-sync/config.toml
+# Inside a container the admin port must listen beyond loopback to be scraped; the health check
+# reaches it over loopback either way. Override with PENDO_SYNC__ADMIN__LISTEN.
+ENV PENDO_SYNC__ADMIN__LISTEN=0.0.0.0:9464
+EXPOSE 9464
+# /readyz through the binary itself: the slim image has no curl.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=2m --retries=3 \
+    CMD ["pendo-sync", "healthcheck"]
+# SIGTERM (docker stop) finishes in-flight requests; give it time: docker stop -t 330.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["pendo-sync"]
-CMD ["sync"]
+CMD ["run"]

@@ -76,6 +76,9 @@ pub enum QueueStateArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The service: scheduled incremental cycles, periodic reconciles, the outbox worker and the
+    /// admin port (health, metrics, status, resync). Stops cleanly on SIGTERM/SIGINT.
+    Run,
     /// One incremental cycle per mapping, then drain the outbox, then exit (cron-friendly).
     Sync {
         /// Only this mapping.
@@ -91,6 +94,9 @@ pub enum Command {
         mapping: Option<String>,
         #[arg(long, value_enum)]
         kind: Option<KindArg>,
+        /// When handed to a running service: return once it accepted the request.
+        #[arg(long)]
+        no_wait: bool,
         /// Print what would be pushed; write nothing anywhere.
         #[arg(long)]
         dry_run: bool,
@@ -109,6 +115,8 @@ pub enum Command {
     },
     /// Validate the config and verify credentials, fields and types against Pendo and the CRMs.
     Check,
+    /// Exit 0 if the running service's /readyz answers 200, else 1 (for container health checks).
+    Healthcheck,
     /// Start the built-in simulators, sync, change some CRM records, sync again, audit; no config needed.
     Demo,
     /// Run the simulators alone (Pendo, Salesforce, HubSpot on loopback) to try a config against.

@@ -26,6 +26,15 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
     let settings = Arc::new(Settings::load(&cli.config)?);
     match cli.command {
         Command::Sync { mapping, dry_run } => {
+            // The service already syncs every poll interval, and a second writer on its outbox
+            // would release the leases of its batches in flight.
+            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
+                return Err(AppError::Runtime(format!(
+                    "a pendo-sync run (pid {}) serves {}; it already syncs every schedule.poll_interval (use `resync` or its admin port to force a full pass)",
+                    pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                    settings.state.path.display()
+                )));
+            }
             sync(
                 settings,
                 mapping.as_deref(),
@@ -35,11 +44,31 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             )
             .await
         }
+        Command::Run => crate::service::run(settings).await,
+        Command::Healthcheck => crate::admin::healthcheck(&settings).await,
         Command::Resync {
             mapping,
             kind,
+            no_wait,
             dry_run,
-        } => sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await,
+        } => {
+            if let Some(name) = mapping.as_deref() {
+                settings.mapping(name)?;
+            }
+            // A service holding the state file owns the outbox: hand it the request. Dry runs
+            // write nothing, so they can run beside it.
+            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
+                return crate::admin::hand_off_resync(
+                    &settings,
+                    mapping.as_deref(),
+                    kind,
+                    no_wait,
+                    pid,
+                )
+                .await;
+            }
+            sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await
+        }
         Command::Audit(args) => crate::audit::run(settings, args).await,
         Command::Status { format } => status(&settings, format).await,
         Command::Queue { action } => queue(&settings, action).await,
@@ -76,7 +105,7 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
+pub(crate) async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
     let store = Store::open(&settings.state.path).await?;
     let connectors = connectors::build(&settings, Some(store.clone()))?;
     App::open(settings, connectors).await

@@ -12,10 +12,13 @@
 //! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
 //! - [`audit`]: the dry-run drift report: CRM against the shadow and (optionally) Pendo.
+//! - [`service`]: `pendo-sync run`: the scheduled cycles, the outbox worker, resync jobs, readiness.
+//! - [`admin`]: the admin port (health, metrics, status, resync) and its CLI clients.
 //! - [`config`], [`telemetry`], [`cli`], [`commands`]: settings, logs, the command line.
 //! - [`sim`]: loopback simulators of Pendo, Salesforce and HubSpot.
 //! - [`domain`]: kinds, field types and the canonical [`domain::Value`].
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -30,6 +33,7 @@ pub mod limiter;
 pub mod mapping;
 pub mod metrics;
 pub mod pendo;
+pub mod service;
 pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -11,4 +11,5 @@ mod faults;
 mod helpers;
 mod secrets;
 mod security;
+mod service;
 mod sync;

@@ -1,0 +1,352 @@
+//! The admin port (`admin.listen`, loopback by default) and its two clients.
+//!
+//! Server (axum), for `pendo-sync run`:
+//!
+//! | route | answers |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process is alive |
+//! | `GET /readyz` | 200, or 503 with `{"ready": false, "reasons": [...]}` (see [`Service::readiness`]) |
+//! | `GET /metrics` | Prometheus text; outbox gauges refreshed from the state file first |
+//! | `GET /v1/status` | the document of `status --format json` |
+//! | `POST /v1/resync` | Bearer `admin.token`; optional `mapping`, `kind` (JSON body or query); 202 with an id |
+//! | `GET /v1/resync/{id}` | that resync's progress: state, records read, changes, pushed |
+//!
+//! Without a configured `admin.token` the POST answers 403: an open port on a shared host must not
+//! let anyone start a full resync. The read-only routes need no token and show no secrets.
+//!
+//! Clients, for the CLI: [`hand_off_resync`] (`resync` while a service holds the state file) and
+//! [`healthcheck`] (the Docker HEALTHCHECK; the slim image has no curl).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::app::AppError;
+use crate::cli::KindArg;
+use crate::config::{ConfigError, Settings};
+use crate::domain::{Kind, now_ms};
+use crate::metrics::{OLDEST_PENDING, OUTBOX_VALUES};
+use crate::service::Service;
+
+/// Gauge: 1 while Pendo refuses the integration key and the writer waits.
+pub const WRITER_PAUSED: &str = "pendo_sync_writer_paused";
+
+type Shared = Arc<Service>;
+
+/// Serves the admin routes until the service's token is cancelled.
+pub async fn serve(service: Shared, listener: TcpListener) -> std::io::Result<()> {
+    let stop = service.cancel.clone();
+    axum::serve(listener, router(service))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+pub fn router(service: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/resync", post(resync))
+        .route("/v1/resync/{id}", get(resync_progress))
+        .with_state(service)
+}
+
+async fn readyz(State(service): State<Shared>) -> Response {
+    match service.readiness().await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response(),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false, "reasons": reasons})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(service): State<Shared>) -> Response {
+    let Some(handle) = service.metrics_handle() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response();
+    };
+    // Gauges that describe the state file are read fresh at scrape time.
+    match service.store.outbox_counts().await {
+        Ok(counts) => {
+            for (state, n) in counts {
+                metrics::gauge!(OUTBOX_VALUES, "state" => state).set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "Cannot read outbox counts for /metrics."),
+    }
+    match service.store.oldest_pending_at().await {
+        Ok(at) => metrics::gauge!(OLDEST_PENDING)
+            .set(at.map_or(0.0, |at| (now_ms() - at).max(0) as f64 / 1000.0)),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the oldest pending change for /metrics."),
+    }
+    metrics::gauge!(WRITER_PAUSED).set(if service.writer_paused().is_some() {
+        1.0
+    } else {
+        0.0
+    });
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(service): State<Shared>) -> Response {
+    match crate::commands::status_report(&service.settings, &service.store).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// `mapping` and `kind`, from the query string or a JSON body (the body wins).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResyncParams {
+    mapping: Option<String>,
+    kind: Option<String>,
+}
+
+/// Compares without an early exit, so the answer time does not tell how much of a guess matched.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for i in 0..given.len().max(expected.len()) {
+        let a = given.get(i).copied().unwrap_or(0);
+        let b = expected.get(i).copied().unwrap_or(0);
+        diff |= usize::from(a ^ b);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"error": message}))).into_response()
+}
+
+async fn resync(
+    State(service): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<ResyncParams>,
+    body: Bytes,
+) -> Response {
+    let Some(token) = service.admin_token() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "set admin.token to enable POST endpoints",
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(
+                json!({"error": "a valid admin token is required (Authorization: Bearer ...)"}),
+            ),
+        )
+            .into_response();
+    }
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        query
+    } else {
+        match serde_json::from_slice::<ResyncParams>(&body) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
+        }
+    };
+    let kind = match params.kind.as_deref() {
+        None => None,
+        Some("visitor") => Some(Kind::Visitor),
+        Some("account") => Some(Kind::Account),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("kind must be visitor or account, got {other:?}"),
+            );
+        }
+    };
+    match service.request_resync(params.mapping.as_deref(), kind) {
+        Ok(status) => (
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, format!("/v1/resync/{}", status.id))],
+            axum::Json(status),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+async fn resync_progress(State(service): State<Shared>, Path(id): Path<String>) -> Response {
+    match service.resync_status(&id).await {
+        Some(status) => axum::Json(status).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no such resync (ids do not survive a restart)",
+        ),
+    }
+}
+
+// ---- clients -------------------------------------------------------------------------------
+
+/// `http://host:port` for reaching `admin.listen` from this machine: a wildcard bind address is
+/// reached over loopback.
+pub fn admin_url(settings: &Settings) -> Result<String, ConfigError> {
+    let mut addr: SocketAddr = settings.admin.listen.parse().map_err(|_| {
+        ConfigError::new("admin.listen", "must be an address such as 127.0.0.1:9464")
+    })?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Ok(format!("http://{addr}"))
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("the HTTP client builds")
+}
+
+/// `pendo-sync healthcheck`: 0 if `/readyz` answers 200, else 1 (with the reasons on stderr).
+pub async fn healthcheck(settings: &Settings) -> Result<u8, AppError> {
+    let url = format!("{}/readyz", admin_url(settings)?);
+    match http_client().get(&url).send().await {
+        Ok(resp) if resp.status() == reqwest::StatusCode::OK => {
+            println!("ready");
+            Ok(0)
+        }
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            eprintln!("not ready ({status}): {}", body.trim());
+            Ok(1)
+        }
+        Err(e) => {
+            eprintln!("not ready: cannot reach {url}: {e}");
+            Ok(1)
+        }
+    }
+}
+
+/// `resync` while a service holds the state file: ask it over the admin port, then (unless
+/// `no_wait`) follow the job until it ends. Exit 0 when it is done, 1 when it failed.
+pub async fn hand_off_resync(
+    settings: &Settings,
+    mapping: Option<&str>,
+    kind: Option<KindArg>,
+    no_wait: bool,
+    holder_pid: Option<u32>,
+) -> Result<u8, AppError> {
+    let base = admin_url(settings)?;
+    let token = settings.admin.token_source.resolve("admin.token").map_err(|e| {
+        AppError::Runtime(format!(
+            "a pendo-sync run (pid {}) holds the state file, so this resync must go through its admin port, which needs the token: {e}",
+            holder_pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+        ))
+    })?;
+    let kind = kind.map(|k| Kind::from(k).as_str());
+    let client = http_client();
+    let resp = client
+        .post(format!("{base}/v1/resync"))
+        .bearer_auth(token.expose_secret())
+        .json(&json!({"mapping": mapping, "kind": kind}))
+        .send()
+        .await
+        .map_err(|e| {
+            AppError::Runtime(format!(
+                "a pendo-sync run holds the state file but its admin port {base} does not answer: {e}"
+            ))
+        })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status != reqwest::StatusCode::ACCEPTED {
+        return Err(AppError::Runtime(format!(
+            "the running service refused the resync ({status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        )));
+    }
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    println!("resync {id} handed to the running service");
+    if no_wait {
+        println!("follow it with: GET {base}/v1/resync/{id}");
+        return Ok(0);
+    }
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let job: serde_json::Value = match client.get(format!("{base}/v1/resync/{id}")).send().await
+        {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+            Ok(r) => {
+                return Err(AppError::Runtime(format!(
+                    "lost track of resync {id}: the service answered {} (was it restarted?)",
+                    r.status()
+                )));
+            }
+            Err(e) => {
+                return Err(AppError::Runtime(format!("lost track of resync {id}: {e}")));
+            }
+        };
+        let state = job["state"].as_str().unwrap_or("unknown");
+        let line = format!(
+            "resync {id}: {state}, {} records read, {} changes, {} pushed",
+            job["records_read"], job["changes"], job["pushed"]
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        match state {
+            "done" => return Ok(0),
+            "failed" => {
+                println!(
+                    "resync {id} FAILED: {}",
+                    job["error"].as_str().unwrap_or("no reason given")
+                );
+                return Ok(1);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_equal_only_when_identical() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cret", b"s3cres"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"s3cret\0", b"s3cret"));
+    }
+}

@@ -1,0 +1,819 @@
+//! `pendo-sync run`: the long-lived service. This module owns the run loop and its state:
+//!
+//! - the **instance lock** (`<state.path>.lock`, holding the pid): one service per state file;
+//! - one **mapping loop** per mapping: an incremental cycle every `schedule.poll_interval`, a full
+//!   reconcile instead when `schedule.reconcile_interval` has passed since the last one (remembered
+//!   in the state file's kv as `reconcile.<mapping>`, so a restart does not reconcile at once);
+//! - the **outbox worker**: the only sender to Pendo. It drains whatever is due, then sleeps until
+//!   the next row falls due (retries, unmatched ids), a cycle nudges it, or a poll interval passes;
+//! - **resync jobs** requested over the admin port (`POST /v1/resync`), run one at a time;
+//! - **readiness**: what `/readyz` answers (see [`Service::readiness`]).
+//!
+//! Every task runs under one [`CancellationToken`] (SIGTERM/SIGINT) and one [`TaskTracker`]. On
+//! shutdown the loops stop taking work; a cycle in progress is abandoned (its committed pages are
+//! kept, the rest is read again at the next start); batches in flight to Pendo finish and are
+//! settled, so what Pendo confirmed is committed and the rest stays in the outbox. The process
+//! exits 0 once the tasks are done, or after `pendo.timeout` + 15 s if a request hangs (an
+//! unsettled batch is only leased, and is sent again at the next start).
+//!
+//! A writer paused by Pendo (401/403) keeps the service up and fails `/readyz`. Once per poll
+//! interval, and at once on `POST /v1/resync`, the worker re-reads the integration key and asks
+//! Pendo's token-verify endpoint whether it now has write access; if so it resumes with a fresh
+//! writer. So a key fixed in Pendo (write access enabled) or rotated on disk needs no restart, and a
+//! refused key costs one cheap GET per poll interval.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{App, AppError};
+use crate::config::{MappingSettings, Settings};
+use crate::domain::{Kind, iso8601_from_ms, now_ms};
+use crate::engine::{CycleReport, Mode, Progress};
+use crate::pendo::writer::PAUSED_KEY;
+use crate::pendo::{PendoClient, Writer, WriterConfig};
+use crate::store::{Store, StoreError};
+
+/// Readiness needs every mapping's last cycle to have succeeded within this many poll intervals.
+const READY_INTERVALS: u32 = 3;
+/// Extra time given to in-flight requests at shutdown, beyond `pendo.timeout`.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
+
+// ---- the instance lock ---------------------------------------------------------------------
+
+/// `<state.path>.lock`: the file whose exclusive lock marks the state file as served.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// The exclusive lock on `<state.path>.lock`, held for the life of the process (the OS releases
+/// it when the process ends, kill -9 included, so a stale file never blocks a restart).
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+impl InstanceLock {
+    /// Takes the lock and writes our pid into the file, or says who holds it.
+    pub fn acquire(state: &Path) -> Result<InstanceLock, AppError> {
+        let path = lock_path(state);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                AppError::Runtime(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| AppError::Runtime(format!("cannot open {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(held_error(&path, read_pid(&mut file))),
+            Err(TryLockError::Error(e)) => {
+                return Err(AppError::Runtime(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        // Truncate only once we hold the lock: the holder's pid must stay readable to others.
+        let write = |file: &mut File| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            writeln!(file, "{}", std::process::id())?;
+            file.sync_data()
+        };
+        write(&mut file)
+            .map_err(|e| AppError::Runtime(format!("cannot write {}: {e}", path.display())))?;
+        Ok(InstanceLock { _file: file })
+    }
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+fn held_error(path: &Path, pid: Option<u32>) -> AppError {
+    AppError::Runtime(format!(
+        "another pendo-sync run holds {} (pid {}); stop it first, or use its admin port",
+        path.display(),
+        pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    ))
+}
+
+/// Whether a running service holds the lock for `state`, and its pid if it wrote one. Only looks:
+/// the lock is released again at once if it was free.
+pub fn lock_holder(state: &Path) -> Option<Option<u32>> {
+    let mut file = File::open(lock_path(state)).ok()?;
+    match file.try_lock() {
+        Ok(()) => None,
+        Err(TryLockError::WouldBlock) => Some(read_pid(&mut file)),
+        Err(TryLockError::Error(_)) => None,
+    }
+}
+
+// ---- shared service state --------------------------------------------------------------------
+
+/// What the service knows about one mapping's cycles (for `/readyz`).
+#[derive(Debug, Clone, Default)]
+struct MappingHealth {
+    running_since: Option<Instant>,
+    last_ok: Option<bool>,
+    last_error: Option<String>,
+    last_success: Option<Instant>,
+}
+
+/// The progress document of a resync requested over the admin port (`GET /v1/resync/{id}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncStatus {
+    pub id: String,
+    /// queued | running | done | failed
+    pub state: &'static str,
+    pub mappings: Vec<String>,
+    pub kind: Option<String>,
+    pub records_read: u64,
+    pub changes: u64,
+    /// Records Pendo confirmed while the resync's changes were being sent (changes of regular
+    /// cycles confirmed in the same window are included).
+    pub pushed: u64,
+    /// Values still pending in the outbox when this document was produced.
+    pub outbox_pending: Option<i64>,
+    pub error: Option<String>,
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// The handshake between the outbox worker and those who wait for it (resync jobs).
+struct WorkerSignals {
+    /// Wakes the worker early (a cycle committed changes, a resync wants a pass).
+    wake: Notify,
+    /// Passes asked for so far; a pass serves every request made before it started.
+    requested: AtomicU64,
+    /// The last request number a finished pass served.
+    completed: watch::Sender<u64>,
+    /// Records Pendo confirmed since the service started.
+    confirmed: AtomicU64,
+    /// Try a paused writer again at the next pass instead of waiting for the poll interval.
+    probe_now: AtomicBool,
+}
+
+/// The running service: what the loops, the resync jobs and the admin port share.
+pub struct Service {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    app: App,
+    pub cancel: CancellationToken,
+    tracker: TaskTracker,
+    metrics: Option<PrometheusHandle>,
+    admin_token: Option<SecretString>,
+    health: Mutex<HashMap<String, MappingHealth>>,
+    cycle_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    writer_paused: Mutex<Option<String>>,
+    worker: WorkerSignals,
+    resyncs: Mutex<BTreeMap<String, ResyncStatus>>,
+    resync_seq: AtomicU64,
+    /// Resyncs run one at a time, in the order requested.
+    resync_gate: tokio::sync::Mutex<()>,
+}
+
+impl Service {
+    fn poll_interval(&self) -> Duration {
+        self.settings.schedule.poll_interval
+    }
+
+    pub fn metrics_handle(&self) -> Option<&PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+
+    pub fn admin_token(&self) -> Option<&SecretString> {
+        self.admin_token.as_ref()
+    }
+
+    /// Why the service is not ready, or `Ok` if it is: the state file answers, the writer is not
+    /// paused, and every mapping's last finished cycle succeeded within three poll intervals (a
+    /// cycle still running after a success counts as fresh: a long reconcile is not an outage;
+    /// a hung one is bounded by the CRM clients' timeouts). Before the first cycle: not ready.
+    pub async fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut reasons = Vec::new();
+        if let Err(e) = self.store.ping().await {
+            reasons.push(format!("state file not usable: {e}"));
+        }
+        if let Some(reason) = self.writer_paused.lock().expect("pause lock").clone() {
+            reasons.push(format!("writer paused: {reason}"));
+        }
+        let window = self.poll_interval() * READY_INTERVALS;
+        let health = self.health.lock().expect("health lock");
+        for m in &self.settings.mappings {
+            let h = health.get(&m.name).cloned().unwrap_or_default();
+            match h.last_ok {
+                None => reasons.push(format!("mapping {}: first cycle not finished", m.name)),
+                Some(false) => reasons.push(format!(
+                    "mapping {}: last cycle failed: {}",
+                    m.name,
+                    h.last_error.as_deref().unwrap_or("unknown error")
+                )),
+                Some(true) => {
+                    let fresh = h.running_since.is_some()
+                        || h.last_success.is_some_and(|at| at.elapsed() <= window);
+                    if !fresh {
+                        reasons.push(format!(
+                            "mapping {}: no successful cycle in the last {}",
+                            m.name,
+                            humantime::format_duration(window)
+                        ));
+                    }
+                }
+            }
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+
+    /// Whether Pendo refused the key and the writer is waiting for it to be fixed.
+    pub fn writer_paused(&self) -> Option<String> {
+        self.writer_paused.lock().expect("pause lock").clone()
+    }
+
+    /// Validates a resync request and queues it; returns its id. Errors are for the caller (400).
+    pub fn request_resync(
+        self: &Arc<Self>,
+        mapping: Option<&str>,
+        kind: Option<Kind>,
+    ) -> Result<ResyncStatus, String> {
+        let selected: Vec<String> = match mapping {
+            Some(name) => vec![
+                self.settings
+                    .mapping(name)
+                    .map_err(|e| e.to_string())?
+                    .name
+                    .clone(),
+            ],
+            None => self
+                .settings
+                .mappings
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
+        };
+        let selected: Vec<String> = selected
+            .into_iter()
+            .filter(|name| {
+                kind.is_none_or(|k| self.settings.mapping(name).is_ok_and(|m| m.kind == k))
+            })
+            .collect();
+        if selected.is_empty() {
+            return Err("no mapping matches the requested mapping and kind".into());
+        }
+        let seq = self.resync_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let status = ResyncStatus {
+            // The start time keeps ids unique across restarts, so a client polling an old id
+            // after a restart gets a 404, not someone else's job.
+            id: format!("{}-{seq}", now_ms()),
+            state: "queued",
+            mappings: selected,
+            kind: kind.map(|k| k.as_str().to_owned()),
+            records_read: 0,
+            changes: 0,
+            pushed: 0,
+            outbox_pending: None,
+            error: None,
+            requested_at: iso8601_from_ms(now_ms()),
+            started_at: None,
+            finished_at: None,
+        };
+        self.resyncs
+            .lock()
+            .expect("resync lock")
+            .insert(status.id.clone(), status.clone());
+        let service = self.clone();
+        let id = status.id.clone();
+        self.tracker
+            .spawn(async move { service.run_resync(&id).await });
+        tracing::info!(id = %status.id, mappings = ?status.mappings, "Resync requested.");
+        Ok(status)
+    }
+
+    /// A resync's progress, with the outbox's current pending count.
+    pub async fn resync_status(&self, id: &str) -> Option<ResyncStatus> {
+        let mut status = self.resyncs.lock().expect("resync lock").get(id).cloned()?;
+        if let Ok(counts) = self.store.outbox_counts().await {
+            status.outbox_pending = counts.get("pending").copied();
+        }
+        Some(status)
+    }
+
+    fn update_resync(&self, id: &str, f: impl FnOnce(&mut ResyncStatus)) {
+        if let Some(s) = self.resyncs.lock().expect("resync lock").get_mut(id) {
+            f(s);
+        }
+    }
+
+    async fn run_resync(self: Arc<Self>, id: &str) {
+        let _gate = tokio::select! {
+            _ = self.cancel.cancelled() => {
+                self.finish_resync(id, Err("the service stopped before the resync started".into()));
+                return;
+            }
+            g = self.resync_gate.lock() => g,
+        };
+        let mappings = self
+            .resyncs
+            .lock()
+            .expect("resync lock")
+            .get(id)
+            .map(|s| s.mappings.clone())
+            .unwrap_or_default();
+        self.update_resync(id, |s| {
+            s.state = "running";
+            s.started_at = Some(iso8601_from_ms(now_ms()));
+        });
+        let confirmed_before = self.worker.confirmed.load(Ordering::SeqCst);
+        let mut errors = Vec::new();
+        for name in &mappings {
+            let Ok(m) = self.settings.mapping(name) else {
+                continue;
+            };
+            let (read, changes) = self
+                .resyncs
+                .lock()
+                .expect("resync lock")
+                .get(id)
+                .map_or((0, 0), |s| (s.records_read, s.changes));
+            let progress = JobProgress {
+                service: &self,
+                id,
+                base_read: read,
+                base_changes: changes,
+            };
+            match self.cycle(m, Mode::Resync, &progress).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => errors.push(e),
+                None => {
+                    self.finish_resync(id, Err("the service stopped during the resync".into()));
+                    return;
+                }
+            }
+        }
+        // The worker sends what the resync queued; the resync is done when a pass that started
+        // after its last cycle has finished (a paused writer is tried again at once), and the
+        // retries falling due within SYNC_RETRY_WAIT have had their passes too, as `sync` waits.
+        self.worker.probe_now.store(true, Ordering::SeqCst);
+        let deadline = now_ms() + crate::engine::SYNC_RETRY_WAIT.as_millis() as i64;
+        loop {
+            if !self.worker_pass().await {
+                self.finish_resync(id, Err("the service stopped during the resync".into()));
+                return;
+            }
+            if self.writer_paused().is_some() {
+                break;
+            }
+            match self.store.next_due_at(None).await {
+                Ok(Some(due)) if due <= deadline => {
+                    let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        let pushed = self.worker.confirmed.load(Ordering::SeqCst) - confirmed_before;
+        self.update_resync(id, |s| s.pushed = pushed);
+        if let Some(reason) = self.writer_paused() {
+            errors.push(format!("writer paused: {reason}"));
+        }
+        let result = if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        };
+        self.finish_resync(id, result);
+    }
+
+    fn finish_resync(&self, id: &str, result: Result<(), String>) {
+        match &result {
+            Ok(()) => tracing::info!(%id, "Resync done."),
+            Err(e) => tracing::error!(%id, error = %e, "Resync failed."),
+        }
+        self.update_resync(id, |s| {
+            s.finished_at = Some(iso8601_from_ms(now_ms()));
+            match result {
+                Ok(()) => s.state = "done",
+                Err(e) => {
+                    s.state = "failed";
+                    s.error = Some(e);
+                }
+            }
+        });
+    }
+
+    /// Asks the worker for a pass and waits until one that started after this call finished.
+    /// False if the service stopped first.
+    async fn worker_pass(&self) -> bool {
+        let ticket = self.worker.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut completed = self.worker.completed.subscribe();
+        self.worker.wake.notify_one();
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            r = completed.wait_for(|done| *done >= ticket) => r.is_ok(),
+        }
+    }
+
+    /// One cycle of `m` under its mapping lock (cycles of one mapping never overlap: they share
+    /// its watermark). Records the outcome for readiness; `None` if the service stopped first.
+    async fn cycle(
+        &self,
+        m: &MappingSettings,
+        mode: Mode,
+        progress: &dyn Progress,
+    ) -> Option<Result<CycleReport, String>> {
+        let lock = self.cycle_locks.get(&m.name).expect("a lock per mapping");
+        let _guard = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            g = lock.lock() => g,
+        };
+        self.health_update(&m.name, |h| h.running_since = Some(Instant::now()));
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => {
+                tracing::warn!(mapping = %m.name, mode = mode.as_str(), "Abandoned a cycle to stop; its committed pages are kept, the rest is read again at the next start.");
+                self.health_update(&m.name, |h| h.running_since = None);
+                return None;
+            }
+            r = self.app.cycle(m, mode, false, progress) => r,
+        };
+        let result = result.map_err(|e| e.to_string());
+        match &result {
+            Ok(report) => {
+                self.health_update(&m.name, |h| {
+                    h.running_since = None;
+                    h.last_ok = Some(true);
+                    h.last_error = None;
+                    h.last_success = Some(Instant::now());
+                });
+                if mode != Mode::Incremental
+                    && let Err(e) = self
+                        .store
+                        .kv_set(
+                            &reconcile_key(&m.name),
+                            &serde_json::json!({"at_ms": now_ms()}),
+                        )
+                        .await
+                {
+                    tracing::warn!(mapping = %m.name, error = %e, "Could not record the reconcile time; the next one may come early.");
+                }
+                if report.changes > 0 || report.cleared_orphans > 0 {
+                    self.worker.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(mapping = %m.name, mode = mode.as_str(), error = %e, "Cycle failed; it is tried again next poll interval.");
+                self.health_update(&m.name, |h| {
+                    h.running_since = None;
+                    h.last_ok = Some(false);
+                    h.last_error = Some(e.clone());
+                });
+            }
+        }
+        Some(result)
+    }
+
+    fn health_update(&self, mapping: &str, f: impl FnOnce(&mut MappingHealth)) {
+        f(self
+            .health
+            .lock()
+            .expect("health lock")
+            .entry(mapping.to_owned())
+            .or_default());
+    }
+
+    /// Whether a reconcile is due for `mapping`. The first time a state file is served the clock
+    /// starts now: a fresh state's first incremental cycle reads everything anyway.
+    async fn reconcile_due(&self, mapping: &str) -> Result<bool, StoreError> {
+        let key = reconcile_key(mapping);
+        let last = self
+            .store
+            .kv_get(&key)
+            .await?
+            .and_then(|v| v.get("at_ms").and_then(|a| a.as_i64()));
+        match last {
+            Some(at) => {
+                Ok(now_ms() - at >= self.settings.schedule.reconcile_interval.as_millis() as i64)
+            }
+            None => {
+                self.store
+                    .kv_set(&key, &serde_json::json!({"at_ms": now_ms()}))
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn mapping_loop(self: Arc<Self>, name: String) {
+        let Ok(m) = self.settings.mapping(&name) else {
+            return;
+        };
+        let mut ticker = tokio::time::interval(self.poll_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let mode = match self.reconcile_due(&name).await {
+                Ok(true) => Mode::Reconcile,
+                Ok(false) => Mode::Incremental,
+                Err(e) => {
+                    tracing::error!(mapping = %name, error = %e, "Cannot read the reconcile schedule; running an incremental cycle.");
+                    Mode::Incremental
+                }
+            };
+            if self.cycle(m, mode, &()).await.is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Builds a writer on a freshly read key if Pendo now accepts it with write access.
+    async fn probe_writer(&self) -> Option<Writer> {
+        let key = match self
+            .settings
+            .pendo
+            .integration_key_source
+            .resolve("pendo.integration_key")
+        {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the Pendo integration key; the writer stays paused.");
+                return None;
+            }
+        };
+        let client = PendoClient::new(&self.settings.pendo, key);
+        match client.verify_token().await {
+            Ok(t) if t.valid && t.write_access => {
+                if let Err(e) = self.store.kv_delete(PAUSED_KEY).await {
+                    tracing::warn!(error = %e, "Could not clear the pause mark in the state file.");
+                }
+                tracing::info!(
+                    "Pendo accepts the integration key with write access again; resuming the writer."
+                );
+                Some(Writer::new(
+                    self.store.clone(),
+                    client,
+                    WriterConfig::from_settings(&self.settings.pendo),
+                ))
+            }
+            Ok(t) => {
+                tracing::warn!(
+                    valid = t.valid,
+                    write_access = t.write_access,
+                    "Pendo still refuses the integration key; the writer stays paused."
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not verify the Pendo integration key; the writer stays paused.");
+                None
+            }
+        }
+    }
+
+    /// The only sender to Pendo: drains what is due, then waits for the next due row, a nudge or
+    /// a poll interval. Cancellation stops it between batches; batches in flight finish and settle.
+    async fn outbox_worker(self: Arc<Self>, mut writer: Writer) {
+        let mut last_probe = Instant::now();
+        let mut release_leases = false;
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            // A failed pass may have dropped batches mid-flight with their rows still leased;
+            // by now (a wait later) those tasks are gone, and the rows must become claimable.
+            if std::mem::take(&mut release_leases)
+                && let Err(e) = self.store.release_leases().await
+            {
+                tracing::error!(error = %e, "Cannot release outbox leases; trying again next pass.");
+                release_leases = true;
+            }
+            let ticket = self.worker.requested.load(Ordering::SeqCst);
+            if writer.paused().is_some() {
+                let now_please = self.worker.probe_now.swap(false, Ordering::SeqCst);
+                if now_please || last_probe.elapsed() >= self.poll_interval() {
+                    last_probe = Instant::now();
+                    if let Some(fresh) = self.probe_writer().await {
+                        writer = fresh;
+                    }
+                }
+            } else {
+                self.worker.probe_now.store(false, Ordering::SeqCst);
+            }
+            if writer.paused().is_none() {
+                match writer.drain(&self.cancel, Duration::ZERO).await {
+                    Ok(report) => {
+                        self.worker
+                            .confirmed
+                            .fetch_add(report.confirmed, Ordering::SeqCst);
+                        if report.requests > 0 {
+                            tracing::debug!(
+                                requests = report.requests,
+                                confirmed = report.confirmed,
+                                unmatched = report.unmatched,
+                                failed = report.failed,
+                                "Outbox pass finished."
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "An outbox pass failed; the rows stay in the outbox and are tried again.");
+                        release_leases = true;
+                    }
+                }
+            }
+            *self.writer_paused.lock().expect("pause lock") = writer.paused();
+            self.worker.completed.send_replace(ticket);
+            let wait = if writer.paused().is_some() {
+                self.poll_interval()
+            } else {
+                match self.store.next_due_at(None).await {
+                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64)
+                        .min(self.poll_interval()),
+                    Ok(None) => self.poll_interval(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot read the outbox; trying again next poll interval.");
+                        self.poll_interval()
+                    }
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.worker.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+fn reconcile_key(mapping: &str) -> String {
+    format!("reconcile.{mapping}")
+}
+
+/// Feeds a resync job's counters from the engine's page callbacks.
+struct JobProgress<'a> {
+    service: &'a Service,
+    id: &'a str,
+    base_read: u64,
+    base_changes: u64,
+}
+
+impl Progress for JobProgress<'_> {
+    fn page(&self, report: &CycleReport) {
+        self.service.update_resync(self.id, |s| {
+            s.records_read = self.base_read + report.pulled;
+            s.changes = self.base_changes + report.changes;
+        });
+    }
+}
+
+/// Installs the Prometheus recorder as the process's global recorder (first call wins).
+fn install_metrics() -> Option<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    match metrics::set_global_recorder(recorder) {
+        Ok(()) => Some(handle),
+        Err(_) => {
+            tracing::warn!("A metrics recorder was already installed; /metrics serves nothing.");
+            None
+        }
+    }
+}
+
+/// `pendo-sync run`.
+pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
+    // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
+    let cancel = crate::commands::shutdown_token();
+    // The lock next: a second instance must say so, not fail later on the admin port.
+    let _lock = InstanceLock::acquire(&settings.state.path)?;
+    let metrics = install_metrics();
+    let admin_token = if settings.admin.token_source.is_set() {
+        Some(settings.admin.token_source.resolve("admin.token")?)
+    } else {
+        None
+    };
+    let app = crate::commands::open_app(settings.clone()).await?;
+    // Once per process: releases leases a crashed predecessor left, lifts an old pause.
+    app.writer.start().await?;
+    let writer = app.writer.clone();
+    let listen = settings.admin.listen.clone();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| AppError::Runtime(format!("cannot listen on admin.listen = {listen}: {e}")))?;
+
+    let tracker = TaskTracker::new();
+    let (completed, _) = watch::channel(0);
+    let service = Arc::new(Service {
+        store: app.store.clone(),
+        writer_paused: Mutex::new(None),
+        cycle_locks: settings
+            .mappings
+            .iter()
+            .map(|m| (m.name.clone(), Arc::default()))
+            .collect(),
+        health: Mutex::new(HashMap::new()),
+        worker: WorkerSignals {
+            wake: Notify::new(),
+            requested: AtomicU64::new(0),
+            completed,
+            confirmed: AtomicU64::new(0),
+            probe_now: AtomicBool::new(false),
+        },
+        resyncs: Mutex::new(BTreeMap::new()),
+        resync_seq: AtomicU64::new(0),
+        resync_gate: tokio::sync::Mutex::new(()),
+        metrics,
+        admin_token,
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+        settings: settings.clone(),
+        app,
+    });
+
+    let admin_failed = Arc::new(AtomicBool::new(false));
+    {
+        let service = service.clone();
+        let failed = admin_failed.clone();
+        tracker.spawn(async move {
+            if let Err(e) = crate::admin::serve(service.clone(), listener).await {
+                tracing::error!(error = %e, "The admin server failed; stopping.");
+                failed.store(true, Ordering::SeqCst);
+                service.cancel.cancel();
+            }
+        });
+    }
+    tracker.spawn(service.clone().outbox_worker(writer));
+    for m in &settings.mappings {
+        tracker.spawn(service.clone().mapping_loop(m.name.clone()));
+    }
+    if let Some(handle) = service.metrics.clone() {
+        let cancel = cancel.clone();
+        // Histograms are kept as summaries that need periodic upkeep to stay bounded.
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                }
+            }
+        });
+    }
+    tracing::info!(
+        mappings = settings.mappings.len(),
+        poll_interval = %humantime::format_duration(settings.schedule.poll_interval),
+        reconcile_interval = %humantime::format_duration(settings.schedule.reconcile_interval),
+        admin = %listen,
+        "Service started."
+    );
+
+    cancel.cancelled().await;
+    tracker.close();
+    let grace = settings.pendo.timeout + SHUTDOWN_SLACK;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            "Requests still in flight after {}; leaving them in the outbox to be sent again at the next start.",
+            humantime::format_duration(grace)
+        );
+    }
+    service.store.close().await;
+    service.app.store.close().await;
+    if admin_failed.load(Ordering::SeqCst) {
+        return Ok(1);
+    }
+    tracing::info!("Stopped; what Pendo confirmed is committed, the rest waits in the outbox.");
+    Ok(0)
+}

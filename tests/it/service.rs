@@ -1,0 +1,861 @@
+//! `pendo-sync run` as users run it: the real binary in a child process, against the Salesforce and
+//! Pendo simulators served from this test process, with its admin port on a free loopback port.
+//! Changes reach Pendo within a poll interval; SIGTERM and kill -9 lose nothing; the admin port's
+//! numbers match what the simulators saw; `resync` and `healthcheck` talk to the running service;
+//! one service per state file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use pendo_sync::domain::Kind;
+use pendo_sync::sim::SimServer;
+use pendo_sync::sim::pendo::{PendoFaults, PendoSim, PendoSimConfig};
+use pendo_sync::sim::salesforce::{SalesforceSim, SalesforceSimConfig, account_id};
+use serde_json::{Value, json};
+
+const PENDO_KEY: &str = "service-test-pendo-key";
+const SF_SECRET: &str = "service-test-sf-secret";
+const ADMIN_TOKEN: &str = "service-test-admin-token";
+const POLL: Duration = Duration::from_secs(1);
+
+struct Options {
+    accounts: usize,
+    batch_size: usize,
+    create_missing: bool,
+    admin_token: bool,
+    sf_page_size: usize,
+    /// The integration key comes from this file (`<dir>/pendo_key`) instead of the config.
+    pendo_key_file: Option<&'static str>,
+    reconcile_interval: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            accounts: 50,
+            batch_size: 50,
+            create_missing: true,
+            admin_token: true,
+            sf_page_size: 2_000,
+            pendo_key_file: None,
+            reconcile_interval: "1h",
+        }
+    }
+}
+
+/// The simulators, a state directory and a config pointing at them.
+struct Env {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    admin: String,
+    pendo: PendoSim,
+    sf: SalesforceSim,
+    #[allow(dead_code)]
+    servers: Vec<SimServer>,
+    runs: usize,
+}
+
+/// A `pendo-sync run` child, killed when dropped so a failing test leaves nothing behind.
+struct Service {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// kill -9.
+    fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pendo-sync"))
+}
+
+impl Env {
+    async fn new(opts: Options) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pendo = PendoSim::new(PendoSimConfig {
+            integration_key: PENDO_KEY.into(),
+            write_access: true,
+            schema: [
+                ("plantier", "string"),
+                ("arr", "number"),
+                ("isstrategic", "boolean"),
+            ]
+            .iter()
+            .map(|(f, t)| (Kind::Account, f.to_string(), t.to_string()))
+            .collect(),
+            rate_limit: None,
+            errors_as_strings: false,
+        });
+        let sf = SalesforceSim::new(SalesforceSimConfig {
+            client_secret: SF_SECRET.into(),
+            page_size: opts.sf_page_size,
+            ..SalesforceSimConfig::default()
+        });
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let servers = vec![
+            pendo.start(any).await.expect("pendo sim"),
+            sf.start(any).await.expect("salesforce sim"),
+        ];
+        sf.seed_demo(opts.accounts, 0);
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("config.toml");
+        let token = if opts.admin_token {
+            format!("token = \"{ADMIN_TOKEN}\"")
+        } else {
+            String::new()
+        };
+        let pendo_key = match opts.pendo_key_file {
+            Some(key) => {
+                let path = dir.path().join("pendo_key");
+                std::fs::write(&path, format!("{key}\n")).unwrap();
+                format!("integration_key_file = \"{}\"", path.display())
+            }
+            None => format!("integration_key = \"{PENDO_KEY}\""),
+        };
+        let text = format!(
+            r#"[state]
+path = "{state}"
+
+[pendo]
+base_url = "{pendo}"
+{pendo_key}
+batch_size = {batch}
+requests_per_second = 1000
+max_in_flight = 2
+timeout = "10s"
+create_missing = {create}
+retry_initial = "50ms"
+retry_max = "500ms"
+
+[salesforce]
+login_url = "{sf}"
+auth = "client_credentials"
+client_id = "{client_id}"
+client_secret = "{SF_SECRET}"
+requests_per_second = 1000
+
+[schedule]
+poll_interval = "1s"
+reconcile_interval = "{reconcile}"
+overlap = "0s"
+
+[admin]
+listen = "{admin}"
+{token}
+
+[[mappings]]
+name = "sf-accounts"
+source = "salesforce"
+object = "Account"
+kind = "account"
+id = "Id"
+on_delete = "clear"
+  [mappings.fields]
+  plantier    = {{ from = "Plan_Tier__c", type = "string" }}
+  arr         = {{ from = "ARR__c",       type = "number" }}
+  isstrategic = {{ from = "Strategic__c", type = "boolean" }}
+"#,
+            state = dir.path().join("state.db").display(),
+            pendo = servers[0].url(),
+            sf = servers[1].url(),
+            batch = opts.batch_size,
+            create = opts.create_missing,
+            reconcile = opts.reconcile_interval,
+            client_id = SalesforceSimConfig::default().client_id,
+        );
+        std::fs::write(&config, text).unwrap();
+        Env {
+            dir,
+            config,
+            admin,
+            pendo,
+            sf,
+            servers,
+            runs: 0,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = bin();
+        c.arg("--config").arg(&self.config).args(args);
+        c
+    }
+
+    fn start(&mut self) -> Service {
+        self.runs += 1;
+        let log = self.dir.path().join(format!("run-{}.log", self.runs));
+        let child = self
+            .command(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("pendo-sync run starts");
+        Service { child, log }
+    }
+
+    /// Runs a CLI command to completion without blocking the simulators' threads; one that hangs
+    /// (a `run` that should have refused to start) is killed and fails the test.
+    async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut c = tokio::process::Command::from(self.command(args));
+        c.kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().expect("the CLI runs");
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("pendo-sync {args:?} did not finish within 60 s"))
+            .expect("the CLI's output")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        match reqwest::get(self.url(path)).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    async fn wait_ready(&self, svc: &Service, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (status, body) = self.get("/readyz").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready after {limit:?}: {status} {body}; log:\n{}",
+                svc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What Pendo should hold: every Salesforce account's mapped fields (numbers as f64).
+    fn expected(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
+        self.sf
+            .records("Account")
+            .into_iter()
+            .filter(|r| r["IsDeleted"] != json!(true))
+            .map(|r| {
+                let mut m = BTreeMap::new();
+                for (field, from) in [
+                    ("plantier", "Plan_Tier__c"),
+                    ("arr", "ARR__c"),
+                    ("isstrategic", "Strategic__c"),
+                ] {
+                    if !r[from].is_null() {
+                        m.insert(field.to_owned(), norm(&r[from]));
+                    }
+                }
+                (r["Id"].as_str().unwrap().to_owned(), m)
+            })
+            .collect()
+    }
+
+    fn held(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
+        self.pendo
+            .values(Kind::Account)
+            .into_iter()
+            .map(|(id, f)| (id, f.iter().map(|(k, v)| (k.clone(), norm(v))).collect()))
+            .collect()
+    }
+
+    /// The first few differences between the CRM and Pendo (empty when equal).
+    fn differences(&self) -> Vec<String> {
+        let (want, have) = (self.expected(), self.held());
+        let mut out = Vec::new();
+        for (id, fields) in &want {
+            if have.get(id) != Some(fields) {
+                out.push(format!(
+                    "{id}: want {fields:?}, Pendo has {:?}",
+                    have.get(id)
+                ));
+            }
+        }
+        out.truncate(5);
+        out
+    }
+
+    async fn wait_converged(&self, svc: &Service, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let diff = self.differences();
+            if diff.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Pendo differs from the CRM after {limit:?}: {diff:#?}; log:\n{}",
+                svc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Writes the Pendo simulator answered with 200.
+    fn pendo_200s(&self) -> usize {
+        self.pendo
+            .requests()
+            .iter()
+            .filter(|r| r.status == 200)
+            .count()
+    }
+
+    /// The modes of the finished cycles in the state file's run history, oldest first.
+    async fn run_modes(&self) -> Vec<String> {
+        let Ok(store) =
+            pendo_sync::store::Store::open_read_only(&self.dir.path().join("state.db")).await
+        else {
+            return vec![];
+        };
+        let modes = sqlx::query_scalar("SELECT mode FROM runs WHERE ok = 1 ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap_or_default();
+        store.close().await;
+        modes
+    }
+
+    fn pendo_writes(&self) -> usize {
+        self.pendo
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.status == 200)
+            .count()
+    }
+}
+
+fn norm(v: &Value) -> Value {
+    match v.as_f64() {
+        Some(f) if v.is_number() => json!(f),
+        _ => v.clone(),
+    }
+}
+
+/// One sample of a Prometheus text exposition, by its exact name and label set.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crm_change_reaches_pendo_within_one_poll_interval() {
+    let mut env = Env::new(Options::default()).await;
+    let mut svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(15)).await;
+    env.wait_converged(&svc, Duration::from_secs(5)).await;
+
+    let id = account_id(7);
+    env.sf
+        .set_field("Account", &id, "Plan_Tier__c", json!("Platinum"));
+    let changed = Instant::now();
+    let deadline = changed + 3 * POLL;
+    while env.pendo.value(Kind::Account, &id, "plantier") != Some(json!("Platinum")) {
+        assert!(
+            Instant::now() < deadline,
+            "the change did not reach Pendo within 3 poll intervals; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = changed.elapsed();
+    // One value changed: one request carrying one field.
+    let last = env
+        .pendo
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.method == "POST");
+    assert_eq!(
+        last.and_then(|r| r.body),
+        Some(json!([{"accountId": id, "values": {"plantier": "Platinum"}}]))
+    );
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+    assert!(took <= 2 * POLL, "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_service_per_state_file_and_healthcheck_follows_readiness() {
+    let mut env = Env::new(Options {
+        admin_token: false,
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(15)).await;
+    let out = env.cli(&["healthcheck"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let second = env.cli(&["run"]).await;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_ne!(second.status.code(), Some(0), "{stderr}");
+    let lock = format!("{}.lock", env.dir.path().join("state.db").display());
+    assert!(
+        stderr.contains(&format!(
+            "another pendo-sync run holds {lock} (pid {})",
+            svc.pid()
+        )),
+        "{stderr}"
+    );
+
+    // A cron `sync` beside the service would fight over the outbox: refused.
+    let sync = env.cli(&["sync"]).await;
+    assert_eq!(sync.status.code(), Some(1), "{sync:?}");
+    assert!(String::from_utf8_lossy(&sync.stderr).contains("already syncs"));
+
+    // Without admin.token the POST endpoints are off.
+    let resp = reqwest::Client::new()
+        .post(env.url("/v1/resync"))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    assert!(resp.text().await.unwrap().contains("set admin.token"));
+
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+    let out = env.cli(&["healthcheck"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_push_exits_0_and_a_restart_finishes_the_work() {
+    let mut env = Env::new(Options {
+        accounts: 400,
+        batch_size: 20,
+        ..Options::default()
+    })
+    .await;
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(300),
+        ..PendoFaults::default()
+    });
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while env.pendo_writes() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no push started; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two batches are in flight now (max_in_flight = 2, 300 ms each).
+    svc.sigterm();
+    let stopped = Instant::now();
+    let status = svc.exit_within(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}; log:\n{}", svc.log());
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+
+    // Everything Pendo applied was confirmed and committed; the rest waits in the outbox.
+    let store = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let applied = env.held().values().filter(|f| !f.is_empty()).count() as i64;
+    assert_eq!(store.shadow_count(Kind::Account).await.unwrap(), applied);
+    let pending = store.outbox_counts().await.unwrap()["pending"];
+    assert!(pending > 0, "the push was cut short, so work must remain");
+    store.close().await;
+
+    env.pendo.set_faults(PendoFaults::default());
+    let mut svc = env.start();
+    env.wait_converged(&svc, Duration::from_secs(15)).await;
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+/// kill -9 at `rounds` random moments of a large sync, with CRM edits between restarts; then one
+/// clean run must leave Pendo equal to the CRM.
+async fn killed_at_random_moments(
+    accounts: usize,
+    rounds: usize,
+    changes_per_round: usize,
+    max_kill_ms: u64,
+    seed: u64,
+) {
+    let mut env = Env::new(Options {
+        accounts,
+        batch_size: 25,
+        sf_page_size: 100,
+        ..Options::default()
+    })
+    .await;
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(20),
+        ..PendoFaults::default()
+    });
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // Rounds killed while pushes were under way (writes before and after the kill).
+    let mut mid_push = 0;
+    for round in 0..rounds {
+        // Many accounts change between restarts: every round has a real push to cut.
+        for _ in 0..changes_per_round {
+            let i = rng.usize(0..accounts);
+            env.sf.set_field(
+                "Account",
+                &account_id(i),
+                "ARR__c",
+                json!((round * 1000 + i) as f64),
+            );
+        }
+        let writes = env.pendo_writes();
+        let mut svc = env.start();
+        if round % 2 == 0 {
+            // Any moment: start-up, reading pages, committing them, pushing.
+            tokio::time::sleep(Duration::from_millis(rng.u64(50..max_kill_ms))).await;
+        } else {
+            // Shortly after a push began, however fast this machine is.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while env.pendo_writes() == writes && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..60))).await;
+        }
+        svc.crash();
+        if env.pendo_writes() > writes && !env.differences().is_empty() {
+            mid_push += 1;
+        }
+    }
+    assert!(
+        mid_push >= rounds / 5,
+        "only {mid_push} of {rounds} kills landed while pushes were under way"
+    );
+    env.pendo.set_faults(PendoFaults::default());
+    let mut svc = env.start();
+    env.wait_converged(&svc, Duration::from_secs(30)).await;
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_20_random_moments_then_a_restart_converges() {
+    killed_at_random_moments(1_500, 20, 300, 1_500, 11).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100 kills over 5,000 accounts"]
+async fn kill_9_at_100_random_moments_then_a_restart_converges() {
+    killed_at_random_moments(5_000, 100, 200, 4_000, 23).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
+    let accounts = 60;
+    let unknown = 4;
+    let mut env = Env::new(Options {
+        accounts,
+        create_missing: false,
+        ..Options::default()
+    })
+    .await;
+    // Pendo knows all but `unknown` accounts: those end `unmatched` in the outbox.
+    for i in unknown..accounts {
+        env.pendo.add_entity(Kind::Account, &account_id(i));
+    }
+    let svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(15)).await;
+    let known = accounts - unknown;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = env.get("/v1/status").await;
+        let status: Value = serde_json::from_str(&body).unwrap_or_default();
+        if status["outbox"]["pending"] == json!(0)
+            && status["outbox"]["unmatched"] == json!(unknown * 3)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}; log:\n{}", svc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.held().values().filter(|f| !f.is_empty()).count(), known);
+
+    let (code, text) = env.get("/metrics").await;
+    assert_eq!(code, 200);
+    let m = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(
+        m(r#"pendo_sync_requests_total{api="pendo",status="200"}"#),
+        env.pendo_200s() as f64
+    );
+    assert_eq!(
+        m(r#"pendo_sync_values_pushed_total{kind="account",outcome="updated"}"#),
+        known as f64
+    );
+    assert_eq!(
+        m(r#"pendo_sync_values_pushed_total{kind="account",outcome="missing"}"#),
+        unknown as f64
+    );
+    assert_eq!(m(r#"pendo_sync_outbox_values{state="pending"}"#), 0.0);
+    assert_eq!(
+        m(r#"pendo_sync_outbox_values{state="unmatched"}"#),
+        (unknown * 3) as f64
+    );
+    assert_eq!(m("pendo_sync_writer_paused"), 0.0);
+    assert!(m(r#"pendo_sync_records_pulled_total{mapping="sf-accounts"}"#) >= accounts as f64);
+
+    // /v1/status is the document `status --format json` prints.
+    let (_, body) = env.get("/v1/status").await;
+    let api: Value = serde_json::from_str(&body).unwrap();
+    let out = env.cli(&["status", "--format", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "state_file",
+        "writer_paused",
+        "outbox",
+        "oldest_pending_seconds",
+        "invalid_records",
+    ] {
+        assert_eq!(api[key], cli[key], "{key}");
+    }
+    assert_eq!(api["mappings"][0]["name"], cli["mappings"][0]["name"]);
+    assert_eq!(
+        api.as_object().unwrap().keys().collect::<Vec<_>>(),
+        cli.as_object().unwrap().keys().collect::<Vec<_>>()
+    );
+
+    // POST /v1/resync: the token is required and checked.
+    let http = reqwest::Client::new();
+    let post = |token: Option<&str>| {
+        let mut req = http
+            .post(env.url("/v1/resync"))
+            .json(&json!({"mapping": "sf-accounts"}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(post(None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(
+        post(Some("not-the-token")).await.unwrap().status().as_u16(),
+        401
+    );
+    let writes_before = env.pendo_writes();
+    let resp = post(Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let job: Value = resp.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let job = loop {
+        let (code, body) = env.get(&format!("/v1/resync/{id}")).await;
+        assert_eq!(code, 200, "{body}");
+        let job: Value = serde_json::from_str(&body).unwrap();
+        if job["state"] == "done" || job["state"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "{body}; log:\n{}", svc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["records_read"], json!(accounts));
+    assert_eq!(job["changes"], json!(accounts * 3));
+    assert_eq!(job["pushed"], json!(known));
+    // A resync sends every value again, whatever the shadow says.
+    assert!(env.pendo_writes() > writes_before);
+    assert!(
+        env.differences()
+            .iter()
+            .all(|d| { (0..unknown).any(|i| d.starts_with(&account_id(i))) })
+    );
+    assert_eq!(env.get("/v1/resync/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_cli_hands_off_to_the_service_and_restores_wiped_values() {
+    let mut env = Env::new(Options {
+        accounts: 80,
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(15)).await;
+    env.wait_converged(&svc, Duration::from_secs(5)).await;
+
+    // Someone wipes Pendo behind the service's back: the shadow still says all is confirmed.
+    env.pendo.clear_all_values(Kind::Account);
+    tokio::time::sleep(2 * POLL).await;
+    assert!(
+        !env.differences().is_empty(),
+        "incremental cycles cannot see it"
+    );
+
+    let out = env.cli(&["resync", "--kind", "account"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{out:?}");
+    assert!(stdout.contains("handed to the running service"), "{stdout}");
+    assert!(stdout.contains(": done, 80 records read"), "{stdout}");
+    // Done means sent and confirmed: Pendo holds everything again.
+    assert_eq!(env.differences(), Vec::<String>::new());
+
+    // --no-wait returns once the service accepted it.
+    let out = env.cli(&["resync", "--no-wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/v1/resync/"));
+
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_pauses_the_writer_fails_readyz_and_a_fixed_key_resumes_it() {
+    let mut env = Env::new(Options {
+        pendo_key_file: Some("a-revoked-key"),
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = env.get("/readyz").await;
+        if code == 503 && body.contains("writer paused") {
+            assert!(body.contains("check the integration key"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{code} {body}; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The service stays up, sends nothing more, and says why.
+    assert_eq!(env.get("/healthz").await.0, 200);
+    let (_, status) = env.get("/v1/status").await;
+    assert!(
+        status.contains("writer_paused\":\"Pendo refused"),
+        "{status}"
+    );
+    assert!(env.held().values().all(|f| f.is_empty()));
+    let out = env.cli(&["healthcheck"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // The operator fixes the key file (a rotated credential): the worker tries again within a
+    // poll interval or two, without a restart.
+    std::fs::write(env.dir.path().join("pendo_key"), PENDO_KEY).unwrap();
+    env.wait_ready(&svc, 4 * POLL).await;
+    env.wait_converged(&svc, Duration::from_secs(5)).await;
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_come_every_reconcile_interval_and_a_restart_does_not_bring_one_early() {
+    let mut env = Env::new(Options {
+        reconcile_interval: "3s",
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.run_modes().await.iter().any(|m| m == "reconcile") {
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let modes = env.run_modes().await;
+    // The clock starts with the first run: incremental cycles first, a reconcile ~3 s later.
+    assert_eq!(modes[0], "incremental", "{modes:?}");
+    assert!(
+        modes.iter().filter(|m| *m == "incremental").count() >= 2,
+        "{modes:?}"
+    );
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+
+    // A restart right after a reconcile goes on with incremental cycles.
+    let before = env.run_modes().await.len();
+    let mut svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let modes = loop {
+        let modes = env.run_modes().await;
+        if modes.len() > before {
+            break modes;
+        }
+        assert!(Instant::now() < deadline, "no cycle; log:\n{}", svc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(modes[before], "incremental", "{modes:?}");
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_in_use_fails_start_up_naming_admin_listen() {
+    let env = Env::new(Options::default()).await;
+    let _taken = std::net::TcpListener::bind(&env.admin).unwrap();
+    let out = env.cli(&["run"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on admin.listen = {}", env.admin)),
+        "{stderr}"
+    );
+}
