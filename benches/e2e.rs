@@ -230,10 +230,22 @@ id = "Id"
             })
             .collect();
         let sent: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
-        app.pendo
-            .set_values(Kind::Account, &serde_json::Value::Array(body), false, &sent)
-            .await
-            .expect("naive push");
+        let body = serde_json::Value::Array(body);
+        // A naive loop still has to survive a 429: wait as told and send again.
+        loop {
+            match app
+                .pendo
+                .set_values(Kind::Account, &body, false, &sent)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.is_transient() => {
+                    tokio::time::sleep(e.retry_after().unwrap_or(std::time::Duration::from_secs(1)))
+                        .await
+                }
+                Err(e) => panic!("naive push: {e}"),
+            }
+        }
     }
     let naive_s = t.elapsed().as_secs_f64();
     let naive_requests = writes(&pendo).len();

@@ -105,6 +105,16 @@ pub enum Settlement {
     Release,
 }
 
+/// Settlements that share one statement and its parameters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum GroupKey {
+    Delete,
+    Unmatched(i64, String),
+    Retry(i64, String, u32, u32),
+    Dead(String),
+    Release,
+}
+
 /// Which rows `queue list|retry|drop` act on.
 #[derive(Debug, Clone, Default)]
 pub struct QueueFilter {
@@ -147,11 +157,29 @@ pub(super) async fn enqueue(
     changes: &[Change],
     now: i64,
 ) -> Result<(), StoreError> {
-    for c in changes {
+    // One statement per chunk: the rows travel as one JSON array (static SQL, one parameter),
+    // which is far cheaper than a statement per row through the driver. Rows are applied in
+    // order, so a later change to the same field in one chunk still wins.
+    for chunk in changes.chunks(10_000) {
+        let rows: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|c| {
+                serde_json::json!([
+                    c.kind.as_str(),
+                    c.pendo_id,
+                    c.field,
+                    c.value,
+                    c.mapping,
+                    c.force as i64
+                ])
+            })
+            .collect();
         sqlx::query(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, 1, 0, ?7, NULL, ?7, ?7)
+             SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, 'pending',
+                    e.value ->> 5, 1, 0, ?2, NULL, ?2, ?2
+             FROM json_each(?1) AS e WHERE true
              ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
                 value = excluded.value, mapping = excluded.mapping, state = 'pending',
                 force = max(outbox.force, excluded.force), version = outbox.version + 1, attempts = 0,
@@ -159,12 +187,7 @@ pub(super) async fn enqueue(
                 enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
              WHERE outbox.value != excluded.value OR excluded.force > outbox.force",
         )
-        .bind(c.kind.as_str())
-        .bind(&c.pendo_id)
-        .bind(&c.field)
-        .bind(&c.value)
-        .bind(&c.mapping)
-        .bind(c.force as i64)
+        .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)
         .execute(&mut **tx)
         .await?;
@@ -302,60 +325,86 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // Rows settle in groups that share a statement and its parameters; each group's keys
+        // travel as one JSON array matched on the primary key (kind, id, field) and the version
+        // that was sent. A row whose version moved on matches nothing and is only released below.
+        let mut groups: BTreeMap<GroupKey, Vec<serde_json::Value>> = BTreeMap::new();
         for (entry, settlement) in outcomes {
-            let key = |sql: &'static str| {
-                sqlx::query(sql)
-                    .bind(entry.kind.as_str())
-                    .bind(&entry.pendo_id)
-                    .bind(&entry.field)
-                    .bind(entry.version)
-            };
-            let q = match settlement {
-                Settlement::Confirmed | Settlement::AlreadyConfirmed => Some(key(
-                    "DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4",
-                )),
-                Settlement::Unmatched { retry_at, message } => Some(
-                    key("UPDATE outbox SET state = 'unmatched', next_attempt_at = ?5, last_error = ?6, updated_at = ?7
-                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
-                    .bind(*retry_at)
-                    .bind(message.as_str())
-                    .bind(now),
-                ),
+            let key = match settlement {
+                Settlement::Confirmed | Settlement::AlreadyConfirmed => GroupKey::Delete,
+                Settlement::Unmatched { retry_at, message } => {
+                    GroupKey::Unmatched(*retry_at, message.clone())
+                }
                 Settlement::Retry {
                     retry_at,
                     error,
                     max_attempts,
                     attempts,
-                } => Some(
-                    key("UPDATE outbox SET attempts = attempts + ?9, next_attempt_at = ?5, last_error = ?6, updated_at = ?7,
-                            state = CASE WHEN attempts + ?9 >= ?8 THEN 'dead' ELSE state END
-                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
+                } => GroupKey::Retry(*retry_at, error.clone(), *max_attempts, *attempts),
+                Settlement::Dead { error } => GroupKey::Dead(error.clone()),
+                Settlement::Release => GroupKey::Release,
+            };
+            groups.entry(key).or_default().push(serde_json::json!([
+                entry.kind.as_str(),
+                entry.pendo_id,
+                entry.field,
+                entry.version
+            ]));
+        }
+        const KEYS: &str = "(kind, pendo_id, field, version) IN
+             (SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3 FROM json_each(?1) AS e)";
+        for (group, keys) in &groups {
+            let keys = serde_json::Value::Array(keys.clone()).to_string();
+            let q = match group {
+                GroupKey::Delete => sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM outbox WHERE {KEYS}"
+                )))
+                .bind(keys),
+                GroupKey::Unmatched(retry_at, message) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE outbox SET state = 'unmatched', next_attempt_at = ?2, last_error = ?3, updated_at = ?4
+                     WHERE {KEYS}"
+                )))
+                .bind(keys)
+                .bind(*retry_at)
+                .bind(message.as_str())
+                .bind(now),
+                GroupKey::Retry(retry_at, error, max_attempts, attempts) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE outbox SET attempts = attempts + ?6, next_attempt_at = ?2, last_error = ?3,
+                            updated_at = ?4, state = CASE WHEN attempts + ?6 >= ?5 THEN 'dead' ELSE state END
+                         WHERE {KEYS}"
+                    )))
+                    .bind(keys)
                     .bind(*retry_at)
                     .bind(error.as_str())
                     .bind(now)
                     .bind(*max_attempts as i64)
-                    .bind(*attempts as i64),
-                ),
-                Settlement::Dead { error } => Some(
-                    key("UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?5, updated_at = ?6
-                         WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND version = ?4")
-                    .bind(error.as_str())
-                    .bind(now),
-                ),
-                Settlement::Release => None,
+                    .bind(*attempts as i64)
+                }
+                GroupKey::Dead(error) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2, updated_at = ?3
+                     WHERE {KEYS}"
+                )))
+                .bind(keys)
+                .bind(error.as_str())
+                .bind(now),
+                GroupKey::Release => continue,
             };
-            if let Some(q) = q {
-                q.execute(&mut *tx).await?;
-            }
-            sqlx::query(
-                "UPDATE outbox SET leased = 0 WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3",
-            )
-            .bind(entry.kind.as_str())
-            .bind(&entry.pendo_id)
-            .bind(&entry.field)
-            .execute(&mut *tx)
-            .await?;
+            q.execute(&mut *tx).await?;
         }
+        // Every row this writer held is released, whatever happened to it (superseded rows
+        // included: their newer value goes out next).
+        let held: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|(e, _)| serde_json::json!([e.kind.as_str(), e.pendo_id, e.field]))
+            .collect();
+        sqlx::query(
+            "UPDATE outbox SET leased = 0 WHERE (kind, pendo_id, field) IN
+               (SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2 FROM json_each(?1) AS e)",
+        )
+        .bind(serde_json::Value::Array(held).to_string())
+        .execute(&mut *tx)
+        .await?;
         if commit {
             tx.commit().await?;
         } else {
