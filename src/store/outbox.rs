@@ -312,15 +312,21 @@ impl Store {
                     .insert(entry.field.clone(), value);
             }
         }
-        for ((kind, id), patch) in &patches {
-            // json_patch (RFC 7396) removes keys patched to null: a cleared field leaves the shadow.
+        // All of a batch's shadow patches in one statement. json_patch (RFC 7396) removes keys
+        // patched to null, so a cleared field leaves an existing record; a new record may keep a
+        // null, which every reader treats as absent.
+        if !patches.is_empty() {
+            let rows: Vec<serde_json::Value> = patches
+                .into_iter()
+                .map(|((kind, id), patch)| serde_json::json!([kind.as_str(), id, patch]))
+                .collect();
             sqlx::query(
-                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at) VALUES (?1, ?2, json_patch('{}', ?3), ?4)
-                 ON CONFLICT (kind, pendo_id) DO UPDATE SET vals = json_patch(shadow.vals, ?3), confirmed_at = ?4",
+                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at)
+                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, ?2 FROM json_each(?1) AS e WHERE true
+                 ON CONFLICT (kind, pendo_id) DO UPDATE
+                 SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at",
             )
-            .bind(kind.as_str())
-            .bind(*id)
-            .bind(serde_json::Value::Object(patch.clone()).to_string())
+            .bind(serde_json::Value::Array(rows).to_string())
             .bind(now)
             .execute(&mut *tx)
             .await?;
