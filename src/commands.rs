@@ -129,7 +129,11 @@ async fn sync(
         if kind.is_some_and(|k| k != m.kind) {
             continue;
         }
-        let r = app.sync(Some(&m.name), mode, dry_run, &cancel, &()).await?;
+        let progress = CliProgress::new(mode);
+        let r = app
+            .sync(Some(&m.name), mode, dry_run, &cancel, &progress)
+            .await?;
+        progress.finish();
         report.cycles.extend(r.cycles);
         report.failed.extend(r.failed);
         if let Some(d) = r.drain {
@@ -147,6 +151,49 @@ async fn sync(
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Progress of a cycle run from the command line: an in-place line on a terminal (resyncs and
+/// first syncs of a large CRM take a while), a log line every 50 pages otherwise.
+struct CliProgress {
+    terminal: bool,
+    label: &'static str,
+    shown: std::sync::atomic::AtomicBool,
+}
+
+impl CliProgress {
+    fn new(mode: Mode) -> CliProgress {
+        use std::io::IsTerminal;
+        CliProgress {
+            terminal: std::io::stderr().is_terminal(),
+            label: mode.as_str(),
+            shown: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn finish(&self) {
+        if self.shown.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!();
+        }
+    }
+}
+
+impl crate::engine::Progress for CliProgress {
+    fn page(&self, r: &crate::engine::CycleReport) {
+        if self.terminal {
+            use std::io::Write;
+            self.shown.store(true, std::sync::atomic::Ordering::Relaxed);
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r{} {}: {} records read, {} changes, {} set aside",
+                self.label, r.mapping, r.pulled, r.changes, r.invalid
+            );
+            let _ = err.flush();
+        } else if r.pages.is_multiple_of(50) {
+            tracing::info!(mapping = %r.mapping, pulled = r.pulled, changes = r.changes, "Cycle in progress.");
+        }
+    }
 }
 
 fn print_sync_report(report: &SyncReport, dry_run: bool) {
