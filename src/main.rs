@@ -6,7 +6,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = pendo_sync::cli::Cli::parse();
-    pendo_sync::telemetry::init(cli.log_format, cli.verbose, cli.quiet);
+    // The demo tells its own story on stdout; its info logs would only interleave with it.
+    let demo = matches!(cli.command, pendo_sync::cli::Command::Demo);
+    let quiet = cli.quiet || (demo && cli.verbose == 0);
+    pendo_sync::telemetry::init(cli.log_format, cli.verbose, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
