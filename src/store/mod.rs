@@ -203,15 +203,6 @@ impl Store {
             .collect())
     }
 
-    /// Forgets a mapping's watermark: the next incremental cycle reads everything.
-    pub async fn reset_watermark(&self, mapping: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM watermarks WHERE mapping = ?1")
-            .bind(mapping)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Writes one page's outcome atomically: outbox changes (latest wins), set-aside records, and
     /// the watermark. This is guarantee 2's transaction.
     pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {

@@ -359,8 +359,8 @@ impl Store {
         }
         const KEYS: &str = "(kind, pendo_id, field, version) IN
              (SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3 FROM json_each(?1) AS e)";
-        for (group, keys) in &groups {
-            let keys = serde_json::Value::Array(keys.clone()).to_string();
+        for (group, keys) in groups {
+            let keys = serde_json::Value::Array(keys).to_string();
             let q = match group {
                 GroupKey::Delete => sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM outbox WHERE {KEYS}"
@@ -371,7 +371,7 @@ impl Store {
                      WHERE {KEYS}"
                 )))
                 .bind(keys)
-                .bind(*retry_at)
+                .bind(retry_at)
                 .bind(message.as_str())
                 .bind(now),
                 GroupKey::Retry(retry_at, error, max_attempts, attempts) => {
@@ -381,11 +381,11 @@ impl Store {
                          WHERE {KEYS}"
                     )))
                     .bind(keys)
-                    .bind(*retry_at)
+                    .bind(retry_at)
                     .bind(error.as_str())
                     .bind(now)
-                    .bind(*max_attempts as i64)
-                    .bind(*attempts as i64)
+                    .bind(max_attempts as i64)
+                    .bind(attempts as i64)
                 }
                 GroupKey::Dead(error) => sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2, updated_at = ?3
