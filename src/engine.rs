@@ -12,9 +12,14 @@
 //! - **resync**: a reconcile that sends every mapped value whatever the shadow says.
 //!
 //! With `dry_run` nothing is written: the changes are returned instead.
+//!
+//! Unchanged records take a shortcut: each record's mapped values are hashed, and a record whose
+//! digest equals the one the store kept from the last empty diff (see
+//! [`Store::stale_digests`]) skips the shadow load and the diff. Resyncs never take it.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::config::OnDelete;
@@ -60,6 +65,8 @@ pub struct CycleReport {
     pub deleted: u64,
     pub cleared_orphans: u64,
     pub pages: u64,
+    /// Records whose values matched their stored digest, so they skipped the diff.
+    pub unchanged_by_digest: u64,
     /// Only filled on dry runs: the changes that would have been enqueued.
     pub dry_run_changes: Vec<Change>,
 }
@@ -145,6 +152,7 @@ pub async fn run_cycle(
                 changes = report.changes,
                 invalid = report.invalid,
                 ambiguous = report.ambiguous,
+                unchanged_by_digest = report.unchanged_by_digest,
                 seconds,
                 "Cycle finished."
             );
@@ -161,19 +169,55 @@ pub async fn run_cycle(
 /// clear until the next reconcile.
 #[derive(Default)]
 struct Seen {
-    /// pendo id hash → (crm id hash, values hash)
-    ids: HashMap<u64, (u64, u64)>,
-    ambiguous: HashSet<u64>,
+    /// pendo id hash → (crm id hash, values digest)
+    ids: HashMap<u64, (u64, u64), BuildHasherDefault<AlreadyHashed>>,
+    ambiguous: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
+}
+
+/// The hasher for maps keyed by a 64-bit hash: the key is used as it is. Rehashing it would cost
+/// a second SipHash per record and spread the keys no better.
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are used; this keeps any other key correct, if slower.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = DefaultHasher::new();
     t.hash(&mut h);
     h.finish()
 }
 
-fn values_hash(r: &MappedRecord) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+/// The starting state of every value digest of `mapping`: what it writes (kind, Pendo fields and
+/// their types) goes in first, so renaming a field or changing its type makes every stored digest
+/// stale. `DefaultHasher::new()` is the same in every process of one build; a Rust release that
+/// changes it makes the digests stale once, which costs one long reconcile and misses nothing.
+fn digest_seed(mapping: &Mapping) -> DefaultHasher {
+    let mut h = DefaultHasher::new();
+    mapping.kind.as_str().hash(&mut h);
+    for f in &mapping.fields {
+        (f.pendo_field.as_str(), f.field_type.as_str()).hash(&mut h);
+    }
+    h
+}
+
+/// The digest of a record's mapped values (equal meanings, equal digests).
+fn values_digest(seed: &DefaultHasher, r: &MappedRecord) -> u64 {
+    let mut h = seed.clone();
     for v in &r.values {
         match v {
             Some(v) => v.hash_into(&mut h),
@@ -183,10 +227,11 @@ fn values_hash(r: &MappedRecord) -> u64 {
     h.finish()
 }
 
-/// One page, mapped and checked, with the shadow and outbox state of its ids.
+/// One page, mapped and checked, with the shadow and outbox state of the ids it must diff.
 struct Prepared {
     watermark: Option<crate::connectors::Watermark>,
-    live: Vec<MappedRecord>,
+    /// Records to diff, with their value digests.
+    live: Vec<(MappedRecord, u64)>,
     gone: Vec<MappedRecord>,
     held_back: Vec<String>,
     invalid: Vec<InvalidRecord>,
@@ -203,6 +248,8 @@ struct PageWrite {
     invalid: Vec<InvalidRecord>,
     valid_crm_ids: Vec<String>,
     watermark: Option<crate::connectors::Watermark>,
+    /// Records found in sync, for the store's digests.
+    digests: Vec<(String, u64)>,
 }
 
 /// Pages flow through a pipeline so both cores work: while page N is diffed and committed
@@ -227,6 +274,7 @@ async fn pull_all(
         source,
     };
     let shared = std::sync::Arc::new(mapping.clone());
+    let seed = digest_seed(mapping);
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
     let mut seen = Seen::default();
     // Clearing earlier set-aside entries costs a lookup per record; skip it when there are none.
@@ -251,7 +299,7 @@ async fn pull_all(
         let (prepared, written, fetched) = tokio::join!(
             async {
                 match current {
-                    Some(p) => prepare(store, &shared, p, &mut seen, report)
+                    Some(p) => prepare(store, &shared, p, &seed, !force, &mut seen, report)
                         .await
                         .map(Some),
                     None => Ok(None),
@@ -313,11 +361,14 @@ async fn pull_all(
     Ok(())
 }
 
-/// Maps a page, sets bad and ambiguous records aside, and loads the state the diff needs.
+/// Maps a page, sets bad and ambiguous records aside, drops the records whose digest shows them
+/// unchanged (with `use_digests`), and loads the state the diff needs for the rest.
 async fn prepare(
     store: &Store,
     mapping: &std::sync::Arc<Mapping>,
     page: crate::connectors::Page,
+    seed: &DefaultHasher,
+    use_digests: bool,
     seen: &mut Seen,
     report: &mut CycleReport,
 ) -> Result<Prepared, CycleError> {
@@ -373,9 +424,16 @@ async fn prepare(
 
     // Two CRM records mapping to one Pendo id with different values: hold both back.
     let mut held_back: Vec<String> = Vec::new();
-    live.retain(|rec| {
+    let mut live: Vec<(MappedRecord, u64)> = live
+        .into_iter()
+        .map(|rec| {
+            let digest = values_digest(seed, &rec);
+            (rec, digest)
+        })
+        .collect();
+    live.retain(|(rec, digest)| {
         let id = hash_of(rec.pendo_id.as_str());
-        let entry = (hash_of(rec.crm_id.as_str()), values_hash(rec));
+        let entry = (hash_of(rec.crm_id.as_str()), *digest);
         let conflict = match seen.ids.get(&id) {
             Some(prev) => prev.0 != entry.0 && prev.1 != entry.1,
             None => {
@@ -414,10 +472,29 @@ async fn prepare(
     } else {
         gone.clear();
     }
+    if use_digests && !live.is_empty() {
+        let keys: Vec<crate::store::Digest<'_>> = live
+            .iter()
+            .map(|(r, d)| (r.pendo_id.as_str(), *d))
+            .collect();
+        let stale = store
+            .stale_digests(mapping.kind, &mapping.name, &keys)
+            .await?;
+        drop(keys);
+        if stale.len() < live.len() {
+            report.unchanged_by_digest += (live.len() - stale.len()) as u64;
+            let mut keep = vec![false; live.len()];
+            for i in stale {
+                keep[i] = true;
+            }
+            let mut keep = keep.into_iter();
+            live.retain(|_| keep.next().unwrap_or(true));
+        }
+    }
     let ids: Vec<&str> = live
         .iter()
-        .chain(&gone)
-        .map(|r| r.pendo_id.as_str())
+        .map(|(r, _)| r.pendo_id.as_str())
+        .chain(gone.iter().map(|r| r.pendo_id.as_str()))
         .chain(held_back.iter().map(String::as_str))
         .collect();
     let (shadow, outbox) = tokio::try_join!(
@@ -453,14 +530,21 @@ fn overlay(outbox: &mut HashMap<String, HashMap<String, String>>, previous: &Pag
 
 fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     let mut changes: Vec<Change> = Vec::new();
-    for rec in &p.live {
+    let mut digests: Vec<(String, u64)> = Vec::new();
+    for (rec, digest) in &p.live {
+        let queued = p.outbox.get(&rec.pendo_id);
+        let before = changes.len();
         changes.extend(diff_record(
             mapping,
             rec,
             p.shadow.get(&rec.pendo_id),
-            p.outbox.get(&rec.pendo_id),
+            queued,
             force,
         ));
+        // In sync with nothing on its way: the next pull can skip it while nothing changes.
+        if !force && changes.len() == before && queued.is_none_or(HashMap::is_empty) {
+            digests.push((rec.pendo_id.clone(), *digest));
+        }
     }
     for rec in &p.gone {
         changes.extend(clear_record(
@@ -492,7 +576,9 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
         })
         .collect();
     changes.retain(|c| !p.held_back.contains(&c.pendo_id));
+    digests.retain(|(id, _)| !p.held_back.contains(id));
     PageWrite {
+        digests,
         changes,
         unqueue,
         invalid: p.invalid,
@@ -510,6 +596,7 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             invalid: &w.invalid,
             valid_crm_ids: &w.valid_crm_ids,
             unqueue: &w.unqueue,
+            digests: Some((mapping.kind, &w.digests)),
         })
         .await?;
     Ok(())
@@ -571,3 +658,76 @@ async fn clear_orphans(
 
 /// How long `sync` waits for retries that fall due after the first pass over the outbox.
 pub const SYNC_RETRY_WAIT: Duration = Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{IdCase, OnDelete, OnNull};
+    use crate::domain::{FieldType, Kind, Value};
+    use crate::mapping::FieldMap;
+
+    fn mapping(fields: &[(&str, FieldType)]) -> Mapping {
+        Mapping {
+            name: "m".into(),
+            kind: Kind::Account,
+            id_path: "Id".into(),
+            id_case: IdCase::Keep,
+            on_delete: OnDelete::Keep,
+            fields: fields
+                .iter()
+                .map(|(name, t)| FieldMap {
+                    pendo_field: (*name).into(),
+                    raw_key: "x".into(),
+                    from: "x".into(),
+                    field_type: *t,
+                    on_null: OnNull::Clear,
+                })
+                .collect(),
+        }
+    }
+
+    fn record(values: Vec<Option<Value>>) -> MappedRecord {
+        MappedRecord {
+            crm_id: "c".into(),
+            pendo_id: "p".into(),
+            values,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn a_digest_changes_with_the_values_and_with_what_the_mapping_writes() {
+        let m = mapping(&[("tier", FieldType::String), ("arr", FieldType::Number)]);
+        let r = record(vec![
+            Some(Value::String("gold".into())),
+            Some(Value::Number(1.0)),
+        ]);
+        let d = values_digest(&digest_seed(&m), &r);
+        // Stable: the same mapping and values give the same digest (in another "process" too:
+        // the seed is rebuilt from scratch).
+        assert_eq!(d, values_digest(&digest_seed(&m.clone()), &r));
+        // Any value, a kept null, a renamed field, a new type or another kind: a different one.
+        let other = |m: &Mapping, r: &MappedRecord| values_digest(&digest_seed(m), r);
+        let mut r2 = r.clone();
+        r2.values[1] = Some(Value::Number(2.0));
+        assert_ne!(d, other(&m, &r2));
+        r2.values[1] = None;
+        assert_ne!(d, other(&m, &r2));
+        r2.values[1] = Some(Value::Null);
+        assert_ne!(d, other(&m, &r2));
+        let renamed = mapping(&[("plan", FieldType::String), ("arr", FieldType::Number)]);
+        assert_ne!(d, other(&renamed, &r));
+        let retyped = mapping(&[("tier", FieldType::String), ("arr", FieldType::Date)]);
+        assert_ne!(d, other(&retyped, &r));
+        let mut visitor = m.clone();
+        visitor.kind = Kind::Visitor;
+        assert_ne!(d, other(&visitor, &r));
+    }
+
+    #[test]
+    fn already_hashed_keys_pass_through() {
+        let mut h = AlreadyHashed::default();
+        h.write_u64(0xfeed);
+        assert_eq!(h.finish(), 0xfeed);
+    }
+}

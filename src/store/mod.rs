@@ -13,6 +13,7 @@
 //! The file is created readable and writable by its owner only: it holds the CRM data we sync and,
 //! for OAuth flows, rotated refresh tokens.
 
+mod digest;
 mod outbox;
 mod shadow;
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+pub use digest::Digest;
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
 pub use shadow::ShadowRecord;
 
@@ -96,6 +98,9 @@ pub struct PageCommit<'a> {
     /// Queued values to withdraw (ambiguous ids); only `kind`, `pendo_id` and `field` are used.
     /// Rows already in flight are left to finish.
     pub unqueue: &'a [Change],
+    /// Pendo ids of this page whose diff was empty, with their value digests (see
+    /// [`Store::stale_digests`]); written last, for entities with no outbox rows.
+    pub digests: Option<(crate::domain::Kind, &'a [(String, u64)])>,
 }
 
 impl Store {
@@ -253,6 +258,9 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some((kind, digests)) = page.digests {
+            digest::write_digests(&mut tx, kind, page.mapping, digests).await?;
         }
         tx.commit().await?;
         Ok(())

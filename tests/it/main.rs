@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod crm_harness;
+mod digest;
 mod faults;
 mod helpers;
 mod secrets;
