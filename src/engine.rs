@@ -13,18 +13,19 @@
 //!
 //! With `dry_run` nothing is written: the changes are returned instead.
 //!
-//! Unchanged records take a shortcut: each record's mapped values are hashed, and a record whose
-//! digest equals the one the store kept from the last empty diff (see
-//! [`Store::stale_digests`]) skips the shadow load and the diff. Resyncs never take it.
+//! Reconciles take a shortcut past unchanged records: each record's mapped values are hashed
+//! ([`crate::digest`]), and a record whose digest equals the one the store kept from its last
+//! empty diff (see [`Store::load_digests`]) skips the shadow load and the diff.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::OnDelete;
-use crate::connectors::{Connector, ConnectorError, PullSpec};
+use crate::connectors::{Connector, ConnectorError, Page, PullSpec, Watermark};
 use crate::diff::{clear_record, diff_record};
+use crate::digest::{AlreadyHashed, DigestSeed, IdMap, id_hash, values_digest};
 use crate::domain::now_ms;
 use crate::mapping::{MappedRecord, Mapping, RecordError};
 use crate::metrics::{
@@ -95,7 +96,7 @@ pub async fn run_cycle(
     store: &Store,
     connector: &dyn Connector,
     mapping: &Mapping,
-    spec_for: impl FnOnce(Option<crate::connectors::Watermark>) -> PullSpec,
+    spec_for: impl FnOnce(Option<Watermark>) -> PullSpec,
     mode: Mode,
     dry_run: bool,
     progress: &dyn Progress,
@@ -170,66 +171,52 @@ pub async fn run_cycle(
 #[derive(Default)]
 struct Seen {
     /// pendo id hash → (crm id hash, values digest)
-    ids: HashMap<u64, (u64, u64), BuildHasherDefault<AlreadyHashed>>,
+    ids: IdMap<(u64, u64)>,
     ambiguous: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
 }
 
-/// The hasher for maps keyed by a 64-bit hash: the key is used as it is. Rehashing it would cost
-/// a second SipHash per record and spread the keys no better.
-#[derive(Default)]
-struct AlreadyHashed(u64);
+/// A record that mapped cleanly, with the hashes the rest of the cycle needs.
+struct Mapped {
+    rec: MappedRecord,
+    pendo_hash: u64,
+    crm_hash: u64,
+    digest: u64,
+}
 
-impl Hasher for AlreadyHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
+/// One page after mapping: clean records, and the ones set aside (with their deleted flag).
+struct MappedPage {
+    watermark: Option<Watermark>,
+    pulled: u64,
+    ok: Vec<Mapped>,
+    errors: Vec<(bool, RecordError)>,
+}
 
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are used; this keeps any other key correct, if slower.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+/// Pure CPU work on owned data, run on a blocking thread (which also frees the raw page).
+fn map_page(mapping: &Mapping, seed: &DigestSeed, page: Page) -> MappedPage {
+    let mut ok = Vec::with_capacity(page.records.len());
+    let mut errors = Vec::new();
+    for raw in &page.records {
+        match mapping.map(raw) {
+            Ok(rec) => ok.push(Mapped {
+                pendo_hash: id_hash(&rec.pendo_id),
+                crm_hash: id_hash(&rec.crm_id),
+                digest: values_digest(seed, &rec),
+                rec,
+            }),
+            Err(e) => errors.push((raw.deleted, e)),
         }
     }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    MappedPage {
+        watermark: page.watermark,
+        pulled: page.records.len() as u64,
+        ok,
+        errors,
     }
 }
 
-fn hash_of<T: Hash + ?Sized>(t: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    t.hash(&mut h);
-    h.finish()
-}
-
-/// The starting state of every value digest of `mapping`: what it writes (kind, Pendo fields and
-/// their types) goes in first, so renaming a field or changing its type makes every stored digest
-/// stale. `DefaultHasher::new()` is the same in every process of one build; a Rust release that
-/// changes it makes the digests stale once, which costs one long reconcile and misses nothing.
-fn digest_seed(mapping: &Mapping) -> DefaultHasher {
-    let mut h = DefaultHasher::new();
-    mapping.kind.as_str().hash(&mut h);
-    for f in &mapping.fields {
-        (f.pendo_field.as_str(), f.field_type.as_str()).hash(&mut h);
-    }
-    h
-}
-
-/// The digest of a record's mapped values (equal meanings, equal digests).
-fn values_digest(seed: &DefaultHasher, r: &MappedRecord) -> u64 {
-    let mut h = seed.clone();
-    for v in &r.values {
-        match v {
-            Some(v) => v.hash_into(&mut h),
-            None => 255u8.hash(&mut h),
-        }
-    }
-    h.finish()
-}
-
-/// One page, mapped and checked, with the shadow and outbox state of the ids it must diff.
+/// One page, checked, with the shadow and outbox state of the ids it must diff.
 struct Prepared {
-    watermark: Option<crate::connectors::Watermark>,
+    watermark: Option<Watermark>,
     /// Records to diff, with their value digests.
     live: Vec<(MappedRecord, u64)>,
     gone: Vec<MappedRecord>,
@@ -247,16 +234,22 @@ struct PageWrite {
     unqueue: Vec<Change>,
     invalid: Vec<InvalidRecord>,
     valid_crm_ids: Vec<String>,
-    watermark: Option<crate::connectors::Watermark>,
+    watermark: Option<Watermark>,
     /// Records found in sync, for the store's digests.
     digests: Vec<(String, u64)>,
 }
 
-/// Pages flow through a pipeline so both cores work: while page N is diffed and committed
-/// (the diff on a blocking thread, the commit on SQLite's), page N+1 is mapped and its shadow and
-/// outbox state loaded, and page N+2 is fetched from the CRM. Commits stay in page order, so the
-/// watermark only moves forward; page N+1's diff sees page N's changes through an overlay,
-/// whether or not N's commit had landed when N+1's outbox state was read.
+/// Mapped pages the fetch-and-map side may run ahead of the rest (a few MB): enough to keep
+/// both cores busy while a reconcile loads its digests.
+const PAGES_AHEAD: usize = 32;
+
+/// Pages flow through a pipeline so both cores work. One side fetches page N+1 from the CRM
+/// while page N is mapped on a blocking thread, and hands mapped pages over a bounded channel.
+/// The other side checks page N (ambiguity, digests) and loads its shadow and outbox state
+/// while page N-1 is diffed (on a blocking thread) and committed (on SQLite's). Commits stay in
+/// page order, so the watermark only moves forward; a page's diff sees the previous page's
+/// changes through an overlay, whether or not that commit had landed when its outbox state was
+/// read.
 #[allow(clippy::too_many_arguments)]
 async fn pull_all(
     store: &Store,
@@ -268,40 +261,105 @@ async fn pull_all(
     report: &mut CycleReport,
     progress: &dyn Progress,
 ) -> Result<(), CycleError> {
-    let force = mode == Mode::Resync;
     let connector_error = |source| CycleError::Connector {
         mapping: mapping.name.clone(),
         source,
     };
-    let shared = std::sync::Arc::new(mapping.clone());
-    let seed = digest_seed(mapping);
+    let shared = Arc::new(mapping.clone());
+    let seed = DigestSeed::new(mapping);
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
+    let produce = async move {
+        let mut next = pull.next_page().await;
+        loop {
+            let page = match next {
+                Ok(Some(page)) => page,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            };
+            let (m, s) = (shared.clone(), seed.clone());
+            let (mapped, fetched) = tokio::join!(
+                async {
+                    tokio::task::spawn_blocking(move || map_page(&m, &s, page))
+                        .await
+                        .expect("mapping does not panic")
+                },
+                pull.next_page()
+            );
+            if tx.send(Ok(mapped)).await.is_err() {
+                break; // the other side stopped on an error
+            }
+            next = fetched;
+        }
+    };
     let mut seen = Seen::default();
+    let (_, consumed) = tokio::join!(
+        produce,
+        consume(
+            store, mapping, rx, mode, dry_run, &mut seen, report, progress
+        )
+    );
+    consumed?;
+    if mode.full() && mapping.on_delete == OnDelete::Clear {
+        clear_orphans(store, mapping, &seen, mode == Mode::Resync, dry_run, report).await?;
+    }
+    Ok(())
+}
+
+/// The checking, diffing and committing side of [`pull_all`]. Owns the channel's receiving end,
+/// so returning early (on an error) stops the fetching side too.
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    store: &Store,
+    mapping: &Mapping,
+    mut pages: tokio::sync::mpsc::Receiver<Result<MappedPage, ConnectorError>>,
+    mode: Mode,
+    dry_run: bool,
+    seen: &mut Seen,
+    report: &mut CycleReport,
+    progress: &dyn Progress,
+) -> Result<(), CycleError> {
+    let force = mode == Mode::Resync;
+    let shared = Arc::new(mapping.clone());
     // Clearing earlier set-aside entries costs a lookup per record; skip it when there are none.
     let mut any_invalid = !dry_run && store.has_invalid_records(&mapping.name).await?;
-
-    let mut page = pull.next_page().await.map_err(connector_error)?;
+    // A reconcile re-reads everything, and most of it has not changed: records matching the
+    // digest of their last empty diff skip the shadow load and the diff. (Incremental pulls
+    // bring changed records; a resync sends everything whatever the shadow says.)
+    let stored = match mode {
+        Mode::Reconcile => Some(store.load_digests(mapping.kind, &mapping.name).await?),
+        _ => None,
+    };
     let mut ready: Option<Prepared> = None;
     let mut last_write: Option<PageWrite> = None;
     let mut fetch_error = None;
-    while page.is_some() || ready.is_some() {
-        let current = page.take();
-        if let Some(p) = &current {
-            report.pages += 1;
-            report.pulled += p.records.len() as u64;
-            metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
-                .increment(p.records.len() as u64);
-        }
-        let fetch_next = current.is_some() && fetch_error.is_none();
+    let mut open = true;
+    while open || ready.is_some() {
         let to_diff = ready.take();
         let previous = last_write.take();
         let clear_valid = !any_invalid;
-        let (prepared, written, fetched) = tokio::join!(
+        let (prepared, written) = tokio::join!(
             async {
-                match current {
-                    Some(p) => prepare(store, &shared, p, &seed, !force, &mut seen, report)
-                        .await
-                        .map(Some),
+                if !open {
+                    return Ok(None);
+                }
+                match pages.recv().await {
+                    Some(Ok(page)) => {
+                        report.pages += 1;
+                        report.pulled += page.pulled;
+                        metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
+                            .increment(page.pulled);
+                        prepare(store, mapping, page, stored.as_ref(), seen, report)
+                            .await
+                            .map(Some)
+                    }
+                    Some(Err(e)) => {
+                        fetch_error = Some(e);
+                        Ok(None)
+                    }
                     None => Ok(None),
                 }
             },
@@ -324,15 +382,11 @@ async fn pull_all(
                 }
                 Ok::<_, CycleError>(Some(write))
             },
-            async {
-                if fetch_next {
-                    Some(pull.next_page().await)
-                } else {
-                    None
-                }
-            },
         );
-        ready = prepared?;
+        match prepared? {
+            Some(p) => ready = Some(p),
+            None => open = false,
+        }
         if let Some(write) = written? {
             any_invalid |= !write.invalid.is_empty();
             report.changes += write.changes.len() as u64;
@@ -345,99 +399,74 @@ async fn pull_all(
             progress.page(report);
             last_write = Some(write);
         }
-        match fetched {
-            Some(Ok(next)) => page = next,
-            Some(Err(e)) => fetch_error = Some(e),
-            None => {}
-        }
     }
-    if let Some(e) = fetch_error {
-        return Err(connector_error(e));
+    match fetch_error {
+        Some(source) => Err(CycleError::Connector {
+            mapping: mapping.name.clone(),
+            source,
+        }),
+        None => Ok(()),
     }
-
-    if mode.full() && mapping.on_delete == OnDelete::Clear {
-        clear_orphans(store, mapping, &seen, force, dry_run, report).await?;
-    }
-    Ok(())
 }
 
-/// Maps a page, sets bad and ambiguous records aside, drops the records whose digest shows them
-/// unchanged (with `use_digests`), and loads the state the diff needs for the rest.
+/// Sets bad and ambiguous records aside, drops the records whose stored digest shows them
+/// unchanged, and loads the state the diff needs for the rest.
 async fn prepare(
     store: &Store,
-    mapping: &std::sync::Arc<Mapping>,
-    page: crate::connectors::Page,
-    seed: &DefaultHasher,
-    use_digests: bool,
+    mapping: &Mapping,
+    page: MappedPage,
+    stored: Option<&IdMap<u64>>,
     seen: &mut Seen,
     report: &mut CycleReport,
 ) -> Result<Prepared, CycleError> {
-    let watermark = page.watermark;
-    let m = mapping.clone();
-    let records = page.records;
-    // Mapping is pure CPU work on owned data: a blocking thread lets it overlap the rest.
-    let mapped: Vec<(bool, Result<MappedRecord, RecordError>)> =
-        tokio::task::spawn_blocking(move || {
-            records
-                .iter()
-                .map(|raw| (raw.deleted, m.map(raw)))
-                .collect()
-        })
-        .await
-        .expect("mapping does not panic");
     let mut invalid = Vec::new();
-    let mut valid_crm_ids = Vec::new();
-    let mut live: Vec<MappedRecord> = Vec::new();
+    let mut valid_crm_ids = Vec::with_capacity(page.ok.len());
+    let mut live: Vec<(MappedRecord, u64)> = Vec::new();
     let mut gone: Vec<MappedRecord> = Vec::new();
-    for (deleted, result) in mapped {
-        match result {
-            Ok(rec) if rec.deleted => gone.push(rec),
-            Ok(rec) => live.push(rec),
-            Err(e) => {
-                if matches!(e, RecordError::MissingId { .. }) {
-                    report.skipped_empty_ids += 1;
-                }
-                if deleted {
-                    continue; // a deleted record with no usable id has nothing to clear
-                }
-                // A record set aside is still in the CRM: its Pendo id must not look like an
-                // orphan to the reconcile, which would clear what Pendo holds for it.
-                if let Some(pendo_id) = e.pendo_id() {
-                    seen.ids
-                        .entry(hash_of(pendo_id))
-                        .or_insert((hash_of(e.crm_id()), 0));
-                }
-                metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
-                    .increment(1);
-                tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");
-                invalid.push(InvalidRecord {
-                    mapping: mapping.name.clone(),
-                    crm_id: e.crm_id().to_owned(),
-                    pendo_id: e.pendo_id().map(str::to_owned),
-                    reason: e.reason().to_owned(),
-                    detail: e.to_string(),
-                    seen_at: now_ms(),
-                });
-            }
+    for (deleted, e) in page.errors {
+        if matches!(e, RecordError::MissingId { .. }) {
+            report.skipped_empty_ids += 1;
         }
+        if deleted {
+            continue; // a deleted record with no usable id has nothing to clear
+        }
+        // A record set aside is still in the CRM: its Pendo id must not look like an orphan to
+        // the reconcile, which would clear what Pendo holds for it.
+        if let Some(pendo_id) = e.pendo_id() {
+            seen.ids
+                .entry(id_hash(pendo_id))
+                .or_insert((id_hash(e.crm_id()), 0));
+        }
+        metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => e.reason())
+            .increment(1);
+        tracing::warn!(mapping = %mapping.name, error = %e, "Set a record aside.");
+        invalid.push(InvalidRecord {
+            mapping: mapping.name.clone(),
+            crm_id: e.crm_id().to_owned(),
+            pendo_id: e.pendo_id().map(str::to_owned),
+            reason: e.reason().to_owned(),
+            detail: e.to_string(),
+            seen_at: now_ms(),
+        });
     }
 
     // Two CRM records mapping to one Pendo id with different values: hold both back.
     let mut held_back: Vec<String> = Vec::new();
-    let mut live: Vec<(MappedRecord, u64)> = live
-        .into_iter()
-        .map(|rec| {
-            let digest = values_digest(seed, &rec);
-            (rec, digest)
-        })
-        .collect();
-    live.retain(|(rec, digest)| {
-        let id = hash_of(rec.pendo_id.as_str());
-        let entry = (hash_of(rec.crm_id.as_str()), *digest);
+    for Mapped {
+        mut rec,
+        pendo_hash: id,
+        crm_hash,
+        digest,
+    } in page.ok
+    {
+        if rec.deleted {
+            gone.push(rec);
+            continue;
+        }
         let conflict = match seen.ids.get(&id) {
-            Some(prev) => prev.0 != entry.0 && prev.1 != entry.1,
+            Some(prev) => prev.0 != crm_hash && prev.1 != digest,
             None => {
-                seen.ids.insert(id, entry);
+                seen.ids.insert(id, (crm_hash, digest));
                 false
             }
         };
@@ -448,48 +477,34 @@ async fn prepare(
             report.ambiguous += 1;
             invalid.push(InvalidRecord {
                 mapping: mapping.name.clone(),
-                crm_id: rec.crm_id.clone(),
-                pendo_id: Some(rec.pendo_id.clone()),
-                reason: "ambiguous_id".into(),
                 detail: format!(
                     "record {}: Pendo id {} is also the id of another CRM record with different values in this pull; neither is sent until only one remains",
                     rec.crm_id, rec.pendo_id
                 ),
+                crm_id: rec.crm_id,
+                pendo_id: Some(rec.pendo_id),
+                reason: "ambiguous_id".into(),
                 seen_at: now_ms(),
             });
             metrics::counter!(INVALID_RECORDS, "mapping" => mapping.name.clone(), "reason" => "ambiguous_id")
                 .increment(1);
-            return false;
+            continue;
         }
-        valid_crm_ids.push(rec.crm_id.clone());
-        true
-    });
+        // The diff needs the Pendo id and the values, not the CRM id.
+        valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
+        if stored.is_some_and(|s| s.get(&id) == Some(&digest)) {
+            report.unchanged_by_digest += 1;
+            continue;
+        }
+        live.push((rec, digest));
+    }
 
     // A deleted record clears Pendo only if no live record holds its Pendo id in this pull.
     if mapping.on_delete == OnDelete::Clear {
-        gone.retain(|rec| !seen.ids.contains_key(&hash_of(rec.pendo_id.as_str())));
+        gone.retain(|rec| !seen.ids.contains_key(&id_hash(&rec.pendo_id)));
         report.deleted += gone.len() as u64;
     } else {
         gone.clear();
-    }
-    if use_digests && !live.is_empty() {
-        let keys: Vec<crate::store::Digest<'_>> = live
-            .iter()
-            .map(|(r, d)| (r.pendo_id.as_str(), *d))
-            .collect();
-        let stale = store
-            .stale_digests(mapping.kind, &mapping.name, &keys)
-            .await?;
-        drop(keys);
-        if stale.len() < live.len() {
-            report.unchanged_by_digest += (live.len() - stale.len()) as u64;
-            let mut keep = vec![false; live.len()];
-            for i in stale {
-                keep[i] = true;
-            }
-            let mut keep = keep.into_iter();
-            live.retain(|_| keep.next().unwrap_or(true));
-        }
     }
     let ids: Vec<&str> = live
         .iter()
@@ -497,12 +512,16 @@ async fn prepare(
         .chain(gone.iter().map(|r| r.pendo_id.as_str()))
         .chain(held_back.iter().map(String::as_str))
         .collect();
-    let (shadow, outbox) = tokio::try_join!(
-        store.load_shadow(mapping.kind, &ids),
-        store.load_outbox_values(mapping.kind, &ids)
-    )?;
+    let (shadow, outbox) = if ids.is_empty() {
+        Default::default()
+    } else {
+        tokio::try_join!(
+            store.load_shadow(mapping.kind, &ids),
+            store.load_outbox_values(mapping.kind, &ids)
+        )?
+    };
     Ok(Prepared {
-        watermark,
+        watermark: page.watermark,
         live,
         gone,
         held_back,
@@ -621,7 +640,7 @@ async fn clear_orphans(
         after = Some(last.clone());
         let orphans: Vec<&(String, crate::store::ShadowRecord)> = page
             .iter()
-            .filter(|(id, _)| !seen.ids.contains_key(&hash_of(id.as_str())))
+            .filter(|(id, _)| !seen.ids.contains_key(&id_hash(id)))
             .collect();
         if orphans.is_empty() {
             continue;
@@ -658,76 +677,3 @@ async fn clear_orphans(
 
 /// How long `sync` waits for retries that fall due after the first pass over the outbox.
 pub const SYNC_RETRY_WAIT: Duration = Duration::from_secs(120);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{IdCase, OnDelete, OnNull};
-    use crate::domain::{FieldType, Kind, Value};
-    use crate::mapping::FieldMap;
-
-    fn mapping(fields: &[(&str, FieldType)]) -> Mapping {
-        Mapping {
-            name: "m".into(),
-            kind: Kind::Account,
-            id_path: "Id".into(),
-            id_case: IdCase::Keep,
-            on_delete: OnDelete::Keep,
-            fields: fields
-                .iter()
-                .map(|(name, t)| FieldMap {
-                    pendo_field: (*name).into(),
-                    raw_key: "x".into(),
-                    from: "x".into(),
-                    field_type: *t,
-                    on_null: OnNull::Clear,
-                })
-                .collect(),
-        }
-    }
-
-    fn record(values: Vec<Option<Value>>) -> MappedRecord {
-        MappedRecord {
-            crm_id: "c".into(),
-            pendo_id: "p".into(),
-            values,
-            deleted: false,
-        }
-    }
-
-    #[test]
-    fn a_digest_changes_with_the_values_and_with_what_the_mapping_writes() {
-        let m = mapping(&[("tier", FieldType::String), ("arr", FieldType::Number)]);
-        let r = record(vec![
-            Some(Value::String("gold".into())),
-            Some(Value::Number(1.0)),
-        ]);
-        let d = values_digest(&digest_seed(&m), &r);
-        // Stable: the same mapping and values give the same digest (in another "process" too:
-        // the seed is rebuilt from scratch).
-        assert_eq!(d, values_digest(&digest_seed(&m.clone()), &r));
-        // Any value, a kept null, a renamed field, a new type or another kind: a different one.
-        let other = |m: &Mapping, r: &MappedRecord| values_digest(&digest_seed(m), r);
-        let mut r2 = r.clone();
-        r2.values[1] = Some(Value::Number(2.0));
-        assert_ne!(d, other(&m, &r2));
-        r2.values[1] = None;
-        assert_ne!(d, other(&m, &r2));
-        r2.values[1] = Some(Value::Null);
-        assert_ne!(d, other(&m, &r2));
-        let renamed = mapping(&[("plan", FieldType::String), ("arr", FieldType::Number)]);
-        assert_ne!(d, other(&renamed, &r));
-        let retyped = mapping(&[("tier", FieldType::String), ("arr", FieldType::Date)]);
-        assert_ne!(d, other(&retyped, &r));
-        let mut visitor = m.clone();
-        visitor.kind = Kind::Visitor;
-        assert_ne!(d, other(&visitor, &r));
-    }
-
-    #[test]
-    fn already_hashed_keys_pass_through() {
-        let mut h = AlreadyHashed::default();
-        h.write_u64(0xfeed);
-        assert_eq!(h.finish(), 0xfeed);
-    }
-}

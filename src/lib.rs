@@ -27,6 +27,7 @@ pub mod config;
 pub mod connectors;
 pub mod demo;
 pub mod diff;
+pub mod digest;
 pub mod domain;
 pub mod engine;
 pub mod limiter;

@@ -10,48 +10,63 @@
 //!   it. So a stored digest equal to a record's current digest means the record's values are the
 //!   values Pendo confirmed, and the record can skip the shadow load and the diff.
 //! - A missing or different digest only costs the long way round: never a missed change.
+//!
+//! What a digest is (and the id hash the loaded map is keyed by) lives in [`crate::digest`].
 
 use sqlx::Row;
 
 use super::{Store, StoreError};
+use crate::digest::{IdMap, id_hash};
 use crate::domain::Kind;
 
 /// One record's Pendo id and the digest of its mapped values.
 pub type Digest<'a> = (&'a str, u64);
 
-/// SQLite integers are signed: the digest is stored as the same 64 bits.
-fn as_sql(digest: u64) -> i64 {
-    digest as i64
-}
+/// Stored digests per page of [`Store::load_digests`]: big enough that the per-statement cost
+/// vanishes, small enough that one page's text stays a few MB.
+const LOAD_PAGE: i64 = 50_000;
 
 impl Store {
-    /// Which of `records` (by position) need a full diff: those with no stored digest for
-    /// `mapping`, or a different one. The rest are known to be in sync.
-    pub async fn stale_digests(
-        &self,
-        kind: Kind,
-        mapping: &str,
-        records: &[Digest<'_>],
-    ) -> Result<Vec<usize>, StoreError> {
-        let mut stale = Vec::new();
-        for (chunk_no, chunk) in records.chunks(5_000).enumerate() {
-            let list = digest_list(chunk);
-            // Returns positions, not rows: in steady state almost nothing comes back.
-            let rows = sqlx::query(
-                "SELECT j.key FROM json_each(?3) AS j
-                 WHERE NOT EXISTS (SELECT 1 FROM shadow_digest AS d
-                   WHERE d.kind = ?1 AND d.pendo_id = j.value ->> 0 AND d.mapping = ?2
-                     AND d.digest = j.value ->> 1)",
+    /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id. A reconcile loads
+    /// them once: a lookup per record through SQLite would cost more than the diff it saves.
+    pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
+        let mut out = IdMap::default();
+        let mut after = String::new();
+        loop {
+            // One row per page: the digests folded into a JSON array in id order (keyset paging
+            // on the primary key), which costs far less than a driver row per digest.
+            let row = sqlx::query(
+                "SELECT json_group_array(json_array(pendo_id, digest)), max(pendo_id), count(*)
+                 FROM (SELECT pendo_id, digest FROM shadow_digest
+                       WHERE kind = ?1 AND pendo_id > ?2 AND mapping = ?3
+                       ORDER BY pendo_id LIMIT ?4)",
             )
             .bind(kind.as_str())
+            .bind(&after)
             .bind(mapping)
-            .bind(list)
-            .fetch_all(&self.pool)
+            .bind(LOAD_PAGE)
+            .fetch_one(&self.pool)
             .await?;
-            let base = chunk_no * 5_000;
-            stale.extend(rows.iter().map(|r| base + r.get::<i64, _>(0) as usize));
+            let count: i64 = row.get(2);
+            if count == 0 {
+                break;
+            }
+            let text: String = row.get(0);
+            after = row.get(1);
+            let pairs: Vec<(String, i64)> =
+                tokio::task::spawn_blocking(move || serde_json::from_str(&text))
+                    .await
+                    .expect("parsing does not panic")
+                    .map_err(|e| StoreError::Corrupt(format!("shadow_digest {kind}: {e}")))?;
+            out.reserve(pairs.len());
+            for (id, digest) in pairs {
+                out.insert(id_hash(&id), from_sql(digest));
+            }
+            if count < LOAD_PAGE {
+                break;
+            }
         }
-        Ok(stale)
+        Ok(out)
     }
 
     /// Number of stored digests for `mapping` (status and tests).
@@ -62,6 +77,15 @@ impl Store {
             .await?;
         Ok(row.get(0))
     }
+}
+
+/// SQLite integers are signed: the digest is stored as the same 64 bits.
+fn as_sql(digest: u64) -> i64 {
+    digest as i64
+}
+
+fn from_sql(digest: i64) -> u64 {
+    digest as u64
 }
 
 fn digest_list(records: &[Digest<'_>]) -> String {

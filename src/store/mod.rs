@@ -99,7 +99,7 @@ pub struct PageCommit<'a> {
     /// Rows already in flight are left to finish.
     pub unqueue: &'a [Change],
     /// Pendo ids of this page whose diff was empty, with their value digests (see
-    /// [`Store::stale_digests`]); written last, for entities with no outbox rows.
+    /// [`Store::load_digests`]); written last, for entities with no outbox rows.
     pub digests: Option<(crate::domain::Kind, &'a [(String, u64)])>,
 }
 
