@@ -49,6 +49,10 @@ use pendo_sync::mapping::Mapping;
 use pendo_sync::store::{Change, PageCommit, Settlement, Store};
 use serde_json::json;
 
+/// The binary's allocator (src/main.rs), so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TARGET_N: u64 = 1_000_000;
 const TARGET_SECONDS: f64 = 5.0;
 const TARGET_RSS_MB: f64 = 300.0;

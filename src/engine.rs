@@ -330,7 +330,12 @@ async fn consume(
     // digest of their last empty diff skip the shadow load and the diff. (Incremental pulls
     // bring changed records; a resync sends everything whatever the shadow says.)
     let stored = match mode {
-        Mode::Reconcile => Some(store.load_digests(mapping.kind, &mapping.name).await?),
+        Mode::Reconcile => {
+            let started = Instant::now();
+            let digests = store.load_digests(mapping.kind, &mapping.name).await?;
+            tracing::debug!(mapping = %mapping.name, digests = digests.len(), seconds = started.elapsed().as_secs_f64(), "Loaded value digests.");
+            Some(digests)
+        }
         _ => None,
     };
     let mut ready: Option<Prepared> = None;

@@ -30,14 +30,24 @@ impl Store {
     /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id. A reconcile loads
     /// them once: a lookup per record through SQLite would cost more than the diff it saves.
     pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
-        let mut out = IdMap::default();
+        // Sized once: growing a million-entry map rehashes it several times.
+        let total: i64 =
+            sqlx::query("SELECT count(*) FROM shadow_digest WHERE kind = ?1 AND mapping = ?2")
+                .bind(kind.as_str())
+                .bind(mapping)
+                .fetch_one(&self.pool)
+                .await?
+                .get(0);
+        let mut out = IdMap::with_capacity_and_hasher(total.max(0) as usize, Default::default());
         let mut after = String::new();
         loop {
             // One row per page: the digests folded into a JSON array in id order (keyset paging
             // on the primary key), which costs far less than a driver row per digest.
             let row = sqlx::query(
-                "SELECT json_group_array(json_array(pendo_id, digest)), max(pendo_id), count(*)
-                 FROM (SELECT pendo_id, digest FROM shadow_digest
+                // group_concat appends each blob's bytes as they are; the cast hands them back
+                // as a blob.
+                "SELECT CAST(group_concat(entry, '') AS BLOB), max(pendo_id), count(*)
+                 FROM (SELECT pendo_id, entry FROM shadow_digest
                        WHERE kind = ?1 AND pendo_id > ?2 AND mapping = ?3
                        ORDER BY pendo_id LIMIT ?4)",
             )
@@ -51,16 +61,20 @@ impl Store {
             if count == 0 {
                 break;
             }
-            let text: String = row.get(0);
+            let bytes: Vec<u8> = row.get(0);
             after = row.get(1);
-            let pairs: Vec<(String, i64)> =
-                tokio::task::spawn_blocking(move || serde_json::from_str(&text))
-                    .await
-                    .expect("parsing does not panic")
-                    .map_err(|e| StoreError::Corrupt(format!("shadow_digest {kind}: {e}")))?;
-            out.reserve(pairs.len());
-            for (id, digest) in pairs {
-                out.insert(id_hash(&id), from_sql(digest));
+            if bytes.len() as i64 != count * ENTRY_LEN as i64 {
+                return Err(StoreError::Corrupt(format!(
+                    "shadow_digest {kind}: {} bytes for {count} digests after {after:?}",
+                    bytes.len()
+                )));
+            }
+            for entry in bytes.chunks_exact(ENTRY_LEN) {
+                let (id, digest) = entry.split_at(8);
+                out.insert(
+                    u64::from_le_bytes(id.try_into().expect("8 bytes")),
+                    u64::from_le_bytes(digest.try_into().expect("8 bytes")),
+                );
             }
             if count < LOAD_PAGE {
                 break;
@@ -79,18 +93,29 @@ impl Store {
     }
 }
 
-/// SQLite integers are signed: the digest is stored as the same 64 bits.
-fn as_sql(digest: u64) -> i64 {
-    digest as i64
-}
+/// Bytes per stored entry: id hash, then digest.
+const ENTRY_LEN: usize = 16;
 
-fn from_sql(digest: i64) -> u64 {
-    digest as u64
+/// The stored entry, in hex (the form JSON can carry; SQLite's `unhex` turns it into the blob).
+fn entry_hex(id: &str, digest: u64) -> String {
+    let mut bytes = [0u8; ENTRY_LEN];
+    bytes[..8].copy_from_slice(&id_hash(id).to_le_bytes());
+    bytes[8..].copy_from_slice(&digest.to_le_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(2 * ENTRY_LEN);
+    for b in bytes {
+        text.push(HEX[usize::from(b >> 4)] as char);
+        text.push(HEX[usize::from(b & 15)] as char);
+    }
+    text
 }
 
 fn digest_list(records: &[Digest<'_>]) -> String {
-    let pairs: Vec<(&str, i64)> = records.iter().map(|(id, d)| (*id, as_sql(*d))).collect();
-    serde_json::to_string(&pairs).expect("pairs serialize")
+    let rows: Vec<(&str, String)> = records
+        .iter()
+        .map(|(id, d)| (*id, entry_hex(id, *d)))
+        .collect();
+    serde_json::to_string(&rows).expect("rows serialize")
 }
 
 /// Records `digests` for `mapping` inside a page's transaction, skipping any entity that has
@@ -107,10 +132,10 @@ pub(super) async fn write_digests(
     let borrowed: Vec<Digest<'_>> = digests.iter().map(|(id, d)| (id.as_str(), *d)).collect();
     for chunk in borrowed.chunks(5_000) {
         sqlx::query(
-            "INSERT INTO shadow_digest (kind, pendo_id, mapping, digest)
-             SELECT ?1, j.value ->> 0, ?2, j.value ->> 1 FROM json_each(?3) AS j
+            "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
+             SELECT ?1, j.value ->> 0, ?2, unhex(j.value ->> 1) FROM json_each(?3) AS j
              WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = ?1 AND o.pendo_id = j.value ->> 0)
-             ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET digest = excluded.digest",
+             ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry",
         )
         .bind(kind.as_str())
         .bind(mapping)
