@@ -6,7 +6,8 @@
 //! Run: `cargo bench --bench diff_outbox` (sizes 10k, 100k, 1M). Environment:
 //! - `BENCH_SIZES=10000,100000`: the sizes to run; `BENCH_QUICK=1`: 10k only.
 //! - `BENCH_PAGE=2000`: records per connector page (Salesforce's REST query batch).
-//! - `BENCH_RT=current|multi`: the tokio runtime (current_thread is the default: faster here).
+//! - `BENCH_RT=multi|current`: the tokio runtime (multi_thread, as the binary builds it, is the
+//!   default).
 //! - `BENCH_SETUP=settle|sql`: how the shadow is populated (see below; by default `settle` up to
 //!   100k and `sql` above).
 //! - `BENCH_REPEAT=3`: timed runs per size (each on a fresh copy of the state file); the table
@@ -241,11 +242,11 @@ fn settings() -> (Settings, MappingSettings) {
 
 fn runtime() -> tokio::runtime::Runtime {
     match std::env::var("BENCH_RT").as_deref() {
-        Ok("multi") => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        Ok("current") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        _ => tokio::runtime::Builder::new_current_thread()
+        // What src/main.rs builds: one worker per core.
+        _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
     }
@@ -634,8 +635,8 @@ fn main() {
         return;
     }
     let rt_name = match std::env::var("BENCH_RT").as_deref() {
-        Ok("multi") => "multi_thread(2)",
-        _ => "current_thread",
+        Ok("current") => "current_thread",
+        _ => "multi_thread (one worker per core, as the binary)",
     };
     let setup_kind = std::env::var("BENCH_SETUP").unwrap_or_else(|_| "auto".into());
     eprintln!(

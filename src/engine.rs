@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::OnDelete;
-use crate::connectors::{Connector, ConnectorError, Page, PullSpec, Watermark};
+use crate::connectors::{Connector, ConnectorError, Page, PullSpec, RawRecord, Watermark};
 use crate::diff::{clear_record, diff_record};
 use crate::digest::{AlreadyHashed, DigestSeed, IdMap, id_hash, values_digest};
 use crate::domain::now_ms;
@@ -191,11 +191,44 @@ struct MappedPage {
     errors: Vec<(bool, RecordError)>,
 }
 
-/// Pure CPU work on owned data, run on a blocking thread (which also frees the raw page).
-fn map_page(mapping: &Mapping, seed: &DigestSeed, page: Page) -> MappedPage {
-    let mut ok = Vec::with_capacity(page.records.len());
+/// Maps a page. Mapping is the pipeline's longest stage, so a page is cut in two halves mapped
+/// on two blocking threads (which also free the raw records).
+async fn map_page(mapping: &Arc<Mapping>, seed: &DigestSeed, page: Page) -> MappedPage {
+    let Page {
+        mut records,
+        watermark,
+    } = page;
+    let pulled = records.len() as u64;
+    let second = records.split_off(records.len() / 2);
+    let half = |records: Vec<RawRecord>| {
+        let (m, s) = (mapping.clone(), seed.clone());
+        async move {
+            tokio::task::spawn_blocking(move || map_records(&m, &s, records))
+                .await
+                .expect("mapping does not panic")
+        }
+    };
+    let ((mut ok, mut errors), (ok2, errors2)) = tokio::join!(half(records), half(second));
+    ok.extend(ok2);
+    errors.extend(errors2);
+    MappedPage {
+        watermark,
+        pulled,
+        ok,
+        errors,
+    }
+}
+
+/// Pure CPU work on owned data.
+#[allow(clippy::type_complexity)]
+fn map_records(
+    mapping: &Mapping,
+    seed: &DigestSeed,
+    records: Vec<RawRecord>,
+) -> (Vec<Mapped>, Vec<(bool, RecordError)>) {
+    let mut ok = Vec::with_capacity(records.len());
     let mut errors = Vec::new();
-    for raw in &page.records {
+    for raw in &records {
         match mapping.map(raw) {
             Ok(rec) => ok.push(Mapped {
                 pendo_hash: id_hash(&rec.pendo_id),
@@ -206,12 +239,7 @@ fn map_page(mapping: &Mapping, seed: &DigestSeed, page: Page) -> MappedPage {
             Err(e) => errors.push((raw.deleted, e)),
         }
     }
-    MappedPage {
-        watermark: page.watermark,
-        pulled: page.records.len() as u64,
-        ok,
-        errors,
-    }
+    (ok, errors)
 }
 
 /// One page, checked, with the shadow and outbox state of the ids it must diff.
@@ -280,15 +308,7 @@ async fn pull_all(
                     break;
                 }
             };
-            let (m, s) = (shared.clone(), seed.clone());
-            let (mapped, fetched) = tokio::join!(
-                async {
-                    tokio::task::spawn_blocking(move || map_page(&m, &s, page))
-                        .await
-                        .expect("mapping does not panic")
-                },
-                pull.next_page()
-            );
+            let (mapped, fetched) = tokio::join!(map_page(&shared, &seed, page), pull.next_page());
             if tx.send(Ok(mapped)).await.is_err() {
                 break; // the other side stopped on an error
             }
