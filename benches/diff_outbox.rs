@@ -12,8 +12,9 @@
 //!   100k and `sql` above).
 //! - `BENCH_REPEAT=3`: timed runs per size (each on a fresh copy of the state file); the table
 //!   shows the median and the best, and the largest peak RSS.
-//! - `BENCH_BREAKDOWN=1`: also time the reconcile's phases (pull+map, shadow load, outbox load,
-//!   diff, commit) on a third copy of the state file.
+//! - `BENCH_BREAKDOWN=1`: also time the phases of the long path (pull, map, shadow load, outbox
+//!   load, diff, commit: what the first reconcile does for every record, and later ones for
+//!   records whose digest is stale) on a third copy of the state file.
 //!
 //! Every size runs in child processes (this binary re-executed with `BENCH_CHILD=<phase>`), so
 //! each figure's peak RSS (`VmHWM`) belongs to that phase alone:
@@ -22,9 +23,12 @@
 //!    confirmed exactly as the writer does on a 200 (`claim_due` → `settle(Confirmed)`). With
 //!    `BENCH_SETUP=sql` the shadow rows are written directly, in the text `settle` produces, with
 //!    the same `json_patch` statement (faster for 1M; the assertions below catch any mismatch).
+//!    Then one reconcile of the unchanged CRM, as a running service did last time: it finds no
+//!    change and keeps a value digest per record. Its time is reported as "first reconcile".
 //!    The state file is then closed and copied: one copy per measured phase.
-//! 2. `reconcile` (timed): `run_cycle(Mode::Reconcile)`: a full pull of N records, each mapped,
-//!    diffed against shadow + outbox; the 1% changes go to the outbox with each page's watermark.
+//! 2. `reconcile` (timed): `run_cycle(Mode::Reconcile)`: a full pull of N records, each mapped
+//!    and hashed; the 99% whose digest matches skip the diff, the rest are diffed against shadow +
+//!    outbox; the 1% changes go to the outbox with each page's watermark.
 //! 3. `incremental` (timed): `run_cycle(Mode::Incremental)` from the stored watermark: only the
 //!    changed records.
 //!
@@ -468,8 +472,8 @@ async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
     })
 }
 
-/// The reconcile's loop, re-done with public pieces and a stopwatch on each phase (the engine's
-/// ambiguity bookkeeping and metrics are left out; they are hash-map work per record).
+/// The long path (every record diffed, no digests), re-done serially with public pieces and a
+/// stopwatch on each phase (the engine's ambiguity bookkeeping and metrics are left out).
 async fn breakdown(n: u64, db: &Path) -> serde_json::Value {
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);

@@ -8,6 +8,7 @@
 //! - [`connectors`]: the CRM seam ([`connectors::Connector`]) and its implementations.
 //! - [`mapping`]: CRM fields → typed, canonical Pendo values; Pendo ids; invalid records.
 //! - [`diff`]: field-level changes against the shadow copy (pure, no I/O).
+//! - [`digest`]: value and id digests; lets a reconcile skip records that did not change.
 //! - [`store`]: the SQLite state file: shadow, outbox, watermarks, run history.
 //! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.

@@ -9,6 +9,8 @@
 //! - **No change is lost.** [`Store::commit_page`] writes a page's changes to the outbox and moves
 //!   the mapping's watermark in one transaction; a crash before commit re-reads the page, a crash
 //!   after it finds the changes in the outbox.
+//! - **A value digest never outlives what it summarised** (see `digest.rs`): triggers delete an
+//!   entity's digests whenever its shadow row or outbox rows change.
 //!
 //! The file is created readable and writable by its owner only: it holds the CRM data we sync and,
 //! for OAuth flows, rotated refresh tokens.
