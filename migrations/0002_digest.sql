@@ -3,10 +3,13 @@
 -- values hash to the stored digest is unchanged, so the next reconcile need not load or compare
 -- its shadow row. A missing or different digest only means "diff it the long way".
 --
--- The digest must never outlive the state it summarised: any change to the entity's shadow row or
--- outbox rows deletes every digest of that entity (the triggers below), whoever makes it (the
--- writer, `queue drop`, another mapping). The engine writes a digest only for records that had no
--- outbox rows when they were diffed and still have none when the page commits.
+-- A digest says: "these values are the values this entity's shadow row holds for the mapping's
+-- fields". It must never outlive that row's state: any change to the shadow row deletes every
+-- digest of the entity (the triggers below), whoever makes it. The engine writes a digest only for
+-- records whose diff was empty with no outbox rows, and that still have none when the page
+-- commits; and a reconcile ignores the digests of entities that have outbox rows (the diff must
+-- then compare against the queued values). Outbox changes therefore need no trigger, which keeps
+-- enqueueing a change from writing to this table.
 CREATE TABLE shadow_digest (
     kind     TEXT    NOT NULL,
     pendo_id TEXT    NOT NULL,
@@ -25,14 +28,5 @@ CREATE TRIGGER shadow_digest_after_shadow_update AFTER UPDATE ON shadow BEGIN
     DELETE FROM shadow_digest WHERE kind = OLD.kind AND pendo_id = OLD.pendo_id;
 END;
 CREATE TRIGGER shadow_digest_after_shadow_delete AFTER DELETE ON shadow BEGIN
-    DELETE FROM shadow_digest WHERE kind = OLD.kind AND pendo_id = OLD.pendo_id;
-END;
-CREATE TRIGGER shadow_digest_after_outbox_insert AFTER INSERT ON outbox BEGIN
-    DELETE FROM shadow_digest WHERE kind = NEW.kind AND pendo_id = NEW.pendo_id;
-END;
-CREATE TRIGGER shadow_digest_after_outbox_update AFTER UPDATE OF value, force ON outbox BEGIN
-    DELETE FROM shadow_digest WHERE kind = OLD.kind AND pendo_id = OLD.pendo_id;
-END;
-CREATE TRIGGER shadow_digest_after_outbox_delete AFTER DELETE ON outbox BEGIN
     DELETE FROM shadow_digest WHERE kind = OLD.kind AND pendo_id = OLD.pendo_id;
 END;

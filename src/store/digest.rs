@@ -6,9 +6,10 @@
 //!
 //! - **A digest is only ever a claim of "in sync".** It is written for records whose diff was
 //!   empty and that had no outbox rows when diffed and have none when the page commits.
-//! - **Any change to the entity's shadow row or outbox rows deletes its digests**, whatever made
-//!   it. So a stored digest equal to a record's current digest means the record's values are the
-//!   values Pendo confirmed, and the record can skip the shadow load and the diff.
+//! - **Any change to the entity's shadow row deletes its digests**, whatever made it, and
+//!   [`Store::load_digests`] leaves out entities with outbox rows. So a loaded digest equal to a
+//!   record's current digest means the record's values are the values Pendo confirmed with
+//!   nothing queued, and the record can skip the shadow load and the diff.
 //! - A missing or different digest only costs the long way round: never a missed change.
 //!
 //! What a digest is (and the id hash the loaded map is keyed by) lives in [`crate::digest`].
@@ -27,8 +28,9 @@ pub type Digest<'a> = (&'a str, u64);
 const LOAD_PAGE: i64 = 50_000;
 
 impl Store {
-    /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id. A reconcile loads
-    /// them once: a lookup per record through SQLite would cost more than the diff it saves.
+    /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id, except those of
+    /// entities with outbox rows (their diff must see the queued values). A reconcile loads them
+    /// once: a lookup per record through SQLite would cost more than the diff it saves.
     pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
         // Sized once: growing a million-entry map rehashes it several times.
         let total: i64 =
@@ -79,6 +81,14 @@ impl Store {
             if count < LOAD_PAGE {
                 break;
             }
+        }
+        // The outbox is small in steady state; when it is large (a first push), few digests exist.
+        let queued = sqlx::query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = ?1")
+            .bind(kind.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        for row in queued {
+            out.remove(&id_hash(row.get::<&str, _>(0)));
         }
         Ok(out)
     }
