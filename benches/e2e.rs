@@ -22,6 +22,10 @@ use pendo_sync::domain::Kind;
 use pendo_sync::engine::Mode;
 use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig, SimRateLimit};
 use serde_json::json;
+
+/// The binary's allocator (src/main.rs), so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio_util::sync::CancellationToken;
 
 fn env_or(name: &str, default: u64) -> u64 {
