@@ -112,7 +112,6 @@ enum GroupKey {
     Unmatched(i64, String),
     Retry(i64, String, u32, u32),
     Dead(String),
-    Release,
 }
 
 /// Which rows `queue list|retry|drop` act on.
@@ -331,10 +330,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        // Rows settle in groups that share a statement and its parameters; each group's keys
-        // travel as one JSON array matched on the primary key (kind, id, field) and the version
-        // that was sent. A row whose version moved on matches nothing and is only released below.
-        let mut groups: BTreeMap<GroupKey, Vec<serde_json::Value>> = BTreeMap::new();
+        // Rows settle in groups that share a statement and its parameters: the settlement, and
+        // the kind, field and version that was sent, so each group's ids travel as one plain JSON
+        // array of strings matched on the primary key (cheaper for SQLite than a list of
+        // tuples). A row whose version moved on matches nothing and is only released below.
+        type Keyed<'o> = (GroupKey, &'static str, &'o str, i64);
+        let mut groups: BTreeMap<Keyed<'_>, Vec<&str>> = BTreeMap::new();
         for (entry, settlement) in outcomes {
             let key = match settlement {
                 Settlement::Confirmed | Settlement::AlreadyConfirmed => GroupKey::Delete,
@@ -348,69 +349,75 @@ impl Store {
                     attempts,
                 } => GroupKey::Retry(*retry_at, error.clone(), *max_attempts, *attempts),
                 Settlement::Dead { error } => GroupKey::Dead(error.clone()),
-                Settlement::Release => GroupKey::Release,
+                Settlement::Release => continue,
             };
-            groups.entry(key).or_default().push(serde_json::json!([
-                entry.kind.as_str(),
-                entry.pendo_id,
-                entry.field,
-                entry.version
-            ]));
+            groups
+                .entry((
+                    key,
+                    entry.kind.as_str(),
+                    entry.field.as_str(),
+                    entry.version,
+                ))
+                .or_default()
+                .push(entry.pendo_id.as_str());
         }
-        const KEYS: &str = "(kind, pendo_id, field, version) IN
-             (SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3 FROM json_each(?1) AS e)";
-        for (group, keys) in groups {
-            let keys = serde_json::Value::Array(keys).to_string();
-            let q = match group {
-                GroupKey::Delete => sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DELETE FROM outbox WHERE {KEYS}"
-                )))
-                .bind(keys),
-                GroupKey::Unmatched(retry_at, message) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE outbox SET state = 'unmatched', next_attempt_at = ?2, last_error = ?3, updated_at = ?4
+        const KEYS: &str = "kind = ?1 AND field = ?2 AND version = ?3
+             AND pendo_id IN (SELECT value FROM json_each(?4))";
+        for ((group, kind, field, version), ids) in groups {
+            let sql = match &group {
+                GroupKey::Delete => format!("DELETE FROM outbox WHERE {KEYS}"),
+                GroupKey::Unmatched(..) => format!(
+                    "UPDATE outbox SET state = 'unmatched', next_attempt_at = ?5, last_error = ?6, updated_at = ?7
                      WHERE {KEYS}"
-                )))
-                .bind(keys)
-                .bind(retry_at)
-                .bind(message.as_str())
-                .bind(now),
-                GroupKey::Retry(retry_at, error, max_attempts, attempts) => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE outbox SET attempts = attempts + ?6, next_attempt_at = ?2, last_error = ?3,
-                            updated_at = ?4, state = CASE WHEN attempts + ?6 >= ?5 THEN 'dead' ELSE state END
-                         WHERE {KEYS}"
-                    )))
-                    .bind(keys)
+                ),
+                GroupKey::Retry(..) => format!(
+                    "UPDATE outbox SET attempts = attempts + ?9, next_attempt_at = ?5, last_error = ?6,
+                        updated_at = ?7, state = CASE WHEN attempts + ?9 >= ?8 THEN 'dead' ELSE state END
+                     WHERE {KEYS}"
+                ),
+                GroupKey::Dead(..) => format!(
+                    "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?5, updated_at = ?6
+                     WHERE {KEYS}"
+                ),
+            };
+            // Arguments bind in order: the keys are ?1..?4, the statement's own values follow.
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(kind)
+                .bind(field)
+                .bind(version)
+                .bind(serde_json::to_string(&ids).expect("strings serialize"));
+            let q = match group {
+                GroupKey::Delete => q,
+                GroupKey::Unmatched(retry_at, message) => q.bind(retry_at).bind(message).bind(now),
+                GroupKey::Retry(retry_at, error, max_attempts, attempts) => q
                     .bind(retry_at)
-                    .bind(error.as_str())
+                    .bind(error)
                     .bind(now)
                     .bind(max_attempts as i64)
-                    .bind(attempts as i64)
-                }
-                GroupKey::Dead(error) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2, updated_at = ?3
-                     WHERE {KEYS}"
-                )))
-                .bind(keys)
-                .bind(error.as_str())
-                .bind(now),
-                GroupKey::Release => continue,
+                    .bind(attempts as i64),
+                GroupKey::Dead(error) => q.bind(error).bind(now),
             };
             q.execute(&mut *tx).await?;
         }
         // Every row this writer held is released, whatever happened to it (superseded rows
         // included: their newer value goes out next).
-        let held: Vec<serde_json::Value> = outcomes
-            .iter()
-            .map(|(e, _)| serde_json::json!([e.kind.as_str(), e.pendo_id, e.field]))
-            .collect();
-        sqlx::query(
-            "UPDATE outbox SET leased = 0 WHERE (kind, pendo_id, field) IN
-               (SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2 FROM json_each(?1) AS e)",
-        )
-        .bind(serde_json::Value::Array(held).to_string())
-        .execute(&mut *tx)
-        .await?;
+        let mut held: BTreeMap<(&'static str, &str), Vec<&str>> = BTreeMap::new();
+        for (e, _) in outcomes {
+            held.entry((e.kind.as_str(), e.field.as_str()))
+                .or_default()
+                .push(e.pendo_id.as_str());
+        }
+        for ((kind, field), ids) in held {
+            sqlx::query(
+                "UPDATE outbox SET leased = 0
+                 WHERE kind = ?1 AND field = ?2 AND pendo_id IN (SELECT value FROM json_each(?3))",
+            )
+            .bind(kind)
+            .bind(field)
+            .bind(serde_json::to_string(&ids).expect("strings serialize"))
+            .execute(&mut *tx)
+            .await?;
+        }
         if commit {
             tx.commit().await?;
         } else {

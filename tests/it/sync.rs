@@ -222,3 +222,63 @@ async fn dry_run_writes_nothing_anywhere() {
         "the state file changed"
     );
 }
+
+/// Latest wins while a value is in flight: Pendo confirming the old value removes only the row
+/// version that was sent; the newer value stays queued, unleased, and goes out next.
+#[tokio::test]
+async fn a_value_replaced_in_flight_survives_the_old_one_s_confirmation() {
+    use pendo_sync::store::{Change, PageCommit, Settlement, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let change = |id: &str, field: &str, value: &str| Change {
+        kind: Kind::Account,
+        pendo_id: id.into(),
+        field: field.into(),
+        value: format!("{value:?}"),
+        mapping: "accounts".into(),
+        force: false,
+    };
+    let enqueue = |changes: Vec<Change>| {
+        let store = store.clone();
+        async move {
+            store
+                .commit_page(&PageCommit {
+                    mapping: "accounts",
+                    changes: &changes,
+                    ..PageCommit::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    enqueue(vec![
+        change("a", "plantier", "Gold"),
+        change("a", "owneremail", "x@example.com"),
+        change("b", "plantier", "Silver"),
+    ])
+    .await;
+    let claimed = store.claim_due(Kind::Account, i64::MAX, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    // While the batch is in flight, a's tier changes again.
+    enqueue(vec![change("a", "plantier", "Platinum")]).await;
+    let outcomes: Vec<_> = claimed
+        .into_iter()
+        .map(|e| (e, Settlement::Confirmed))
+        .collect();
+    store.settle(&outcomes).await.unwrap();
+
+    let rows = store.outbox_list(&Default::default(), 10).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].pendo_id.as_str(), rows[0].field.as_str()),
+        ("a", "plantier")
+    );
+    assert_eq!(rows[0].value, "\"Platinum\"");
+    let next = store.claim_due(Kind::Account, i64::MAX, 10).await.unwrap();
+    assert_eq!(next.len(), 1, "the newer value is unleased and due");
+    let shadow = store.load_shadow(Kind::Account, &["a", "b"]).await.unwrap();
+    assert_eq!(shadow["a"]["plantier"], json!("Gold"));
+    assert_eq!(shadow["a"]["owneremail"], json!("x@example.com"));
+    assert_eq!(shadow["b"]["plantier"], json!("Silver"));
+    store.close().await;
+}
