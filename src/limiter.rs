@@ -10,6 +10,13 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Jitter, Quota};
 
+/// The share of a configured rate the limiter actually uses. It paces *sends*; the remote counts
+/// *arrivals*, and two requests sent exactly one period apart can arrive a few milliseconds
+/// closer (scheduling, connection reuse). Without headroom a strict limit on the other side
+/// answers a 429 now and then, and each costs a Retry-After wait far longer than the 5% spent
+/// here (measured in BENCHMARKS.md, end-to-end push).
+pub const HEADROOM: f64 = 0.95;
+
 /// A shared limiter: clone it into every task that talks to the same remote.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -25,13 +32,14 @@ impl std::fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    /// `count` requests per `window`, spaced evenly, with a burst of `burst` (at least 1).
+    /// `count` requests per `window` less [`HEADROOM`], spaced evenly, with a burst of `burst`
+    /// (at least 1).
     ///
     /// In any span of length `w` at most `burst + w / (window / count)` requests pass, so a
     /// burst of 1 keeps the measured rate within the configured one.
     pub fn new(count: f64, window: Duration, burst: u32) -> RateLimiter {
         let count = if count.is_finite() && count > 0.0 {
-            count
+            count * HEADROOM
         } else {
             1.0
         };
