@@ -294,6 +294,7 @@ async fn pull_all(
         source,
     };
     let shared = Arc::new(mapping.clone());
+    let for_diff = shared.clone();
     let seed = DigestSeed::new(mapping);
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
     let (tx, rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
@@ -319,7 +320,7 @@ async fn pull_all(
     let (_, consumed) = tokio::join!(
         produce,
         consume(
-            store, mapping, rx, mode, dry_run, &mut seen, report, progress
+            store, mapping, for_diff, rx, mode, dry_run, &mut seen, report, progress
         )
     );
     consumed?;
@@ -335,6 +336,7 @@ async fn pull_all(
 async fn consume(
     store: &Store,
     mapping: &Mapping,
+    shared: Arc<Mapping>,
     mut pages: tokio::sync::mpsc::Receiver<Result<MappedPage, ConnectorError>>,
     mode: Mode,
     dry_run: bool,
@@ -343,7 +345,6 @@ async fn consume(
     progress: &dyn Progress,
 ) -> Result<(), CycleError> {
     let force = mode == Mode::Resync;
-    let shared = Arc::new(mapping.clone());
     // Clearing earlier set-aside entries costs a lookup per record; skip it when there are none.
     let mut any_invalid = !dry_run && store.has_invalid_records(&mapping.name).await?;
     // A reconcile re-reads everything, and most of it has not changed: records matching the

@@ -20,9 +20,6 @@ use super::{Store, StoreError};
 use crate::digest::{IdMap, id_hash};
 use crate::domain::Kind;
 
-/// One record's Pendo id and the digest of its mapped values.
-pub type Digest<'a> = (&'a str, u64);
-
 /// Stored digests per page of [`Store::load_digests`]: big enough that the per-statement cost
 /// vanishes, small enough that one page's text stays a few MB.
 const LOAD_PAGE: i64 = 50_000;
@@ -43,11 +40,10 @@ impl Store {
         let mut out = IdMap::with_capacity_and_hasher(total.max(0) as usize, Default::default());
         let mut after = String::new();
         loop {
-            // One row per page: the digests folded into a JSON array in id order (keyset paging
-            // on the primary key), which costs far less than a driver row per digest.
+            // One row per page (keyset paging on the primary key): the entries concatenated
+            // into one blob, which costs far less than a driver row per digest. group_concat
+            // appends each blob's bytes as they are; the cast hands them back as a blob.
             let row = sqlx::query(
-                // group_concat appends each blob's bytes as they are; the cast hands them back
-                // as a blob.
                 "SELECT CAST(group_concat(entry, '') AS BLOB), max(pendo_id), count(*)
                  FROM (SELECT pendo_id, entry FROM shadow_digest
                        WHERE kind = ?1 AND pendo_id > ?2 AND mapping = ?3
@@ -120,10 +116,11 @@ fn entry_hex(id: &str, digest: u64) -> String {
     text
 }
 
-fn digest_list(records: &[Digest<'_>]) -> String {
+/// `[[pendo_id, entry hex], ...]`, the form `write_digests` passes to SQLite.
+fn digest_list(records: &[(String, u64)]) -> String {
     let rows: Vec<(&str, String)> = records
         .iter()
-        .map(|(id, d)| (*id, entry_hex(id, *d)))
+        .map(|(id, d)| (id.as_str(), entry_hex(id, *d)))
         .collect();
     serde_json::to_string(&rows).expect("rows serialize")
 }
@@ -139,8 +136,7 @@ pub(super) async fn write_digests(
     if digests.is_empty() {
         return Ok(());
     }
-    let borrowed: Vec<Digest<'_>> = digests.iter().map(|(id, d)| (id.as_str(), *d)).collect();
-    for chunk in borrowed.chunks(5_000) {
+    for chunk in digests.chunks(5_000) {
         sqlx::query(
             "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
              SELECT ?1, j.value ->> 0, ?2, unhex(j.value ->> 1) FROM json_each(?3) AS j

@@ -26,7 +26,6 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-pub use digest::Digest;
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
 pub use shadow::ShadowRecord;
 
