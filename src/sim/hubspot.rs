@@ -381,15 +381,15 @@ impl HubspotSim {
 
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/crm/v3/objects/{object}", get(list_v3))
-            .route("/crm/v3/objects/{object}/search", post(search_v3))
+            .route("/crm/v3/objects/{object}", get(list))
+            .route("/crm/v3/objects/{object}/search", post(search))
             .route("/crm/v3/owners", get(owners))
             .route("/crm/v3/owners/", get(owners))
-            .route("/crm/v3/properties/{object}", get(properties_v3))
-            .route("/crm/objects/{version}/{object}", get(list_dated))
-            .route("/crm/objects/{version}/{object}/search", post(search_dated))
+            .route("/crm/v3/properties/{object}", get(properties))
+            .route("/crm/objects/{version}/{object}", get(list))
+            .route("/crm/objects/{version}/{object}/search", post(search))
             .route("/crm/owners/{version}", get(owners))
-            .route("/crm/properties/{version}/{object}", get(properties_dated))
+            .route("/crm/properties/{version}/{object}", get(properties))
             .route(
                 "/crm/v4/associations/{from}/{to}/batch/read",
                 post(associations),
@@ -853,55 +853,31 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn list_v3(
+/// `GET /crm/v3/objects/{object}` and the dated `/crm/objects/{version}/{object}` alike.
+async fn list(
     State(sim): State<HubspotSim>,
-    Path(object): Path<String>,
+    Path(path): Path<BTreeMap<String, String>>,
     Query(q): Query<BTreeMap<String, String>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        list_impl(st, &object, &q)
+        list_impl(st, object_of(&path), &q)
     })
 }
 
-async fn list_dated(
+/// `POST …/{object}/search`, v3 or dated.
+async fn search(
     State(sim): State<HubspotSim>,
-    Path((_version, object)): Path<(String, String)>,
-    Query(q): Query<BTreeMap<String, String>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        list_impl(st, &object, &q)
-    })
-}
-
-async fn search_v3(
-    State(sim): State<HubspotSim>,
-    Path(object): Path<String>,
+    Path(path): Path<BTreeMap<String, String>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     serve(&sim, &method, &uri, &headers, Class::Search, |st| {
-        search_impl(st, &object, &body)
-    })
-}
-
-async fn search_dated(
-    State(sim): State<HubspotSim>,
-    Path((_version, object)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::Search, |st| {
-        search_impl(st, &object, &body)
+        search_impl(st, object_of(&path), &body)
     })
 }
 
@@ -957,28 +933,23 @@ fn properties_impl(st: &mut SimState, object: &str) -> Response {
     axum::Json(json!({ "results": results })).into_response()
 }
 
-async fn properties_v3(
+/// `GET /crm/v3/properties/{object}` and `/crm/properties/{version}/{object}`.
+async fn properties(
     State(sim): State<HubspotSim>,
-    Path(object): Path<String>,
+    Path(path): Path<BTreeMap<String, String>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        properties_impl(st, &object)
+        properties_impl(st, object_of(&path))
     })
 }
 
-async fn properties_dated(
-    State(sim): State<HubspotSim>,
-    Path((_version, object)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        properties_impl(st, &object)
-    })
+/// The `{object}` segment: every route above has one (the dated ones also carry `{version}`,
+/// which the simulator accepts whatever it says).
+fn object_of(path: &BTreeMap<String, String>) -> &str {
+    path.get("object").map_or("", String::as_str)
 }
 
 async fn associations(
