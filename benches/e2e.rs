@@ -120,13 +120,8 @@ source = "salesforce"
 object = "Account"
 kind = "account"
 id = "Id"
-  [mappings.fields]
-  plantier    = {{ from = "Plan_Tier__c",    type = "string" }}
-  arr         = {{ from = "ARR__c",          type = "number" }}
-  owneremail  = {{ from = "Owner.Email",     type = "string" }}
-  renewaldate = {{ from = "Renewal_Date__c", type = "date" }}
-  isstrategic = {{ from = "Strategic__c",    type = "boolean" }}
-"#,
+{sf_account_fields}"#,
+        sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
         state = dir.join("state.db").display(),
         url = server.url(),
     );

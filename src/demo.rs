@@ -108,13 +108,7 @@ kind = "account"
 id = "Id"
 filter = "Type = 'Customer'"
 on_delete = "clear"
-  [mappings.fields]
-  plantier    = {{ from = "Plan_Tier__c",     type = "string" }}
-  arr         = {{ from = "ARR__c",           type = "number" }}
-  owneremail  = {{ from = "Owner.Email",      type = "string" }}
-  renewaldate = {{ from = "Renewal_Date__c",  type = "date" }}
-  isstrategic = {{ from = "Strategic__c",     type = "boolean" }}
-
+{sf_account_fields}
 [[mappings]]
 name = "hs-contacts"
 source = "hubspot"
@@ -123,11 +117,9 @@ kind = "visitor"
 id = "email"
 id_case = "lower"
 on_delete = "keep"
-  [mappings.fields]
-  lifecyclestage = {{ from = "lifecyclestage",   type = "string" }}
-  owneremail     = {{ from = "hubspot_owner_id", type = "string", transform = "owner_email" }}
-  csmname        = {{ from = "hubspot_owner_id", type = "string", transform = "owner_name" }}
-"#,
+{hs_contact_fields}"#,
+        sf_account_fields = crate::sim::SF_ACCOUNT_FIELDS,
+        hs_contact_fields = crate::sim::HS_CONTACT_FIELDS,
         state = state.display(),
         pendo = sims.servers[0].url(),
         sf = sims.servers[1].url(),

@@ -15,6 +15,23 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The `[mappings.fields]` table of a mapping of the Salesforce simulator's `Account` records
+/// (the fields it seeds), for the configs the demo, the test harnesses and the benchmarks write.
+pub const SF_ACCOUNT_FIELDS: &str = r#"  [mappings.fields]
+  plantier    = { from = "Plan_Tier__c",    type = "string" }
+  arr         = { from = "ARR__c",          type = "number" }
+  owneremail  = { from = "Owner.Email",     type = "string" }
+  renewaldate = { from = "Renewal_Date__c", type = "date" }
+  isstrategic = { from = "Strategic__c",    type = "boolean" }
+"#;
+
+/// The `[mappings.fields]` table of a mapping of the HubSpot simulator's contacts.
+pub const HS_CONTACT_FIELDS: &str = r#"  [mappings.fields]
+  lifecyclestage = { from = "lifecyclestage",   type = "string" }
+  owneremail     = { from = "hubspot_owner_id", type = "string", transform = "owner_email" }
+  csmname        = { from = "hubspot_owner_id", type = "string", transform = "owner_name" }
+"#;
+
 /// A simulator serving on loopback until [`SimServer::shutdown`] or drop.
 #[derive(Debug)]
 pub struct SimServer {

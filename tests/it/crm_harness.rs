@@ -215,13 +215,7 @@ object = "Account"
 kind = "account"
 id = "Id"
 on_delete = "clear"
-  [mappings.fields]
-  plantier    = {{ from = "Plan_Tier__c",    type = "string" }}
-  arr         = {{ from = "ARR__c",          type = "number" }}
-  owneremail  = {{ from = "Owner.Email",     type = "string" }}
-  renewaldate = {{ from = "Renewal_Date__c", type = "date" }}
-  isstrategic = {{ from = "Strategic__c",    type = "boolean" }}
-
+{sf_account_fields}
 [[mappings]]
 name = "hs-contacts"
 source = "hubspot"
@@ -230,11 +224,9 @@ kind = "visitor"
 id = "email"
 id_case = "lower"
 on_delete = "keep"
-  [mappings.fields]
-  lifecyclestage = {{ from = "lifecyclestage",   type = "string" }}
-  owneremail     = {{ from = "hubspot_owner_id", type = "string", transform = "owner_email" }}
-  csmname        = {{ from = "hubspot_owner_id", type = "string", transform = "owner_name" }}
-"#,
+{hs_contact_fields}"#,
+            sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
+            hs_contact_fields = pendo_sync::sim::HS_CONTACT_FIELDS,
             state = dir.path().join("state.db").display(),
             pendo_url = servers[0].url(),
             pendo_key = opts.pendo_key,

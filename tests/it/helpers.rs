@@ -114,13 +114,8 @@ object = "Account"
 kind = "account"
 id = "Id"
 on_delete = "clear"
-  [mappings.fields]
-  plantier    = {{ from = "Plan_Tier__c",    type = "string" }}
-  arr         = {{ from = "ARR__c",          type = "number" }}
-  owneremail  = {{ from = "Owner.Email",     type = "string" }}
-  renewaldate = {{ from = "Renewal_Date__c", type = "date" }}
-  isstrategic = {{ from = "Strategic__c",    type = "boolean" }}
-"#,
+{sf_account_fields}"#,
+            sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
             state = dir.path().join("state.db").display(),
             url = server.url(),
             batch = opts.batch_size,
