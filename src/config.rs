@@ -133,6 +133,12 @@ pub enum SalesforceAuth {
 pub struct SalesforceSettings {
     #[serde(default = "defaults::sf_login_url")]
     pub login_url: String,
+    /// The JWT bearer assertion's `aud`. Unset: derived from the kind of org `login_url` points
+    /// at (`https://test.salesforce.com` for sandboxes, else `https://login.salesforce.com`),
+    /// never copied from `login_url` (a My Domain audience is refused). Set it for an
+    /// Experience Cloud site or an org the derivation gets wrong.
+    #[serde(default)]
+    pub jwt_audience: Option<String>,
     #[serde(default = "defaults::sf_api_version")]
     pub api_version: String,
     pub auth: SalesforceAuth,
@@ -787,6 +793,12 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
 
 fn validate_salesforce(mut sf: SalesforceSettings) -> Result<SalesforceSettings, ConfigError> {
     check_url("salesforce.login_url", &sf.login_url)?;
+    if let Some(aud) = sf.jwt_audience.take() {
+        // Compared verbatim by Salesforce: no surrounding blanks, no trailing slash.
+        let aud = aud.trim().trim_end_matches('/').to_owned();
+        check_url("salesforce.jwt_audience", &aud)?;
+        sf.jwt_audience = Some(aud);
+    }
     let v = sf.api_version.strip_prefix('v').unwrap_or("");
     let ok = v.split_once('.').is_some_and(|(a, b)| {
         !a.is_empty()

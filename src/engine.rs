@@ -31,7 +31,7 @@ use crate::mapping::{MappedRecord, Mapping, RecordError};
 use crate::metrics::{
     CHANGES_DETECTED, CYCLE_DURATION, INVALID_RECORDS, LAST_SUCCESS, RECORDS_PULLED,
 };
-use crate::store::{Change, InvalidRecord, PageCommit, Store, StoreError};
+use crate::store::{Change, DiffState, InvalidRecord, PageCommit, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -253,6 +253,8 @@ struct Prepared {
     valid_crm_ids: Vec<String>,
     shadow: HashMap<String, crate::store::ShadowRecord>,
     outbox: HashMap<String, HashMap<String, String>>,
+    /// The shadow sequence number of the snapshot `shadow` and `outbox` come from.
+    shadow_seq: i64,
 }
 
 /// What one page writes.
@@ -263,8 +265,9 @@ struct PageWrite {
     invalid: Vec<InvalidRecord>,
     valid_crm_ids: Vec<String>,
     watermark: Option<Watermark>,
-    /// Records found in sync, for the store's digests.
+    /// Records found in sync, for the store's digests, and the snapshot they were found in.
     digests: Vec<(String, u64)>,
+    shadow_seq: i64,
 }
 
 /// Mapped pages the fetch-and-map side may run ahead of the rest: enough to keep both cores busy
@@ -539,13 +542,14 @@ async fn prepare(
         .chain(gone.iter().map(|r| r.pendo_id.as_str()))
         .chain(held_back.iter().map(String::as_str))
         .collect();
-    let (shadow, outbox) = if ids.is_empty() {
-        Default::default()
+    let DiffState {
+        shadow,
+        outbox,
+        shadow_seq,
+    } = if ids.is_empty() {
+        DiffState::default()
     } else {
-        tokio::try_join!(
-            store.load_shadow(mapping.kind, &ids),
-            store.load_outbox_values(mapping.kind, &ids)
-        )?
+        store.load_diff_state(mapping.kind, &ids).await?
     };
     Ok(Prepared {
         watermark: page.watermark,
@@ -556,6 +560,7 @@ async fn prepare(
         valid_crm_ids,
         shadow,
         outbox,
+        shadow_seq,
     })
 }
 
@@ -625,6 +630,7 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     digests.retain(|(id, _)| !p.held_back.contains(id));
     PageWrite {
         digests,
+        shadow_seq: p.shadow_seq,
         changes,
         unqueue,
         invalid: p.invalid,
@@ -642,7 +648,7 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             invalid: &w.invalid,
             valid_crm_ids: &w.valid_crm_ids,
             unqueue: &w.unqueue,
-            digests: Some((mapping.kind, &w.digests)),
+            digests: Some((mapping.kind, &w.digests, w.shadow_seq)),
         })
         .await?;
     Ok(())

@@ -38,6 +38,10 @@ pub struct SalesforceSimConfig {
     pub username: String,
     /// Public half of the key the JWT bearer assertion must be signed with (PEM).
     pub jwt_public_key_pem: Option<String>,
+    /// The `aud` a JWT bearer assertion must carry, compared verbatim as Salesforce does:
+    /// `https://login.salesforce.com` for a production org (whatever host the token is requested
+    /// from), `https://test.salesforce.com` for a sandbox, or an Experience Cloud site URL.
+    pub jwt_audience: String,
     /// The refresh token currently valid for the refresh-token grant.
     pub refresh_token: String,
     /// Issue a new refresh token on every refresh (and invalidate the old one).
@@ -57,6 +61,7 @@ impl Default for SalesforceSimConfig {
             client_secret: "sim-client-secret".into(),
             username: "integration@example.com".into(),
             jwt_public_key_pem: None,
+            jwt_audience: "https://login.salesforce.com".into(),
             refresh_token: "sim-refresh-token".into(),
             rotate_refresh_token: false,
             daily_limit: 100_000,
@@ -475,12 +480,9 @@ async fn token(AxState(sim): AxState<SalesforceSim>, headers: HeaderMap, body: B
             if claims.sub != st.cfg.username {
                 return bad("invalid_grant", "user hasn't approved this consumer");
             }
-            let audiences = [
-                origin.as_str(),
-                "https://login.salesforce.com",
-                "https://test.salesforce.com",
-            ];
-            if !audiences.contains(&claims.aud.as_str()) {
+            // The audience names the kind of org, not the host the assertion was POSTed to:
+            // a My Domain or instance URL here is refused (reference §a1).
+            if claims.aud != st.cfg.jwt_audience {
                 return bad("invalid_grant", "audience is invalid");
             }
             // Salesforce wants the assertion to expire within 3 minutes; allow a little skew.

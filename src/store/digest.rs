@@ -28,13 +28,17 @@ impl Store {
     /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id, except those of
     /// entities with outbox rows (their diff must see the queued values). A reconcile loads them
     /// once: a lookup per record through SQLite would cost more than the diff it saves.
+    ///
+    /// The digests and the outbox ids are read in one read transaction (one snapshot): read
+    /// apart, a writer confirming a queued value in between would leave a stale digest in.
     pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         // Sized once: growing a million-entry map rehashes it several times.
         let total: i64 =
             sqlx::query("SELECT count(*) FROM shadow_digest WHERE kind = ?1 AND mapping = ?2")
                 .bind(kind.as_str())
                 .bind(mapping)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await?
                 .get(0);
         let mut out = IdMap::with_capacity_and_hasher(total.max(0) as usize, Default::default());
@@ -53,7 +57,7 @@ impl Store {
             .bind(&after)
             .bind(mapping)
             .bind(LOAD_PAGE)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
             let count: i64 = row.get(2);
             if count == 0 {
@@ -78,11 +82,13 @@ impl Store {
                 break;
             }
         }
+        self.pause_at(super::PausePoint::BetweenDigestReads).await;
         // The outbox is small in steady state; when it is large (a first push), few digests exist.
         let queued = sqlx::query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = ?1")
             .bind(kind.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         for row in queued {
             out.remove(&id_hash(row.get::<&str, _>(0)));
         }
@@ -126,12 +132,14 @@ fn digest_list(records: &[(String, u64)]) -> String {
 }
 
 /// Records `digests` for `mapping` inside a page's transaction, skipping any entity that has
-/// outbox rows now (something changed since its diff: the next reconcile diffs it again).
+/// outbox rows now, or whose shadow row was written after the snapshot (`read_seq`) the diff
+/// read: something changed since its diff, and the next reconcile diffs it again.
 pub(super) async fn write_digests(
     tx: &mut sqlx::SqliteConnection,
     kind: Kind,
     mapping: &str,
     digests: &[(String, u64)],
+    read_seq: i64,
 ) -> Result<(), StoreError> {
     if digests.is_empty() {
         return Ok(());
@@ -141,11 +149,14 @@ pub(super) async fn write_digests(
             "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
              SELECT ?1, j.value ->> 0, ?2, unhex(j.value ->> 1) FROM json_each(?3) AS j
              WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = ?1 AND o.pendo_id = j.value ->> 0)
+               AND NOT EXISTS (SELECT 1 FROM shadow AS s
+                               WHERE s.kind = ?1 AND s.pendo_id = j.value ->> 0 AND s.rev > ?4)
              ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry",
         )
         .bind(kind.as_str())
         .bind(mapping)
         .bind(digest_list(chunk))
+        .bind(read_seq)
         .execute(&mut *tx)
         .await?;
     }

@@ -21,6 +21,7 @@ mod shadow;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -53,11 +54,37 @@ pub enum StoreError {
 }
 
 /// A handle on the state file. Cheap to clone (a pool inside).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
+    pause: Arc<Mutex<Option<PauseHook>>>,
 }
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a test may pause the store between two statements, to make a race deterministic
+/// (mini-redis and supabase/etl use the same kind of seam). Production code never sets a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PausePoint {
+    /// [`Store::load_diff_state`]: the shadow was read, the outbox not yet.
+    BetweenDiffReads,
+    /// [`Store::load_digests`]: the digests were read, the outbox ids not yet.
+    BetweenDigestReads,
+}
+
+/// A test's pause: called at a [`PausePoint`], the store waits for the future it returns.
+pub type PauseHook = Arc<
+    dyn Fn(PausePoint) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// One row of `invalid_records`: a CRM record set aside with its reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -70,6 +97,22 @@ pub struct InvalidRecord {
     /// The full human message, naming the record and field.
     pub detail: String,
     pub seen_at: i64,
+}
+
+/// The state a page's diff reads (see [`Store::load_diff_state`]).
+#[derive(Debug, Default)]
+pub struct DiffState {
+    pub shadow: std::collections::HashMap<String, ShadowRecord>,
+    pub outbox: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
+    /// The shadow sequence number of the snapshot.
+    pub shadow_seq: i64,
+}
+
+async fn shadow_seq(conn: &mut sqlx::SqliteConnection) -> Result<i64, StoreError> {
+    let row = sqlx::query("SELECT seq FROM shadow_seq WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.get(0))
 }
 
 /// One row of run history.
@@ -100,8 +143,10 @@ pub struct PageCommit<'a> {
     /// Rows already in flight are left to finish.
     pub unqueue: &'a [Change],
     /// Pendo ids of this page whose diff was empty, with their value digests (see
-    /// [`Store::load_digests`]); written last, for entities with no outbox rows.
-    pub digests: Option<(crate::domain::Kind, &'a [(String, u64)])>,
+    /// [`Store::load_digests`]), and the shadow sequence number of the snapshot the diff read
+    /// ([`DiffState::shadow_seq`]); written last, only for entities with no outbox rows whose
+    /// shadow row has not changed since that snapshot.
+    pub digests: Option<(crate::domain::Kind, &'a [(String, u64)], i64)>,
 }
 
 impl Store {
@@ -135,6 +180,7 @@ impl Store {
         Ok(Store {
             pool,
             path: path.to_owned(),
+            pause: Arc::default(),
         })
     }
 
@@ -166,11 +212,24 @@ impl Store {
         Ok(Store {
             pool,
             path: path.to_owned(),
+            pause: Arc::default(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Installs (or removes) a test's pause hook on this handle and its clones.
+    pub fn set_pause_hook(&self, hook: Option<PauseHook>) {
+        *self.pause.lock().expect("pause hook lock") = hook;
+    }
+
+    async fn pause_at(&self, point: PausePoint) {
+        let hook = self.pause.lock().expect("pause hook lock").clone();
+        if let Some(hook) = hook {
+            hook(point).await;
+        }
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -186,6 +245,40 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// What a page's diff compares against: the confirmed shadow and the queued outbox values of
+    /// `ids`.
+    ///
+    /// Both are read in one read transaction, so they are one snapshot: a writer settling
+    /// between two separate reads (shadow A → B, its outbox row deleted) would otherwise show the
+    /// diff "shadow A, nothing queued". The snapshot's shadow sequence number goes with it, so
+    /// a digest computed from it is only written if the shadow rows did not change since (see
+    /// [`PageCommit::digests`]).
+    pub async fn load_diff_state(
+        &self,
+        kind: crate::domain::Kind,
+        ids: &[&str],
+    ) -> Result<DiffState, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The first read starts the snapshot (WAL): the sequence number is read inside it.
+        let seq = shadow_seq(&mut tx).await?;
+        let shadow = shadow::load_records(&mut tx, kind, ids).await?;
+        self.pause_at(PausePoint::BetweenDiffReads).await;
+        let outbox = outbox::load_values(&mut tx, kind, ids).await?;
+        tx.commit().await?;
+        Ok(DiffState {
+            shadow,
+            outbox,
+            shadow_seq: seq,
+        })
+    }
+
+    /// The shadow's sequence number now: every settle that writes shadow rows takes the next one
+    /// and stamps them with it.
+    pub async fn shadow_seq(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        shadow_seq(&mut conn).await
     }
 
     // ---- watermarks -------------------------------------------------------------------------
@@ -260,8 +353,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        if let Some((kind, digests)) = page.digests {
-            digest::write_digests(&mut tx, kind, page.mapping, digests).await?;
+        if let Some((kind, digests, seq)) = page.digests {
+            digest::write_digests(&mut tx, kind, page.mapping, digests, seq).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -194,6 +194,32 @@ pub(super) async fn enqueue(
     Ok(())
 }
 
+/// The queued values of `ids`, read on `conn` (see [`Store::load_outbox_values`]).
+pub(super) async fn load_values(
+    conn: &mut sqlx::SqliteConnection,
+    kind: Kind,
+    ids: &[&str],
+) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for chunk in ids.chunks(5_000) {
+        let list = serde_json::to_string(chunk).expect("strings serialize");
+        let rows = sqlx::query(
+            "SELECT pendo_id, field, value FROM outbox
+             WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(kind.as_str())
+        .bind(list)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            out.entry(row.get(0))
+                .or_default()
+                .insert(row.get(1), row.get(2));
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
     /// Values waiting in the outbox for these ids (any state): the diff compares against them as
     /// well as the shadow, so a CRM value that goes A → B → A before B was sent sends A again.
@@ -202,24 +228,8 @@ impl Store {
         kind: Kind,
         ids: &[&str],
     ) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
-        let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
-        for chunk in ids.chunks(5_000) {
-            let list = serde_json::to_string(chunk).expect("strings serialize");
-            let rows = sqlx::query(
-                "SELECT pendo_id, field, value FROM outbox
-                 WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
-            )
-            .bind(kind.as_str())
-            .bind(list)
-            .fetch_all(&self.pool)
-            .await?;
-            for row in rows {
-                out.entry(row.get(0))
-                    .or_default()
-                    .insert(row.get(1), row.get(2));
-            }
-        }
-        Ok(out)
+        let mut conn = self.pool.acquire().await?;
+        load_values(&mut conn, kind, ids).await
     }
 
     /// Clears every lease. Called when a writer starts: a lease left by a crashed process means
@@ -319,14 +329,22 @@ impl Store {
                 .into_iter()
                 .map(|((kind, id), patch)| serde_json::json!([kind.as_str(), id, patch]))
                 .collect();
+            // The rows take the next shadow sequence number: a digest computed from an older
+            // snapshot is not written over them (see `write_digests`).
+            let rev: i64 = sqlx::query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
             sqlx::query(
-                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at)
-                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, ?2 FROM json_each(?1) AS e WHERE true
+                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
+                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, ?2, ?3 FROM json_each(?1) AS e WHERE true
                  ON CONFLICT (kind, pendo_id) DO UPDATE
-                 SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at",
+                 SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at,
+                     rev = excluded.rev",
             )
             .bind(serde_json::Value::Array(rows).to_string())
             .bind(now)
+            .bind(rev)
             .execute(&mut *tx)
             .await?;
         }

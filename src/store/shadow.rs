@@ -24,6 +24,41 @@ fn without_nulls(mut record: ShadowRecord) -> ShadowRecord {
     record
 }
 
+/// The confirmed records among `ids`, read on `conn` (so a caller can read them inside its own
+/// transaction, beside the outbox).
+pub(super) async fn load_records(
+    conn: &mut sqlx::SqliteConnection,
+    kind: Kind,
+    ids: &[&str],
+) -> Result<HashMap<String, ShadowRecord>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    // One statement and one result row per chunk: SQLite looks the ids up (json_each keeps
+    // the statement static) and folds the records into a single JSON object, which costs far
+    // less than handing thousands of rows one by one through the driver.
+    for chunk in ids.chunks(5_000) {
+        let list = serde_json::to_string(chunk).expect("strings serialize");
+        let row = sqlx::query(
+            // `vals` is already JSON text: concatenating skips SQLite re-parsing it.
+            "SELECT '{' || coalesce(group_concat(json_quote(pendo_id) || ':' || vals, ','), '') || '}'
+             FROM shadow WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(kind.as_str())
+        .bind(list)
+        .fetch_one(&mut *conn)
+        .await?;
+        let text: String = row.get(0);
+        // Parsing a page of records is CPU work: off the async threads, so it overlaps the
+        // engine's other stages.
+        let records: HashMap<String, ShadowRecord> =
+            tokio::task::spawn_blocking(move || serde_json::from_str(&text))
+                .await
+                .expect("parsing does not panic")
+                .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
+        out.extend(records.into_iter().map(|(id, r)| (id, without_nulls(r))));
+    }
+    Ok(out)
+}
+
 impl Store {
     /// The confirmed records among `ids` (ids without a record are absent from the map).
     pub async fn load_shadow(
@@ -31,32 +66,8 @@ impl Store {
         kind: Kind,
         ids: &[&str],
     ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
-        let mut out = HashMap::with_capacity(ids.len());
-        // One statement and one result row per chunk: SQLite looks the ids up (json_each keeps
-        // the statement static) and folds the records into a single JSON object, which costs far
-        // less than handing thousands of rows one by one through the driver.
-        for chunk in ids.chunks(5_000) {
-            let list = serde_json::to_string(chunk).expect("strings serialize");
-            let row = sqlx::query(
-                // `vals` is already JSON text: concatenating skips SQLite re-parsing it.
-                "SELECT '{' || coalesce(group_concat(json_quote(pendo_id) || ':' || vals, ','), '') || '}'
-                 FROM shadow WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
-            )
-            .bind(kind.as_str())
-            .bind(list)
-            .fetch_one(&self.pool)
-            .await?;
-            let text: String = row.get(0);
-            // Parsing a page of records is CPU work: off the async threads, so it overlaps the
-            // engine's other stages.
-            let records: HashMap<String, ShadowRecord> =
-                tokio::task::spawn_blocking(move || serde_json::from_str(&text))
-                    .await
-                    .expect("parsing does not panic")
-                    .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
-            out.extend(records.into_iter().map(|(id, r)| (id, without_nulls(r))));
-        }
-        Ok(out)
+        let mut conn = self.pool.acquire().await?;
+        load_records(&mut conn, kind, ids).await
     }
 
     /// Up to `limit` shadow records of `kind` with ids after `after`, in id order: for audits

@@ -127,7 +127,7 @@ async fn any_outbox_or_shadow_change_makes_the_digest_stale() {
             store
                 .commit_page(&PageCommit {
                     mapping: "accounts",
-                    digests: Some((Kind::Account, &d)),
+                    digests: Some((Kind::Account, &d, i64::MAX)),
                     ..PageCommit::default()
                 })
                 .await
@@ -249,7 +249,7 @@ async fn digests_load_across_pages() {
     store
         .commit_page(&PageCommit {
             mapping: "accounts",
-            digests: Some((Kind::Account, &digests)),
+            digests: Some((Kind::Account, &digests, i64::MAX)),
             ..PageCommit::default()
         })
         .await

@@ -10,6 +10,7 @@ mod crm_harness;
 mod digest;
 mod faults;
 mod helpers;
+mod races;
 mod secrets;
 mod security;
 mod service;

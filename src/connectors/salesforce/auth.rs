@@ -17,6 +17,31 @@ use super::{API, SalesforceConnector, excerpt};
 /// The kv key holding the newest refresh token Salesforce issued (a secret: never logged).
 pub(super) const REFRESH_TOKEN_KEY: &str = "salesforce.refresh_token";
 
+/// The JWT audience of production orgs (and Developer Edition, and any My Domain of them).
+pub(super) const PRODUCTION_AUDIENCE: &str = "https://login.salesforce.com";
+/// The JWT audience of sandboxes, whatever host the token is requested from.
+pub(super) const SANDBOX_AUDIENCE: &str = "https://test.salesforce.com";
+
+/// The JWT `aud` Salesforce expects for the org `login_url` points at. It is *not* the token
+/// host: an assertion POSTed to a My Domain (`https://acme.my.salesforce.com`) still needs
+/// `https://login.salesforce.com`, or `https://test.salesforce.com` for sandboxes
+/// (`test.salesforce.com`, `*.sandbox.my.salesforce.com`); a My Domain `aud` is refused with
+/// `invalid_grant: audience is invalid` (reference §a1). Anything else, a simulator on loopback
+/// included, counts as production. `salesforce.jwt_audience` overrides this (Experience Cloud
+/// sites, legacy sandbox hosts).
+pub(super) fn jwt_audience_for(login_url: &url::Url) -> &'static str {
+    let host = login_url
+        .host_str()
+        .unwrap_or("")
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if host == "test.salesforce.com" || host.ends_with(".sandbox.my.salesforce.com") {
+        SANDBOX_AUDIENCE
+    } else {
+        PRODUCTION_AUDIENCE
+    }
+}
+
 /// What the configured grant needs, secrets resolved at start-up.
 pub(super) enum Credentials {
     Jwt {
@@ -62,7 +87,7 @@ impl Credentials {
     fn hint(&self) -> &'static str {
         match self {
             Credentials::Jwt { .. } => {
-                "check salesforce.username, salesforce.client_id, salesforce.private_key_file (the key whose certificate is on the app) and that the app is pre-authorised for the user"
+                "check salesforce.username, salesforce.client_id, salesforce.private_key_file (the key whose certificate is on the app), that the app is pre-authorised for the user, and (on \"audience is invalid\") salesforce.jwt_audience: https://login.salesforce.com for production, https://test.salesforce.com for sandboxes"
             }
             Credentials::Client { .. } => {
                 "check salesforce.client_id, salesforce.client_secret, that the app has a Run As user, and that salesforce.login_url is the org's My Domain"
@@ -139,7 +164,7 @@ impl SalesforceConnector {
                 let claims = Claims {
                     iss: &s.client_id,
                     sub: username,
-                    aud: &self.login_origin,
+                    aud: &self.jwt_audience,
                     exp: jsonwebtoken::get_current_timestamp() + 180,
                 };
                 let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);

@@ -64,8 +64,9 @@ struct QuotaReading {
 pub struct SalesforceConnector {
     settings: SalesforceSettings,
     creds: Credentials,
-    /// `scheme://host[:port]` of `login_url`: the JWT audience.
-    login_origin: String,
+    /// The JWT bearer assertion's `aud`: `salesforce.jwt_audience`, else derived from the kind
+    /// of org `login_url` points at ([`auth::jwt_audience_for`]).
+    jwt_audience: String,
     client: reqwest::Client,
     limiter: RateLimiter,
     store: Option<Store>,
@@ -165,7 +166,10 @@ impl SalesforceConnector {
         let login = url::Url::parse(&settings.login_url).map_err(|e| {
             ConfigError::new("salesforce.login_url", format!("is not a valid URL ({e})"))
         })?;
-        let login_origin = login.origin().ascii_serialization();
+        let jwt_audience = match &settings.jwt_audience {
+            Some(aud) => aud.trim().trim_end_matches('/').to_owned(),
+            None => auth::jwt_audience_for(&login).to_owned(),
+        };
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .user_agent(concat!("pendo-sync/", env!("CARGO_PKG_VERSION")))
@@ -177,7 +181,7 @@ impl SalesforceConnector {
             limiter: RateLimiter::per_second(settings.requests_per_second),
             settings: settings.clone(),
             creds,
-            login_origin,
+            jwt_audience,
             client,
             store,
             session: tokio::sync::Mutex::new(None),

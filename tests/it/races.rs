@@ -1,0 +1,151 @@
+//! Races made deterministic: a pause hook in the store stops a cycle between two statements while
+//! a second writer settles, which is exactly the interleaving two pool connections allowed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pendo_sync::app::App;
+use pendo_sync::domain::Kind;
+use pendo_sync::engine::Mode;
+use pendo_sync::store::{PauseHook, PausePoint};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestApp, account_id};
+
+/// A hook that, the first time the store reaches `at`, drains the outbox through `other` (a
+/// second writer on the same state file) before letting the store go on.
+fn drain_once_at(at: PausePoint, other: Arc<App>) -> PauseHook {
+    let fired = Arc::new(AtomicBool::new(false));
+    Arc::new(move |point| {
+        let other = other.clone();
+        let first = point == at && !fired.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                other
+                    .drain(&CancellationToken::new(), Duration::ZERO)
+                    .await
+                    .expect("the second writer drains");
+            }
+        })
+    })
+}
+
+/// Pendo holds A, B is queued, the CRM goes back to A: a cycle must not take "shadow A, nothing
+/// queued" from two moments between which the writer confirmed B.
+#[tokio::test]
+async fn a_diff_reads_shadow_and_outbox_from_one_snapshot() {
+    let t = TestApp::new().await;
+    t.seed(5);
+    t.sync().await;
+    let id = account_id(0);
+    let original = t.crm.records("Account")[&id]["Plan_Tier__c"].clone();
+    t.crm.set_field("Account", &id, "Plan_Tier__c", json!("B"));
+    let app = t.app().await;
+    let m = &t.settings.mappings[0];
+    app.cycle(m, Mode::Incremental, false, &()).await.unwrap();
+    t.crm.set_field("Account", &id, "Plan_Tier__c", original);
+
+    let other = Arc::new(t.app().await);
+    app.store
+        .set_pause_hook(Some(drain_once_at(PausePoint::BetweenDiffReads, other)));
+    let report = app.cycle(m, Mode::Incremental, false, &()).await.unwrap();
+    app.store.set_pause_hook(None);
+    assert_eq!(report.changes, 1, "A replaces the queued B");
+    app.drain(&CancellationToken::new(), Duration::from_secs(1))
+        .await
+        .unwrap();
+    t.assert_converged();
+}
+
+/// The same race on the reconcile's digest load: a digest read before the writer confirmed B,
+/// with the outbox read after, would let A skip the diff while Pendo holds B.
+#[tokio::test]
+async fn a_reconcile_reads_digests_and_outbox_ids_from_one_snapshot() {
+    let t = TestApp::new().await;
+    t.seed(5);
+    t.sync().await;
+    t.sync_mode(Mode::Reconcile).await;
+    let id = account_id(1);
+    let original = t.crm.records("Account")[&id]["Plan_Tier__c"].clone();
+    t.crm.set_field("Account", &id, "Plan_Tier__c", json!("B"));
+    let app = t.app().await;
+    let m = &t.settings.mappings[0];
+    app.cycle(m, Mode::Reconcile, false, &()).await.unwrap();
+    t.crm.set_field("Account", &id, "Plan_Tier__c", original);
+
+    let other = Arc::new(t.app().await);
+    app.store
+        .set_pause_hook(Some(drain_once_at(PausePoint::BetweenDigestReads, other)));
+    let report = app.cycle(m, Mode::Reconcile, false, &()).await.unwrap();
+    app.store.set_pause_hook(None);
+    assert_eq!(report.changes, 1, "A goes out again: Pendo holds B");
+    app.drain(&CancellationToken::new(), Duration::from_secs(1))
+        .await
+        .unwrap();
+    t.assert_converged();
+}
+
+/// A digest says "the shadow holds these values". If the shadow changes after the diff read it
+/// and before the page commits, the digest must not be written: the next reconcile would skip a
+/// record that differs from Pendo.
+#[tokio::test]
+async fn a_digest_is_not_written_over_a_shadow_that_changed_after_the_diff_read_it() {
+    let t = TestApp::new().await;
+    t.seed(5);
+    t.sync().await;
+    let id = account_id(2);
+    // Another writer path changes what Pendo confirmed for the record while the reconcile's diff
+    // has its snapshot: it queues and sends C (as an operator's resync of an older CRM state
+    // would), so the shadow holds C with nothing queued when the reconcile commits.
+    let other = Arc::new(t.app().await);
+    let fired = Arc::new(AtomicBool::new(false));
+    let hook_id = id.clone();
+    let hook: PauseHook = Arc::new(move |point| {
+        let other = other.clone();
+        let id = hook_id.clone();
+        let first = point == PausePoint::BetweenDiffReads && !fired.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                let change = pendo_sync::store::Change {
+                    kind: Kind::Account,
+                    pendo_id: id,
+                    field: "plantier".into(),
+                    value: json!("C").to_string(),
+                    mapping: "accounts".into(),
+                    force: false,
+                };
+                other
+                    .store
+                    .commit_page(&pendo_sync::store::PageCommit {
+                        mapping: "accounts",
+                        changes: &[change],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                other
+                    .drain(&CancellationToken::new(), Duration::ZERO)
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    let app = t.app().await;
+    app.store.set_pause_hook(Some(hook));
+    let m = &t.settings.mappings[0];
+    app.cycle(m, Mode::Reconcile, false, &()).await.unwrap();
+    app.store.set_pause_hook(None);
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "plantier"),
+        Some(json!("C"))
+    );
+    // The CRM still says what it said: the next reconcile must find Pendo's C and repair it.
+    let report = app.cycle(m, Mode::Reconcile, false, &()).await.unwrap();
+    assert_eq!(report.changes, 1, "{report:?}");
+    app.drain(&CancellationToken::new(), Duration::from_secs(1))
+        .await
+        .unwrap();
+    t.assert_converged();
+}
