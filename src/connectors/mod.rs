@@ -42,6 +42,30 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Watermark(pub String);
 
+impl Watermark {
+    /// Where this mark stands, for the store's "never backward" check: the connectors' own
+    /// formats are a bare sequence number (fixture), `{"ts": RFC 3339, "id"}` (Salesforce) and
+    /// `{"ms": epoch ms, "id"}` (HubSpot). `None` for anything else (then it is not compared).
+    pub fn position(&self) -> Option<(i64, String)> {
+        if let Ok(n) = self.0.trim().parse::<i64>() {
+            return Some((n, String::new()));
+        }
+        let v: serde_json::Value = serde_json::from_str(&self.0).ok()?;
+        let id = v.get("id").and_then(|i| i.as_str()).unwrap_or("").to_owned();
+        if let Some(ms) = v.get("ms").and_then(serde_json::Value::as_i64) {
+            return Some((ms, id));
+        }
+        let ts = v.get("ts").and_then(|t| t.as_str())?;
+        let at = chrono::DateTime::parse_from_rfc3339(ts).ok()?;
+        Some((at.timestamp_millis(), id))
+    }
+
+    /// Whether this mark is behind `other` (both readable and this one earlier).
+    pub fn is_behind(&self, other: &Watermark) -> bool {
+        matches!((self.position(), other.position()), (Some(a), Some(b)) if a < b)
+    }
+}
+
 /// One CRM field the connector must fetch for a mapping.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FieldRequest {

@@ -342,7 +342,30 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        if let Some(w) = page.watermark {
+        // The connector contract says watermarks never move backward; a mark behind the stored
+        // one (a connector bug, a clock step) is not stored, so no change before it is re-read
+        // forever or skipped.
+        let stored = match page.watermark {
+            Some(_) => sqlx::query("SELECT value FROM watermarks WHERE mapping = ?1")
+                .bind(page.mapping)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| Watermark(r.get::<String, _>(0))),
+            None => None,
+        };
+        let behind = match (page.watermark, &stored) {
+            (Some(w), Some(s)) => w.is_behind(s),
+            _ => false,
+        };
+        if behind {
+            tracing::warn!(
+                mapping = page.mapping,
+                new = %page.watermark.map(|w| w.0.as_str()).unwrap_or(""),
+                stored = %stored.as_ref().map(|w| w.0.as_str()).unwrap_or(""),
+                "A pull returned a watermark behind the stored one; keeping the stored one."
+            );
+        }
+        if let Some(w) = page.watermark.filter(|_| !behind) {
             sqlx::query(
                 "INSERT INTO watermarks (mapping, value, updated_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (mapping) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",

@@ -15,3 +15,4 @@ mod secrets;
 mod security;
 mod service;
 mod sync;
+mod trust;

@@ -25,6 +25,8 @@ pub(super) const QUOTA_KEY: &str = "quota.hubspot";
 const MAX_FAILURES: u32 = 4;
 /// Rate-limit waits (429 ten-secondly / secondly) before giving up with `RateLimited`.
 const MAX_RATE_WAITS: u32 = 20;
+/// The shortest wait after the daily limit is used up (see [`daily_reset_wait`]).
+const DAILY_MIN_WAIT: Duration = Duration::from_secs(5 * 60);
 
 /// The endpoints the connector uses. Path building lives in [`Client::path`] only.
 pub(super) enum Endpoint<'a> {
@@ -61,6 +63,10 @@ pub(super) struct Client {
     store: Option<Store>,
     /// The latest rate-limit reading not yet written to the store.
     quota: Mutex<Option<Value>>,
+    /// Set when HubSpot said the portal's daily limit is used up: until then no call is sent
+    /// (every one would be another 429 counted against the portal). A Tokio instant, so tests
+    /// can move past it with paused time.
+    daily_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What one response means for the retry loop.
@@ -68,6 +74,11 @@ enum Verdict {
     Done(Value),
     Retry(Duration, bool),
     Unauthorized(String),
+    /// 429 for the daily limit: nothing is retried in-process; calls stop for `wait`.
+    Daily {
+        wait: Duration,
+        message: String,
+    },
     Fail(ConnectorError),
 }
 
@@ -102,6 +113,7 @@ impl Client {
             search: RateLimiter::per_second(s.search_requests_per_second),
             store,
             quota: Mutex::new(None),
+            daily_until: Mutex::new(None),
         })
     }
 
@@ -167,6 +179,13 @@ impl Client {
         let mut rate_waits = 0;
         let mut refreshed = false;
         loop {
+            if let Some(wait) = self.daily_wait_left() {
+                return Err(ConnectorError::RateLimited {
+                    api: API,
+                    message: "the portal's daily API limit is used up; no HubSpot call is sent until it resets".into(),
+                    wait,
+                });
+            }
             let token = self.bearer().await?;
             let mut req = self
                 .http
@@ -227,9 +246,38 @@ impl Client {
                         });
                     }
                 },
+                Verdict::Daily { wait, message } => {
+                    return Err(self.daily_exhausted(wait, message));
+                }
                 Verdict::Fail(e) => return Err(e),
             }
         }
+    }
+
+    /// Remembers that the daily limit is used up for `wait`, and says so once.
+    fn daily_exhausted(&self, wait: Duration, message: String) -> ConnectorError {
+        let until = tokio::time::Instant::now() + wait;
+        *self.daily_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        tracing::warn!(
+            wait_s = wait.as_secs(),
+            "hubspot daily API limit used up; no HubSpot call until it resets"
+        );
+        ConnectorError::RateLimited {
+            api: API,
+            message,
+            wait,
+        }
+    }
+
+    /// How long calls must still wait for the daily limit to reset, if they must.
+    fn daily_wait_left(&self) -> Option<Duration> {
+        let mut until = self.daily_until.lock().unwrap_or_else(|e| e.into_inner());
+        let left = (*until)?.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            *until = None;
+            return None;
+        }
+        Some(left)
     }
 
     /// Sends one attempt (after the limiters) and judges the answer.
@@ -328,6 +376,9 @@ impl Client {
                         last_error = message;
                         break None;
                     }
+                    Verdict::Daily { wait, message } => {
+                        return Err(self.daily_exhausted(wait, message));
+                    }
                     Verdict::Fail(e) => return Err(e),
                 }
             };
@@ -402,8 +453,18 @@ impl Client {
     }
 }
 
-/// Until the next midnight UTC (HubSpot resets at midnight in the portal's time zone, which we do
-/// not know; UTC midnight errs on the late side for the Americas).
+/// How long to stop calling after a daily-limit 429. HubSpot resets the daily limit at midnight
+/// in the portal's time zone (reference §j), but no response says which zone or when:
+/// `X-HubSpot-RateLimit-Daily` and `-Daily-Remaining` carry counts only, and HubSpot documents no
+/// reset header. So the wait runs to the next midnight UTC — early or late by the portal's UTC
+/// offset; a portal still exhausted then answers one more 429 and waits for the next one — and
+/// never less than [`DAILY_MIN_WAIT`], so a limit hit just before midnight UTC is not probed in
+/// a tight loop.
+fn daily_reset_wait() -> Duration {
+    until_midnight_utc().max(DAILY_MIN_WAIT)
+}
+
+/// Until the next midnight UTC.
 fn until_midnight_utc() -> Duration {
     let now = chrono::Utc::now();
     let next = (now.date_naive() + chrono::Days::new(1))
@@ -417,6 +478,13 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 allows both).
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    h.get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::pendo::client::parse_retry_after)
 }
 
 /// Judges one answer. `Retry(wait, true)` is a rate-limit wait, `Retry(wait, false)` a failure.
@@ -451,22 +519,32 @@ fn classify(status: u16, headers: &HeaderMap, text: &str, mapping: &str) -> Verd
                 .as_ref()
                 .and_then(|b| b["policyName"].as_str())
                 .unwrap_or("");
-            if policy == "DAILY" {
-                let wait = until_midnight_utc();
-                return Verdict::Fail(ConnectorError::RateLimited {
-                    api: API,
+            // The daily limit: named by policyName, or, in a 429 without one, by the daily
+            // headers reading zero (or the message).
+            let daily = policy == "DAILY"
+                || (policy.is_empty()
+                    && (header_u64(headers, "x-hubspot-ratelimit-daily-remaining") == Some(0)
+                        || message.contains("daily limit")));
+            if daily {
+                let what = if message.is_empty() {
+                    "429 DAILY".to_owned()
+                } else {
+                    message.clone()
+                };
+                return Verdict::Daily {
+                    wait: daily_reset_wait(),
                     message: format!(
-                        "the portal's daily API limit is used up ({message}); pulls resume after it resets at midnight"
+                        "the portal's daily API limit is used up ({what}); HubSpot resets it at midnight in the portal's time zone, pulls resume after the next midnight UTC"
                     ),
-                    wait,
-                });
+                };
             }
             if policy == "SECONDLY" || message.contains("secondly limit") {
-                return Verdict::Retry(Duration::from_secs(1), true);
+                let wait = retry_after(headers).unwrap_or(Duration::from_secs(1));
+                return Verdict::Retry(wait, true);
             }
-            // Ten-secondly (or unknown): Retry-After if given, else the advertised window.
-            let wait = header_u64(headers, "retry-after")
-                .map(Duration::from_secs)
+            // Ten-secondly (or unknown): Retry-After if given (seconds or an HTTP date), else
+            // the advertised window.
+            let wait = retry_after(headers)
                 .or_else(|| {
                     header_u64(headers, "x-hubspot-ratelimit-interval-milliseconds")
                         .map(Duration::from_millis)

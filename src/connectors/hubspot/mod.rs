@@ -29,6 +29,7 @@ mod client;
 mod tests;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -46,6 +47,17 @@ const LIST_LIMIT: usize = 100;
 const SEARCH_LIMIT: usize = 200;
 /// Ids per associations batch read.
 const ASSOC_BATCH: usize = 100;
+/// Filters HubSpot accepts in one filter group (since 2024-08-26; reference §h: 5 groups, 10
+/// filters per group, 25 in all). A mapping's filter pairs are ANDed, so they must share one
+/// group with the modification-date filters; pairs beyond what fits are applied here instead.
+const MAX_FILTERS_PER_GROUP: usize = 10;
+/// Modification-date / id filters a search body carries besides the mapping's (the tie scan's
+/// `date EQ t` and `hs_object_id GT id`).
+const CURSOR_FILTERS: usize = 2;
+/// How long a loaded owner list is trusted. Owners change rarely (a new e-mail, a name, a
+/// deactivated user), but a long-running service must pass such a change on without a restart:
+/// incremental pulls read the list again once it is older than this, full pulls always do.
+pub const OWNER_CACHE_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 
 #[derive(Debug, Clone)]
 struct OwnerInfo {
@@ -53,11 +65,30 @@ struct OwnerInfo {
     name: Option<String>,
 }
 
+/// The owner list as last read, and when.
+struct OwnerCache {
+    owners: HashMap<String, OwnerInfo>,
+    /// A Tokio instant, so tests can age the cache with `tokio::time::pause` / `advance`.
+    loaded_at: tokio::time::Instant,
+}
+
+/// When one pull reads the owner list (again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnerRefresh {
+    /// A full pull (reconcile, resync): on first use, whatever the cache holds.
+    Now,
+    /// An incremental pull: once, if an owner id is unknown.
+    OnMiss,
+    /// Already read during this pull; only [`OWNER_CACHE_MAX_AGE`] triggers another read.
+    Done,
+}
+
 /// HubSpot as a [`Connector`]. One instance per portal: its limiters are shared by every pull.
 pub struct HubspotConnector {
     client: Client,
-    /// Owner id → owner, loaded on first use and refreshed (once per pull) on a miss.
-    owners: tokio::sync::Mutex<Option<HashMap<String, OwnerInfo>>>,
+    /// Owner id → owner (active and archived), read on first use, at the start of every full
+    /// pull, when older than [`OWNER_CACHE_MAX_AGE`], and once per pull on an unknown id.
+    owners: tokio::sync::Mutex<Option<OwnerCache>>,
 }
 
 impl std::fmt::Debug for HubspotConnector {
@@ -79,17 +110,38 @@ impl HubspotConnector {
         })
     }
 
+    /// Every owner: the active ones, then the archived ones (`archived=true` lists *only*
+    /// archived owners). A deactivated user stays the owner of their records in HubSpot until
+    /// someone reassigns them, so their e-mail and name must still resolve.
     async fn load_owners(
         &self,
         mapping: &str,
     ) -> Result<HashMap<String, OwnerInfo>, ConnectorError> {
-        let url = self.client.path(Endpoint::Owners);
         let mut out = HashMap::new();
+        self.read_owners(false, mapping, &mut out).await?;
+        let active = out.len();
+        self.read_owners(true, mapping, &mut out).await?;
+        tracing::debug!(
+            active,
+            archived = out.len() - active,
+            "read the hubspot owner list"
+        );
+        Ok(out)
+    }
+
+    /// One `archived=false|true` listing of owners into `out` (an id already there is kept).
+    async fn read_owners(
+        &self,
+        archived: bool,
+        mapping: &str,
+        out: &mut HashMap<String, OwnerInfo>,
+    ) -> Result<(), ConnectorError> {
+        let url = self.client.path(Endpoint::Owners);
         let mut after: Option<String> = None;
         loop {
             let mut q = vec![
                 ("limit", "100".to_owned()),
-                ("archived", "false".to_owned()),
+                ("archived", archived.to_string()),
             ];
             if let Some(a) = &after {
                 q.push(("after", a.clone()));
@@ -110,40 +162,51 @@ impl HubspotConnector {
                     .flatten()
                     .collect::<Vec<_>>()
                     .join(" ");
-                out.insert(
-                    id,
-                    OwnerInfo {
-                        email: text("email"),
-                        name: (!name.is_empty()).then_some(name),
-                    },
-                );
+                out.entry(id).or_insert(OwnerInfo {
+                    email: text("email"),
+                    name: (!name.is_empty()).then_some(name),
+                });
             }
             after = next_after(&v);
             if after.is_none() {
-                return Ok(out);
+                return Ok(());
             }
         }
     }
 
-    /// The owners among `ids`, refreshing the cache once per pull when one is unknown.
+    /// The owners among `ids`. The list is read again on first use, at the start of a full
+    /// pull (`refresh` is [`OwnerRefresh::Now`]), when the cache is older than
+    /// [`OWNER_CACHE_MAX_AGE`], and once per pull when an id is unknown; a list read during
+    /// this pull serves the rest of it (an id unknown to it stays unknown).
     async fn owners_for(
         &self,
         ids: &BTreeSet<String>,
-        may_refresh: &mut bool,
+        refresh: &mut OwnerRefresh,
         mapping: &str,
     ) -> Result<HashMap<String, OwnerInfo>, ConnectorError> {
         let mut cache = self.owners.lock().await;
-        let missing = |c: &Option<HashMap<String, OwnerInfo>>| {
-            c.as_ref()
-                .is_none_or(|m| ids.iter().any(|i| !m.contains_key(i)))
+        let reason = match cache.as_ref() {
+            None => Some("first use"),
+            Some(_) if *refresh == OwnerRefresh::Now => Some("full pull"),
+            Some(c) if c.loaded_at.elapsed() >= OWNER_CACHE_MAX_AGE => Some("cache expired"),
+            Some(c)
+                if *refresh == OwnerRefresh::OnMiss
+                    && ids.iter().any(|i| !c.owners.contains_key(i)) =>
+            {
+                Some("unknown owner id")
+            }
+            Some(_) => None,
         };
-        // A fresh load (first use, or a miss in a pull that has not refreshed yet) serves the
-        // rest of the pull: an id unknown to a just-loaded list stays unknown.
-        if cache.is_none() || (missing(&cache) && *may_refresh) {
-            *may_refresh = false;
-            *cache = Some(self.load_owners(mapping).await?);
+        if let Some(reason) = reason {
+            tracing::debug!(reason, mapping, "reading the hubspot owner list");
+            let owners = self.load_owners(mapping).await?;
+            *refresh = OwnerRefresh::Done;
+            *cache = Some(OwnerCache {
+                owners,
+                loaded_at: tokio::time::Instant::now(),
+            });
         }
-        let map = cache.as_ref().expect("loaded above");
+        let map = &cache.as_ref().expect("loaded above").owners;
         Ok(ids
             .iter()
             .filter_map(|i| map.get(i).map(|o| (i.clone(), o.clone())))
@@ -336,14 +399,50 @@ struct HubspotPull<'a> {
     properties: Vec<String>,
     cursor: &'static str,
     state: State,
-    may_refresh_owners: bool,
+    owner_refresh: OwnerRefresh,
+}
+
+/// Whether a record's properties meet every `property=value` pair (exact text, as HubSpot's
+/// `EQ` on the string properties a mapping filters on).
+fn meets(props: &Map<String, Value>, pairs: &[(String, String)]) -> bool {
+    pairs
+        .iter()
+        .all(|(k, want)| props.get(k).and_then(Value::as_str) == Some(want.as_str()))
 }
 
 impl HubspotPull<'_> {
+    /// The filter pairs sent to search: as many as fit in one group beside the cursor filters.
+    /// The pairs are ANDed, so they cannot be spread over groups (groups are ORed) or over
+    /// requests; the rest ([`HubspotPull::local_filters`]) are applied to each page here.
+    fn search_filters(&self) -> &[(String, String)] {
+        let n = self
+            .filters
+            .len()
+            .min(MAX_FILTERS_PER_GROUP - CURSOR_FILTERS);
+        &self.filters[..n]
+    }
+
+    /// The filter pairs search could not carry.
+    fn local_filters(&self) -> &[(String, String)] {
+        &self.filters[self.search_filters().len()..]
+    }
+
+    /// Drops the hits that fail a filter search did not apply. Called after the page's
+    /// watermark is computed from every hit: a record skipped here was read and judged, so the
+    /// watermark may pass it.
+    fn keep_local_matches(&self, hits: Vec<Hit>) -> Vec<Hit> {
+        let local = self.local_filters();
+        if local.is_empty() {
+            return hits;
+        }
+        hits.into_iter().filter(|h| meets(&h.props, local)).collect()
+    }
+
     fn search_body(&self, filters: Vec<Value>, sort: &str) -> Value {
+        debug_assert!(filters.len() <= CURSOR_FILTERS);
         let mut all = filters;
         all.extend(
-            self.filters
+            self.search_filters()
                 .iter()
                 .map(|(k, v)| json!({"propertyName": k, "operator": "EQ", "value": v})),
         );
@@ -418,6 +517,7 @@ impl HubspotPull<'_> {
                     ms: t_ms,
                     id: max_id,
                 };
+                let hits = self.keep_local_matches(hits);
                 return self.finish(hits, Some(mark.max(start))).await.map(Some);
             }
             let op = if strict_v { "GT" } else { "GTE" };
@@ -493,7 +593,7 @@ impl HubspotPull<'_> {
                 }
                 continue;
             };
-            let hits = fresh.into_iter().map(|(_, h)| h).collect();
+            let hits = self.keep_local_matches(fresh.into_iter().map(|(_, h)| h).collect());
             return self.finish(hits, Some(mark.max(start))).await.map(Some);
         }
     }
@@ -544,11 +644,7 @@ impl HubspotPull<'_> {
             };
             let hits: Vec<Hit> = hits
                 .into_iter()
-                .filter(|h| {
-                    self.filters.iter().all(|(k, want)| {
-                        h.props.get(k).and_then(Value::as_str) == Some(want.as_str())
-                    })
-                })
+                .filter(|h| meets(&h.props, &self.filters))
                 .collect();
             // Only the last page carries a watermark: list order is not date order. It is capped
             // at the pull's start so changes made during the pull are read again next cycle.
@@ -598,7 +694,7 @@ impl HubspotPull<'_> {
             HashMap::new()
         } else {
             self.conn
-                .owners_for(&owner_ids, &mut self.may_refresh_owners, &mapping)
+                .owners_for(&owner_ids, &mut self.owner_refresh, &mapping)
                 .await?
         };
         for id in owner_ids.iter().filter(|i| !owners.contains_key(*i)) {
@@ -703,6 +799,13 @@ impl Connector for HubspotConnector {
                     properties.push(p.to_owned());
                 }
             }
+            // A full pull (reconcile, resync) reads the owner list afresh: a changed e-mail or
+            // name must reach Pendo at the latest with the next reconcile.
+            let owner_refresh = if spec.since.is_none() {
+                OwnerRefresh::Now
+            } else {
+                OwnerRefresh::OnMiss
+            };
             let state = match &spec.since {
                 None => State::Full {
                     archived: false,
@@ -729,7 +832,7 @@ impl Connector for HubspotConnector {
                 properties,
                 cursor,
                 state,
-                may_refresh_owners: true,
+                owner_refresh,
             }) as Box<dyn Pull + 'a>)
         })
     }
