@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigError, MappingSettings, Settings, Source};
 use crate::connectors::{Connector, PullSpec};
 use crate::engine::{self, CycleError, CycleReport, Mode, Progress};
+use crate::lock::InstanceLock;
 use crate::mapping::Mapping;
 use crate::pendo::{DrainReport, PendoClient, Writer, WriterConfig, WriterError};
 use crate::store::{Store, StoreError};
@@ -46,6 +47,12 @@ impl From<WriterError> for AppError {
     }
 }
 
+impl From<crate::lock::LockError> for AppError {
+    fn from(e: crate::lock::LockError) -> Self {
+        AppError::Runtime(e.to_string())
+    }
+}
+
 impl From<CycleError> for AppError {
     fn from(e: CycleError) -> Self {
         AppError::Runtime(e.to_string())
@@ -62,6 +69,10 @@ pub struct App {
     pub pendo: PendoClient,
     pub writer: Writer,
     connectors: Connectors,
+    /// The instance lock, when the whole process holds it (see [`App::hold_lock`]).
+    lock: std::sync::Mutex<Option<Arc<InstanceLock>>>,
+    /// How long [`App::sync`] and [`App::drain`] wait for another writer to let go.
+    pub lock_wait: Duration,
 }
 
 /// What `sync` did.
@@ -70,6 +81,22 @@ pub struct SyncReport {
     pub cycles: Vec<CycleReport>,
     pub failed: Vec<(String, String)>,
     pub drain: Option<DrainReport>,
+}
+
+impl SyncReport {
+    /// Adds another pass's cycles, failures and drain totals to this one.
+    pub fn merge(&mut self, r: SyncReport) {
+        self.cycles.extend(r.cycles);
+        self.failed.extend(r.failed);
+        if let Some(d) = r.drain {
+            let total = self.drain.get_or_insert_with(Default::default);
+            total.requests += d.requests;
+            total.confirmed += d.confirmed;
+            total.unmatched += d.unmatched;
+            total.failed += d.failed;
+            total.paused = d.paused;
+        }
+    }
 }
 
 impl App {
@@ -93,7 +120,25 @@ impl App {
             pendo,
             writer,
             connectors,
+            lock: std::sync::Mutex::new(None),
+            lock_wait: crate::lock::DEFAULT_WAIT,
         })
+    }
+
+    /// Keeps `lock` for the life of this App: every sync and drain runs under it.
+    pub fn hold_lock(&self, lock: InstanceLock) {
+        *self.lock.lock().expect("lock slot") = Some(Arc::new(lock));
+    }
+
+    /// The instance lock for one writing operation: the one this App holds, or one taken now
+    /// (waiting up to `lock_wait`) and given back when the operation ends.
+    async fn writer_lock(&self) -> Result<Arc<InstanceLock>, AppError> {
+        if let Some(held) = self.lock.lock().expect("lock slot").clone() {
+            return Ok(held);
+        }
+        let lock = InstanceLock::acquire_waiting(&self.settings.state.path, "sync", self.lock_wait)
+            .await?;
+        Ok(Arc::new(lock))
     }
 
     /// The configured mappings, or the one named.
@@ -142,6 +187,56 @@ impl App {
         .await
     }
 
+    /// The mode of one scheduled step of `m` (what `sync` runs): a reconcile when
+    /// `schedule.reconcile_interval` has passed since the last successful one, else an
+    /// incremental cycle. The first time a state file is served, the clock starts now (unless
+    /// `dry_run`, which writes nothing).
+    pub async fn scheduled_mode(
+        &self,
+        m: &MappingSettings,
+        dry_run: bool,
+    ) -> Result<Mode, AppError> {
+        let record = if dry_run {
+            crate::schedule::ReconcileRecord::load(&self.store, &m.name).await?
+        } else {
+            Some(crate::schedule::ReconcileRecord::load_or_start(&self.store, &m.name).await?)
+        };
+        Ok(match record {
+            Some(r) if r.due(self.settings.schedule.reconcile_interval) => Mode::Reconcile,
+            _ => Mode::Incremental,
+        })
+    }
+
+    /// One scheduled step of every mapping (or the one named), as `run` would take it, then the
+    /// outbox drained: `sync`.
+    pub async fn sync_scheduled(
+        &self,
+        only: Option<&str>,
+        dry_run: bool,
+        cancel: &CancellationToken,
+        progress: &dyn Progress,
+    ) -> Result<SyncReport, AppError> {
+        let mut report = SyncReport::default();
+        for m in self.mappings(only)? {
+            let mode = self.scheduled_mode(m, dry_run).await?;
+            let r = self
+                .sync(Some(&m.name), mode, dry_run, cancel, progress)
+                .await?;
+            if mode != Mode::Incremental && !dry_run {
+                let failed = r.failed.first().map(|(_, e)| e.as_str());
+                crate::schedule::ReconcileRecord::record(
+                    &self.store,
+                    &m.name,
+                    failed.map_or(Ok(()), Err),
+                    None,
+                )
+                .await?;
+            }
+            report.merge(r);
+        }
+        Ok(report)
+    }
+
     /// One pass: a cycle per mapping (a failing mapping does not stop the others), then the
     /// outbox drained. Dry runs write nothing and send nothing.
     pub async fn sync(
@@ -152,6 +247,12 @@ impl App {
         cancel: &CancellationToken,
         progress: &dyn Progress,
     ) -> Result<SyncReport, AppError> {
+        // One writer per outbox: the cycles and the drain run under the instance lock.
+        let lock = if dry_run {
+            None
+        } else {
+            Some(self.writer_lock().await?)
+        };
         let mut report = SyncReport::default();
         for m in self.mappings(only)? {
             if cancel.is_cancelled() {
@@ -166,19 +267,35 @@ impl App {
                 }
             }
         }
-        if !dry_run && !cancel.is_cancelled() {
-            report.drain = Some(self.drain(cancel, engine::SYNC_RETRY_WAIT).await?);
+        if let Some(lock) = &lock
+            && !cancel.is_cancelled()
+        {
+            report.drain = Some(
+                self.drain_locked(lock, cancel, engine::SYNC_RETRY_WAIT)
+                    .await?,
+            );
         }
         Ok(report)
     }
 
-    /// Starts the writer (releasing stale leases) and drains the outbox.
+    /// Starts the writer (releasing stale leases) and drains the outbox, under the instance
+    /// lock.
     pub async fn drain(
         &self,
         cancel: &CancellationToken,
         wait_for_retries: Duration,
     ) -> Result<DrainReport, AppError> {
-        self.writer.start().await?;
+        let lock = self.writer_lock().await?;
+        self.drain_locked(&lock, cancel, wait_for_retries).await
+    }
+
+    async fn drain_locked(
+        &self,
+        lock: &InstanceLock,
+        cancel: &CancellationToken,
+        wait_for_retries: Duration,
+    ) -> Result<DrainReport, AppError> {
+        self.writer.start(lock).await?;
         Ok(self.writer.drain(cancel, wait_for_retries).await?)
     }
 }

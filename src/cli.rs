@@ -79,7 +79,8 @@ pub enum Command {
     /// The service: scheduled incremental cycles, periodic reconciles, the outbox worker and the
     /// admin port (health, metrics, status, resync). Stops cleanly on SIGTERM/SIGINT.
     Run,
-    /// One incremental cycle per mapping, then drain the outbox, then exit (cron-friendly).
+    /// One scheduled step of `run`: an incremental cycle per mapping (a reconcile instead when
+    /// schedule.reconcile_interval has passed), then drain the outbox, then exit (cron-friendly).
     Sync {
         /// Only this mapping.
         #[arg(long)]
@@ -87,6 +88,9 @@ pub enum Command {
         /// Print what would be pushed; write nothing anywhere.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for another process writing to the same state file (then exit 1).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        wait_lock: std::time::Duration,
     },
     /// Full pull: push every mapped value whatever the shadow says, and clear records gone from the CRM.
     Resync {
@@ -100,6 +104,9 @@ pub enum Command {
         /// Print what would be pushed; write nothing anywhere.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for a `sync` writing to the same state file (then exit 1).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        wait_lock: std::time::Duration,
     },
     /// Dry run: a field-level drift report between the CRM, the shadow copy and (optionally) Pendo. Writes nothing.
     Audit(crate::audit::AuditArgs),

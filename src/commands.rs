@@ -25,22 +25,18 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
     }
     let settings = Arc::new(Settings::load(&cli.config)?);
     match cli.command {
-        Command::Sync { mapping, dry_run } => {
-            // The service already syncs every poll interval, and a second writer on its outbox
-            // would release the leases of its batches in flight.
-            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
-                return Err(AppError::Runtime(format!(
-                    "a pendo-sync run (pid {}) serves {}; it already syncs every schedule.poll_interval (use `resync` or its admin port to force a full pass)",
-                    pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-                    settings.state.path.display()
-                )));
-            }
+        Command::Sync {
+            mapping,
+            dry_run,
+            wait_lock,
+        } => {
             sync(
                 settings,
                 mapping.as_deref(),
                 Mode::Incremental,
                 None,
                 dry_run,
+                wait_lock,
             )
             .await
         }
@@ -51,23 +47,35 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             kind,
             no_wait,
             dry_run,
+            wait_lock,
         } => {
             if let Some(name) = mapping.as_deref() {
                 settings.mapping(name)?;
             }
             // A service holding the state file owns the outbox: hand it the request. Dry runs
-            // write nothing, so they can run beside it.
-            if !dry_run && let Some(pid) = crate::service::lock_holder(&settings.state.path) {
+            // write nothing, so they can run beside it. A `sync` holding it is waited for.
+            if !dry_run
+                && let Some(holder) = crate::lock::holder(&settings.state.path)
+                && holder.role.as_deref() == Some("run")
+            {
                 return crate::admin::hand_off_resync(
                     &settings,
                     mapping.as_deref(),
                     kind,
                     no_wait,
-                    pid,
+                    holder.pid,
                 )
                 .await;
             }
-            sync(settings, mapping.as_deref(), Mode::Resync, kind, dry_run).await
+            sync(
+                settings,
+                mapping.as_deref(),
+                Mode::Resync,
+                kind,
+                dry_run,
+                wait_lock,
+            )
+            .await
         }
         Command::Audit(args) => crate::audit::run(settings, args).await,
         Command::Status { format } => status(&settings, format).await,
@@ -117,11 +125,29 @@ async fn sync(
     mode: Mode,
     kind: Option<KindArg>,
     dry_run: bool,
+    wait_lock: std::time::Duration,
 ) -> Result<u8, AppError> {
     if let Some(name) = mapping {
         settings.mapping(name)?;
     }
+    // One writer per outbox, for the whole run (cycles and drain). A dry run writes nothing.
+    let lock = if dry_run {
+        None
+    } else {
+        let role = if mode == Mode::Resync {
+            "resync"
+        } else {
+            "sync"
+        };
+        Some(
+            crate::lock::InstanceLock::acquire_waiting(&settings.state.path, role, wait_lock)
+                .await?,
+        )
+    };
     let app = open_app(settings.clone()).await?;
+    if let Some(lock) = lock {
+        app.hold_lock(lock);
+    }
     let cancel = shutdown_token();
     let kind: Option<Kind> = kind.map(Into::into);
     let mut report = SyncReport::default();
@@ -130,20 +156,19 @@ async fn sync(
             continue;
         }
         let progress = CliProgress::new(mode);
-        let r = app
-            .sync(Some(&m.name), mode, dry_run, &cancel, &progress)
-            .await?;
+        let r = if mode == Mode::Incremental {
+            // `sync` is one scheduled step of `run`: a reconcile when one is due.
+            app.sync_scheduled(Some(&m.name), dry_run, &cancel, &progress)
+                .await?
+        } else {
+            app.sync(Some(&m.name), mode, dry_run, &cancel, &progress)
+                .await?
+        };
         progress.finish();
-        report.cycles.extend(r.cycles);
-        report.failed.extend(r.failed);
-        if let Some(d) = r.drain {
-            let total = report.drain.get_or_insert_with(Default::default);
-            total.requests += d.requests;
-            total.confirmed += d.confirmed;
-            total.unmatched += d.unmatched;
-            total.failed += d.failed;
-            total.paused = d.paused;
+        if mode == Mode::Resync && !dry_run && r.failed.is_empty() {
+            crate::schedule::ReconcileRecord::record(&app.store, &m.name, Ok(()), None).await?;
         }
+        report.merge(r);
     }
     print_sync_report(&report, dry_run);
     app.store.close().await;
@@ -252,6 +277,17 @@ pub struct MappingStatus {
     pub watermark_updated_at: Option<String>,
     pub last_run: Option<crate::store::RunRecord>,
     pub last_success_at: Option<String>,
+    /// The last successful reconcile and any failures since.
+    pub reconcile: Option<ReconcileStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReconcileStatus {
+    pub last_success_at: Option<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub failed_at: Option<String>,
+    pub retry_at: Option<String>,
 }
 
 fn iso(ms: i64) -> String {
@@ -265,7 +301,17 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
     for m in &settings.mappings {
         let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
         let run = runs.iter().find(|(r, _)| r.mapping == m.name);
+        let reconcile = crate::schedule::ReconcileRecord::load(store, &m.name)
+            .await?
+            .map(|r| ReconcileStatus {
+                last_success_at: r.at_ms.map(iso),
+                failures: r.failures,
+                last_error: r.last_error,
+                failed_at: r.failed_at_ms.map(iso),
+                retry_at: r.retry_at_ms.map(iso),
+            });
         mappings.push(MappingStatus {
+            reconcile,
             name: m.name.clone(),
             watermark: wm.map(|(_, w, _)| w.0.clone()),
             watermark_updated_at: wm.map(|(_, _, at)| iso(*at)),
@@ -340,6 +386,24 @@ async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppErro
                     )
                 });
                 println!("mapping {:<14} {}", m.name, run);
+                if let Some(r) = m.reconcile.as_ref().filter(|r| r.failures > 0) {
+                    println!(
+                        "                RECONCILE FAILING: {} in a row, last at {}: {}{}",
+                        r.failures,
+                        r.failed_at.as_deref().unwrap_or("?"),
+                        r.last_error.as_deref().unwrap_or(""),
+                        r.retry_at
+                            .as_deref()
+                            .map(|at| format!(" (next try {at})"))
+                            .unwrap_or_default()
+                    );
+                } else if let Some(at) = m
+                    .reconcile
+                    .as_ref()
+                    .and_then(|r| r.last_success_at.as_deref())
+                {
+                    println!("                last reconcile {at}");
+                }
                 println!(
                     "                watermark {}",
                     m.watermark

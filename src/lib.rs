@@ -13,8 +13,10 @@
 //! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
 //! - [`audit`]: the dry-run drift report: CRM against the shadow and (optionally) Pendo.
+//! - [`schedule`]: when a mapping reconciles (interval, backoff after a failure).
 //! - [`service`]: `pendo-sync run`: the scheduled cycles, the outbox worker, resync jobs, readiness.
 //! - [`admin`]: the admin port (health, metrics, status, resync) and its CLI clients.
+//! - [`lock`]: the instance lock: one writing process per state file.
 //! - [`config`], [`telemetry`], [`cli`], [`commands`]: settings, logs, the command line.
 //! - [`sim`]: loopback simulators of Pendo, Salesforce and HubSpot.
 //! - [`domain`]: kinds, field types and the canonical [`domain::Value`].
@@ -32,9 +34,11 @@ pub mod digest;
 pub mod domain;
 pub mod engine;
 pub mod limiter;
+pub mod lock;
 pub mod mapping;
 pub mod metrics;
 pub mod pendo;
+pub mod schedule;
 pub mod service;
 pub mod sim;
 pub mod store;

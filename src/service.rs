@@ -1,9 +1,10 @@
 //! `pendo-sync run`: the long-lived service. This module owns the run loop and its state:
 //!
-//! - the **instance lock** (`<state.path>.lock`, holding the pid): one service per state file;
-//! - one **mapping loop** per mapping: an incremental cycle every `schedule.poll_interval`, a full
-//!   reconcile instead when `schedule.reconcile_interval` has passed since the last one (remembered
-//!   in the state file's kv as `reconcile.<mapping>`, so a restart does not reconcile at once);
+//! - the **instance lock** ([`crate::lock`]) for the life of the process: one writer per state file;
+//! - one **mapping loop** per mapping ([`crate::schedule`]): an incremental cycle every
+//!   `schedule.poll_interval`, a full reconcile instead when `schedule.reconcile_interval` has
+//!   passed since the last successful one (remembered in the state file, so a restart does not
+//!   reconcile at once); a failed reconcile is retried with backoff, incrementals in between;
 //! - the **outbox worker**: the only sender to Pendo. It drains whatever is due, then sleeps until
 //!   the next row falls due (retries, unmatched ids), a cycle nudges it, or a poll interval passes;
 //! - **resync jobs** requested over the admin port (`POST /v1/resync`), run one at a time;
@@ -23,9 +24,6 @@
 //! refused key costs one cheap GET per poll interval.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,93 +41,13 @@ use crate::domain::{Kind, iso8601_from_ms, now_ms};
 use crate::engine::{CycleReport, Mode, Progress};
 use crate::pendo::writer::PAUSED_KEY;
 use crate::pendo::{PendoClient, Writer, WriterConfig};
-use crate::store::{Store, StoreError};
+use crate::schedule::{RECONCILE_FAILURES, ReconcileRecord, ReconcileSchedule};
+use crate::store::Store;
 
 /// Readiness needs every mapping's last cycle to have succeeded within this many poll intervals.
 const READY_INTERVALS: u32 = 3;
 /// Extra time given to in-flight requests at shutdown, beyond `pendo.timeout`.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
-
-// ---- the instance lock ---------------------------------------------------------------------
-
-/// `<state.path>.lock`: the file whose exclusive lock marks the state file as served.
-pub fn lock_path(state: &Path) -> PathBuf {
-    let mut name = state.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
-}
-
-/// The exclusive lock on `<state.path>.lock`, held for the life of the process (the OS releases
-/// it when the process ends, kill -9 included, so a stale file never blocks a restart).
-#[derive(Debug)]
-pub struct InstanceLock {
-    _file: File,
-}
-
-impl InstanceLock {
-    /// Takes the lock and writes our pid into the file, or says who holds it.
-    pub fn acquire(state: &Path) -> Result<InstanceLock, AppError> {
-        let path = lock_path(state);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                AppError::Runtime(format!("cannot create directory {}: {e}", dir.display()))
-            })?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| AppError::Runtime(format!("cannot open {}: {e}", path.display())))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(held_error(&path, read_pid(&mut file))),
-            Err(TryLockError::Error(e)) => {
-                return Err(AppError::Runtime(format!(
-                    "cannot lock {}: {e}",
-                    path.display()
-                )));
-            }
-        }
-        // Truncate only once we hold the lock: the holder's pid must stay readable to others.
-        let write = |file: &mut File| -> std::io::Result<()> {
-            file.set_len(0)?;
-            file.seek(SeekFrom::Start(0))?;
-            writeln!(file, "{}", std::process::id())?;
-            file.sync_data()
-        };
-        write(&mut file)
-            .map_err(|e| AppError::Runtime(format!("cannot write {}: {e}", path.display())))?;
-        Ok(InstanceLock { _file: file })
-    }
-}
-
-fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
-}
-
-fn held_error(path: &Path, pid: Option<u32>) -> AppError {
-    AppError::Runtime(format!(
-        "another pendo-sync run holds {} (pid {}); stop it first, or use its admin port",
-        path.display(),
-        pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
-    ))
-}
-
-/// Whether a running service holds the lock for `state`, and its pid if it wrote one. Only looks:
-/// the lock is released again at once if it was free.
-pub fn lock_holder(state: &Path) -> Option<Option<u32>> {
-    let mut file = File::open(lock_path(state)).ok()?;
-    match file.try_lock() {
-        Ok(()) => None,
-        Err(TryLockError::WouldBlock) => Some(read_pid(&mut file)),
-        Err(TryLockError::Error(_)) => None,
-    }
-}
 
 // ---- shared service state --------------------------------------------------------------------
 
@@ -140,6 +58,9 @@ struct MappingHealth {
     last_ok: Option<bool>,
     last_error: Option<String>,
     last_success: Option<Instant>,
+    /// Consecutive failed reconciles, and the last one's error.
+    reconcile_failures: u32,
+    reconcile_error: Option<String>,
 }
 
 /// The progress document of a resync requested over the admin port (`GET /v1/resync/{id}`).
@@ -231,6 +152,12 @@ impl Service {
                     "mapping {}: last cycle failed: {}",
                     m.name,
                     h.last_error.as_deref().unwrap_or("unknown error")
+                )),
+                Some(true) if h.reconcile_failures > 0 => reasons.push(format!(
+                    "mapping {}: {} reconcile(s) failed in a row (deletes, filter exits and missed changes wait): {}",
+                    m.name,
+                    h.reconcile_failures,
+                    h.reconcile_error.as_deref().unwrap_or("unknown error")
                 )),
                 Some(true) => {
                     let fresh = h.running_since.is_some()
@@ -478,14 +405,10 @@ impl Service {
                     h.last_error = None;
                     h.last_success = Some(Instant::now());
                 });
-                if mode != Mode::Incremental
-                    && let Err(e) = self
-                        .store
-                        .kv_set(
-                            &reconcile_key(&m.name),
-                            &serde_json::json!({"at_ms": now_ms()}),
-                        )
-                        .await
+                // A resync is a reconcile too: the next one is a reconcile interval away.
+                if mode == Mode::Resync
+                    && let Err(e) =
+                        ReconcileRecord::record(&self.store, &m.name, Ok(()), None).await
                 {
                     tracing::warn!(mapping = %m.name, error = %e, "Could not record the reconcile time; the next one may come early.");
                 }
@@ -514,51 +437,59 @@ impl Service {
             .or_default());
     }
 
-    /// Whether a reconcile is due for `mapping`. The first time a state file is served the clock
-    /// starts now: a fresh state's first incremental cycle reads everything anyway.
-    async fn reconcile_due(&self, mapping: &str) -> Result<bool, StoreError> {
-        let key = reconcile_key(mapping);
-        let last = self
-            .store
-            .kv_get(&key)
-            .await?
-            .and_then(|v| v.get("at_ms").and_then(|a| a.as_i64()));
-        match last {
-            Some(at) => {
-                Ok(now_ms() - at >= self.settings.schedule.reconcile_interval.as_millis() as i64)
-            }
-            None => {
-                self.store
-                    .kv_set(&key, &serde_json::json!({"at_ms": now_ms()}))
-                    .await?;
-                Ok(false)
-            }
-        }
-    }
-
     async fn mapping_loop(self: Arc<Self>, name: String) {
         let Ok(m) = self.settings.mapping(&name) else {
             return;
         };
-        let mut ticker = tokio::time::interval(self.poll_interval());
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = ticker.tick() => {}
+        let schedule = &self.settings.schedule;
+        let record = match ReconcileRecord::load_or_start(&self.store, &name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(mapping = %name, error = %e, "Cannot read the reconcile schedule; the clock starts now.");
+                ReconcileRecord::default()
             }
-            let mode = match self.reconcile_due(&name).await {
-                Ok(true) => Mode::Reconcile,
-                Ok(false) => Mode::Incremental,
-                Err(e) => {
-                    tracing::error!(mapping = %name, error = %e, "Cannot read the reconcile schedule; running an incremental cycle.");
-                    Mode::Incremental
+        };
+        metrics::gauge!(RECONCILE_FAILURES, "mapping" => name.clone()).set(record.failures as f64);
+        self.health_update(&name, |h| {
+            h.reconcile_failures = record.failures;
+            h.reconcile_error = record.last_error.clone();
+        });
+        let plan = ReconcileSchedule::new(
+            schedule.poll_interval,
+            schedule.reconcile_interval,
+            record.age(),
+            record.failures,
+        );
+        let service = &self;
+        crate::schedule::mapping_loop(
+            plan,
+            &self.cancel,
+            |mode| async move {
+                service
+                    .cycle(m, mode, &())
+                    .await
+                    .map(|r| r.map(|_| ()))
+            },
+            |outcome, retry| async move {
+                let recorded = ReconcileRecord::record(
+                    &service.store,
+                    &m.name,
+                    outcome.as_ref().map(|_| ()).map_err(String::as_str),
+                    retry,
+                )
+                .await;
+                match recorded {
+                    Ok(r) => service.health_update(&m.name, |h| {
+                        h.reconcile_failures = r.failures;
+                        h.reconcile_error = r.last_error.clone();
+                    }),
+                    Err(e) => {
+                        tracing::warn!(mapping = %m.name, error = %e, "Could not record the reconcile's outcome in the state file.")
+                    }
                 }
-            };
-            if self.cycle(m, mode, &()).await.is_none() {
-                return;
-            }
-        }
+            },
+        )
+        .await;
     }
 
     /// Builds a writer on a freshly read key if Pendo now accepts it with write access.
@@ -680,10 +611,6 @@ impl Service {
     }
 }
 
-fn reconcile_key(mapping: &str) -> String {
-    format!("reconcile.{mapping}")
-}
-
 /// Feeds a resync job's counters from the engine's page callbacks.
 struct JobProgress<'a> {
     service: &'a Service,
@@ -719,7 +646,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
     let cancel = crate::commands::shutdown_token();
     // The lock next: a second instance must say so, not fail later on the admin port.
-    let _lock = InstanceLock::acquire(&settings.state.path)?;
+    let lock = crate::lock::InstanceLock::acquire(&settings.state.path, "run")?;
     let metrics = install_metrics();
     let admin_token = if settings.admin.token_source.is_set() {
         Some(settings.admin.token_source.resolve("admin.token")?)
@@ -728,7 +655,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     };
     let app = crate::commands::open_app(settings.clone()).await?;
     // Once per process: releases leases a crashed predecessor left, lifts an old pause.
-    app.writer.start().await?;
+    app.writer.start(&lock).await?;
     let writer = app.writer.clone();
     let listen = settings.admin.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen)

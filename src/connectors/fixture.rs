@@ -87,6 +87,15 @@ impl FixtureConnector {
         }
     }
 
+    /// Removes a record without a trace (a hard delete, or a record that left the mapping's
+    /// filter): no pull returns it again, so only a full pull notices it is gone.
+    pub fn purge(&self, object: &str, crm_id: &str) {
+        let mut inner = self.inner.lock().expect("fixture lock");
+        if let Some(o) = inner.objects.get_mut(object) {
+            o.remove(crm_id);
+        }
+    }
+
     /// Makes the next pull fail (transiently) once `pages` pages have been served.
     pub fn fail_after_pages(&self, pages: Option<usize>) {
         let mut inner = self.inner.lock().expect("fixture lock");

@@ -51,7 +51,11 @@ impl Watermark {
             return Some((n, String::new()));
         }
         let v: serde_json::Value = serde_json::from_str(&self.0).ok()?;
-        let id = v.get("id").and_then(|i| i.as_str()).unwrap_or("").to_owned();
+        let id = v
+            .get("id")
+            .and_then(|i| i.as_str())
+            .unwrap_or("")
+            .to_owned();
         if let Some(ms) = v.get("ms").and_then(serde_json::Value::as_i64) {
             return Some((ms, id));
         }

@@ -150,7 +150,9 @@ impl Writer {
 
     /// Prepares a fresh writer: leases left by a crashed process are released (those rows may
     /// have been sent; sending again is safe), and an old pause is lifted so a fixed key is tried.
-    pub async fn start(&self) -> Result<(), WriterError> {
+    /// Only the holder of the instance lock may do this: another live writer's leases mean
+    /// "in flight", and releasing them would send those batches twice.
+    pub async fn start(&self, _held: &crate::lock::InstanceLock) -> Result<(), WriterError> {
         let released = self.store.release_leases().await?;
         if released > 0 {
             tracing::info!(

@@ -1,5 +1,7 @@
 //! A loopback HubSpot CRM: objects (list with opaque `after` cursors, `archived=true`, search with
-//! filters, one sort, `limit` ≤ 200 and the 10,000-result offset cap), owners, properties, v4
+//! filters — at most 5 groups, 10 filters per group, 25 in all — one sort, `limit` ≤ 200 and the
+//! 10,000-result offset cap), owners (active ones by default, archived ones with
+//! `archived=true`), properties, v4
 //! contact→company associations and the OAuth token endpoint, under both `v3` and dated
 //! (`/crm/objects/2026-03/...`) paths.
 //!
@@ -39,6 +41,9 @@ pub struct HubspotSimConfig {
     /// `Some(secs)`: ten-secondly 429s carry `Retry-After: secs`; `None`: no Retry-After (HubSpot
     /// does not always send it).
     pub retry_after: Option<u64>,
+    /// Send that `Retry-After` as an HTTP date (`now + secs`, whole seconds) instead of
+    /// delta-seconds; RFC 9110 allows both and proxies rewrite one into the other.
+    pub retry_after_as_date: bool,
     /// Search requests per second; 0 = unlimited.
     pub search_per_second: u32,
     /// Requests per day (all endpoints); 0 = unlimited.
@@ -55,6 +60,7 @@ impl Default for HubspotSimConfig {
             requests_per_10s: 190,
             window_ms: 10_000,
             retry_after: None,
+            retry_after_as_date: false,
             search_per_second: 5,
             daily_limit: 0,
             search_cap: 10_000,
@@ -85,6 +91,9 @@ pub struct SimFaults {
     pub ten_secondly_429s: u32,
     /// Next N search requests answer 429 "You have reached your secondly limit.".
     pub secondly_429s: u32,
+    /// Next N API requests answer 429 `DAILY` ("You have reached your daily limit.", daily
+    /// headers at 0 remaining), as a portal whose daily allowance is used up.
+    pub daily_429s: u32,
 }
 
 /// One request as the simulator saw it.
@@ -110,6 +119,9 @@ struct Owner {
     email: String,
     first: String,
     last: String,
+    /// A deactivated user: listed only with `archived=true`.
+    archived: bool,
+    updated_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -295,7 +307,29 @@ impl HubspotSim {
             email: email.into(),
             first: first.into(),
             last: last.into(),
+            archived: false,
+            updated_ms: now_ms(),
         });
+    }
+
+    /// Changes an owner's e-mail (as when the user's login changes). Records keep pointing at
+    /// the owner id; only the owners endpoint shows the new address.
+    pub fn set_owner_email(&self, id: &str, email: &str) {
+        let mut st = self.lock();
+        if let Some(o) = st.owners.iter_mut().find(|o| o.id == id) {
+            o.email = email.into();
+            o.updated_ms = now_ms();
+        }
+    }
+
+    /// Archives an owner (the user was deactivated): it leaves `GET /crm/v3/owners` and appears
+    /// with `archived=true` only. Records it owns keep their `hubspot_owner_id`.
+    pub fn archive_owner(&self, id: &str) {
+        let mut st = self.lock();
+        if let Some(o) = st.owners.iter_mut().find(|o| o.id == id) {
+            o.archived = true;
+            o.updated_ms = now_ms();
+        }
     }
 
     /// Associates a contact with a company; `primary` adds the typeId 1 "Primary" label.
@@ -470,6 +504,31 @@ fn rate_429(policy: &str, message: &str) -> Response {
     )
 }
 
+/// The daily limit's 429 (reference §j); private-app calls also see the daily headers at zero.
+fn daily_429(cfg: &HubspotSimConfig, oauth_token: bool) -> Response {
+    let mut r = rate_429("DAILY", "You have reached your daily limit.");
+    if !oauth_token {
+        let daily = if cfg.daily_limit == 0 {
+            1_000_000
+        } else {
+            cfg.daily_limit
+        };
+        let h = r.headers_mut();
+        h.insert("x-hubspot-ratelimit-daily", HeaderValue::from(daily));
+        h.insert(
+            "x-hubspot-ratelimit-daily-remaining",
+            HeaderValue::from(0u64),
+        );
+    }
+    r
+}
+
+/// HubSpot's search filter limits since 2024-08-26 (reference §h): filter groups (ORed),
+/// filters per group (ANDed), filters in all.
+const MAX_FILTER_GROUPS: usize = 5;
+const MAX_FILTERS_PER_GROUP: usize = 10;
+const MAX_FILTERS: usize = 25;
+
 /// Auth, faults and limits for one API request, then `f`, then rate headers and the log entry.
 fn serve(
     sim: &HubspotSim,
@@ -514,8 +573,12 @@ fn gate_and_run(
             json!({"status":"error","message":"Authentication credentials not found. This API supports OAuth 2.0 authentication and you can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview","correlationId":"sim-correlation","category":"INVALID_AUTHENTICATION"}),
         );
     }
-    if cfg.daily_limit > 0 && st.daily_used >= cfg.daily_limit {
-        return rate_429("DAILY", "You have reached your daily limit.");
+    let forced_daily = st.faults.daily_429s > 0;
+    if forced_daily {
+        st.faults.daily_429s -= 1;
+    }
+    if forced_daily || (cfg.daily_limit > 0 && st.daily_used >= cfg.daily_limit) {
+        return daily_429(&cfg, oauth_token);
     }
     st.daily_used += 1;
     if st.faults.server_errors > 0 {
@@ -573,8 +636,16 @@ fn gate_and_run(
                     "You have reached your ten_secondly_rolling limit.",
                 );
                 if let Some(secs) = cfg.retry_after {
-                    r.headers_mut()
-                        .insert("retry-after", HeaderValue::from(secs));
+                    let value = if cfg.retry_after_as_date {
+                        let at =
+                            std::time::SystemTime::now() + std::time::Duration::from_secs(secs);
+                        HeaderValue::from_str(&httpdate::fmt_http_date(at)).ok()
+                    } else {
+                        Some(HeaderValue::from(secs))
+                    };
+                    if let Some(v) = value {
+                        r.headers_mut().insert("retry-after", v);
+                    }
                 }
                 r
             } else {
@@ -758,6 +829,28 @@ fn search_impl(st: &mut SimState, object: &str, body: &[u8]) -> Response {
                 .collect()
         })
         .unwrap_or_default();
+    if groups.len() > MAX_FILTER_GROUPS {
+        return validation(format!(
+            "There was a problem with the request. filterGroups: at most {MAX_FILTER_GROUPS} filter groups are allowed, got {}",
+            groups.len()
+        ));
+    }
+    if let Some((i, g)) = groups
+        .iter()
+        .enumerate()
+        .find(|(_, g)| g.len() > MAX_FILTERS_PER_GROUP)
+    {
+        return validation(format!(
+            "There was a problem with the request. filterGroups[{i}].filters: at most {MAX_FILTERS_PER_GROUP} filters are allowed in a filter group, got {}",
+            g.len()
+        ));
+    }
+    let total: usize = groups.iter().map(Vec::len).sum();
+    if total > MAX_FILTERS {
+        return validation(format!(
+            "There was a problem with the request. filterGroups: at most {MAX_FILTERS} filters are allowed in all, got {total}"
+        ));
+    }
     for (p, op, _) in groups.iter().flatten() {
         if !declared.contains_key(p) {
             return validation(format!("Property \"{p}\" does not exist on {object}"));
@@ -898,19 +991,34 @@ async fn owners(
             .get("after")
             .and_then(|a| a.parse::<usize>().ok())
             .unwrap_or(0);
-        let results: Vec<Value> = st
+        // As HubSpot: `archived` defaults to false and lists active owners only; `true` lists
+        // only archived ones.
+        let archived = q.get("archived").is_some_and(|a| a == "true");
+        let listed: Vec<&Owner> = st
             .owners
+            .iter()
+            .filter(|o| o.archived == archived)
+            .collect();
+        let results: Vec<Value> = listed
             .iter()
             .skip(start)
             .take(limit)
             .map(|o| {
+                let user_id = o.id.parse::<u64>().unwrap_or(0) + 9_000_000;
+                // A deactivated user has no active user id any more.
+                let active_user_id = if o.archived {
+                    Value::Null
+                } else {
+                    json!(user_id)
+                };
                 json!({"id": o.id, "email": o.email, "firstName": o.first, "lastName": o.last,
-                       "userId": o.id.parse::<u64>().unwrap_or(0) + 9_000_000, "type": "PERSON", "archived": false,
-                       "createdAt": "2019-10-30T03:30:17.883Z", "updatedAt": "2019-12-07T16:50:06.678Z"})
+                       "userId": active_user_id, "userIdIncludingInactive": user_id,
+                       "type": "PERSON", "archived": o.archived,
+                       "createdAt": "2019-10-30T03:30:17.883Z", "updatedAt": iso(o.updated_ms)})
             })
             .collect();
         let mut body = json!({ "results": results });
-        if start + limit < st.owners.len() {
+        if start + limit < listed.len() {
             body["paging"] = json!({"next": {"after": (start + limit).to_string()}});
         }
         axum::Json(body).into_response()

@@ -130,6 +130,10 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+/// A page's digests: the kind, (Pendo id, digest) pairs, and the shadow sequence number of the
+/// snapshot the diff read.
+pub type PageDigests<'a> = (crate::domain::Kind, &'a [(String, u64)], i64);
+
 /// What [`Store::commit_page`] writes in one transaction.
 #[derive(Debug, Default)]
 pub struct PageCommit<'a> {
@@ -146,7 +150,7 @@ pub struct PageCommit<'a> {
     /// [`Store::load_digests`]), and the shadow sequence number of the snapshot the diff read
     /// ([`DiffState::shadow_seq`]); written last, only for entities with no outbox rows whose
     /// shadow row has not changed since that snapshot.
-    pub digests: Option<(crate::domain::Kind, &'a [(String, u64)], i64)>,
+    pub digests: Option<PageDigests<'a>>,
 }
 
 impl Store {

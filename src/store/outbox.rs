@@ -331,10 +331,11 @@ impl Store {
                 .collect();
             // The rows take the next shadow sequence number: a digest computed from an older
             // snapshot is not written over them (see `write_digests`).
-            let rev: i64 = sqlx::query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
+            let rev: i64 =
+                sqlx::query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
             sqlx::query(
                 "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
                  SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, ?2, ?3 FROM json_each(?1) AS e WHERE true

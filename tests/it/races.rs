@@ -149,3 +149,54 @@ async fn a_digest_is_not_written_over_a_shadow_that_changed_after_the_diff_read_
         .unwrap();
     t.assert_converged();
 }
+
+/// Guarantee 10: a second writer never releases the leases of batches another process has in
+/// flight (which sent them twice, and could land an older value last); it waits for the lock a
+/// bounded time, then gives up naming the holder.
+#[tokio::test]
+async fn a_second_writer_waits_for_the_lock_and_never_releases_anothers_leases() {
+    let t = TestApp::new().await;
+    t.seed(6);
+    let first = t.app().await;
+    let m = &t.settings.mappings[0];
+    first.cycle(m, Mode::Incremental, false, &()).await.unwrap();
+    first.hold_lock(
+        pendo_sync::lock::InstanceLock::acquire(&t.settings.state.path, "sync").unwrap(),
+    );
+    // The first writer has a batch in flight.
+    let in_flight = first
+        .store
+        .claim_due(Kind::Account, i64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(in_flight.len(), 6 * 5);
+
+    let mut second = t.app().await;
+    second.lock_wait = Duration::from_millis(300);
+    let err = second
+        .sync(
+            None,
+            Mode::Incremental,
+            false,
+            &CancellationToken::new(),
+            &(),
+        )
+        .await
+        .expect_err("the second writer gives up");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("pendo-sync sync (pid {})", std::process::id())),
+        "{text}"
+    );
+    assert!(t.writes().is_empty(), "nothing was sent twice");
+    let still = first
+        .store
+        .claim_due(Kind::Account, i64::MAX, 100)
+        .await
+        .unwrap();
+    assert!(
+        still.is_empty(),
+        "the first writer's leases stand: {still:?}"
+    );
+    assert_eq!(err.exit_code(), 1);
+}

@@ -456,15 +456,12 @@ async fn one_service_per_state_file_and_healthcheck_follows_readiness() {
     assert_ne!(second.status.code(), Some(0), "{stderr}");
     let lock = format!("{}.lock", env.dir.path().join("state.db").display());
     assert!(
-        stderr.contains(&format!(
-            "another pendo-sync run holds {lock} (pid {})",
-            svc.pid()
-        )),
+        stderr.contains(&format!("pendo-sync run (pid {}) holds {lock}", svc.pid())),
         "{stderr}"
     );
 
-    // A cron `sync` beside the service would fight over the outbox: refused.
-    let sync = env.cli(&["sync"]).await;
+    // A cron `sync` beside the service would fight over the outbox: it waits, then gives up.
+    let sync = env.cli(&["sync", "--wait-lock", "200ms"]).await;
     assert_eq!(sync.status.code(), Some(1), "{sync:?}");
     assert!(String::from_utf8_lossy(&sync.stderr).contains("already syncs"));
 
@@ -858,4 +855,72 @@ async fn an_admin_port_in_use_fails_start_up_naming_admin_listen() {
         stderr.contains(&format!("cannot listen on admin.listen = {}", env.admin)),
         "{stderr}"
     );
+}
+
+/// Two cron `sync`s started together: the second waits for the first (one writer per outbox),
+/// so Pendo converges and no value is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_syncs_started_together_send_each_value_once() {
+    let env = Env::new(Options {
+        accounts: 120,
+        batch_size: 20,
+        ..Options::default()
+    })
+    .await;
+    // Slow answers keep the first sync's batches in flight while the second starts.
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(150),
+        ..PendoFaults::default()
+    });
+    let (a, b) = tokio::join!(
+        env.cli(&["sync", "--wait-lock", "60s"]),
+        env.cli(&["sync", "--wait-lock", "60s"])
+    );
+    for out in [&a, &b] {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    assert_eq!(env.differences(), Vec::<String>::new());
+    let mut sent: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for r in env.pendo.requests() {
+        if !r.path.contains("/custom/value") || r.status != 200 {
+            continue;
+        }
+        for item in r
+            .body
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let id = item["accountId"].as_str().unwrap_or_default().to_owned();
+            for field in item["values"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+            {
+                *sent.entry((id.clone(), field.clone())).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+
+    // A short wait beside a slow holder exits 1 naming it.
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(300),
+        ..PendoFaults::default()
+    });
+    for i in 0..120 {
+        env.sf
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Changed"));
+    }
+    let (a, b) = tokio::join!(env.cli(&["sync", "--wait-lock", "60s"]), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        env.cli(&["sync", "--wait-lock", "100ms"]).await
+    });
+    assert_eq!(a.status.code(), Some(0), "{a:?}");
+    assert_eq!(b.status.code(), Some(1), "{b:?}");
+    let stderr = String::from_utf8_lossy(&b.stderr);
+    assert!(stderr.contains("pendo-sync sync (pid"), "{stderr}");
 }

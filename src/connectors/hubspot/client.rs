@@ -254,7 +254,8 @@ impl Client {
         }
     }
 
-    /// Remembers that the daily limit is used up for `wait`, and says so once.
+    /// Remembers that the daily limit is used up for `wait` (every call until then is refused
+    /// without being sent) and logs it.
     fn daily_exhausted(&self, wait: Duration, message: String) -> ConnectorError {
         let until = tokio::time::Instant::now() + wait;
         *self.daily_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);

@@ -20,9 +20,20 @@
 //! so the id is informational: ties at `ms` are re-read rather than trusted to an order HubSpot
 //! does not promise.
 //!
-//! Filters (`property=value` pairs) are sent as `EQ` filters in searches and applied client-side
-//! to list pages (the list endpoint cannot filter). Search never returns archived records, so
-//! incremental pulls do not report deletes; the periodic full reconcile's archived sweep does.
+//! Filters (`property=value` pairs, ANDed) are sent as `EQ` filters in searches and applied
+//! client-side to list pages (the list endpoint cannot filter). A search filter group holds at
+//! most 10 filters (reference §h) and ANDed pairs cannot be split across groups or requests, so
+//! the pairs that do not fit beside the cursor filters are applied client-side to search pages
+//! too, after the page's watermark is taken from every hit. Search never returns archived
+//! records, so incremental pulls do not report deletes; the periodic full reconcile's archived
+//! sweep does.
+//!
+//! # Owners
+//!
+//! `owner_email` / `owner_name` resolve `hubspot_owner_id` through a cached owner list that
+//! holds active *and* archived owners (a deactivated user still owns their records). The list
+//! is read again at the start of every full pull, whenever it is older than
+//! [`OWNER_CACHE_MAX_AGE`], and once per pull when an id is unknown.
 
 mod client;
 #[cfg(test)]
@@ -435,7 +446,9 @@ impl HubspotPull<'_> {
         if local.is_empty() {
             return hits;
         }
-        hits.into_iter().filter(|h| meets(&h.props, local)).collect()
+        hits.into_iter()
+            .filter(|h| meets(&h.props, local))
+            .collect()
     }
 
     fn search_body(&self, filters: Vec<Value>, sort: &str) -> Value {

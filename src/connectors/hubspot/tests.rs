@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::HubspotConnector;
+use super::{HubspotConnector, OWNER_CACHE_MAX_AGE};
 use crate::config::{HubspotSettings, Settings, Transform};
 use crate::connectors::{Connector, ConnectorError, FieldRequest, PullSpec, RawRecord, Watermark};
 use crate::sim::SimServer;
@@ -411,19 +411,29 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
             .filter(|r| r.path == "/crm/v3/owners")
             .count()
     };
-    assert_eq!(owner_calls(), 1, "owners are loaded once and cached");
-    // A new owner appears: the next pull's miss refreshes the cache once.
+    assert_eq!(
+        owner_calls(),
+        2,
+        "one read of the owner list per pull: active, then archived owners"
+    );
+    // A new owner appears: an incremental pull's miss refreshes the cache once.
     sim.add_owner("999", "new@example.com", "New", "");
-    let (records, _) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    let (records, _) = drain(&conn, spec("contacts", &fields, Some(mark(0))))
+        .await
+        .unwrap();
     let b = records.iter().find(|r| r.crm_id == "2").unwrap();
     assert_eq!(
         b.fields["hubspot_owner_id#owner_email"],
         json!("new@example.com")
     );
     assert_eq!(b.fields["hubspot_owner_id#owner_name"], json!("New"));
-    assert_eq!(owner_calls(), 2);
+    assert_eq!(owner_calls(), 4);
+    drain(&conn, spec("contacts", &fields, Some(mark(0))))
+        .await
+        .unwrap();
+    assert_eq!(owner_calls(), 4, "no miss, fresh cache: no refresh");
     drain(&conn, spec("contacts", &fields, None)).await.unwrap();
-    assert_eq!(owner_calls(), 2, "no miss, no refresh");
+    assert_eq!(owner_calls(), 6, "a full pull always reads the list again");
     let quota = store
         .kv_get("quota.hubspot")
         .await
@@ -679,4 +689,310 @@ async fn server_errors_retry_html_is_protocol_and_bad_properties_are_mapping_err
         }
         other => panic!("expected Mapping, got {other:?}"),
     }
+}
+
+/// The owner e-mail each record of `records` arrived with, by record id.
+fn owner_emails(records: &[RawRecord]) -> HashMap<String, Value> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.crm_id.clone(),
+                r.fields["hubspot_owner_id#owner_email"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_changed_owner_email_reaches_the_next_full_pull_of_the_same_connector() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    sim.add_owner("101", "ada@example.com", "Ada", "Lovelace");
+    sim.upsert(
+        "contacts",
+        1,
+        json!({"email": "a@x.io", "hubspot_owner_id": "101"}),
+    );
+    let fields = [
+        ("email", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+    ];
+    let (records, _) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    assert_eq!(owner_emails(&records)["1"], json!("ada@example.com"));
+
+    // The owner's e-mail changes; the contact does not (its hubspot_owner_id stays "101").
+    sim.set_owner_email("101", "ada.lovelace@example.com");
+    let (records, _) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
+    assert_eq!(
+        owner_emails(&records)["1"],
+        json!("ada.lovelace@example.com"),
+        "a full pull (reconcile, resync) reads the owner list afresh"
+    );
+}
+
+#[tokio::test]
+async fn an_incremental_pull_rereads_an_owner_list_older_than_the_max_age() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    sim.add_owner("101", "ada@example.com", "Ada", "Lovelace");
+    sim.upsert_at(
+        "contacts",
+        1,
+        json!({"email": "a@x.io", "hubspot_owner_id": "101"}),
+        T0 as u64,
+    );
+    let fields = [
+        ("email", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+    ];
+    let incremental = || spec("contacts", &fields, Some(mark(T0 - 1)));
+    let (records, _) = drain(&conn, incremental()).await.unwrap();
+    assert_eq!(owner_emails(&records)["1"], json!("ada@example.com"));
+
+    sim.set_owner_email("101", "ada.lovelace@example.com");
+    let (records, _) = drain(&conn, incremental()).await.unwrap();
+    assert_eq!(
+        owner_emails(&records)["1"],
+        json!("ada@example.com"),
+        "a fresh cache with no unknown id serves incremental pulls"
+    );
+
+    // More than the max age later on Tokio's clock (the cache's clock; the sim keeps real time).
+    // Paused only while moving it, so no request runs on a frozen clock.
+    tokio::time::pause();
+    tokio::time::advance(OWNER_CACHE_MAX_AGE + Duration::from_secs(1)).await;
+    tokio::time::resume();
+    let (records, _) = drain(&conn, incremental()).await.unwrap();
+    assert_eq!(
+        owner_emails(&records)["1"],
+        json!("ada.lovelace@example.com"),
+        "an owner list older than the max age is read again"
+    );
+}
+
+#[tokio::test]
+async fn contacts_of_an_archived_owner_keep_the_owner_email_and_name() {
+    let (sim, server, conn) = setup(sim_config(), "", None).await;
+    sim.add_owner("101", "ada@example.com", "Ada", "Lovelace");
+    sim.add_owner("102", "grace@example.com", "Grace", "Hopper");
+    sim.archive_owner("102");
+    sim.upsert_at(
+        "contacts",
+        1,
+        json!({"email": "a@x.io", "hubspot_owner_id": "102"}),
+        T0 as u64,
+    );
+    sim.upsert_at(
+        "contacts",
+        2,
+        json!({"email": "b@x.io", "hubspot_owner_id": "101"}),
+        T0 as u64 + 1,
+    );
+    let fields = [
+        ("email", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+        ("hubspot_owner_id", Some(Transform::OwnerName)),
+    ];
+    for since in [None, Some(mark(T0 - 1))] {
+        let fresh = HubspotConnector::new(
+            &settings(
+                &server.url(),
+                "requests_per_10s = 1000\nsearch_requests_per_second = 100",
+            ),
+            None,
+        )
+        .unwrap();
+        for c in [&conn, &fresh] {
+            let (records, _) = drain(c, spec("contacts", &fields, since.clone()))
+                .await
+                .unwrap();
+            let by_id: HashMap<&str, &RawRecord> =
+                records.iter().map(|r| (r.crm_id.as_str(), r)).collect();
+            let a = &by_id["1"].fields;
+            assert_eq!(
+                a["hubspot_owner_id#owner_email"],
+                json!("grace@example.com"),
+                "a deactivated owner still resolves (since {since:?})"
+            );
+            assert_eq!(a["hubspot_owner_id#owner_name"], json!("Grace Hopper"));
+            assert_eq!(
+                by_id["2"].fields["hubspot_owner_id#owner_email"],
+                json!("ada@example.com")
+            );
+        }
+    }
+    // The sim lists owners as HubSpot does: active ones by default, archived ones only with
+    // archived=true.
+    let http = reqwest::Client::new();
+    let list = |archived: Option<&'static str>| {
+        let mut req = http
+            .get(format!("{}/crm/v3/owners", server.url()))
+            .bearer_auth(TOKEN);
+        if let Some(a) = archived {
+            req = req.query(&[("archived", a)]);
+        }
+        async move {
+            let v: Value = req.send().await.unwrap().json().await.unwrap();
+            v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| (o["id"].as_str().unwrap().to_owned(), o["archived"].clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(None).await, [("101".to_owned(), json!(false))]);
+    assert_eq!(
+        list(Some("false")).await,
+        [("101".to_owned(), json!(false))]
+    );
+    assert_eq!(list(Some("true")).await, [("102".to_owned(), json!(true))]);
+}
+
+#[tokio::test]
+async fn a_retry_after_given_as_an_http_date_is_honoured() {
+    let cfg = HubspotSimConfig {
+        // The advertised window (the fallback when Retry-After is unreadable) is a minute.
+        window_ms: 60_000,
+        retry_after: Some(2),
+        retry_after_as_date: true,
+        ..sim_config()
+    };
+    let (sim, _server, conn) = setup(cfg, "", None).await;
+    for i in 0..3u64 {
+        sim.upsert("contacts", 1 + i, json!({"email": format!("r{i}@x.io")}));
+    }
+    sim.set_fault(SimFaults {
+        ten_secondly_429s: 1,
+        ..SimFaults::default()
+    });
+    let started = std::time::Instant::now();
+    let (records, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        drain(&conn, spec("contacts", &[("email", None)], None)),
+    )
+    .await
+    .expect("the ~2 s HTTP-date Retry-After was honoured, not the 60 s window")
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(records.len(), 3);
+    let log = sim.requests();
+    assert_eq!(log.iter().filter(|r| r.status == 429).count(), 1);
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited until the date: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_daily_429_fails_fast_and_sends_nothing_more_until_the_reset() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    for i in 0..5u64 {
+        sim.upsert_at(
+            "contacts",
+            1 + i,
+            json!({"email": format!("d{i}@x.io")}),
+            T0 as u64 + i,
+        );
+    }
+    sim.set_fault(SimFaults {
+        daily_429s: 1,
+        ..SimFaults::default()
+    });
+    let started = std::time::Instant::now();
+    let err = drain(&conn, spec("contacts", &[("email", None)], None))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no in-process retry"
+    );
+    match &err {
+        ConnectorError::RateLimited { wait, message, .. } => {
+            assert!(*wait > Duration::from_secs(60), "{wait:?}");
+            assert!(*wait <= Duration::from_secs(86_400), "{wait:?}");
+            assert!(message.contains("daily"), "{message}");
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_eq!(sim.requests().len(), 1, "one request, no retry");
+
+    // The portal stays exhausted until the reset: another pull (a search this time) is refused
+    // at once, with the time left, and sends nothing.
+    let err = drain(&conn, spec("contacts", &[("email", None)], Some(mark(T0))))
+        .await
+        .unwrap_err();
+    match &err {
+        ConnectorError::RateLimited { wait, .. } => {
+            assert!(*wait > Duration::from_secs(60), "{wait:?}")
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_eq!(sim.requests().len(), 1, "nothing sent until the reset");
+}
+
+#[tokio::test]
+async fn a_filter_with_more_pairs_than_a_search_group_holds_still_pulls() {
+    let (sim, server, conn) = setup(sim_config(), "", None).await;
+    // Ten property=value pairs: with the cursor filters they exceed HubSpot's 10 filters per
+    // group, which the sim enforces.
+    let filter = (0..10)
+        .map(|i| format!("p{i}=x"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // 300 records share T0 (a tie scan, two cursor filters), 30 more follow at distinct times.
+    for id in 1..=330u64 {
+        let mut props = serde_json::Map::new();
+        props.insert("email".into(), json!(format!("f{id}@x.io")));
+        for i in 0..10 {
+            props.insert(format!("p{i}"), json!("x"));
+        }
+        if id % 5 == 0 {
+            props.insert("p0".into(), json!("y")); // fails a pair search applies
+        }
+        if id % 3 == 0 {
+            props.insert("p9".into(), json!("y")); // fails a pair applied client-side
+        }
+        let at = if id <= 300 { T0 } else { T0 + id as i64 };
+        sim.upsert_at("contacts", id, Value::Object(props), at as u64);
+    }
+    let want: BTreeSet<u64> = (1..=330u64)
+        .filter(|id| id % 5 != 0 && id % 3 != 0)
+        .collect();
+    let mut s = spec("contacts", &[("email", None)], Some(mark(T0 - 1)));
+    s.filter = Some(filter);
+    let (incr, marks) = drain(&conn, s.clone()).await.unwrap();
+    assert_eq!(ids(&incr), want);
+    assert_marks_ordered(&marks, (T0 - 1, 0));
+    // The watermark passes records dropped client-side: 329 is the last one search returned.
+    assert_eq!(mark_ms(marks.last().unwrap()), (T0 + 329, 329));
+    s.since = None;
+    let (full, _) = drain(&conn, s).await.unwrap();
+    assert_eq!(ids(&full), want);
+    let log = sim.requests();
+    assert!(log.iter().any(|r| r.path.ends_with("/search")));
+    assert!(
+        log.iter().all(|r| r.status == 200),
+        "no search exceeded the filter limit: {:?}",
+        log.iter().filter(|r| r.status != 200).collect::<Vec<_>>()
+    );
+
+    // The sim answers a group of 11 filters as HubSpot does: 400 VALIDATION_ERROR.
+    let filters: Vec<Value> = (0..11)
+        .map(|i| json!({"propertyName": format!("p{}", i % 10), "operator": "EQ", "value": "x"}))
+        .collect();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/crm/v3/objects/contacts/search", server.url()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"filterGroups": [{"filters": filters}], "limit": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["category"], json!("VALIDATION_ERROR"));
+    assert!(
+        body["message"].as_str().unwrap().contains("10 filters"),
+        "{body}"
+    );
 }

@@ -21,12 +21,19 @@ const CLIENT: &str = "auth = \"client_credentials\"\nclient_secret = \"sim-clien
 const REFRESH: &str = "auth = \"refresh_token\"\nclient_secret = \"sim-client-secret\"\nrefresh_token = \"sim-refresh-token\"";
 
 fn settings(url: &str, auth: &str, extra: &str) -> SalesforceSettings {
+    Settings::from_toml_with_env(&settings_text(url, auth, extra), HashMap::new())
+        .expect("test config loads")
+        .salesforce
+        .expect("salesforce section")
+}
+
+fn settings_text(url: &str, auth: &str, extra: &str) -> String {
     let key = if auth.contains("jwt") {
         format!("private_key = '''\n{PRIVATE_KEY}'''")
     } else {
         String::new()
     };
-    let text = format!(
+    format!(
         r#"
 [state]
 path = "/tmp/pendo-sync-unused.db"
@@ -48,11 +55,7 @@ id = "Id"
   [mappings.fields]
   arr = {{ from = "ARR__c", type = "number" }}
 "#
-    );
-    Settings::from_toml_with_env(&text, HashMap::new())
-        .expect("test config loads")
-        .salesforce
-        .expect("salesforce section")
+    )
 }
 
 fn sim_config() -> SalesforceSimConfig {
@@ -707,4 +710,111 @@ fn limit_info_is_parsed_tolerantly() {
         Some((25, 5000))
     );
     assert_eq!(parse_limit_info("api-bursts=1/750"), None);
+}
+
+#[tokio::test]
+async fn jwt_audience_is_the_production_login_host_not_the_login_url() {
+    // The sim checks `aud` as production Salesforce does; the token is requested from a
+    // loopback login_url (as from a My Domain), which must not become the audience.
+    let (sim, server) = start(SalesforceSimConfig {
+        jwt_audience: "https://login.salesforce.com".into(),
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(3, 0);
+    let conn = connector(&server, JWT, "", None);
+    assert_eq!(conn.jwt_audience, "https://login.salesforce.com");
+    let (records, _, _) = drain(&conn, spec(&["Id"], None, None)).await.unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(count(&sim, "POST", "/services/oauth2/token"), 1);
+    assert!(sim.requests().iter().all(|r| r.2 == 200));
+}
+
+#[tokio::test]
+async fn a_configured_jwt_audience_wins_and_a_refused_one_names_the_key() {
+    // A sandbox reached through a host that does not say so (here: loopback).
+    let (sim, server) = start(SalesforceSimConfig {
+        jwt_audience: "https://test.salesforce.com".into(),
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(2, 0);
+    let derived = connector(&server, JWT, "", None);
+    let e = drain(&derived, spec(&["Id"], None, None))
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, ConnectorError::Auth { .. }), "{text}");
+    assert!(
+        text.contains("invalid_grant: audience is invalid"),
+        "{text}"
+    );
+    assert!(text.contains("salesforce.jwt_audience"), "{text}");
+
+    let set = connector(
+        &server,
+        JWT,
+        "jwt_audience = \"https://test.salesforce.com/\"",
+        None,
+    );
+    assert_eq!(set.jwt_audience, "https://test.salesforce.com");
+    let (records, _, _) = drain(&set, spec(&["Id"], None, None)).await.unwrap();
+    assert_eq!(records.len(), 2);
+}
+
+#[tokio::test]
+async fn jwt_audience_follows_the_kind_of_org() {
+    use super::auth::{PRODUCTION_AUDIENCE, SANDBOX_AUDIENCE, jwt_audience_for};
+    let aud = |u: &str| jwt_audience_for(&url::Url::parse(u).unwrap());
+    for prod in [
+        "https://login.salesforce.com",
+        "https://acme.my.salesforce.com",
+        "https://sandboxco.my.salesforce.com",
+        "http://127.0.0.1:9101",
+    ] {
+        assert_eq!(aud(prod), PRODUCTION_AUDIENCE, "{prod}");
+    }
+    for sandbox in [
+        "https://test.salesforce.com",
+        "https://TEST.Salesforce.com/",
+        "https://acme--uat.sandbox.my.salesforce.com",
+        "https://acme--dev.sandbox.my.salesforce.com/services/oauth2/token",
+    ] {
+        assert_eq!(aud(sandbox), SANDBOX_AUDIENCE, "{sandbox}");
+    }
+    assert_eq!(PRODUCTION_AUDIENCE, "https://login.salesforce.com");
+    assert_eq!(SANDBOX_AUDIENCE, "https://test.salesforce.com");
+
+    // The connector uses the derivation, unless salesforce.jwt_audience is set.
+    let build = |login: &str, extra: &str| {
+        SalesforceConnector::new(&settings(login, JWT, extra), None)
+            .unwrap()
+            .jwt_audience
+    };
+    assert_eq!(
+        build("https://acme--uat.sandbox.my.salesforce.com", ""),
+        SANDBOX_AUDIENCE
+    );
+    assert_eq!(
+        build("https://acme.my.salesforce.com", ""),
+        PRODUCTION_AUDIENCE
+    );
+    assert_eq!(
+        build(
+            "https://acme.my.salesforce.com",
+            "jwt_audience = \"https://acme.my.site.com/partners\""
+        ),
+        "https://acme.my.site.com/partners"
+    );
+
+    // A bad value is a config error naming the key.
+    for bad in ["login.salesforce.com", "ftp://login.salesforce.com", ""] {
+        let text = settings_text(
+            "https://login.salesforce.com",
+            JWT,
+            &format!("jwt_audience = \"{bad}\""),
+        );
+        let e = Settings::from_toml_with_env(&text, HashMap::new()).unwrap_err();
+        assert_eq!(e.key, "salesforce.jwt_audience", "{bad:?}: {e}");
+    }
 }
