@@ -325,9 +325,6 @@ pub struct MappingSettings {
     pub filter: Option<String>,
     #[serde(default)]
     pub on_delete: OnDelete,
-    /// HubSpot visitor mappings: also carry the associated company (`primary_company`).
-    #[serde(default)]
-    pub account_from: Option<String>,
     pub fields: BTreeMap<String, FieldSettings>,
 }
 
@@ -513,7 +510,9 @@ impl Settings {
             } else {
                 path
             };
-            let message = clean_serde_message(&key, &e.into_inner().to_string());
+            let message = e.into_inner().to_string();
+            let message = removed_key_message(&key, &message)
+                .unwrap_or_else(|| clean_serde_message(&key, &message));
             ConfigError::new(key, message)
         })?;
         validate(raw)
@@ -534,6 +533,28 @@ impl Settings {
                     ),
                 )
             })
+    }
+}
+
+/// Keys that pendo-sync once accepted and no longer does. A config that still sets one fails as
+/// any unknown key does (exit 2, naming the key), but says why the key went away instead of only
+/// listing the keys that are accepted.
+fn removed_key_message(key: &str, serde_message: &str) -> Option<String> {
+    if !serde_message.contains("unknown field") {
+        return None;
+    }
+    let (parent, field) = key.rsplit_once('.')?;
+    let in_mapping = parent
+        .strip_prefix("mappings[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    match field {
+        "account_from" if in_mapping => Some(
+            "unknown key `account_from`: it was removed because the company id it fetched never \
+             reached Pendo (Pendo's custom-value API cannot set a visitor's account); delete it"
+                .to_owned(),
+        ),
+        _ => None,
     }
 }
 
@@ -712,20 +733,6 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
             }
             if m.source == Source::Hubspot {
                 parse_hubspot_filter(f).map_err(|e| ConfigError::new(at("filter"), e))?;
-            }
-        }
-        if let Some(a) = &m.account_from {
-            if m.source != Source::Hubspot || m.kind != Kind::Visitor {
-                return Err(ConfigError::new(
-                    at("account_from"),
-                    "is only for HubSpot visitor mappings",
-                ));
-            }
-            if a != "primary_company" {
-                return Err(ConfigError::new(
-                    at("account_from"),
-                    format!("must be \"primary_company\", got {a:?}"),
-                ));
             }
         }
         if m.fields.is_empty() {
@@ -1162,6 +1169,39 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "pendo.batch_size: must be between 1 and 10000, got 0"
+        );
+    }
+
+    #[test]
+    fn removed_account_from_is_rejected_naming_the_key() {
+        let bad = EXAMPLE.replace(
+            "name = \"hs-contacts\"\n",
+            "name = \"hs-contacts\"\naccount_from = \"primary_company\"\n",
+        );
+        assert_ne!(bad, EXAMPLE, "the example has an hs-contacts mapping");
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.key, "mappings[1].account_from", "{e}");
+        assert!(
+            e.message
+                .starts_with("unknown key `account_from`: it was removed"),
+            "{e}"
+        );
+        assert!(e.message.contains("never reached Pendo"), "{e}");
+        assert!(
+            e.to_string().starts_with("mappings[1].account_from: "),
+            "{e}"
+        );
+        // Elsewhere the name is just an unknown key.
+        let elsewhere = EXAMPLE.replace(
+            "batch_size = 500",
+            "batch_size = 500\naccount_from = \"primary_company\"",
+        );
+        let e = load(&elsewhere).unwrap_err();
+        assert_eq!(e.key, "pendo.account_from", "{e}");
+        assert!(
+            e.message
+                .starts_with("unknown key `account_from`, expected one of"),
+            "{e}"
         );
     }
 }

@@ -329,7 +329,7 @@ async fn pull_all(
     );
     consumed?;
     if mode.full() && mapping.on_delete == OnDelete::Clear {
-        clear_orphans(store, mapping, &seen, mode == Mode::Resync, dry_run, report).await?;
+        clear_orphans(store, mapping, &seen, dry_run, report).await?;
     }
     Ok(())
 }
@@ -597,13 +597,16 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
             digests.push((rec.pendo_id.clone(), *digest));
         }
     }
+    // A clear goes only where this mapping's value is held or queued, even in a resync: a
+    // forced null for a field Pendo never held would only create work (or, with
+    // create_missing, an entity).
     for rec in &p.gone {
         changes.extend(clear_record(
             mapping,
             &rec.pendo_id,
             p.shadow.get(&rec.pendo_id),
             p.outbox.get(&rec.pendo_id),
-            force,
+            false,
         ));
     }
     // Held-back ids lose any value this pull already queued for them: it was a coin toss.
@@ -660,7 +663,6 @@ async fn clear_orphans(
     store: &Store,
     mapping: &Mapping,
     seen: &Seen,
-    force: bool,
     dry_run: bool,
     report: &mut CycleReport,
 ) -> Result<(), CycleError> {
@@ -682,7 +684,10 @@ async fn clear_orphans(
         let outbox = store.load_outbox_values(mapping.kind, &ids).await?;
         let changes: Vec<Change> = orphans
             .iter()
-            .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), force))
+            // Never forced: only (id, field) pairs holding a value this mapping confirmed (each
+            // Pendo field of a kind belongs to one mapping) or queued get a clear, so entities
+            // only another mapping writes and fields already cleared are left alone.
+            .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), false))
             .collect();
         if changes.is_empty() {
             continue;

@@ -104,8 +104,6 @@ pub struct PullSpec {
     /// `None`: a full pull. `Some(w)`: changes since `w` (re-reading `overlap` behind it).
     pub since: Option<Watermark>,
     pub overlap: Duration,
-    /// HubSpot visitor mappings: also fetch the primary company's id, under key `account_from`.
-    pub account_from: Option<String>,
 }
 
 impl PullSpec {
@@ -135,7 +133,6 @@ impl PullSpec {
             filter: m.filter.clone(),
             since,
             overlap,
-            account_from: m.account_from.clone(),
         }
     }
 

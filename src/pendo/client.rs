@@ -37,6 +37,10 @@ pub enum PendoError {
     /// 401/403: the key is wrong, revoked, for another region, or read-only.
     #[error("Pendo refused the integration key ({status}); {AUTH_HINT}")]
     Auth { status: u16 },
+    /// A 2xx whose body does not account for the batch (empty, or counts that do not add up to
+    /// what was sent): not a confirmation. Retried; a batch still unaccounted for is bisected.
+    #[error("Pendo answered 2xx without accounting for the batch: {message}")]
+    Unaccounted { message: String },
     /// Any other status: not retried automatically.
     #[error("Pendo answered {status}: {message}")]
     Unexpected { status: u16, message: String },
@@ -44,7 +48,10 @@ pub enum PendoError {
 
 impl PendoError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, PendoError::Transient { .. })
+        matches!(
+            self,
+            PendoError::Transient { .. } | PendoError::Unaccounted { .. }
+        )
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -70,6 +77,43 @@ pub struct BulkResult {
 }
 
 impl BulkResult {
+    /// Why a 2xx body does not confirm a batch of `sent` records, if it does not: no result
+    /// at all (`{}`, `[]`, anything but an object with Pendo's keys), or counts that do not add
+    /// up (`total` ≠ sent, or `updated` + `failed` ≠ sent, with `failed` = missing + errors when
+    /// absent). Pendo documents total = updated + failed and failed = missing + errors.
+    pub fn unaccounted(body: &Json, sent: usize) -> Option<String> {
+        let Some(o) = body.as_object() else {
+            return Some(format!(
+                "the body is not a result object: {}",
+                excerpt(&body.to_string())
+            ));
+        };
+        const KEYS: [&str; 5] = ["total", "updated", "failed", "missing", "errors"];
+        if !KEYS.iter().any(|k| o.contains_key(*k)) {
+            return Some(format!(
+                "the body has no result: {}",
+                excerpt(&body.to_string())
+            ));
+        }
+        let num = |k: &str| o.get(k).and_then(Json::as_u64);
+        let len = |k: &str| o.get(k).and_then(Json::as_array).map_or(0, Vec::len) as u64;
+        let sent = sent as u64;
+        if let Some(total) = num("total")
+            && total != sent
+        {
+            return Some(format!("total {total} for {sent} records sent"));
+        }
+        if let Some(updated) = num("updated") {
+            let failed = num("failed").unwrap_or(len("missing") + len("errors"));
+            if updated + failed != sent {
+                return Some(format!(
+                    "updated {updated} + failed {failed} for {sent} records sent"
+                ));
+            }
+        }
+        None
+    }
+
     /// Parses a 200 body against the ids that were sent.
     pub fn parse(body: &Json, sent_ids: &[&str]) -> BulkResult {
         let num = |k: &str| body.get(k).and_then(Json::as_u64);
@@ -237,6 +281,10 @@ impl PendoClient {
         let json = self
             .send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await?;
+        if let Some(message) = BulkResult::unaccounted(&json, sent_ids.len()) {
+            tracing::warn!(%message, records = sent_ids.len(), "Pendo's 2xx does not account for the batch; not a confirmation.");
+            return Err(PendoError::Unaccounted { message });
+        }
         Ok(BulkResult::parse(&json, sent_ids))
     }
 

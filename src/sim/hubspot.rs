@@ -1,15 +1,14 @@
 //! A loopback HubSpot CRM: objects (list with opaque `after` cursors, `archived=true`, search with
 //! filters — at most 5 groups, 10 filters per group, 25 in all — one sort, `limit` ≤ 200 and the
 //! 10,000-result offset cap), owners (active ones by default, archived ones with
-//! `archived=true`), properties, v4
-//! contact→company associations and the OAuth token endpoint, under both `v3` and dated
+//! `archived=true`), properties and the OAuth token endpoint, under both `v3` and dated
 //! (`/crm/objects/2026-03/...`) paths.
 //!
 //! It reproduces what the connector must cope with, from `reference/crm-apis.md` §f–j: every
-//! property value is a string (dates as ISO-8601), `toObjectId` is a JSON number, 401 and 429
-//! bodies are HubSpot's own, the ten-secondly rolling limit sends `X-HubSpot-RateLimit-*` headers
-//! (with or without `Retry-After`), search has its own per-second limit and no rate headers, and a
-//! daily limit answers `DAILY`. Faults (5xx, HTML pages, forced 429s) are switched on per test.
+//! property value is a string (dates as ISO-8601), 401 and 429 bodies are HubSpot's own, the
+//! ten-secondly rolling limit sends `X-HubSpot-RateLimit-*` headers (with or without
+//! `Retry-After`), search has its own per-second limit and no rate headers, and a daily limit
+//! answers `DAILY`. Faults (5xx, HTML pages, forced 429s) are switched on per test.
 //! The state is readable over HTTP at `GET /_sim/hubspot/records/{object}` (no auth, not counted).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -132,8 +131,6 @@ struct SimState {
     /// object → property name → type
     properties: BTreeMap<String, BTreeMap<String, String>>,
     owners: Vec<Owner>,
-    /// contact id → (company id, primary)
-    associations: BTreeMap<u64, Vec<(u64, bool)>>,
     issued_tokens: Vec<(String, u64)>,
     refresh_token: Option<String>,
     token_seq: u64,
@@ -332,15 +329,6 @@ impl HubspotSim {
         }
     }
 
-    /// Associates a contact with a company; `primary` adds the typeId 1 "Primary" label.
-    pub fn associate(&self, contact_id: u64, company_id: u64, primary: bool) {
-        self.lock()
-            .associations
-            .entry(contact_id)
-            .or_default()
-            .push((company_id, primary));
-    }
-
     pub fn declare_property(&self, object: &str, name: &str, kind: &str) {
         self.lock()
             .properties
@@ -369,7 +357,7 @@ impl HubspotSim {
     }
 
     /// Demo data: three owners, `companies` companies (ids 1001..) and `contacts` contacts
-    /// (ids 5001..), each contact primary-associated with a company.
+    /// (ids 5001..).
     pub fn seed_demo(&self, companies: usize, contacts: usize) {
         let owners = [
             ("101", "ada@example.com", "Ada", "Lovelace"),
@@ -407,9 +395,6 @@ impl HubspotSim {
                     "hubspot_owner_id": owners[i % 3].0,
                 }),
             );
-            if companies > 0 {
-                self.associate(id, 1001 + (i % companies) as u64, true);
-            }
         }
     }
 
@@ -424,10 +409,6 @@ impl HubspotSim {
             .route("/crm/objects/{version}/{object}/search", post(search))
             .route("/crm/owners/{version}", get(owners))
             .route("/crm/properties/{version}/{object}", get(properties))
-            .route(
-                "/crm/v4/associations/{from}/{to}/batch/read",
-                post(associations),
-            )
             .route("/oauth/{version}/token", post(token))
             .route("/_sim/hubspot/records/{object}", get(readback))
             .with_state(self.clone())
@@ -1058,58 +1039,6 @@ async fn properties(
 /// which the simulator accepts whatever it says).
 fn object_of(path: &BTreeMap<String, String>) -> &str {
     path.get("object").map_or("", String::as_str)
-}
-
-async fn associations(
-    State(sim): State<HubspotSim>,
-    Path((from, to)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve(&sim, &method, &uri, &headers, Class::General, |st| {
-        let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-            return validation("Invalid input JSON".into());
-        };
-        let ids: Vec<u64> = req["inputs"]
-            .as_array()
-            .map(|is| {
-                is.iter()
-                    .filter_map(|i| i["id"].as_str().and_then(|s| s.parse().ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if ids.len() > 1000 {
-            return validation("Too many inputs: at most 1000".into());
-        }
-        let supported = from == "contacts" && to == "companies";
-        let results: Vec<Value> = ids
-            .iter()
-            .filter(|_| supported)
-            .filter_map(|id| st.associations.get(id).map(|a| (id, a)))
-            .map(|(id, assocs)| {
-                let to: Vec<Value> = assocs
-                    .iter()
-                    .map(|(company, primary)| {
-                        let mut types =
-                            vec![json!({"category":"HUBSPOT_DEFINED","typeId":279,"label":null})];
-                        if *primary {
-                            types.insert(
-                                0,
-                                json!({"category":"HUBSPOT_DEFINED","typeId":1,"label":"Primary"}),
-                            );
-                        }
-                        // A JSON number, as the real API sends (not the spec's string).
-                        json!({"toObjectId": company, "associationTypes": types})
-                    })
-                    .collect();
-                json!({"from": {"id": id.to_string()}, "to": to})
-            })
-            .collect();
-        axum::Json(json!({"status":"COMPLETE","results":results,"startedAt":iso(now_ms()),"completedAt":iso(now_ms())}))
-            .into_response()
-    })
 }
 
 async fn token(State(sim): State<HubspotSim>, method: Method, uri: Uri, body: Bytes) -> Response {

@@ -89,6 +89,10 @@ pub struct PendoFaults {
     /// Statuses the next bulk writes answer, one consumed per bulk request (after rate limit,
     /// auth and the random faults), without applying anything.
     pub status_script: Vec<u16>,
+    /// Bodies the next bulk writes answer with 200, one consumed per bulk request, without
+    /// applying anything (a proxy or a Pendo bug answering `{}`, or counts that do not add up).
+    #[serde(default)]
+    pub ok_body_script: Vec<String>,
 }
 
 fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -260,6 +264,16 @@ impl PendoSim {
                 custom: BTreeMap::new(),
                 last_updated: now_ms(),
             });
+    }
+
+    /// Deletes an id and its values (a clean-up in Pendo): it is unknown until added or created.
+    pub fn remove_entity(&self, kind: Kind, id: &str) {
+        self.lock().entities(kind).remove(id);
+    }
+
+    /// Whether Pendo knows the id.
+    pub fn has_entity(&self, kind: Kind, id: &str) -> bool {
+        self.lock().entities(kind).contains_key(id)
     }
 
     /// What Pendo holds (None = unset or unknown entity).
@@ -510,6 +524,15 @@ async fn bulk(
     if !st.faults.status_script.is_empty() {
         let code = st.faults.status_script.remove(0);
         return scripted(code, st.config.rate_limit.as_ref());
+    }
+    if !st.faults.ok_body_script.is_empty() {
+        let body = st.faults.ok_body_script.remove(0);
+        return (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
     }
     if !st.config.write_access {
         return StatusCode::FORBIDDEN.into_response();

@@ -148,9 +148,10 @@ fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
 }
 
 /// Writes changes with latest-wins semantics. A row is replaced (and made pending again, version
-/// bumped) only when the value differs, or when a forced send arrives for an unforced row; an
-/// identical re-detection leaves an unmatched or dead row alone, so an unknown id is not retried
-/// every cycle.
+/// bumped) only when the value differs, when a forced send arrives for an unforced row, or when a
+/// forced send (a resync) finds the row unmatched or dead (an operator asked for everything
+/// again); an identical unforced re-detection leaves an unmatched or dead row alone, so an
+/// unknown id is not retried every cycle.
 pub(super) async fn enqueue(
     tx: &mut Transaction<'_, Sqlite>,
     changes: &[Change],
@@ -184,7 +185,8 @@ pub(super) async fn enqueue(
                 force = max(outbox.force, excluded.force), version = outbox.version + 1, attempts = 0,
                 next_attempt_at = excluded.next_attempt_at, last_error = NULL,
                 enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
-             WHERE outbox.value != excluded.value OR excluded.force > outbox.force",
+             WHERE outbox.value != excluded.value OR excluded.force > outbox.force
+                OR (excluded.force = 1 AND outbox.state != 'pending')",
         )
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)

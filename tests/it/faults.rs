@@ -61,6 +61,7 @@ async fn pendo_server_errors_drops_latency_and_applied_then_500_converge() {
         latency: Duration::from_millis(15),
         // Certain faults on top of the random ones, so the assertion below cannot miss.
         status_script: vec![503, 500],
+        ..PendoFaults::default()
     });
     crm.sync_until_clean(4).await;
     crm.assert_converged();

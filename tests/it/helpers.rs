@@ -45,6 +45,8 @@ pub struct Options {
     /// Pendo's declared account fields (key, Type).
     pub schema: Vec<(&'static str, &'static str)>,
     pub errors_as_strings: bool,
+    /// TOML appended after the `accounts` mapping (more mappings).
+    pub extra_mappings: String,
 }
 
 impl Default for Options {
@@ -56,6 +58,7 @@ impl Default for Options {
             extra_pendo: String::new(),
             schema: ACCOUNT_FIELDS.to_vec(),
             errors_as_strings: false,
+            extra_mappings: String::new(),
         }
     }
 }
@@ -114,7 +117,9 @@ object = "Account"
 kind = "account"
 id = "Id"
 on_delete = "clear"
-{sf_account_fields}"#,
+{sf_account_fields}
+{extra_mappings}"#,
+            extra_mappings = opts.extra_mappings,
             sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
             state = dir.path().join("state.db").display(),
             url = server.url(),

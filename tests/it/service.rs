@@ -924,3 +924,56 @@ async fn two_syncs_started_together_send_each_value_once() {
     let stderr = String::from_utf8_lossy(&b.stderr);
     assert!(stderr.contains("pendo-sync sync (pid"), "{stderr}");
 }
+
+/// Guarantee 6 for the command users run: `sync --dry-run` on a fresh machine creates no state
+/// file, and beside an existing one it changes nothing in it (no migrations, no quota readings,
+/// no rotated tokens, no run history).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_dry_run_creates_and_changes_nothing() {
+    let env = Env::new(Options {
+        accounts: 30,
+        ..Options::default()
+    })
+    .await;
+    let state = env.dir.path().join("state.db");
+    let out = env.cli(&["sync", "--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("would set account"),
+        "{out:?}"
+    );
+    assert!(!state.exists(), "a dry run created the state file");
+    assert!(env.pendo_writes() == 0);
+
+    let out = env.cli(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let dump = || async {
+        let store = pendo_sync::store::Store::open_read_only(&state)
+            .await
+            .unwrap();
+        let mut text = String::new();
+        for key in ["quota.salesforce", "reconcile.sf-accounts"] {
+            text.push_str(&format!("{key}={:?}\n", store.kv_get(key).await.unwrap()));
+        }
+        text.push_str(&format!("{:?}\n", store.watermarks().await.unwrap()));
+        text.push_str(&format!("{:?}\n", store.last_runs().await.unwrap()));
+        store.close().await;
+        text
+    };
+    let before = dump().await;
+    let file_before = std::fs::read(&state).unwrap();
+    env.sf.set_api_usage(4_321);
+    env.sf
+        .set_field("Account", &account_id(1), "Plan_Tier__c", json!("Dry"));
+    let out = env.cli(&["sync", "--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("plantier = Dry"),
+        "{out:?}"
+    );
+    assert_eq!(dump().await, before, "the dry run wrote to the state file");
+    assert!(
+        std::fs::read(&state).unwrap() == file_before,
+        "the state file changed"
+    );
+}

@@ -104,3 +104,200 @@ async fn sync_reconciles_when_the_reconcile_interval_has_passed() {
     assert_eq!(record.failures, 0);
     app.store.close().await;
 }
+
+/// The (id, field) pairs a write request sent, with the query it carried.
+fn sent_pairs(t: &TestApp) -> Vec<(String, String, serde_json::Value, Option<String>)> {
+    let mut out = Vec::new();
+    for r in t.writes() {
+        for item in r
+            .body
+            .as_ref()
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let id = item["accountId"].as_str().unwrap_or_default().to_owned();
+            for (field, value) in item["values"].as_object().into_iter().flatten() {
+                out.push((id.clone(), field.clone(), value.clone(), r.query.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// A resync's clears go only to (id, field) pairs that hold a value this mapping confirmed:
+/// not to entities only another mapping writes, not to fields already cleared.
+#[tokio::test]
+async fn a_resync_clears_only_what_this_mapping_wrote() {
+    use pendo_sync::domain::Kind;
+    use serde_json::json;
+    let mut schema = crate::helpers::ACCOUNT_FIELDS.to_vec();
+    schema.push(("partnertier", "string"));
+    let t = TestApp::with(crate::helpers::Options {
+        schema,
+        extra_mappings: r#"
+[[mappings]]
+name = "partners"
+source = "salesforce"
+object = "Partner"
+kind = "account"
+id = "Id"
+on_delete = "keep"
+  [mappings.fields]
+  partnertier = { from = "Tier__c", type = "string" }
+"#
+        .into(),
+        ..Default::default()
+    })
+    .await;
+    t.seed(4);
+    t.crm.upsert(
+        "Partner",
+        "001PARTNER",
+        json!({"Id": "001PARTNER", "Tier__c": "Gold"}),
+    );
+    t.pendo.add_entity(Kind::Account, "001PARTNER");
+    let cleared = crate::helpers::account_id(1);
+    t.crm
+        .set_field("Account", &cleared, "Plan_Tier__c", serde_json::Value::Null);
+    t.sync().await;
+    assert_eq!(
+        t.pendo.value(Kind::Account, "001PARTNER", "partnertier"),
+        Some(json!("Gold"))
+    );
+    assert_eq!(t.pendo.value(Kind::Account, &cleared, "plantier"), None);
+
+    // Account 1 leaves the CRM; the accounts mapping is resynced.
+    t.crm.purge("Account", &cleared);
+    t.pendo.reset_requests();
+    let app = t.app().await;
+    app.sync(
+        Some("accounts"),
+        pendo_sync::engine::Mode::Resync,
+        false,
+        &tokio_util::sync::CancellationToken::new(),
+        &(),
+    )
+    .await
+    .unwrap();
+    let sent = sent_pairs(&t);
+    let touched_partner: Vec<_> = sent.iter().filter(|p| p.0 == "001PARTNER").collect();
+    assert!(touched_partner.is_empty(), "{touched_partner:?}");
+    let clears: Vec<&str> = sent
+        .iter()
+        .filter(|p| p.0 == cleared)
+        .map(|p| p.1.as_str())
+        .collect();
+    assert!(
+        !clears.is_empty(),
+        "the orphan's confirmed values are cleared"
+    );
+    assert!(
+        !clears.contains(&"plantier"),
+        "an already-cleared field is not cleared again: {clears:?}"
+    );
+    assert_eq!(
+        t.pendo.value(Kind::Account, "001PARTNER", "partnertier"),
+        Some(json!("Gold"))
+    );
+    app.store.close().await;
+}
+
+/// With create_missing, a clear never creates the entity a Pendo clean-up deleted; Pendo's
+/// `missing` for a clear means there is nothing to clear: done, not unmatched.
+#[tokio::test]
+async fn a_clear_is_never_sent_with_create_and_missing_means_done() {
+    use pendo_sync::domain::Kind;
+    let t = TestApp::with(crate::helpers::Options {
+        create_missing: true,
+        ..Default::default()
+    })
+    .await;
+    t.seed(3);
+    t.sync().await;
+    let gone = crate::helpers::account_id(2);
+    t.pendo.remove_entity(Kind::Account, &gone);
+    t.crm.purge("Account", &gone);
+    t.pendo.reset_requests();
+    let report = t.sync_mode(pendo_sync::engine::Mode::Reconcile).await;
+    assert_eq!(report.cycles[0].cleared_orphans, 1);
+    let sent = sent_pairs(&t);
+    assert!(!sent.is_empty());
+    for (id, field, value, query) in &sent {
+        assert!(value.is_null(), "{id} {field} {value}");
+        assert!(
+            !query.as_deref().unwrap_or("").contains("create=true"),
+            "a clear was sent with ?create=true: {query:?}"
+        );
+    }
+    assert!(!t.pendo.has_entity(Kind::Account, &gone), "not recreated");
+    let app = t.app().await;
+    let left = app
+        .store
+        .outbox_list(&Default::default(), 100)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "nothing left to retry: {left:?}");
+    app.store.close().await;
+}
+
+/// A second resync revives what the first one left unmatched (or dead): the operator asked for
+/// everything to be sent again.
+#[tokio::test]
+async fn a_second_resync_revives_unmatched_and_dead_values() {
+    use pendo_sync::domain::Kind;
+    let t = TestApp::new().await;
+    t.seed(3);
+    let unknown = crate::helpers::account_id(7);
+    t.crm
+        .upsert("Account", &unknown, crate::helpers::account(7));
+    let resync = || t.sync_mode(pendo_sync::engine::Mode::Resync);
+    resync().await;
+    let app = t.app().await;
+    let unmatched = app
+        .store
+        .outbox_list(
+            &pendo_sync::store::QueueFilter {
+                state: Some(pendo_sync::store::QueueState::Unmatched),
+                ..Default::default()
+            },
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(unmatched.len(), 5, "{unmatched:?}");
+    app.store.close().await;
+    // The account now exists in Pendo; the operator resyncs again.
+    t.pendo.add_entity(Kind::Account, &unknown);
+    resync().await;
+    t.assert_converged();
+}
+
+/// Pendo's 2xx must account for the batch: an empty `{}`/`[]` body or counts that do not add up
+/// to what was sent confirm nothing (retried, then bisected), so the shadow never records a
+/// value Pendo may not hold.
+#[tokio::test]
+async fn a_2xx_that_does_not_account_for_the_batch_confirms_nothing() {
+    let t = TestApp::new().await;
+    t.seed(4);
+    t.pendo.set_faults(pendo_sync::sim::pendo::PendoFaults {
+        ok_body_script: vec![
+            "{}".into(),
+            "[]".into(),
+            r#"{"total": 4, "updated": 3, "failed": 0, "kind": "account"}"#.into(),
+            r#"{"kind": "account"}"#.into(),
+        ],
+        ..Default::default()
+    });
+    t.sync().await;
+    t.assert_converged();
+    let answered_ok = t.writes().iter().filter(|r| r.status == 200).count();
+    assert!(
+        answered_ok >= 5,
+        "the scripted answers and then the real one: {answered_ok}"
+    );
+    // What the shadow holds is what Pendo holds: nothing more goes out.
+    t.pendo.reset_requests();
+    t.sync_mode(pendo_sync::engine::Mode::Reconcile).await;
+    assert!(t.writes().is_empty());
+}

@@ -34,8 +34,6 @@ pub(super) enum Endpoint<'a> {
     Search(&'a str),
     Owners,
     Properties(&'a str),
-    /// v4 batch read of associations from one object type to another.
-    Associations(&'a str, &'a str),
     Token,
 }
 
@@ -120,8 +118,7 @@ impl Client {
     /// The URL of an endpoint. Assumption (reference §k): `v3` paths are
     /// `/crm/v3/{objects|owners|properties}/...`, dated versions put the version after the
     /// resource family (`/crm/objects/2026-03/contacts`, `/crm/owners/2026-03`,
-    /// `/crm/properties/2026-03/contacts`, `/oauth/2026-03/token`). Associations stay on v4 until
-    /// HubSpot dates them.
+    /// `/crm/properties/2026-03/contacts`, `/oauth/2026-03/token`).
     pub(super) fn path(&self, ep: Endpoint<'_>) -> String {
         let v = &self.version;
         let dated = v != "v3";
@@ -134,9 +131,6 @@ impl Client {
             Endpoint::Owners => "/crm/v3/owners".to_owned(),
             Endpoint::Properties(o) if dated => format!("/crm/properties/{v}/{o}"),
             Endpoint::Properties(o) => format!("/crm/v3/properties/{o}"),
-            Endpoint::Associations(from, to) => {
-                format!("/crm/v4/associations/{from}/{to}/batch/read")
-            }
             Endpoint::Token if dated => format!("/oauth/{v}/token"),
             Endpoint::Token => "/oauth/v3/token".to_owned(),
         };

@@ -1,7 +1,6 @@
 //! The HubSpot connector: full pulls through the list endpoint (plus an `archived=true` sweep
-//! for deletes), incremental pulls through search on the modification date, owner lookups and
-//! contact→company associations. HTTP, auth, limits and error classification live in
-//! [`client`].
+//! for deletes), incremental pulls through search on the modification date, and owner lookups.
+//! HTTP, auth, limits and error classification live in [`client`].
 //!
 //! # Incremental pulls and the 10,000-result search cap
 //!
@@ -56,8 +55,6 @@ use crate::store::Store;
 const LIST_LIMIT: usize = 100;
 /// Search page size (HubSpot's maximum).
 const SEARCH_LIMIT: usize = 200;
-/// Ids per associations batch read.
-const ASSOC_BATCH: usize = 100;
 /// Filters HubSpot accepts in one filter group (since 2024-08-26; reference §h: 5 groups, 10
 /// filters per group, 25 in all). A mapping's filter pairs are ANDed, so they must share one
 /// group with the modification-date filters; pairs beyond what fits are applied here instead.
@@ -223,50 +220,9 @@ impl HubspotConnector {
             .filter_map(|i| map.get(i).map(|o| (i.clone(), o.clone())))
             .collect())
     }
-
-    /// Contact id → primary company id (typeId 1 / "Primary", else the first company).
-    async fn primary_companies(
-        &self,
-        object: &str,
-        ids: &[String],
-        mapping: &str,
-    ) -> Result<HashMap<String, String>, ConnectorError> {
-        let url = self
-            .client
-            .path(Endpoint::Associations(object, "companies"));
-        let mut out = HashMap::new();
-        for chunk in ids.chunks(ASSOC_BATCH) {
-            let inputs: Vec<Value> = chunk.iter().map(|id| json!({ "id": id })).collect();
-            let v = self
-                .client
-                .post(&url, &json!({ "inputs": inputs }), false, mapping)
-                .await?;
-            for r in v["results"].as_array().into_iter().flatten() {
-                let Some(from) = id_string(&r["from"]["id"]) else {
-                    continue;
-                };
-                let to = r["to"].as_array().cloned().unwrap_or_default();
-                let is_primary = |t: &Value| {
-                    t["associationTypes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|a| {
-                            a["typeId"].as_u64() == Some(1)
-                                || a["label"].as_str() == Some("Primary")
-                        })
-                };
-                let pick = to.iter().find(|t| is_primary(t)).or(to.first());
-                if let Some(company) = pick.and_then(|t| id_string(&t["toObjectId"])) {
-                    out.insert(from, company);
-                }
-            }
-        }
-        Ok(out)
-    }
 }
 
-/// An id that HubSpot sends as a string or (associations) a number.
+/// An id that HubSpot sends as a string or a number.
 fn id_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -679,7 +635,7 @@ impl HubspotPull<'_> {
         }
     }
 
-    /// Builds the page's records (owners, associations) and records the quota reading.
+    /// Builds the page's records (owners resolved) and records the quota reading.
     async fn finish(
         &mut self,
         hits: Vec<Hit>,
@@ -713,15 +669,6 @@ impl HubspotPull<'_> {
         for id in owner_ids.iter().filter(|i| !owners.contains_key(*i)) {
             tracing::warn!(owner_id = %id, mapping = %mapping, "unknown HubSpot owner id; its owner fields are left empty");
         }
-        let companies =
-            if self.spec.account_from.as_deref() == Some("primary_company") && !hits.is_empty() {
-                let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
-                self.conn
-                    .primary_companies(&self.spec.object, &ids, &mapping)
-                    .await?
-            } else {
-                HashMap::new()
-            };
         let records = hits
             .into_iter()
             .map(|h| {
@@ -740,15 +687,6 @@ impl HubspotPull<'_> {
                         }
                     };
                     fields.insert(f.key(), value);
-                }
-                if self.spec.account_from.is_some() {
-                    fields.insert(
-                        "account_from".into(),
-                        companies
-                            .get(&h.id)
-                            .cloned()
-                            .map_or(Value::Null, Value::String),
-                    );
                 }
                 RawRecord {
                     crm_id: h.id,

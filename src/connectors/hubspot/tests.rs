@@ -1,5 +1,5 @@
 //! The HubSpot connector against the HubSpot simulator over real HTTP: paging, the search cap,
-//! ties, rate limits, owners, associations, archived records, dated paths, OAuth and `check`.
+//! ties, rate limits, owners, archived records, dated paths, OAuth and `check`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -89,7 +89,6 @@ fn spec(object: &str, fields: &[(&str, Option<Transform>)], since: Option<Waterm
         filter: None,
         since,
         overlap: Duration::ZERO,
-        account_from: None,
     }
 }
 
@@ -356,11 +355,6 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
         json!({"email": "gone@x.io", "hubspot_owner_id": "101"}),
     );
     sim.archive("contacts", 3);
-    sim.upsert("companies", 700, json!({"name": "Acme"}));
-    sim.upsert("companies", 12_675_602_284, json!({"name": "Big"}));
-    sim.associate(1, 700, false);
-    sim.associate(1, 12_675_602_284, true);
-    sim.associate(2, 700, false);
     let fields = [
         ("email", None),
         ("annualrevenue", None),
@@ -369,9 +363,7 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
         ("hubspot_owner_id", Some(Transform::OwnerEmail)),
         ("hubspot_owner_id", Some(Transform::OwnerName)),
     ];
-    let mut s = spec("contacts", &fields, None);
-    s.account_from = Some("primary_company".into());
-    let (records, marks) = drain(&conn, s).await.unwrap();
+    let (records, marks) = drain(&conn, spec("contacts", &fields, None)).await.unwrap();
     let by_id: HashMap<&str, &RawRecord> = records.iter().map(|r| (r.crm_id.as_str(), r)).collect();
     assert_eq!(records.len(), 3);
     let a = &by_id["1"].fields;
@@ -380,8 +372,6 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
     assert_eq!(a["lifecyclestage"], json!(""));
     assert_eq!(a["hubspot_owner_id#owner_email"], json!("ada@example.com"));
     assert_eq!(a["hubspot_owner_id#owner_name"], json!("Ada Lovelace"));
-    // The primary company wins over the first one; the number id arrives as a string.
-    assert_eq!(a["account_from"], json!("12675602284"));
     let b = &by_id["2"].fields;
     assert_eq!(
         b["hubspot_owner_id#owner_email"],
@@ -389,11 +379,6 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
         "unknown owner -> null"
     );
     assert_eq!(b["annualrevenue"], Value::Null);
-    assert_eq!(
-        b["account_from"],
-        json!("700"),
-        "no primary: the first company"
-    );
     assert!(!by_id["1"].deleted && !by_id["2"].deleted);
     assert!(
         by_id["3"].deleted,

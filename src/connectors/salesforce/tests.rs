@@ -99,7 +99,6 @@ fn spec(paths: &[&str], filter: Option<&str>, since: Option<Watermark>) -> PullS
         filter: filter.map(str::to_owned),
         since,
         overlap: Duration::ZERO,
-        account_from: None,
     }
 }
 
