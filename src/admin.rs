@@ -110,7 +110,7 @@ async fn metrics(State(service): State<Shared>) -> Response {
 }
 
 async fn status(State(service): State<Shared>) -> Response {
-    match crate::commands::status_report(&service.settings, &service.store).await {
+    match crate::status::status_report(&service.settings, &service.store).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

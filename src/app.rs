@@ -1,7 +1,6 @@
 //! Wiring: settings + state file + Pendo client + writer + one connector per CRM source, and the
 //! operations the commands share (a sync pass over the mappings, then a drain of the outbox).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,8 +58,7 @@ impl From<CycleError> for AppError {
     }
 }
 
-/// One connector per source, shared by every mapping of that source (and so is its limiter).
-pub type Connectors = HashMap<Source, Arc<dyn Connector>>;
+pub use crate::connectors::Connectors;
 
 /// The assembled application.
 pub struct App {
@@ -103,11 +101,41 @@ impl App {
     /// Opens the state file and builds the Pendo side. `connectors` come from
     /// [`crate::connectors::build`] (or a test's fixtures).
     pub async fn open(settings: Arc<Settings>, connectors: Connectors) -> Result<App, AppError> {
+        let store = Store::open(&settings.state.path).await?;
+        App::with_store(settings, store, connectors)
+    }
+
+    /// Opens the state file and the configured connectors, as the binary does: the connectors
+    /// keep their durable facts (rotated tokens, quota readings) in the state file.
+    pub async fn open_configured(settings: Arc<Settings>) -> Result<App, AppError> {
+        let store = Store::open(&settings.state.path).await?;
+        let connectors = crate::connectors::build(&settings, Some(Arc::new(store.clone())))?;
+        App::with_store(settings, store, connectors)
+    }
+
+    /// Opens what a dry run needs without writing anything (guarantee 6): the state file
+    /// read-only, or an empty state in memory when there is none yet (a dry run on a fresh
+    /// machine creates no file); connectors keep rotated tokens and quota readings in memory.
+    pub async fn open_dry_run(settings: Arc<Settings>) -> Result<App, AppError> {
+        let store = if settings.state.path.exists() {
+            Store::open_read_only(&settings.state.path).await?
+        } else {
+            Store::open_in_memory().await?
+        };
+        let kv = crate::connectors::MemoryKv::over(Some(Arc::new(store.clone())));
+        let connectors = crate::connectors::build(&settings, Some(Arc::new(kv)))?;
+        App::with_store(settings, store, connectors)
+    }
+
+    fn with_store(
+        settings: Arc<Settings>,
+        store: Store,
+        connectors: Connectors,
+    ) -> Result<App, AppError> {
         let key = settings
             .pendo
             .integration_key_source
             .resolve("pendo.integration_key")?;
-        let store = Store::open(&settings.state.path).await?;
         let pendo = PendoClient::new(&settings.pendo, key);
         let writer = Writer::new(
             store.clone(),

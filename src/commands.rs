@@ -3,16 +3,12 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-use tokio_util::sync::CancellationToken;
-
 use crate::app::{App, AppError, SyncReport};
 use crate::cli::{Cli, Command, KindArg, OutputFormat, QueueAction, QueueSelector, QueueStateArg};
 use crate::config::Settings;
-use crate::connectors::{self, PullSpec};
-use crate::domain::{FieldType, Kind, Value, now_ms};
+use crate::connectors::PullSpec;
+use crate::domain::{FieldType, Kind, Value};
 use crate::engine::Mode;
-use crate::pendo::writer::PAUSED_KEY;
 use crate::store::{QueueFilter, QueueState, Store};
 
 /// Runs a parsed command line; returns the process exit code.
@@ -40,7 +36,7 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             )
             .await
         }
-        Command::Run => crate::service::run(settings).await,
+        Command::Run => crate::run::run(settings).await,
         Command::Healthcheck => crate::admin::healthcheck(&settings).await,
         Command::Resync {
             mapping,
@@ -85,40 +81,6 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
     }
 }
 
-/// A token cancelled by SIGINT/SIGTERM: work stops between batches, what Pendo confirmed is kept.
-pub fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!(
-            "Stopping: finishing the requests in flight, leaving the rest in the outbox."
-        );
-        t.cancel();
-    });
-    token
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-pub(crate) async fn open_app(settings: Arc<Settings>) -> Result<App, AppError> {
-    let store = Store::open(&settings.state.path).await?;
-    let connectors = connectors::build(&settings, Some(store.clone()))?;
-    App::open(settings, connectors).await
-}
-
 async fn sync(
     settings: Arc<Settings>,
     mapping: Option<&str>,
@@ -144,11 +106,15 @@ async fn sync(
                 .await?,
         )
     };
-    let app = open_app(settings.clone()).await?;
+    let app = if dry_run {
+        App::open_dry_run(settings.clone()).await?
+    } else {
+        App::open_configured(settings.clone()).await?
+    };
     if let Some(lock) = lock {
         app.hold_lock(lock);
     }
-    let cancel = shutdown_token();
+    let cancel = crate::shutdown::shutdown_token();
     let kind: Option<Kind> = kind.map(Into::into);
     let mut report = SyncReport::default();
     for m in app.mappings(mapping)? {
@@ -258,89 +224,7 @@ fn print_sync_report(report: &SyncReport, dry_run: bool) {
 
 // ---- status --------------------------------------------------------------------------------
 
-/// The status document (`status --format json`, `GET /v1/status`).
-#[derive(Debug, Serialize)]
-pub struct StatusReport {
-    pub state_file: String,
-    pub writer_paused: Option<String>,
-    pub outbox: std::collections::BTreeMap<&'static str, i64>,
-    pub oldest_pending_seconds: Option<f64>,
-    pub invalid_records: usize,
-    pub mappings: Vec<MappingStatus>,
-    pub quota: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MappingStatus {
-    pub name: String,
-    pub watermark: Option<String>,
-    pub watermark_updated_at: Option<String>,
-    pub last_run: Option<crate::store::RunRecord>,
-    pub last_success_at: Option<String>,
-    /// The last successful reconcile and any failures since.
-    pub reconcile: Option<ReconcileStatus>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ReconcileStatus {
-    pub last_success_at: Option<String>,
-    pub failures: u32,
-    pub last_error: Option<String>,
-    pub failed_at: Option<String>,
-    pub retry_at: Option<String>,
-}
-
-fn iso(ms: i64) -> String {
-    crate::domain::iso8601_from_ms(ms)
-}
-
-pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusReport, AppError> {
-    let watermarks = store.watermarks().await?;
-    let runs = store.last_runs().await?;
-    let mut mappings = Vec::new();
-    for m in &settings.mappings {
-        let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
-        let run = runs.iter().find(|(r, _)| r.mapping == m.name);
-        let reconcile = crate::schedule::ReconcileRecord::load(store, &m.name)
-            .await?
-            .map(|r| ReconcileStatus {
-                last_success_at: r.at_ms.map(iso),
-                failures: r.failures,
-                last_error: r.last_error,
-                failed_at: r.failed_at_ms.map(iso),
-                retry_at: r.retry_at_ms.map(iso),
-            });
-        mappings.push(MappingStatus {
-            reconcile,
-            name: m.name.clone(),
-            watermark: wm.map(|(_, w, _)| w.0.clone()),
-            watermark_updated_at: wm.map(|(_, _, at)| iso(*at)),
-            last_run: run.map(|(r, _)| r.clone()),
-            last_success_at: run.and_then(|(_, s)| s.map(iso)),
-        });
-    }
-    let mut quota = serde_json::Map::new();
-    for source in ["salesforce", "hubspot"] {
-        if let Some(v) = store.kv_get(&format!("quota.{source}")).await? {
-            quota.insert(source.into(), v);
-        }
-    }
-    Ok(StatusReport {
-        state_file: store.path().display().to_string(),
-        writer_paused: store
-            .kv_get(PAUSED_KEY)
-            .await?
-            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
-        outbox: store.outbox_counts().await?,
-        oldest_pending_seconds: store
-            .oldest_pending_at()
-            .await?
-            .map(|at| (now_ms() - at).max(0) as f64 / 1000.0),
-        invalid_records: store.invalid_records(None).await?.len(),
-        mappings,
-        quota,
-    })
-}
+use crate::status::{iso, status_report};
 
 async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppError> {
     let store = Store::open_read_only(&settings.state.path).await?;
@@ -612,7 +496,7 @@ pub async fn check_pendo(settings: &Settings, client: &crate::pendo::PendoClient
 
 async fn check(settings: Arc<Settings>) -> Result<u8, AppError> {
     println!("config          ok ({} mappings)", settings.mappings.len());
-    let app = open_app(settings.clone()).await?;
+    let app = App::open_configured(settings.clone()).await?;
     let mut findings = check_pendo(&settings, &app.pendo).await;
     for m in &settings.mappings {
         let spec = PullSpec::for_mapping(m, None, settings.schedule.overlap);

@@ -162,9 +162,7 @@ pub async fn demo() -> Result<u8, AppError> {
         .map_err(|e| AppError::Runtime(format!("cannot create {}: {e}", dir.display())))?;
     let text = config_text(&sims, &dir.join("state.db"));
     let settings = Arc::new(Settings::from_toml_with_env(&text, HashMap::new())?);
-    let store = crate::store::Store::open(&settings.state.path).await?;
-    let connectors = crate::connectors::build(&settings, Some(store.clone()))?;
-    let app = App::open(settings.clone(), connectors).await?;
+    let app = App::open_configured(settings.clone()).await?;
     let cancel = CancellationToken::new();
 
     println!(

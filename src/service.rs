@@ -28,14 +28,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{App, AppError};
+use crate::app::App;
 use crate::config::{MappingSettings, Settings};
 use crate::domain::{Kind, iso8601_from_ms, now_ms};
 use crate::engine::{CycleReport, Mode, Progress};
@@ -46,8 +46,6 @@ use crate::store::Store;
 
 /// Readiness needs every mapping's last cycle to have succeeded within this many poll intervals.
 const READY_INTERVALS: u32 = 3;
-/// Extra time given to in-flight requests at shutdown, beyond `pendo.timeout`.
-const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
 
 // ---- shared service state --------------------------------------------------------------------
 
@@ -628,119 +626,71 @@ impl Progress for JobProgress<'_> {
     }
 }
 
-/// Installs the Prometheus recorder as the process's global recorder (first call wins).
-fn install_metrics() -> Option<PrometheusHandle> {
-    let recorder = PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    match metrics::set_global_recorder(recorder) {
-        Ok(()) => Some(handle),
-        Err(_) => {
-            tracing::warn!("A metrics recorder was already installed; /metrics serves nothing.");
-            None
+impl Service {
+    /// The service over an opened `app`, sharing `cancel` and `tracker` with whoever runs it.
+    pub fn new(
+        settings: Arc<Settings>,
+        app: App,
+        metrics: Option<PrometheusHandle>,
+        admin_token: Option<SecretString>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Service> {
+        let (completed, _) = watch::channel(0);
+        Arc::new(Service {
+            store: app.store.clone(),
+            writer_paused: Mutex::new(None),
+            cycle_locks: settings
+                .mappings
+                .iter()
+                .map(|m| (m.name.clone(), Arc::default()))
+                .collect(),
+            health: Mutex::new(HashMap::new()),
+            worker: WorkerSignals {
+                wake: Notify::new(),
+                requested: AtomicU64::new(0),
+                completed,
+                confirmed: AtomicU64::new(0),
+                probe_now: AtomicBool::new(false),
+            },
+            resyncs: Mutex::new(BTreeMap::new()),
+            resync_seq: AtomicU64::new(0),
+            resync_gate: tokio::sync::Mutex::new(()),
+            metrics,
+            admin_token,
+            cancel,
+            tracker,
+            settings,
+            app,
+        })
+    }
+
+    /// Spawns the outbox worker (the only sender, with `writer`), a loop per mapping and the
+    /// metrics upkeep on the service's tracker.
+    pub fn spawn_tasks(self: &Arc<Self>) {
+        let writer = self.app.writer.clone();
+        self.tracker.spawn(self.clone().outbox_worker(writer));
+        for m in &self.settings.mappings {
+            self.tracker
+                .spawn(self.clone().mapping_loop(m.name.clone()));
+        }
+        if let Some(handle) = self.metrics.clone() {
+            let cancel = self.cancel.clone();
+            // Histograms are kept as summaries that need periodic upkeep to stay bounded.
+            self.tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    }
+                }
+            });
         }
     }
-}
 
-/// `pendo-sync run`.
-pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
-    // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
-    let cancel = crate::commands::shutdown_token();
-    // The lock next: a second instance must say so, not fail later on the admin port.
-    let lock = crate::lock::InstanceLock::acquire(&settings.state.path, "run")?;
-    let metrics = install_metrics();
-    let admin_token = if settings.admin.token_source.is_set() {
-        Some(settings.admin.token_source.resolve("admin.token")?)
-    } else {
-        None
-    };
-    let app = crate::commands::open_app(settings.clone()).await?;
-    // Once per process: releases leases a crashed predecessor left, lifts an old pause.
-    app.writer.start(&lock).await?;
-    let writer = app.writer.clone();
-    let listen = settings.admin.listen.clone();
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| AppError::Runtime(format!("cannot listen on admin.listen = {listen}: {e}")))?;
-
-    let tracker = TaskTracker::new();
-    let (completed, _) = watch::channel(0);
-    let service = Arc::new(Service {
-        store: app.store.clone(),
-        writer_paused: Mutex::new(None),
-        cycle_locks: settings
-            .mappings
-            .iter()
-            .map(|m| (m.name.clone(), Arc::default()))
-            .collect(),
-        health: Mutex::new(HashMap::new()),
-        worker: WorkerSignals {
-            wake: Notify::new(),
-            requested: AtomicU64::new(0),
-            completed,
-            confirmed: AtomicU64::new(0),
-            probe_now: AtomicBool::new(false),
-        },
-        resyncs: Mutex::new(BTreeMap::new()),
-        resync_seq: AtomicU64::new(0),
-        resync_gate: tokio::sync::Mutex::new(()),
-        metrics,
-        admin_token,
-        cancel: cancel.clone(),
-        tracker: tracker.clone(),
-        settings: settings.clone(),
-        app,
-    });
-
-    let admin_failed = Arc::new(AtomicBool::new(false));
-    {
-        let service = service.clone();
-        let failed = admin_failed.clone();
-        tracker.spawn(async move {
-            if let Err(e) = crate::admin::serve(service.clone(), listener).await {
-                tracing::error!(error = %e, "The admin server failed; stopping.");
-                failed.store(true, Ordering::SeqCst);
-                service.cancel.cancel();
-            }
-        });
+    /// Closes the state file (checkpointing the WAL) once the tasks are done.
+    pub async fn close(&self) {
+        self.store.close().await;
+        self.app.store.close().await;
     }
-    tracker.spawn(service.clone().outbox_worker(writer));
-    for m in &settings.mappings {
-        tracker.spawn(service.clone().mapping_loop(m.name.clone()));
-    }
-    if let Some(handle) = service.metrics.clone() {
-        let cancel = cancel.clone();
-        // Histograms are kept as summaries that need periodic upkeep to stay bounded.
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
-                }
-            }
-        });
-    }
-    tracing::info!(
-        mappings = settings.mappings.len(),
-        poll_interval = %humantime::format_duration(settings.schedule.poll_interval),
-        reconcile_interval = %humantime::format_duration(settings.schedule.reconcile_interval),
-        admin = %listen,
-        "Service started."
-    );
-
-    cancel.cancelled().await;
-    tracker.close();
-    let grace = settings.pendo.timeout + SHUTDOWN_SLACK;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            "Requests still in flight after {}; leaving them in the outbox to be sent again at the next start.",
-            humantime::format_duration(grace)
-        );
-    }
-    service.store.close().await;
-    service.app.store.close().await;
-    if admin_failed.load(Ordering::SeqCst) {
-        return Ok(1);
-    }
-    tracing::info!("Stopped; what Pendo confirmed is committed, the rest waits in the outbox.");
-    Ok(0)
 }

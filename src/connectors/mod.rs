@@ -238,13 +238,75 @@ impl ConnectorError {
     }
 }
 
+/// Small durable facts a connector keeps between runs: a rotated OAuth refresh token, the latest
+/// quota reading. The state file provides them ([`crate::store::Store`] implements this); a dry
+/// run gives its connectors a [`MemoryKv`] over a read-only state, so a token rotated during a
+/// dry run lives as long as the process and nothing is written.
+pub trait StateKv: Send + Sync {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<serde_json::Value>, String>>;
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// A shared [`StateKv`].
+pub type SharedKv = std::sync::Arc<dyn StateKv>;
+
+/// Facts kept in memory, read through to `base` (a read-only state) for what was not set here.
+#[derive(Default)]
+pub struct MemoryKv {
+    base: Option<SharedKv>,
+    local: std::sync::Mutex<std::collections::HashMap<String, serde_json::Value>>,
+}
+
+impl MemoryKv {
+    pub fn over(base: Option<SharedKv>) -> MemoryKv {
+        MemoryKv {
+            base,
+            local: Default::default(),
+        }
+    }
+}
+
+impl StateKv for MemoryKv {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<serde_json::Value>, String>> {
+        Box::pin(async move {
+            let local = self.local.lock().expect("kv lock").get(key).cloned();
+            match (local, &self.base) {
+                (Some(v), _) => Ok(Some(v)),
+                (None, Some(base)) => base.get(key).await,
+                (None, None) => Ok(None),
+            }
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        self.local
+            .lock()
+            .expect("kv lock")
+            .insert(key.to_owned(), value.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// One connector per source, shared by every mapping of that source (and so is its limiter).
+pub type Connectors =
+    std::collections::HashMap<crate::config::Source, std::sync::Arc<dyn Connector>>;
+
 /// Builds one connector per CRM source that a mapping uses (so each source has one limiter).
+/// `kv` keeps their durable facts (see [`StateKv`]).
 pub fn build(
     settings: &crate::config::Settings,
-    store: Option<crate::store::Store>,
-) -> Result<crate::app::Connectors, crate::config::ConfigError> {
+    store: Option<SharedKv>,
+) -> Result<Connectors, crate::config::ConfigError> {
     use crate::config::{ConfigError, Source};
-    let mut connectors = crate::app::Connectors::new();
+    let mut connectors = Connectors::new();
     for m in &settings.mappings {
         if connectors.contains_key(&m.source) {
             continue;

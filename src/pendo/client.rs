@@ -13,6 +13,7 @@ use serde_json::Value as Json;
 use crate::config::PendoSettings;
 use crate::domain::Kind;
 use crate::limiter::RateLimiter;
+pub use crate::limiter::parse_retry_after;
 use crate::metrics::record_request;
 
 /// What the operator should check when Pendo refuses the key.
@@ -375,19 +376,6 @@ impl PendoClient {
             }),
         }
     }
-}
-
-/// `Retry-After` as delta-seconds or an HTTP date.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 /// A short, single-line excerpt of a body for messages (an HTML error page can be long).

@@ -220,6 +220,35 @@ impl Store {
         })
     }
 
+    /// An empty state in memory, migrated (a dry run with no state file yet). One connection:
+    /// each SQLite connection to `:memory:` is a database of its own.
+    pub async fn open_in_memory() -> Result<Store, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store {
+            pool,
+            path,
+            pause: Arc::default(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -540,6 +569,23 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+}
+
+impl crate::connectors::StateKv for Store {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> crate::connectors::BoxFuture<'a, Result<Option<serde_json::Value>, String>> {
+        Box::pin(async move { self.kv_get(key).await.map_err(|e| e.to_string()) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a serde_json::Value,
+    ) -> crate::connectors::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.kv_set(key, value).await.map_err(|e| e.to_string()) })
     }
 }
 

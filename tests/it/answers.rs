@@ -219,7 +219,7 @@ async fn a_refused_key_pauses_the_writer_and_keeps_the_outbox() {
     assert_eq!(t.writes().len(), 1, "nothing more is sent once paused");
     assert_eq!(outbox_states(&t).await.len(), 25);
     let app = t.app().await;
-    let status = pendo_sync::commands::status_report(&t.settings, &app.store)
+    let status = pendo_sync::status::status_report(&t.settings, &app.store)
         .await
         .unwrap();
     assert!(status.writer_paused.is_some());

@@ -286,7 +286,8 @@ on_delete = "keep"
             .await
             .expect("state opens");
         let connectors =
-            pendo_sync::connectors::build(&self.settings, Some(store)).expect("connectors build");
+            pendo_sync::connectors::build(&self.settings, Some(std::sync::Arc::new(store.clone())))
+                .expect("connectors build");
         App::open(self.settings.clone(), connectors)
             .await
             .expect("app opens")

@@ -41,7 +41,7 @@ async fn the_canary_key_never_leaks() {
     let report = t.sync().await;
     t.sync().await;
     let app = t.app().await;
-    let status = pendo_sync::commands::status_report(&t.settings, &app.store)
+    let status = pendo_sync::status::status_report(&t.settings, &app.store)
         .await
         .unwrap();
 

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigError, HubspotAuth, HubspotSettings};
 use crate::connectors::ConnectorError;
+use crate::connectors::SharedKv;
 use crate::limiter::RateLimiter;
-use crate::store::Store;
 
 pub(super) const API: &str = "hubspot";
 const AUTH_HINT: &str = "check hubspot.access_token: the private app token or service key, and its crm.objects.*.read scopes";
@@ -58,7 +58,7 @@ pub(super) struct Client {
     auth: Auth,
     general: RateLimiter,
     search: RateLimiter,
-    store: Option<Store>,
+    store: Option<SharedKv>,
     /// The latest rate-limit reading not yet written to the store.
     quota: Mutex<Option<Value>>,
     /// Set when HubSpot said the portal's daily limit is used up: until then no call is sent
@@ -81,7 +81,7 @@ enum Verdict {
 }
 
 impl Client {
-    pub(super) fn new(s: &HubspotSettings, store: Option<Store>) -> Result<Client, ConfigError> {
+    pub(super) fn new(s: &HubspotSettings, store: Option<SharedKv>) -> Result<Client, ConfigError> {
         let auth = match s.auth {
             HubspotAuth::Token => {
                 Auth::Token(s.access_token_source.resolve("hubspot.access_token")?)
@@ -326,7 +326,7 @@ impl Client {
     async fn refresh(&self, o: &OAuth) -> Result<(SecretString, Instant), ConnectorError> {
         let mut candidates: Vec<SecretString> = Vec::new();
         if let Some(store) = &self.store {
-            match store.kv_get(REFRESH_KEY).await {
+            match store.get(REFRESH_KEY).await {
                 Ok(Some(Value::String(s))) if s != o.configured_refresh.expose_secret() => {
                     candidates.push(SecretString::from(s))
                 }
@@ -395,7 +395,7 @@ impl Client {
                 match &self.store {
                     Some(store) => {
                         if let Err(e) = store
-                            .kv_set(REFRESH_KEY, &Value::String(new_refresh.to_owned()))
+                            .set(REFRESH_KEY, &Value::String(new_refresh.to_owned()))
                             .await
                         {
                             tracing::error!(error = %e, "cannot store HubSpot's rotated refresh token");
@@ -441,7 +441,7 @@ impl Client {
     pub(super) async fn flush_quota(&self) {
         let reading = self.quota.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let (Some(store), Some(reading)) = (&self.store, reading)
-            && let Err(e) = store.kv_set(QUOTA_KEY, &reading).await
+            && let Err(e) = store.set(QUOTA_KEY, &reading).await
         {
             tracing::warn!(error = %e, "cannot record the HubSpot quota reading");
         }
@@ -479,7 +479,7 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     h.get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::pendo::client::parse_retry_after)
+        .and_then(crate::limiter::parse_retry_after)
 }
 
 /// Judges one answer. `Retry(wait, true)` is a rate-limit wait, `Retry(wait, false)` a failure.

@@ -49,7 +49,7 @@ use super::{
     BoxFuture, CheckFinding, Connector, ConnectorError, Page, Pull, PullSpec, RawRecord, Watermark,
 };
 use crate::config::{ConfigError, HubspotSettings, Transform, parse_hubspot_filter};
-use crate::store::Store;
+use crate::connectors::SharedKv;
 
 /// List endpoint page size (HubSpot's practical maximum).
 const LIST_LIMIT: usize = 100;
@@ -111,7 +111,7 @@ impl HubspotConnector {
     /// Resolves the secrets and builds the HTTP client and the shared limiters
     /// (`requests_per_10s` for every call, `search_requests_per_second` also for searches).
     /// `store` keeps rotated OAuth refresh tokens and the latest quota reading.
-    pub fn new(settings: &HubspotSettings, store: Option<Store>) -> Result<Self, ConfigError> {
+    pub fn new(settings: &HubspotSettings, store: Option<SharedKv>) -> Result<Self, ConfigError> {
         Ok(HubspotConnector {
             client: Client::new(settings, store)?,
             owners: tokio::sync::Mutex::new(None),

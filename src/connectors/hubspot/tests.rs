@@ -70,8 +70,11 @@ async fn setup(
     } else {
         format!("requests_per_10s = 1000\nsearch_requests_per_second = 100\n{extra}")
     };
-    let conn =
-        HubspotConnector::new(&settings(&server.url(), &extra), store).expect("connector builds");
+    let conn = HubspotConnector::new(
+        &settings(&server.url(), &extra),
+        store.map(|s| std::sync::Arc::new(s) as crate::connectors::SharedKv),
+    )
+    .expect("connector builds");
     (sim, server, conn)
 }
 
@@ -542,7 +545,7 @@ async fn oauth_refreshes_and_keeps_the_rotated_refresh_token() {
 
     // A new process with the original (now revoked) token in its config uses the stored one.
     let s = settings(&server.url(), &format!("requests_per_10s = 1000\n{extra}"));
-    let conn2 = HubspotConnector::new(&s, Some(store.clone())).unwrap();
+    let conn2 = HubspotConnector::new(&s, Some(std::sync::Arc::new(store.clone()))).unwrap();
     drain(&conn2, spec("contacts", &[("email", None)], None))
         .await
         .unwrap();

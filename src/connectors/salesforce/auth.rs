@@ -251,7 +251,7 @@ impl SalesforceConnector {
             return t;
         }
         if let Some(store) = &self.store {
-            match store.kv_get(REFRESH_TOKEN_KEY).await {
+            match store.get(REFRESH_TOKEN_KEY).await {
                 Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => {
                     return SecretString::from(t);
                 }
@@ -267,7 +267,7 @@ impl SalesforceConnector {
     async fn keep_refresh_token(&self, token: SecretString) {
         if let Some(store) = &self.store {
             let value = serde_json::Value::String(token.expose_secret().to_owned());
-            if let Err(e) = store.kv_set(REFRESH_TOKEN_KEY, &value).await {
+            if let Err(e) = store.set(REFRESH_TOKEN_KEY, &value).await {
                 // The login itself worked; the next restart would fall back to the configured
                 // token, which Salesforce may have invalidated. Say so loudly.
                 tracing::error!(error = %e, "cannot keep the rotated salesforce refresh token in the state file");

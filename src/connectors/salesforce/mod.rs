@@ -25,9 +25,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::config::{ConfigError, SalesforceSettings};
+use crate::connectors::SharedKv;
 use crate::connectors::{BoxFuture, CheckFinding, Connector, ConnectorError, Pull, PullSpec};
 use crate::limiter::RateLimiter;
-use crate::store::Store;
 
 use auth::{Credentials, Session};
 
@@ -69,7 +69,7 @@ pub struct SalesforceConnector {
     jwt_audience: String,
     client: reqwest::Client,
     limiter: RateLimiter,
-    store: Option<Store>,
+    store: Option<SharedKv>,
     session: tokio::sync::Mutex<Option<Session>>,
     rotated_refresh: tokio::sync::Mutex<Option<SecretString>>,
     quota: StdMutex<Option<QuotaReading>>,
@@ -161,7 +161,10 @@ pub fn parse_limit_info(header: &str) -> Option<(u64, u64)> {
 impl SalesforceConnector {
     /// Resolves the configured secrets and builds the one client and limiter this org gets.
     /// `store` keeps the rotated refresh token and the latest quota reading.
-    pub fn new(settings: &SalesforceSettings, store: Option<Store>) -> Result<Self, ConfigError> {
+    pub fn new(
+        settings: &SalesforceSettings,
+        store: Option<SharedKv>,
+    ) -> Result<Self, ConfigError> {
         let creds = Credentials::from_settings(settings)?;
         let login = url::Url::parse(&settings.login_url).map_err(|e| {
             ConfigError::new("salesforce.login_url", format!("is not a valid URL ({e})"))
@@ -235,7 +238,7 @@ impl SalesforceConnector {
         let q = *self.quota.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(q) = q {
             let v = serde_json::json!({"used": q.used, "limit": q.limit, "at_ms": q.at_ms});
-            if let Err(e) = store.kv_set(QUOTA_KEY, &v).await {
+            if let Err(e) = store.set(QUOTA_KEY, &v).await {
                 tracing::warn!(error = %e, "cannot record the salesforce quota reading");
             }
         }

@@ -80,9 +80,12 @@ fn connector(
     extra: &str,
     store: Option<Store>,
 ) -> SalesforceConnector {
-    SalesforceConnector::new(&settings(&server.url(), auth, extra), store)
-        .expect("connector builds")
-        .with_backoff(Duration::from_millis(5))
+    SalesforceConnector::new(
+        &settings(&server.url(), auth, extra),
+        store.map(|s| std::sync::Arc::new(s) as crate::connectors::SharedKv),
+    )
+    .expect("connector builds")
+    .with_backoff(Duration::from_millis(5))
 }
 
 fn spec(paths: &[&str], filter: Option<&str>, since: Option<Watermark>) -> PullSpec {

@@ -1,0 +1,102 @@
+//! `pendo-sync run`: the process around the [`Service`]: signals, the instance lock, metrics,
+//! the admin port, and a graceful stop.
+//!
+//! On SIGTERM/SIGINT the loops stop taking work; a cycle in progress is abandoned (its committed
+//! pages are kept); batches in flight finish and settle. The process exits 0 once the tasks are
+//! done, or after `pendo.timeout` + 15 s if a request hangs (an unsettled batch is only leased,
+//! and is sent again at the next start).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::task::TaskTracker;
+
+use crate::app::{App, AppError};
+use crate::config::Settings;
+use crate::service::Service;
+
+/// Extra time given to in-flight requests at shutdown, beyond `pendo.timeout`.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
+
+/// Installs the Prometheus recorder as the process's global recorder (first call wins).
+fn install_metrics() -> Option<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    match metrics::set_global_recorder(recorder) {
+        Ok(()) => Some(handle),
+        Err(_) => {
+            tracing::warn!("A metrics recorder was already installed; /metrics serves nothing.");
+            None
+        }
+    }
+}
+
+/// `pendo-sync run`.
+pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
+    // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
+    let cancel = crate::shutdown::shutdown_token();
+    // The lock next: a second instance must say so, not fail later on the admin port.
+    let lock = crate::lock::InstanceLock::acquire(&settings.state.path, "run")?;
+    let metrics = install_metrics();
+    let admin_token = if settings.admin.token_source.is_set() {
+        Some(settings.admin.token_source.resolve("admin.token")?)
+    } else {
+        None
+    };
+    let app = App::open_configured(settings.clone()).await?;
+    // Once per process: releases leases a crashed predecessor left, lifts an old pause.
+    app.writer.start(&lock).await?;
+    let listen = settings.admin.listen.clone();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| AppError::Runtime(format!("cannot listen on admin.listen = {listen}: {e}")))?;
+
+    let tracker = TaskTracker::new();
+    let service = Service::new(
+        settings.clone(),
+        app,
+        metrics,
+        admin_token,
+        cancel.clone(),
+        tracker.clone(),
+    );
+
+    let admin_failed = Arc::new(AtomicBool::new(false));
+    {
+        let service = service.clone();
+        let failed = admin_failed.clone();
+        tracker.spawn(async move {
+            if let Err(e) = crate::admin::serve(service.clone(), listener).await {
+                tracing::error!(error = %e, "The admin server failed; stopping.");
+                failed.store(true, Ordering::SeqCst);
+                service.cancel.cancel();
+            }
+        });
+    }
+    service.spawn_tasks();
+    tracing::info!(
+        mappings = settings.mappings.len(),
+        poll_interval = %humantime::format_duration(settings.schedule.poll_interval),
+        reconcile_interval = %humantime::format_duration(settings.schedule.reconcile_interval),
+        admin = %listen,
+        "Service started."
+    );
+
+    cancel.cancelled().await;
+    tracker.close();
+    let grace = settings.pendo.timeout + SHUTDOWN_SLACK;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            "Requests still in flight after {}; leaving them in the outbox to be sent again at the next start.",
+            humantime::format_duration(grace)
+        );
+    }
+    service.close().await;
+    if admin_failed.load(Ordering::SeqCst) {
+        return Ok(1);
+    }
+    tracing::info!("Stopped; what Pendo confirmed is committed, the rest waits in the outbox.");
+    Ok(0)
+}

@@ -1,0 +1,94 @@
+//! The status model: one document that `status`, `GET /v1/status` and the metrics read, built
+//! from the state file by one set of queries.
+
+use serde::Serialize;
+
+use crate::app::AppError;
+use crate::config::Settings;
+use crate::domain::now_ms;
+use crate::pendo::writer::PAUSED_KEY;
+use crate::store::Store;
+
+/// The status document (`status --format json`, `GET /v1/status`).
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub state_file: String,
+    pub writer_paused: Option<String>,
+    pub outbox: std::collections::BTreeMap<&'static str, i64>,
+    pub oldest_pending_seconds: Option<f64>,
+    pub invalid_records: usize,
+    pub mappings: Vec<MappingStatus>,
+    pub quota: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MappingStatus {
+    pub name: String,
+    pub watermark: Option<String>,
+    pub watermark_updated_at: Option<String>,
+    pub last_run: Option<crate::store::RunRecord>,
+    pub last_success_at: Option<String>,
+    /// The last successful reconcile and any failures since.
+    pub reconcile: Option<ReconcileStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReconcileStatus {
+    pub last_success_at: Option<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub failed_at: Option<String>,
+    pub retry_at: Option<String>,
+}
+
+pub fn iso(ms: i64) -> String {
+    crate::domain::iso8601_from_ms(ms)
+}
+
+pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusReport, AppError> {
+    let watermarks = store.watermarks().await?;
+    let runs = store.last_runs().await?;
+    let mut mappings = Vec::new();
+    for m in &settings.mappings {
+        let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
+        let run = runs.iter().find(|(r, _)| r.mapping == m.name);
+        let reconcile = crate::schedule::ReconcileRecord::load(store, &m.name)
+            .await?
+            .map(|r| ReconcileStatus {
+                last_success_at: r.at_ms.map(iso),
+                failures: r.failures,
+                last_error: r.last_error,
+                failed_at: r.failed_at_ms.map(iso),
+                retry_at: r.retry_at_ms.map(iso),
+            });
+        mappings.push(MappingStatus {
+            reconcile,
+            name: m.name.clone(),
+            watermark: wm.map(|(_, w, _)| w.0.clone()),
+            watermark_updated_at: wm.map(|(_, _, at)| iso(*at)),
+            last_run: run.map(|(r, _)| r.clone()),
+            last_success_at: run.and_then(|(_, s)| s.map(iso)),
+        });
+    }
+    let mut quota = serde_json::Map::new();
+    for source in ["salesforce", "hubspot"] {
+        if let Some(v) = store.kv_get(&format!("quota.{source}")).await? {
+            quota.insert(source.into(), v);
+        }
+    }
+    Ok(StatusReport {
+        state_file: store.path().display().to_string(),
+        writer_paused: store
+            .kv_get(PAUSED_KEY)
+            .await?
+            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
+        outbox: store.outbox_counts().await?,
+        oldest_pending_seconds: store
+            .oldest_pending_at()
+            .await?
+            .map(|at| (now_ms() - at).max(0) as f64 / 1000.0),
+        invalid_records: store.invalid_records(None).await?.len(),
+        mappings,
+        quota,
+    })
+}
