@@ -173,6 +173,16 @@ struct Seen {
     /// pendo id hash → (crm id hash, values digest)
     ids: IdMap<(u64, u64)>,
     ambiguous: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
+    /// CRM id hashes of the live records that claim a Pendo id (clean or ambiguous), and of
+    /// those set aside: a full pull forgets the claims and set-aside entries of the others.
+    claimants: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
+    set_aside: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
+}
+
+/// The digest stored for a record: its values and who claims them, so a record skipped by its
+/// digest is the same claimant as when the digest (and its claim) was written.
+fn stored_digest(values: u64, crm_hash: u64) -> u64 {
+    values ^ crm_hash.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// A record that mapped cleanly, with the hashes the rest of the cycle needs.
@@ -255,6 +265,8 @@ struct Prepared {
     outbox: HashMap<String, HashMap<String, String>>,
     /// The shadow sequence number of the snapshot `shadow` and `outbox` come from.
     shadow_seq: i64,
+    claims: Vec<crate::store::Claim>,
+    forget: Vec<String>,
 }
 
 /// What one page writes.
@@ -268,6 +280,8 @@ struct PageWrite {
     /// Records found in sync, for the store's digests, and the snapshot they were found in.
     digests: Vec<(String, u64)>,
     shadow_seq: i64,
+    claims: Vec<crate::store::Claim>,
+    forget: Vec<String>,
 }
 
 /// Mapped pages the fetch-and-map side may run ahead of the rest: enough to keep both cores busy
@@ -331,6 +345,9 @@ async fn pull_all(
     if mode.full() && mapping.on_delete == OnDelete::Clear {
         clear_orphans(store, mapping, &seen, dry_run, report).await?;
     }
+    if mode.full() && !dry_run {
+        forget_unseen(store, mapping, &seen).await?;
+    }
     Ok(())
 }
 
@@ -382,9 +399,17 @@ async fn consume(
                         report.pulled += page.pulled;
                         metrics::counter!(RECORDS_PULLED, "mapping" => mapping.name.clone())
                             .increment(page.pulled);
-                        prepare(store, mapping, page, stored.as_ref(), seen, report)
-                            .await
-                            .map(Some)
+                        prepare(
+                            store,
+                            mapping,
+                            page,
+                            mode.full(),
+                            stored.as_ref(),
+                            seen,
+                            report,
+                        )
+                        .await
+                        .map(Some)
                     }
                     Some(Err(e)) => {
                         fetch_error = Some(e);
@@ -445,6 +470,7 @@ async fn prepare(
     store: &Store,
     mapping: &Mapping,
     page: MappedPage,
+    full: bool,
     stored: Option<&IdMap<u64>>,
     seen: &mut Seen,
     report: &mut CycleReport,
@@ -453,13 +479,18 @@ async fn prepare(
     let mut valid_crm_ids = Vec::with_capacity(page.ok.len());
     let mut live: Vec<(MappedRecord, u64)> = Vec::new();
     let mut gone: Vec<MappedRecord> = Vec::new();
+    let mut claims: Vec<crate::store::Claim> = Vec::new();
+    let mut forget: Vec<String> = Vec::new();
     for (deleted, e) in page.errors {
         if matches!(e, RecordError::MissingId { .. }) {
             report.skipped_empty_ids += 1;
         }
         if deleted {
-            continue; // a deleted record with no usable id has nothing to clear
+            // A deleted record with no usable id has nothing to clear; what we kept of it goes.
+            forget.push(e.crm_id().to_owned());
+            continue;
         }
+        seen.set_aside.insert(id_hash(e.crm_id()));
         // A record set aside is still in the CRM: its Pendo id must not look like an orphan to
         // the reconcile, which would clear what Pendo holds for it.
         if let Some(pendo_id) = e.pendo_id() {
@@ -480,6 +511,34 @@ async fn prepare(
         });
     }
 
+    // An incremental pull sees only what changed: the other claimants of its Pendo ids come
+    // from the claims the state keeps. (A full pull sees every live claimant itself.)
+    let kept = if full || page.ok.is_empty() {
+        HashMap::new()
+    } else {
+        let ids: Vec<&str> = page.ok.iter().map(|m| m.rec.pendo_id.as_str()).collect();
+        store.load_claims(&mapping.name, &ids).await?
+    };
+    let deleted_here: HashSet<String> = page
+        .ok
+        .iter()
+        .filter(|m| m.rec.deleted)
+        .map(|m| m.rec.crm_id.clone())
+        .collect();
+    // Another record of this mapping, not in this pull and not deleted in this page, claims
+    // `pendo_id` (with other values, when `digest` is given).
+    let claimed_elsewhere = |pendo_id: &str, crm_id: &str, digest: Option<u64>, seen: &Seen| {
+        kept.get(pendo_id).is_some_and(|list| {
+            list.iter().any(|(other, d)| {
+                other != crm_id
+                    && !deleted_here.contains(other)
+                    && !seen.claimants.contains(&id_hash(other))
+                    && digest.is_none_or(|mine| *d != mine)
+            })
+        })
+    };
+    let mut gone_claimed: Vec<bool> = Vec::new();
+
     // Two CRM records mapping to one Pendo id with different values: hold both back.
     let mut held_back: Vec<String> = Vec::new();
     for Mapped {
@@ -490,6 +549,8 @@ async fn prepare(
     } in page.ok
     {
         if rec.deleted {
+            gone_claimed.push(claimed_elsewhere(&rec.pendo_id, &rec.crm_id, None, seen));
+            forget.push(rec.crm_id.clone());
             gone.push(rec);
             continue;
         }
@@ -500,16 +561,21 @@ async fn prepare(
                 false
             }
         };
-        if conflict || seen.ambiguous.contains(&id) {
+        let elsewhere = claimed_elsewhere(&rec.pendo_id, &rec.crm_id, Some(digest), seen);
+        seen.claimants.insert(crm_hash);
+        if conflict || elsewhere || seen.ambiguous.contains(&id) {
             if seen.ambiguous.insert(id) {
                 held_back.push(rec.pendo_id.clone());
             }
             report.ambiguous += 1;
+            claims.push((rec.crm_id.clone(), rec.pendo_id.clone(), digest));
             invalid.push(InvalidRecord {
                 mapping: mapping.name.clone(),
                 detail: format!(
-                    "record {}: Pendo id {} is also the id of another CRM record with different values in this pull; neither is sent until only one remains",
-                    rec.crm_id, rec.pendo_id
+                    "record {}: Pendo id {} is also the id of another CRM record with different values{}; neither is sent until only one remains",
+                    rec.crm_id,
+                    rec.pendo_id,
+                    if elsewhere && !conflict { "" } else { " in this pull" }
                 ),
                 crm_id: rec.crm_id,
                 pendo_id: Some(rec.pendo_id),
@@ -520,18 +586,27 @@ async fn prepare(
                 .increment(1);
             continue;
         }
-        // The diff needs the Pendo id and the values, not the CRM id.
-        valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
-        if stored.is_some_and(|s| s.get(&id) == Some(&digest)) {
+        let keep = stored_digest(digest, crm_hash);
+        if stored.is_some_and(|s| s.get(&id) == Some(&keep)) {
+            // Unchanged, and the same claimant as when its digest and claim were written.
+            valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
             report.unchanged_by_digest += 1;
             continue;
         }
-        live.push((rec, digest));
+        claims.push((rec.crm_id.clone(), rec.pendo_id.clone(), digest));
+        // The diff needs the Pendo id and the values, not the CRM id.
+        valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
+        live.push((rec, keep));
     }
 
-    // A deleted record clears Pendo only if no live record holds its Pendo id in this pull.
+    // A deleted record clears Pendo only if no live record holds its Pendo id: in this pull,
+    // or (claims) outside it.
     if mapping.on_delete == OnDelete::Clear {
-        gone.retain(|rec| !seen.ids.contains_key(&id_hash(&rec.pendo_id)));
+        let mut claimed = gone_claimed.into_iter();
+        gone.retain(|rec| {
+            let elsewhere = claimed.next().unwrap_or(false);
+            !elsewhere && !seen.ids.contains_key(&id_hash(&rec.pendo_id))
+        });
         report.deleted += gone.len() as u64;
     } else {
         gone.clear();
@@ -558,6 +633,8 @@ async fn prepare(
         held_back,
         invalid,
         valid_crm_ids,
+        claims,
+        forget,
         shadow,
         outbox,
         shadow_seq,
@@ -634,6 +711,8 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     PageWrite {
         digests,
         shadow_seq: p.shadow_seq,
+        claims: p.claims,
+        forget: p.forget,
         changes,
         unqueue,
         invalid: p.invalid,
@@ -652,8 +731,43 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             valid_crm_ids: &w.valid_crm_ids,
             unqueue: &w.unqueue,
             digests: Some((mapping.kind, &w.digests, w.shadow_seq)),
+            claims: &w.claims,
+            forget: &w.forget,
         })
         .await?;
+    Ok(())
+}
+
+/// After a full pull: the claims and set-aside entries of CRM records the pull did not see
+/// (deleted without a trace, or out of the filter) go. The claims are only walked when there are
+/// more than the pull's claimants (steady state: none to walk).
+async fn forget_unseen(store: &Store, mapping: &Mapping, seen: &Seen) -> Result<(), CycleError> {
+    let mut stale: Vec<String> = store
+        .invalid_records(Some(&mapping.name))
+        .await?
+        .into_iter()
+        .map(|r| r.crm_id)
+        .filter(|crm| {
+            let h = id_hash(crm);
+            !seen.claimants.contains(&h) && !seen.set_aside.contains(&h)
+        })
+        .collect();
+    if store.claims_count(&mapping.name).await? > seen.claimants.len() as i64 {
+        let mut after = String::new();
+        loop {
+            let page = store.claim_crm_ids(&mapping.name, &after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.clone();
+            stale.extend(
+                page.into_iter()
+                    .filter(|crm| !seen.claimants.contains(&id_hash(crm))),
+            );
+        }
+    }
+    if !stale.is_empty() {
+        tracing::debug!(mapping = %mapping.name, records = stale.len(), "Forgetting records the full pull no longer sees.");
+        store.forget_records(&mapping.name, &stale).await?;
+    }
     Ok(())
 }
 

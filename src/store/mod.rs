@@ -15,6 +15,7 @@
 //! The file is created readable and writable by its owner only: it holds the CRM data we sync and,
 //! for OAuth flows, rotated refresh tokens.
 
+mod claims;
 mod digest;
 mod outbox;
 mod shadow;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+pub use claims::Claim;
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
 pub use shadow::ShadowRecord;
 
@@ -151,6 +153,10 @@ pub struct PageCommit<'a> {
     /// ([`DiffState::shadow_seq`]); written last, only for entities with no outbox rows whose
     /// shadow row has not changed since that snapshot.
     pub digests: Option<PageDigests<'a>>,
+    /// Claims of this page's records (see `claims.rs`), written or updated.
+    pub claims: &'a [Claim],
+    /// CRM ids of records deleted in the CRM: their claims and set-aside entries go.
+    pub forget: &'a [String],
 }
 
 impl Store {
@@ -409,6 +415,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        claims::write(&mut tx, page.mapping, page.claims).await?;
+        claims::forget(&mut tx, page.mapping, page.forget).await?;
         if let Some((kind, digests, seq)) = page.digests {
             digest::write_digests(&mut tx, kind, page.mapping, digests, seq).await?;
         }

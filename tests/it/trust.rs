@@ -301,3 +301,80 @@ async fn a_2xx_that_does_not_account_for_the_batch_confirms_nothing() {
     t.sync_mode(pendo_sync::engine::Mode::Reconcile).await;
     assert!(t.writes().is_empty());
 }
+
+/// Claims live in the state: a second CRM record claiming a Pendo id is found by whichever pull
+/// sees it (here an incremental one, which never sees the first claimant), and a deleted
+/// record's clear waits while another live record still claims the id.
+#[tokio::test]
+async fn claims_in_the_state_find_a_second_claimant_across_pulls() {
+    use pendo_sync::domain::Kind;
+    use serde_json::json;
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.sync().await;
+    let x = crate::helpers::account_id(0);
+    let held = t.pendo.value(Kind::Account, &x, "plantier");
+    assert!(held.is_some());
+
+    // A second CRM record names the same Pendo id with other values.
+    let mut dup = crate::helpers::account(0);
+    dup["Plan_Tier__c"] = json!("Duplicate");
+    t.crm.upsert("Account", "dup-record", dup);
+    t.pendo.reset_requests();
+    let report = t.sync().await;
+    assert_eq!(report.cycles[0].ambiguous, 1, "{:?}", report.cycles);
+    assert!(
+        t.writes().is_empty(),
+        "neither claimant is sent: {:?}",
+        t.writes()
+    );
+    assert_eq!(t.pendo.value(Kind::Account, &x, "plantier"), held);
+    let app = t.app().await;
+    let invalid = app.store.invalid_records(Some("accounts")).await.unwrap();
+    assert!(
+        invalid
+            .iter()
+            .any(|r| r.crm_id == "dup-record" && r.reason == "ambiguous_id"),
+        "{invalid:?}"
+    );
+    app.store.close().await;
+
+    // The duplicate is deleted: the id is still claimed by the first record, so no clear.
+    t.crm.delete("Account", "dup-record");
+    let report = t.sync().await;
+    assert_eq!(report.cycles[0].deleted, 0, "{:?}", report.cycles);
+    assert_eq!(t.pendo.value(Kind::Account, &x, "plantier"), held);
+    t.assert_converged();
+    // Its set-aside entry went with it.
+    let app = t.app().await;
+    let invalid = app.store.invalid_records(Some("accounts")).await.unwrap();
+    assert!(invalid.is_empty(), "{invalid:?}");
+    app.store.close().await;
+
+    // The first record is deleted too: now the id is cleared.
+    t.crm.delete("Account", &x);
+    let report = t.sync().await;
+    assert_eq!(report.cycles[0].deleted, 1, "{:?}", report.cycles);
+    assert_eq!(t.pendo.value(Kind::Account, &x, "plantier"), None);
+}
+
+/// A record set aside (bad value) that then leaves the filter or the CRM without a trace loses
+/// its set-aside entry at the next full pull.
+#[tokio::test]
+async fn set_aside_entries_go_when_their_record_leaves() {
+    use serde_json::json;
+    let t = TestApp::new().await;
+    t.seed(3);
+    let bad = crate::helpers::account_id(1);
+    t.crm.set_field("Account", &bad, "ARR__c", json!("lots"));
+    t.sync().await;
+    let app = t.app().await;
+    assert_eq!(app.store.invalid_records(None).await.unwrap().len(), 1);
+    app.store.close().await;
+    t.crm.purge("Account", &bad);
+    t.sync_mode(pendo_sync::engine::Mode::Reconcile).await;
+    let app = t.app().await;
+    let left = app.store.invalid_records(None).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    app.store.close().await;
+}
