@@ -195,6 +195,8 @@ struct Mapped {
 
 /// One page after mapping: clean records, and the ones set aside (with their deleted flag).
 struct MappedPage {
+    /// The page's share of [`RECORDS_AHEAD`], given back when its diff is done.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
     watermark: Option<Watermark>,
     pulled: u64,
     ok: Vec<Mapped>,
@@ -222,6 +224,7 @@ async fn map_page(mapping: &Arc<Mapping>, seed: &DigestSeed, page: Page) -> Mapp
     ok.extend(ok2);
     errors.extend(errors2);
     MappedPage {
+        budget: None,
         watermark,
         pulled,
         ok,
@@ -254,6 +257,8 @@ fn map_records(
 
 /// One page, checked, with the shadow and outbox state of the ids it must diff.
 struct Prepared {
+    /// Held until the page's diff is done (dropped with it).
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
     watermark: Option<Watermark>,
     /// Records to diff, with their value digests.
     live: Vec<(MappedRecord, u64)>,
@@ -284,10 +289,14 @@ struct PageWrite {
     forget: Vec<String>,
 }
 
-/// Mapped pages the fetch-and-map side may run ahead of the rest: enough to keep both cores busy
-/// while a reconcile loads its digests. With Salesforce's 2,000-record pages that is up to 64,000
-/// mapped records (some 25 MB); HubSpot's 100-record pages hold far less.
-const PAGES_AHEAD: usize = 32;
+/// Records the fetch-and-map side may hold ahead of the rest: enough to keep both cores busy
+/// while a reconcile loads its digests (32 of Salesforce's 2,000-record query pages, some 25 MB
+/// mapped). Bounded in records, not pages: a Bulk 2.0 page is 50,000 records. A page larger
+/// than this runs alone. Beyond it, one more page may be in the middle of being fetched.
+pub const RECORDS_AHEAD: usize = 64_000;
+
+/// Pages in the channel: the records bound above is what limits memory; this only sizes it.
+const PAGES_AHEAD: usize = 64;
 
 /// Pages flow through a pipeline so both cores work. One side fetches page N+1 from the CRM
 /// while page N is mapped on a blocking thread, and hands mapped pages over a bounded channel.
@@ -316,6 +325,7 @@ async fn pull_all(
     let seed = DigestSeed::new(mapping);
     let mut pull = connector.pull(spec).await.map_err(connector_error)?;
     let (tx, rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
+    let budget = Arc::new(tokio::sync::Semaphore::new(RECORDS_AHEAD));
     let produce = async move {
         let mut next = pull.next_page().await;
         loop {
@@ -327,7 +337,14 @@ async fn pull_all(
                     break;
                 }
             };
-            let (mapped, fetched) = tokio::join!(map_page(&shared, &seed, page), pull.next_page());
+            // The page's records count against the budget until its diff is done.
+            let want = page.records.len().clamp(1, RECORDS_AHEAD) as u32;
+            let Ok(permit) = budget.clone().acquire_many_owned(want).await else {
+                break;
+            };
+            let (mut mapped, fetched) =
+                tokio::join!(map_page(&shared, &seed, page), pull.next_page());
+            mapped.budget = Some(permit);
             if tx.send(Ok(mapped)).await.is_err() {
                 break; // the other side stopped on an error
             }
@@ -627,6 +644,7 @@ async fn prepare(
         store.load_diff_state(mapping.kind, &ids).await?
     };
     Ok(Prepared {
+        _budget: page.budget,
         watermark: page.watermark,
         live,
         gone,

@@ -33,6 +33,7 @@ pub mod diff;
 pub mod digest;
 pub mod domain;
 pub mod engine;
+pub mod http;
 pub mod limiter;
 pub mod lock;
 pub mod mapping;

@@ -103,6 +103,11 @@ impl FixtureConnector {
         inner.pages_served = 0;
     }
 
+    /// Pages served since the last [`FixtureConnector::fail_after_pages`] (or creation).
+    pub fn pages_served(&self) -> usize {
+        self.inner.lock().expect("fixture lock").pages_served
+    }
+
     /// The live (not deleted) records of `object`, by CRM id.
     pub fn records(&self, object: &str) -> BTreeMap<String, serde_json::Value> {
         let inner = self.inner.lock().expect("fixture lock");

@@ -341,12 +341,18 @@ impl PendoClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let text = match response.text().await {
+        let text = match crate::http::body_text(response, crate::http::MAX_BODY_BYTES).await {
             Ok(t) => t,
+            Err(e) if e.is_too_large() => {
+                return Err(PendoError::Unexpected {
+                    status,
+                    message: e.to_string(),
+                });
+            }
             Err(e) => {
                 return Err(PendoError::Transient {
                     status: status.to_string(),
-                    message: format!("reading the body failed: {}", describe_reqwest_error(&e)),
+                    message: e.to_string(),
                     retry_after,
                 });
             }

@@ -200,3 +200,58 @@ async fn a_second_writer_waits_for_the_lock_and_never_releases_anothers_leases()
     );
     assert_eq!(err.exit_code(), 1);
 }
+
+/// Bounded memory: while the checking side is stuck, the fetching side runs ahead by at most
+/// `engine::RECORDS_AHEAD` records (plus the page being fetched), however large the pages are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pull_runs_ahead_by_a_bounded_number_of_records() {
+    const PAGE: usize = 20_000;
+    let t = TestApp::new().await;
+    let crm = pendo_sync::connectors::fixture::FixtureConnector::new(PAGE);
+    for i in 0..12 * PAGE {
+        let id = account_id(i);
+        crm.upsert(
+            "Account",
+            &id,
+            json!({ "Id": id, "Plan_Tier__c": "Starter" }),
+        );
+    }
+    let mut connectors = pendo_sync::app::Connectors::new();
+    connectors.insert(
+        pendo_sync::config::Source::Salesforce,
+        Arc::new(crm.clone()),
+    );
+    let app = App::open(t.settings.clone(), connectors).await.unwrap();
+    let served_when_stuck = Arc::new(std::sync::Mutex::new(None));
+    let (fired, served) = (Arc::new(AtomicBool::new(false)), served_when_stuck.clone());
+    let watched = crm.clone();
+    app.store.set_pause_hook(Some(Arc::new(move |point| {
+        let first = point == PausePoint::BetweenDiffReads && !fired.swap(true, Ordering::SeqCst);
+        let (crm, served) = (watched.clone(), served.clone());
+        Box::pin(async move {
+            if !first {
+                return;
+            }
+            // Stuck on the first page: wait until the fetching side stops (or 20 s).
+            let mut last = crm.pages_served();
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = crm.pages_served();
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            *served.lock().unwrap() = Some(last);
+        })
+    })));
+    let m = &t.settings.mappings[0];
+    let report = app.cycle(m, Mode::Incremental, true, &()).await.unwrap();
+    assert_eq!(report.pulled, (12 * PAGE) as u64);
+    let served = served_when_stuck.lock().unwrap().expect("the hook ran");
+    let bound = pendo_sync::engine::RECORDS_AHEAD.div_ceil(PAGE) + 2;
+    assert!(
+        served <= bound,
+        "{served} pages fetched ahead, bound {bound}"
+    );
+}

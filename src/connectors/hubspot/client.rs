@@ -293,10 +293,16 @@ impl Client {
         crate::metrics::record_request(API, Some(status));
         let headers = resp.headers().clone();
         self.note_quota(&headers);
-        let text = match resp.text().await {
+        let text = match crate::http::body_text(resp, crate::http::MAX_BODY_BYTES).await {
             Ok(t) => t,
+            Err(e) if e.is_too_large() => {
+                return Verdict::Fail(ConnectorError::Protocol {
+                    api: API,
+                    message: e.to_string(),
+                });
+            }
             Err(e) => {
-                tracing::warn!(error = %e.without_url(), "hubspot response body failed; retrying");
+                tracing::warn!(error = %e, "hubspot response body failed; retrying");
                 return Verdict::Retry(Duration::from_millis(500), false);
             }
         };

@@ -325,9 +325,15 @@ impl SalesforceConnector {
                     let status = resp.status().as_u16();
                     crate::metrics::record_request(API, Some(status));
                     let headers = resp.headers().clone();
-                    match resp.text().await {
+                    match crate::http::body_text(resp, crate::http::MAX_BODY_BYTES).await {
                         Ok(body) => (status, headers, body),
-                        Err(e) => (0, headers, e.without_url().to_string()),
+                        Err(e) if e.is_too_large() => {
+                            return Err(ConnectorError::Protocol {
+                                api: API,
+                                message: e.to_string(),
+                            });
+                        }
+                        Err(e) => (0, headers, e.to_string()),
                     }
                 }
                 Err(e) => {
