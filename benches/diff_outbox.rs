@@ -51,6 +51,7 @@ use pendo_sync::diff::diff_record;
 use pendo_sync::domain::Kind;
 use pendo_sync::engine::{Mode, run_cycle};
 use pendo_sync::mapping::Mapping;
+use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
 use pendo_sync::store::{Change, PageCommit, Settlement, Store};
 use serde_json::json;
 
@@ -62,37 +63,20 @@ const TARGET_N: u64 = 1_000_000;
 const TARGET_SECONDS: f64 = 5.0;
 const TARGET_RSS_MB: f64 = 300.0;
 
-const CONFIG: &str = r#"
-[state]
-path = "/tmp/unused.db"
-
-[pendo]
-integration_key = "bench"
-
-[salesforce]
-login_url = "https://login.salesforce.com"
-auth = "jwt"
-client_id = "bench"
-username = "bench@example.com"
-private_key = "bench"
-
-[admin]
-token = "bench"
-
-[[mappings]]
-name = "accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-on_delete = "keep"
-  [mappings.fields]
-  plantier    = { from = "Plan_Tier__c",    type = "string" }
-  arr         = { from = "ARR__c",          type = "number" }
-  isstrategic = { from = "Strategic__c",    type = "boolean" }
-  renewaldate = { from = "Renewal_Date__c", type = "date" }
-  owneremail  = { from = "Owner.Email",     type = "string" }
-"#;
+/// The bench's config: no simulator is contacted, only the mapping matters.
+fn config() -> String {
+    let sf_auth = Auth::new("jwt")
+        .key("client_id", "bench")
+        .key("username", "bench@example.com")
+        .key("private_key", "bench");
+    let pendo = PendoSection::new("bench").max_in_flight(None);
+    let salesforce = SalesforceSection::new("https://login.salesforce.com", sf_auth);
+    SimConfig::new("/tmp/unused.db", pendo)
+        .salesforce(salesforce)
+        .admin_token("bench")
+        .mapping(MappingSection::sf_accounts("accounts").on_delete(Some("keep")))
+        .to_toml()
+}
 
 // ---- the synthetic CRM ----------------------------------------------------------------------
 
@@ -239,7 +223,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn settings() -> (Settings, MappingSettings) {
-    let settings = Settings::from_toml_with_env(CONFIG, HashMap::new()).expect("bench config");
+    let settings = Settings::from_toml_with_env(&config(), HashMap::new()).expect("bench config");
     let m = settings.mappings[0].clone();
     (settings, m)
 }

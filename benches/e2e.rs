@@ -20,6 +20,7 @@ use pendo_sync::config::{Settings, Source};
 use pendo_sync::connectors::fixture::FixtureConnector;
 use pendo_sync::domain::Kind;
 use pendo_sync::engine::Mode;
+use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
 use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig, SimRateLimit};
 use serde_json::json;
 
@@ -97,34 +98,19 @@ async fn run() {
         crm.upsert("Account", &format!("001E2E{i:09}"), account(i, "Growth"));
         pendo.add_entity(Kind::Account, &format!("001E2E{i:09}"));
     }
-    let toml = format!(
-        r#"
-[state]
-path = "{state}"
-[pendo]
-base_url = "{url}"
-integration_key = "bench-key"
-batch_size = {b}
-requests_per_second = {r}
-max_in_flight = 2
-retry_initial = "200ms"
-retry_max = "5s"
-[salesforce]
-login_url = "http://127.0.0.1:9"
-auth = "client_credentials"
-client_id = "bench"
-client_secret = "bench"
-[[mappings]]
-name = "accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-{sf_account_fields}"#,
-        sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
-        state = dir.join("state.db").display(),
-        url = server.url(),
-    );
+    let pendo_section = PendoSection::new("bench-key")
+        .base_url(server.url())
+        .batch_size(b)
+        .requests_per_second(r)
+        .retry_initial("200ms")
+        .retry_max("5s");
+    let toml = SimConfig::new(dir.join("state.db"), pendo_section)
+        .salesforce(SalesforceSection::new(
+            "http://127.0.0.1:9",
+            Auth::client_credentials("bench", "bench"),
+        ))
+        .mapping(MappingSection::sf_accounts("accounts").on_delete(None))
+        .to_toml();
     let settings = Arc::new(Settings::from_toml_with_env(&toml, HashMap::new()).expect("config"));
     let mut connectors = Connectors::new();
     connectors.insert(Source::Salesforce, Arc::new(crm.clone()));

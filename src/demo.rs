@@ -14,6 +14,9 @@ use crate::config::Settings;
 use crate::domain::Kind;
 use crate::engine::Mode;
 use crate::sim::SimServer;
+use crate::sim::config::{
+    Auth, HubspotSection, MappingSection, PendoSection, SalesforceSection, SimConfig,
+};
 use crate::sim::hubspot::{HubspotSim, HubspotSimConfig};
 use crate::sim::pendo::{PendoSim, PendoSimConfig};
 use crate::sim::salesforce::{SalesforceSim, SalesforceSimConfig};
@@ -75,56 +78,22 @@ async fn start_sims(first: SocketAddr) -> std::io::Result<Sims> {
 }
 
 fn config_text(sims: &Sims, state: &std::path::Path) -> String {
-    let sf_client_id = SalesforceSimConfig::default().client_id;
-    let hs_token = HubspotSimConfig::default().access_token;
-    format!(
-        r#"[state]
-path = "{state}"
-
-[pendo]
-base_url = "{pendo}"
-integration_key = "{PENDO_KEY}"
-batch_size = 500
-requests_per_second = 50
-create_missing = true
-
-[salesforce]
-login_url = "{sf}"
-auth = "client_credentials"
-client_id = "{sf_client_id}"
-client_secret = "{SF_SECRET}"
-requests_per_second = 50
-
-[hubspot]
-base_url = "{hs}"
-access_token = "{hs_token}"
-requests_per_10s = 150
-
-[[mappings]]
-name = "sf-accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-filter = "Type = 'Customer'"
-on_delete = "clear"
-{sf_account_fields}
-[[mappings]]
-name = "hs-contacts"
-source = "hubspot"
-object = "contacts"
-kind = "visitor"
-id = "email"
-id_case = "lower"
-on_delete = "keep"
-{hs_contact_fields}"#,
-        sf_account_fields = crate::sim::SF_ACCOUNT_FIELDS,
-        hs_contact_fields = crate::sim::HS_CONTACT_FIELDS,
-        state = state.display(),
-        pendo = sims.servers[0].url(),
-        sf = sims.servers[1].url(),
-        hs = sims.servers[2].url(),
-    )
+    let pendo = PendoSection::new(PENDO_KEY)
+        .base_url(sims.servers[0].url())
+        .batch_size(500)
+        .requests_per_second(50.0)
+        .max_in_flight(None)
+        .create_missing(true);
+    let sf_auth = Auth::client_credentials(SalesforceSimConfig::default().client_id, SF_SECRET);
+    let hs_auth = Auth::access_token(HubspotSimConfig::default().access_token);
+    SimConfig::new(state, pendo)
+        .salesforce(
+            SalesforceSection::new(sims.servers[1].url(), sf_auth).requests_per_second(50.0),
+        )
+        .hubspot(HubspotSection::new(sims.servers[2].url(), hs_auth).requests_per_10s(150))
+        .mapping(MappingSection::sf_accounts("sf-accounts").filter("Type = 'Customer'"))
+        .mapping(MappingSection::hs_contacts())
+        .to_toml()
 }
 
 /// `pendo-sync simulate`: serve the simulators until Ctrl-C, printing their URLs and a config.

@@ -6,6 +6,7 @@
 //! Each simulator keeps its state behind a cheap, cloneable handle so a test can change the
 //! CRM or read back what Pendo holds, in-process or over HTTP (`/_sim/...` routes).
 
+pub mod config;
 pub mod hubspot;
 pub mod pendo;
 pub mod salesforce;
@@ -16,7 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The `[mappings.fields]` table of a mapping of the Salesforce simulator's `Account` records
-/// (the fields it seeds), for the configs the demo, the test harnesses and the benchmarks write.
+/// (the fields it seeds), as text: [`config::SF_ACCOUNT`] rendered (a unit test keeps the two
+/// equal). Configs are built with [`config::SimConfig`]; this is for hand-written ones.
 pub const SF_ACCOUNT_FIELDS: &str = r#"  [mappings.fields]
   plantier    = { from = "Plan_Tier__c",    type = "string" }
   arr         = { from = "ARR__c",          type = "number" }
@@ -25,7 +27,8 @@ pub const SF_ACCOUNT_FIELDS: &str = r#"  [mappings.fields]
   isstrategic = { from = "Strategic__c",    type = "boolean" }
 "#;
 
-/// The `[mappings.fields]` table of a mapping of the HubSpot simulator's contacts.
+/// The `[mappings.fields]` table of a mapping of the HubSpot simulator's contacts, as text:
+/// [`config::HS_CONTACT`] rendered.
 pub const HS_CONTACT_FIELDS: &str = r#"  [mappings.fields]
   lifecyclestage = { from = "lifecyclestage",   type = "string" }
   owneremail     = { from = "hubspot_owner_id", type = "string", transform = "owner_email" }

@@ -18,6 +18,9 @@ use pendo_sync::config::Settings;
 use pendo_sync::domain::Kind;
 use pendo_sync::engine::Mode;
 use pendo_sync::sim::SimServer;
+use pendo_sync::sim::config::{
+    Auth, HubspotSection, MappingSection, PendoSection, SalesforceSection, SimConfig,
+};
 use pendo_sync::sim::hubspot::{HubspotSim, HubspotSimConfig};
 use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig, SimRateLimit};
 use pendo_sync::sim::salesforce::{SalesforceSim, SalesforceSimConfig};
@@ -50,14 +53,14 @@ pub struct CrmOptions {
     pub max_attempts: u32,
     pub retry_initial: &'static str,
     pub retry_max: &'static str,
-    /// The credential lines of `[salesforce]` (auth, client_id, secrets).
-    pub sf_auth: String,
-    /// The credential lines of `[hubspot]` (auth, token or OAuth app).
-    pub hs_auth: String,
+    /// The credential keys of `[salesforce]` (auth, client_id, secrets).
+    pub sf_auth: Auth,
+    /// The credential keys of `[hubspot]` (auth, token or OAuth app).
+    pub hs_auth: Auth,
     /// Extra lines for `[pendo]`.
     pub extra_pendo: String,
-    /// A whole `[admin]` section, if any.
-    pub admin: String,
+    /// `[admin] token`, if any (the section is written only then).
+    pub admin_token: Option<String>,
 }
 
 impl Default for CrmOptions {
@@ -84,11 +87,8 @@ impl Default for CrmOptions {
             pendo_sim_limit: None,
             errors_as_strings: false,
             pendo_key: PENDO_KEY.into(),
-            sf_auth: format!(
-                "auth = \"client_credentials\"\nclient_id = \"{}\"\nclient_secret = \"{}\"",
-                sf_sim.client_id, sf_sim.client_secret
-            ),
-            hs_auth: format!("access_token = \"{}\"", hs_sim.access_token),
+            sf_auth: Auth::client_credentials(&sf_sim.client_id, &sf_sim.client_secret),
+            hs_auth: Auth::access_token(&hs_sim.access_token),
             sf_sim,
             hs_sim,
             batch_size: 10,
@@ -96,7 +96,7 @@ impl Default for CrmOptions {
             retry_initial: "20ms",
             retry_max: "200ms",
             extra_pendo: String::new(),
-            admin: String::new(),
+            admin_token: None,
         }
     }
 }
@@ -173,78 +173,35 @@ impl Crm {
                 .expect("salesforce sim"),
             hs.start(loopback).await.expect("hubspot sim"),
         ];
-        let toml = format!(
-            r#"[state]
-path = "{state}"
-
-[pendo]
-base_url = "{pendo_url}"
-integration_key = "{pendo_key}"
-batch_size = {batch}
-requests_per_second = {pendo_rps}
-max_in_flight = 2
-timeout = "5s"
-max_attempts = {attempts}
-create_missing = true
-retry_initial = "{ri}"
-retry_max = "{rm}"
-{extra_pendo}
-
-[salesforce]
-login_url = "{sf_url}"
-{sf_auth}
-requests_per_second = {sf_rps}
-timeout = "5s"
-
-[hubspot]
-base_url = "{hs_url}"
-{hs_auth}
-requests_per_10s = {hs_10s}
-search_requests_per_second = {hs_search}
-timeout = "5s"
-
-[schedule]
-overlap = "1s"
-
-{admin}
-
-[[mappings]]
-name = "sf-accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-on_delete = "clear"
-{sf_account_fields}
-[[mappings]]
-name = "hs-contacts"
-source = "hubspot"
-object = "contacts"
-kind = "visitor"
-id = "email"
-id_case = "lower"
-on_delete = "keep"
-{hs_contact_fields}"#,
-            sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
-            hs_contact_fields = pendo_sync::sim::HS_CONTACT_FIELDS,
-            state = dir.path().join("state.db").display(),
-            pendo_url = servers[0].url(),
-            pendo_key = opts.pendo_key,
-            batch = opts.batch_size,
-            pendo_rps = opts.pendo_rps,
-            attempts = opts.max_attempts,
-            ri = opts.retry_initial,
-            rm = opts.retry_max,
-            extra_pendo = opts.extra_pendo,
-            sf_url = servers[1].url(),
-            sf_auth = opts.sf_auth,
-            sf_rps = opts.sf_rps,
-            hs_url = servers[2].url(),
-            hs_auth = opts.hs_auth,
-            hs_10s = opts.hs_per_10s,
-            hs_search = opts.hs_search_rps,
-            admin = opts.admin,
-        );
+        let pendo_section = PendoSection::new(&opts.pendo_key)
+            .base_url(servers[0].url())
+            .batch_size(opts.batch_size)
+            .requests_per_second(opts.pendo_rps)
+            .timeout("5s")
+            .max_attempts(opts.max_attempts)
+            .create_missing(true)
+            .retry_initial(opts.retry_initial)
+            .retry_max(opts.retry_max)
+            .extra(&opts.extra_pendo);
+        let mut sim_config = SimConfig::new(dir.path().join("state.db"), pendo_section)
+            .salesforce(
+                SalesforceSection::new(servers[1].url(), opts.sf_auth.clone())
+                    .requests_per_second(opts.sf_rps)
+                    .timeout("5s"),
+            )
+            .hubspot(
+                HubspotSection::new(servers[2].url(), opts.hs_auth.clone())
+                    .requests_per_10s(opts.hs_per_10s)
+                    .search_requests_per_second(opts.hs_search_rps)
+                    .timeout("5s"),
+            )
+            .overlap("1s")
+            .mapping(MappingSection::sf_accounts("sf-accounts"))
+            .mapping(MappingSection::hs_contacts());
+        if let Some(token) = &opts.admin_token {
+            sim_config = sim_config.admin_token(token);
+        }
+        let toml = sim_config.to_toml();
         let settings = Arc::new(
             Settings::from_toml_with_env(&toml, HashMap::new()).expect("harness config is valid"),
         );

@@ -12,6 +12,7 @@ use pendo_sync::connectors::fixture::FixtureConnector;
 use pendo_sync::domain::Kind;
 use pendo_sync::engine::Mode;
 use pendo_sync::sim::SimServer;
+use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
 use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -85,49 +86,25 @@ impl TestApp {
             .start("127.0.0.1:0".parse::<SocketAddr>().unwrap())
             .await
             .expect("pendo sim starts");
-        let toml = format!(
-            r#"
-[state]
-path = "{state}"
-
-[pendo]
-base_url = "{url}"
-integration_key = "{CANARY_KEY}"
-batch_size = {batch}
-requests_per_second = 2000
-max_in_flight = 2
-timeout = "5s"
-max_attempts = {attempts}
-create_missing = {create}
-unmatched_retry = "1h"
-retry_initial = "5ms"
-retry_max = "40ms"
-{extra}
-
-[salesforce]
-login_url = "http://127.0.0.1:9"
-auth = "client_credentials"
-client_id = "test"
-client_secret = "canary-sf-secret-55"
-
-[[mappings]]
-name = "accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-on_delete = "clear"
-{sf_account_fields}
-{extra_mappings}"#,
-            extra_mappings = opts.extra_mappings,
-            sf_account_fields = pendo_sync::sim::SF_ACCOUNT_FIELDS,
-            state = dir.path().join("state.db").display(),
-            url = server.url(),
-            batch = opts.batch_size,
-            attempts = opts.max_attempts,
-            create = opts.create_missing,
-            extra = opts.extra_pendo,
-        );
+        let pendo_section = PendoSection::new(CANARY_KEY)
+            .base_url(server.url())
+            .batch_size(opts.batch_size)
+            .requests_per_second(2000.0)
+            .timeout("5s")
+            .max_attempts(opts.max_attempts)
+            .create_missing(opts.create_missing)
+            .unmatched_retry("1h")
+            .retry_initial("5ms")
+            .retry_max("40ms")
+            .extra(opts.extra_pendo);
+        let toml = SimConfig::new(dir.path().join("state.db"), pendo_section)
+            .salesforce(SalesforceSection::new(
+                "http://127.0.0.1:9",
+                Auth::client_credentials("test", "canary-sf-secret-55"),
+            ))
+            .mapping(MappingSection::sf_accounts("accounts"))
+            .tail(opts.extra_mappings)
+            .to_toml();
         let settings = Arc::new(
             Settings::from_toml_with_env(&toml, HashMap::new()).expect("test config is valid"),
         );

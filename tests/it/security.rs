@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use pendo_sync::config::Settings;
+use pendo_sync::sim::config::Auth;
 use pendo_sync::sim::hubspot::{HubspotSimConfig, SimOauth};
 use pendo_sync::sim::salesforce::SalesforceSimConfig;
 use serde_json::json;
@@ -95,20 +96,24 @@ async fn start() -> Crm {
         search_per_second: 0,
         ..HubspotSimConfig::default()
     };
-    let sf_auth = format!(
-        "auth = \"jwt\"\nclient_id = \"{}\"\nusername = \"{}\"\nprivate_key = '''\n{}'''\nclient_secret = \"{SF_CLIENT_SECRET}\"\nrefresh_token = \"{SF_REFRESH_TOKEN}\"",
-        sf_sim.client_id, sf_sim.username, PRIVATE_KEY
-    );
-    let hs_auth = format!(
-        "auth = \"token\"\naccess_token = \"{HS_ACCESS_TOKEN}\"\nclient_id = \"hs-app-id\"\nclient_secret = \"{HS_CLIENT_SECRET}\"\nrefresh_token = \"{HS_REFRESH_TOKEN}\""
-    );
+    let sf_auth = Auth::new("jwt")
+        .key("client_id", &sf_sim.client_id)
+        .key("username", &sf_sim.username)
+        .key("private_key", PRIVATE_KEY)
+        .key("client_secret", SF_CLIENT_SECRET)
+        .key("refresh_token", SF_REFRESH_TOKEN);
+    let hs_auth = Auth::new("token")
+        .key("access_token", HS_ACCESS_TOKEN)
+        .key("client_id", "hs-app-id")
+        .key("client_secret", HS_CLIENT_SECRET)
+        .key("refresh_token", HS_REFRESH_TOKEN);
     let crm = Crm::start(CrmOptions {
         pendo_key: PENDO_KEY.into(),
         sf_sim,
         hs_sim,
         sf_auth,
         hs_auth,
-        admin: format!("[admin]\ntoken = \"{ADMIN_TOKEN}\""),
+        admin_token: Some(ADMIN_TOKEN.into()),
         max_attempts: 3,
         ..CrmOptions::default()
     })

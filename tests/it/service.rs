@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use pendo_sync::domain::Kind;
 use pendo_sync::sim::SimServer;
+use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
 use pendo_sync::sim::pendo::{PendoFaults, PendoSim, PendoSimConfig};
 use pendo_sync::sim::salesforce::{SalesforceSim, SalesforceSimConfig, account_id};
 use serde_json::{Value, json};
@@ -152,70 +153,34 @@ impl Env {
         sf.seed_demo(opts.accounts, 0);
         let admin = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("config.toml");
-        let token = if opts.admin_token {
-            format!("token = \"{ADMIN_TOKEN}\"")
-        } else {
-            String::new()
-        };
-        let pendo_key = match opts.pendo_key_file {
-            Some(key) => {
-                let path = dir.path().join("pendo_key");
-                std::fs::write(&path, format!("{key}\n")).unwrap();
-                format!("integration_key_file = \"{}\"", path.display())
-            }
-            None => format!("integration_key = \"{PENDO_KEY}\""),
-        };
-        let text = format!(
-            r#"[state]
-path = "{state}"
-
-[pendo]
-base_url = "{pendo}"
-{pendo_key}
-batch_size = {batch}
-requests_per_second = 1000
-max_in_flight = 2
-timeout = "10s"
-create_missing = {create}
-retry_initial = "50ms"
-retry_max = "500ms"
-
-[salesforce]
-login_url = "{sf}"
-auth = "client_credentials"
-client_id = "{client_id}"
-client_secret = "{SF_SECRET}"
-requests_per_second = 1000
-
-[schedule]
-poll_interval = "1s"
-reconcile_interval = "{reconcile}"
-overlap = "0s"
-
-[admin]
-listen = "{admin}"
-{token}
-
-[[mappings]]
-name = "sf-accounts"
-source = "salesforce"
-object = "Account"
-kind = "account"
-id = "Id"
-on_delete = "clear"
-  [mappings.fields]
-  plantier    = {{ from = "Plan_Tier__c", type = "string" }}
-  arr         = {{ from = "ARR__c",       type = "number" }}
-  isstrategic = {{ from = "Strategic__c", type = "boolean" }}
-"#,
-            state = dir.path().join("state.db").display(),
-            pendo = servers[0].url(),
-            sf = servers[1].url(),
-            batch = opts.batch_size,
-            create = opts.create_missing,
-            reconcile = opts.reconcile_interval,
-            client_id = SalesforceSimConfig::default().client_id,
-        );
+        let mut pendo_section = PendoSection::new(PENDO_KEY)
+            .base_url(servers[0].url())
+            .batch_size(opts.batch_size)
+            .requests_per_second(1000.0)
+            .timeout("10s")
+            .create_missing(opts.create_missing)
+            .retry_initial("50ms")
+            .retry_max("500ms");
+        if let Some(key) = opts.pendo_key_file {
+            let path = dir.path().join("pendo_key");
+            std::fs::write(&path, format!("{key}\n")).unwrap();
+            pendo_section = pendo_section.integration_key_file(&path);
+        }
+        let sf_auth = Auth::client_credentials(SalesforceSimConfig::default().client_id, SF_SECRET);
+        let fields = ["plantier", "arr", "isstrategic"];
+        let mut sim_config = SimConfig::new(dir.path().join("state.db"), pendo_section)
+            .salesforce(
+                SalesforceSection::new(servers[1].url(), sf_auth).requests_per_second(1000.0),
+            )
+            .poll_interval("1s")
+            .reconcile_interval(opts.reconcile_interval)
+            .overlap("0s")
+            .admin_listen(&admin)
+            .mapping(MappingSection::sf_accounts("sf-accounts").only(&fields));
+        if opts.admin_token {
+            sim_config = sim_config.admin_token(ADMIN_TOKEN);
+        }
+        let text = sim_config.to_toml();
         std::fs::write(&config, text).unwrap();
         Env {
             dir,
