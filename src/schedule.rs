@@ -190,7 +190,7 @@ impl ReconcileSchedule {
 }
 
 /// A mapping's loop: a cycle every `poll` (the tick, delayed when a cycle runs long), in the mode
-/// the schedule says. `cycle` runs one and says how it went (`None`: stop). `on_reconcile`
+/// the schedule says; a failed reconcile is followed at once by an incremental cycle. `cycle` runs one and says how it went (`None`: stop). `on_reconcile`
 /// hears every reconcile's outcome with the backoff before the next try (after a failure).
 pub async fn mapping_loop<C, CF, R, RF>(
     mut schedule: ReconcileSchedule,
@@ -231,7 +231,12 @@ pub async fn mapping_loop<C, CF, R, RF>(
                     Some(wait)
                 }
             };
+            let failed = result.is_err();
             on_reconcile(result, retry).await;
+            // The changes of the time the reconcile took still go out now, not a backoff later.
+            if failed && cycle(Mode::Incremental).await.is_none() {
+                return;
+            }
         }
     }
 }
@@ -282,6 +287,12 @@ mod tests {
         );
         run.await;
         let log = log.lock().unwrap();
+        // Each failed reconcile is followed at once by an incremental cycle.
+        for (i, (at, mode)) in log.iter().enumerate() {
+            if *mode == Mode::Reconcile && *at < 20 {
+                assert_eq!(log[i + 1], (*at, Mode::Incremental), "{:?}", &log[i..i + 2]);
+            }
+        }
         let reconciles: Vec<u64> = log
             .iter()
             .filter(|(_, m)| *m == Mode::Reconcile)

@@ -26,6 +26,8 @@ struct Inner {
     /// Fail the pull with a transient error when this many pages have been served.
     fail_after_pages: Option<usize>,
     pages_served: usize,
+    /// Full pulls (reconciles, resyncs) fail at once while this is set.
+    fail_full_pulls: bool,
 }
 
 /// A shared, mutable fixture CRM. Clones share the same records.
@@ -103,6 +105,11 @@ impl FixtureConnector {
         inner.pages_served = 0;
     }
 
+    /// Makes every full pull fail (transiently) until switched off; incremental pulls work.
+    pub fn fail_full_pulls(&self, on: bool) {
+        self.inner.lock().expect("fixture lock").fail_full_pulls = on;
+    }
+
     /// Pages served since the last [`FixtureConnector::fail_after_pages`] (or creation).
     pub fn pages_served(&self) -> usize {
         self.inner.lock().expect("fixture lock").pages_served
@@ -149,6 +156,12 @@ impl Connector for FixtureConnector {
                 })?,
             };
             let inner = self.inner.lock().expect("fixture lock");
+            if spec.since.is_none() && inner.fail_full_pulls {
+                return Err(ConnectorError::Transient {
+                    api: "fixture",
+                    message: "injected full-pull failure".into(),
+                });
+            }
             let mut rows: Vec<(u64, String, Row)> = inner
                 .objects
                 .get(&spec.object)

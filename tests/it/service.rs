@@ -618,6 +618,10 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
         (unknown * 3) as f64
     );
     assert_eq!(m("pendo_sync_writer_paused"), 0.0);
+    assert_eq!(
+        m(r#"pendo_sync_reconcile_failures{mapping="sf-accounts"}"#),
+        0.0
+    );
     assert!(m(r#"pendo_sync_records_pulled_total{mapping="sf-accounts"}"#) >= accounts as f64);
 
     // /v1/status is the document `status --format json` prints.

@@ -3,7 +3,7 @@
 use pendo_sync::connectors::Watermark;
 use pendo_sync::store::PageCommit;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, account_id};
 
 /// The connector contract says watermarks never move backward; the store enforces it, so a
 /// connector bug (or a clock step) cannot make a mapping re-read from an older point and then
@@ -377,4 +377,89 @@ async fn set_aside_entries_go_when_their_record_leaves() {
     let left = app.store.invalid_records(None).await.unwrap();
     assert!(left.is_empty(), "{left:?}");
     app.store.close().await;
+}
+
+/// A failing reconcile does not starve incremental cycles; it shows in `status` and `/readyz`'s
+/// reasons, and clears once a retry succeeds. (The schedule itself is tested on paused time in
+/// `schedule::tests`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reconcile_shows_in_status_and_readiness_while_incrementals_go_on() {
+    use pendo_sync::domain::Kind;
+    use serde_json::json;
+    use std::time::Duration;
+    let t = TestApp::with(crate::helpers::Options {
+        extra_mappings: "[schedule]\npoll_interval = \"100ms\"\nreconcile_interval = \"400ms\"\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    t.seed(3);
+    t.sync().await;
+    t.crm.fail_full_pulls(true);
+    let app = t.app().await;
+    let hour_ago = pendo_sync::domain::now_ms() - 3_600_000;
+    app.store
+        .kv_set("reconcile.accounts", &json!({ "at_ms": hour_ago }))
+        .await
+        .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let service = pendo_sync::service::Service::new(
+        t.settings.clone(),
+        app,
+        None,
+        None,
+        cancel.clone(),
+        tracker.clone(),
+    );
+    service.spawn_tasks();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reasons = loop {
+        if let Err(reasons) = service.readiness().await
+            && reasons.iter().any(|r| r.contains("reconcile(s) failed"))
+        {
+            break reasons;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconcile failure shown: {:?}",
+            service.readiness().await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(
+        reasons.iter().any(|r| r.contains("injected full-pull failure")),
+        "{reasons:?}"
+    );
+    // Incremental cycles go on: a CRM change reaches Pendo.
+    let id = account_id(0);
+    t.crm.set_field("Account", &id, "Plan_Tier__c", json!("Live"));
+    while t.pendo.value(Kind::Account, &id, "plantier") != Some(json!("Live")) {
+        assert!(std::time::Instant::now() < deadline, "incrementals starved");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = pendo_sync::status::status_report(&t.settings, &service.store)
+        .await
+        .unwrap();
+    let r = status.mappings[0].reconcile.as_ref().unwrap();
+    assert!(r.failures >= 1, "{r:?}");
+    assert!(
+        r.last_error.as_deref().unwrap_or("").contains("injected"),
+        "{r:?}"
+    );
+    assert!(r.retry_at.is_some());
+    // Fixed: a retry succeeds and the failure is gone.
+    t.crm.fail_full_pulls(false);
+    while service.readiness().await.is_err() {
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(5), "{:?}", service.readiness().await);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = pendo_sync::status::status_report(&t.settings, &service.store)
+        .await
+        .unwrap();
+    assert_eq!(status.mappings[0].reconcile.as_ref().unwrap().failures, 0);
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    service.close().await;
 }
