@@ -243,9 +243,15 @@ async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppErro
                     .as_deref()
                     .map_or("running".to_owned(), |r| format!("PAUSED: {r}"))
             );
+            let ids = |state: &str| report.outbox_ids.get(state).copied().unwrap_or(0);
             println!(
-                "outbox          pending {}  unmatched {}  dead {}",
-                report.outbox["pending"], report.outbox["unmatched"], report.outbox["dead"]
+                "outbox          pending {} values ({} ids)  unmatched {} values ({} ids)  dead {} values ({} ids)",
+                report.outbox["pending"],
+                ids("pending"),
+                report.outbox["unmatched"],
+                ids("unmatched"),
+                report.outbox["dead"],
+                ids("dead")
             );
             if let Some(s) = report.oldest_pending_seconds {
                 println!("oldest pending  {s:.0}s ago");
@@ -329,13 +335,17 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             let store = Store::open_read_only(&settings.state.path).await?;
             let show_outbox = select.state != Some(QueueStateArg::Invalid);
             let show_invalid = matches!(select.state, None | Some(QueueStateArg::Invalid));
-            let rows = if show_outbox {
-                store.outbox_list(&filter(&select), limit).await?
+            let (rows, outbox_total) = if show_outbox {
+                let f = filter(&select);
+                (
+                    store.outbox_list(&f, limit).await?,
+                    store.outbox_count(&f).await?,
+                )
             } else {
-                vec![]
+                (vec![], 0)
             };
-            let invalid = if show_invalid {
-                store
+            let (invalid, invalid_total) = if show_invalid {
+                let all: Vec<_> = store
                     .invalid_records(None)
                     .await?
                     .into_iter()
@@ -345,16 +355,34 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
                             .as_ref()
                             .is_none_or(|id| *id == r.crm_id || r.pendo_id.as_ref() == Some(id))
                     })
-                    .take(limit as usize)
-                    .collect()
+                    .collect();
+                let total = all.len() as i64;
+                (all.into_iter().take(limit as usize).collect(), total)
             } else {
-                vec![]
+                (vec![], 0)
             };
+            // Say when the list was cut, so nobody takes 100 rows for the whole queue.
+            let cut = |shown: usize, total: i64, what: &str| {
+                (total > shown as i64)
+                    .then(|| format!("{shown} of {total} {what} shown; raise --limit to see more"))
+            };
+            let notes: Vec<String> = [
+                cut(rows.len(), outbox_total, "outbox rows"),
+                cut(invalid.len(), invalid_total, "set-aside records"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             match format {
                 OutputFormat::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"outbox": rows, "invalid": invalid})
+                        &serde_json::json!({
+                            "outbox": rows,
+                            "outbox_total": outbox_total,
+                            "invalid": invalid,
+                            "invalid_total": invalid_total,
+                        })
                     )
                     .expect("rows serialize")
                 ),
@@ -379,6 +407,9 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
                     }
                     if rows.is_empty() && invalid.is_empty() {
                         println!("nothing matches");
+                    }
+                    for note in &notes {
+                        println!("{note}");
                     }
                 }
             }

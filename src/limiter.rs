@@ -25,6 +25,13 @@ pub struct RateLimiter {
     jitter: Duration,
 }
 
+impl RateLimiter {
+    /// Whether both handles share one budget.
+    pub fn same_as(&self, other: &RateLimiter) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimiter").finish_non_exhaustive()

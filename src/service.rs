@@ -504,7 +504,8 @@ impl Service {
                 return None;
             }
         };
-        let client = PendoClient::new(&self.settings.pendo, key);
+        // The probe goes through the writer's limiter, like every Pendo call.
+        let client = self.app.pendo.with_key(key);
         match client.verify_token().await {
             Ok(t) if t.valid && t.write_access => {
                 if let Err(e) = self.store.kv_delete(PAUSED_KEY).await {

@@ -14,7 +14,10 @@ use crate::store::Store;
 pub struct StatusReport {
     pub state_file: String,
     pub writer_paused: Option<String>,
+    /// Values (kind, id, field) per outbox state.
     pub outbox: std::collections::BTreeMap<&'static str, i64>,
+    /// Visitors and accounts (kind, id) per outbox state: what an operator counts.
+    pub outbox_ids: std::collections::BTreeMap<&'static str, i64>,
     pub oldest_pending_seconds: Option<f64>,
     pub invalid_records: usize,
     pub mappings: Vec<MappingStatus>,
@@ -83,6 +86,7 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             .await?
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
         outbox: store.outbox_counts().await?,
+        outbox_ids: store.outbox_id_counts().await?,
         oldest_pending_seconds: store
             .oldest_pending_at()
             .await?

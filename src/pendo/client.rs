@@ -231,6 +231,20 @@ impl PendoClient {
         &self.base
     }
 
+    /// The same client with another key (a rotated key file): the HTTP client and the limiter
+    /// are shared, so a key probe counts against the same Pendo rate as the writes.
+    pub fn with_key(&self, key: SecretString) -> PendoClient {
+        PendoClient {
+            key,
+            ..self.clone()
+        }
+    }
+
+    /// Whether two clients share one limiter.
+    pub fn shares_limiter_with(&self, other: &PendoClient) -> bool {
+        self.limiter.same_as(&other.limiter)
+    }
+
     /// `GET /api/v1/token/verify`.
     pub async fn verify_token(&self) -> Result<TokenInfo, PendoError> {
         let body = self.get_json("/api/v1/token/verify").await?;
@@ -429,6 +443,40 @@ mod tests {
             ]
         );
         assert!(r.unattributed.is_empty());
+    }
+
+    #[test]
+    fn a_client_with_a_rotated_key_shares_the_limiter() {
+        let settings: crate::config::PendoSettings = crate::config::Settings::from_toml_with_env(
+            concat!(
+                "[state]\npath = \"x.db\"\n[pendo]\nintegration_key = \"a\"\n",
+                "[hubspot]\naccess_token = \"t\"\n",
+                "[[mappings]]\nname = \"m\"\nsource = \"hubspot\"\nobject = \"contacts\"\n",
+                "kind = \"visitor\"\nid = \"email\"\n[mappings.fields]\n",
+                "stage = { from = \"lifecyclestage\", type = \"string\" }\n"
+            ),
+            Default::default(),
+        )
+        .map(|s| s.pendo)
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = PendoClient::new(&settings, SecretString::from("a"));
+        let rotated = first.with_key(SecretString::from("b"));
+        assert!(rotated.shares_limiter_with(&first));
+        assert!(!PendoClient::new(&settings, SecretString::from("b")).shares_limiter_with(&first));
+    }
+
+    #[test]
+    fn an_empty_or_unbalanced_2xx_does_not_account_for_the_batch() {
+        assert!(BulkResult::unaccounted(&json!({}), 2).is_some());
+        assert!(BulkResult::unaccounted(&json!([]), 2).is_some());
+        assert!(BulkResult::unaccounted(&json!({"kind": "visitor"}), 2).is_some());
+        assert!(BulkResult::unaccounted(&json!({"total": 3, "updated": 3, "failed": 0}), 2).is_some());
+        assert!(BulkResult::unaccounted(&json!({"updated": 1, "failed": 0}), 2).is_some());
+        assert!(
+            BulkResult::unaccounted(&json!({"total": 2, "updated": 1, "failed": 1, "missing": ["b"]}), 2)
+                .is_none()
+        );
+        assert!(BulkResult::unaccounted(&json!({"updated": 1, "missing": ["b"]}), 2).is_none());
     }
 
     #[test]

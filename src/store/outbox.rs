@@ -513,6 +513,39 @@ impl Store {
         Ok(out)
     }
 
+    /// Entities (kind, id) per state: an operator thinks in accounts and visitors.
+    pub async fn outbox_id_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT state, count(*) FROM (SELECT DISTINCT state, kind, pendo_id FROM outbox) GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = BTreeMap::from([("pending", 0), ("unmatched", 0), ("dead", 0)]);
+        for row in rows {
+            let state: String = row.get(0);
+            for known in ["pending", "unmatched", "dead"] {
+                if state == known {
+                    out.insert(known, row.get(1));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows matching `filter` (what `outbox_list` would return without a limit).
+    pub async fn outbox_count(&self, filter: &QueueFilter) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
+               AND (?3 IS NULL OR pendo_id = ?3)",
+        )
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
     /// When the oldest pending change was enqueued.
     pub async fn oldest_pending_at(&self) -> Result<Option<i64>, StoreError> {
         let row = sqlx::query("SELECT min(enqueued_at) FROM outbox WHERE state = 'pending'")

@@ -946,3 +946,33 @@ async fn sync_dry_run_creates_and_changes_nothing() {
         "the state file changed"
     );
 }
+
+/// `queue list` says when it cut the list, and `status` counts accounts and visitors as well as
+/// field values (an operator thinks in ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_says_when_it_cut_and_status_counts_ids() {
+    let env = Env::new(Options {
+        accounts: 40,
+        create_missing: false,
+        ..Options::default()
+    })
+    .await;
+    let out = env.cli(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = env
+        .cli(&["queue", "list", "--state", "unmatched", "--limit", "100"])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains("100 of 120 outbox rows shown; raise --limit"),
+        "{stdout}"
+    );
+    let out = env.cli(&["status"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("unmatched 120 values (40 ids)"), "{stdout}");
+    let out = env.cli(&["status", "--format", "json"]).await;
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["outbox_ids"]["unmatched"], json!(40));
+    assert_eq!(json["outbox"]["unmatched"], json!(120));
+}
