@@ -463,3 +463,42 @@ async fn a_failing_reconcile_shows_in_status_and_readiness_while_incrementals_go
     tracker.wait().await;
     service.close().await;
 }
+
+/// HubSpot owners stay fresh in a long-running process (one connector across cycles, as in
+/// `run`): a changed owner e-mail reaches Pendo within one reconcile, and the contacts of a
+/// deactivated (archived) owner keep that owner's e-mail and name.
+#[tokio::test]
+async fn a_long_lived_app_keeps_hubspot_owners_fresh_and_resolves_archived_ones() {
+    use crate::crm_harness::{Crm, CrmOptions, OWNERS, hs_contact};
+    use pendo_sync::domain::Kind;
+    use serde_json::json;
+    let crm = Crm::start(CrmOptions::default()).await;
+    crm.seed_contacts(6);
+    let app = crm.app().await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let step = |mode| app.sync(None, mode, false, &cancel, &());
+    step(pendo_sync::engine::Mode::Incremental).await.unwrap();
+    crm.assert_converged();
+    let email = |i: usize| {
+        hs_contact(i)["email"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+    };
+    let owner_of = |i: usize| crm.pendo.value(Kind::Visitor, &email(i), "owneremail");
+    assert_eq!(owner_of(0), Some(json!(OWNERS[0].1)));
+
+    crm.hs.set_owner_email(OWNERS[0].0, "renamed-owner@acme.test");
+    crm.hs.archive_owner(OWNERS[1].0);
+    step(pendo_sync::engine::Mode::Reconcile).await.unwrap();
+    assert_eq!(owner_of(0), Some(json!("renamed-owner@acme.test")));
+    assert_eq!(owner_of(3), Some(json!("renamed-owner@acme.test")));
+    // Contact 1's owner is deactivated: still the record's owner in HubSpot.
+    assert_eq!(owner_of(1), Some(json!(OWNERS[1].1)));
+    assert!(
+        crm.pendo
+            .value(Kind::Visitor, &email(1), "csmname")
+            .is_some()
+    );
+    app.store.close().await;
+}
