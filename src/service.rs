@@ -40,7 +40,7 @@ use crate::config::{MappingSettings, Settings};
 use crate::domain::{Kind, iso8601_from_ms, now_ms};
 use crate::engine::{CycleReport, Mode, Progress};
 use crate::pendo::writer::PAUSED_KEY;
-use crate::pendo::{PendoClient, Writer, WriterConfig};
+use crate::pendo::{Writer, WriterConfig};
 use crate::schedule::{RECONCILE_FAILURES, ReconcileRecord, ReconcileSchedule};
 use crate::store::Store;
 

@@ -21,8 +21,10 @@ impl Store {
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for chunk in pendo_ids.chunks(5_000) {
             let rows = sqlx::query(
-                "SELECT pendo_id, crm_id, digest FROM claims
-                 WHERE mapping = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+                // Driven from the id list (CROSS JOIN fixes the loop order): the planner
+                // would otherwise walk the mapping's whole primary-key range per page.
+                "SELECT c.pendo_id, c.crm_id, c.digest FROM json_each(?2) AS j
+                 CROSS JOIN claims AS c ON c.mapping = ?1 AND c.pendo_id = j.value",
             )
             .bind(mapping)
             .bind(serde_json::to_string(chunk).expect("strings serialize"))
