@@ -21,7 +21,9 @@ CREATE TABLE claims (
     digest   INTEGER NOT NULL,
     PRIMARY KEY (mapping, crm_id)
 ) WITHOUT ROWID;
-CREATE INDEX claims_by_pendo_id ON claims (mapping, pendo_id);
+-- Covering (the primary key columns ride along): a lookup by Pendo id never visits the table,
+-- which SQLite, without statistics, would otherwise prefer to scan by mapping.
+CREATE INDEX claims_by_pendo_id ON claims (mapping, pendo_id, digest);
 
 -- Stored digests now also cover the claimant (a record skipped by its digest keeps its claim),
 -- and the claims start empty: every entity takes the long way once, which writes its claim.
