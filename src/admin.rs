@@ -60,6 +60,9 @@ pub fn router(service: Shared) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/resync", post(resync))
         .route("/v1/resync/{id}", get(resync_progress))
+        .route("/v1/holds", get(holds_list))
+        .route("/v1/holds/{id}", get(hold_show))
+        .route("/v1/holds/{id}/{decision}", post(hold_decide))
         .with_state(service)
 }
 
@@ -143,17 +146,13 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
 }
 
-async fn resync(
-    State(service): State<Shared>,
-    headers: HeaderMap,
-    Query(query): Query<ResyncParams>,
-    body: Bytes,
-) -> Response {
+/// `None` if the request carries the admin token, else the answer to give.
+fn refuse_without_token(service: &Service, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = service.admin_token() else {
-        return error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "set admin.token to enable POST endpoints",
-        );
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -161,14 +160,87 @@ async fn resync(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(
-                json!({"error": "a valid admin token is required (Authorization: Bearer ...)"}),
-            ),
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(
+                    json!({"error": "a valid admin token is required (Authorization: Bearer ...)"}),
+                ),
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
+async fn holds_list(State(service): State<Shared>) -> Response {
+    match service.store.holds(false).await {
+        Ok(holds) => axum::Json(json!({ "holds": holds })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn hold_show(State(service): State<Shared>, Path(id): Path<i64>) -> Response {
+    match service.store.hold(id).await {
+        Ok(Some(hold)) => axum::Json(hold).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, &format!("no hold {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    reason: Option<String>,
+}
+
+/// `POST /v1/holds/{id}/approve|reject` with the admin token; `{"reason": "..."}` optional.
+async fn hold_decide(
+    State(service): State<Shared>,
+    headers: HeaderMap,
+    Path((id, decision)): Path<(i64, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refuse_without_token(&service, &headers) {
+        return refused;
+    }
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => return error(StatusCode::NOT_FOUND, "use /approve or /reject"),
+    };
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        DecisionBody::default()
+    } else {
+        match serde_json::from_slice::<DecisionBody>(&body) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
+        }
+    };
+    match service
+        .decide_hold(id, approve, "admin-api", params.reason.as_deref())
+        .await
+    {
+        Ok(hold) => axum::Json(hold).into_response(),
+        Err(crate::store::HoldError::Unknown(_)) => {
+            error(StatusCode::NOT_FOUND, &format!("no hold {id}"))
+        }
+        Err(e @ crate::store::HoldError::Decided { .. }) => {
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn resync(
+    State(service): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<ResyncParams>,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refuse_without_token(&service, &headers) {
+        return refused;
     }
     let params = if body.iter().all(u8::is_ascii_whitespace) {
         query

@@ -120,6 +120,11 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Changes the guard held: list, show one, approve or reject (with or without a running service).
+    Holds {
+        #[command(subcommand)]
+        action: Option<HoldsAction>,
+    },
     /// Validate the config and verify credentials, fields and types against Pendo and the CRMs.
     Check,
     /// Exit 0 if the running service's /readyz answers 200, else 1 (for container health checks).
@@ -165,5 +170,35 @@ pub enum QueueAction {
     Drop {
         #[command(flatten)]
         select: QueueSelector,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldsAction {
+    /// Holds, newest first (open and decided).
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// What tripped one, its counts per field and a sample of its changes.
+    Show {
+        id: i64,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Makes its values pending: the next writer pass sends them.
+    Approve {
+        id: i64,
+        /// Why (recorded with who and when).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Drops its values; the next reconcile finds the same difference again unless the CRM or
+    /// the config changed.
+    Reject {
+        id: i64,
+        /// Why (recorded with who and when).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }

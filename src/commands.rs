@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::app::{App, AppError, SyncReport};
-use crate::cli::{Cli, Command, KindArg, OutputFormat, QueueAction, QueueSelector, QueueStateArg};
+use crate::cli::{
+    Cli, Command, HoldsAction, KindArg, OutputFormat, QueueAction, QueueSelector, QueueStateArg,
+};
 use crate::config::Settings;
 use crate::connectors::PullSpec;
 use crate::domain::{FieldType, Kind, Value};
@@ -76,6 +78,15 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
         Command::Audit(args) => crate::audit::run(settings, args).await,
         Command::Status { format } => status(&settings, format).await,
         Command::Queue { action } => queue(&settings, action).await,
+        Command::Holds { action } => {
+            holds(
+                &settings,
+                action.unwrap_or(HoldsAction::List {
+                    format: OutputFormat::Table,
+                }),
+            )
+            .await
+        }
         Command::Check => check(settings).await,
         Command::Demo | Command::Simulate { .. } => unreachable!("handled above"),
     }
@@ -141,7 +152,12 @@ async fn sync(
     if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
         return Ok(1);
     }
-    Ok(0)
+    // Exit 4: changes wait for a person (`holds approve|reject`).
+    let held = report
+        .cycles
+        .iter()
+        .any(|c| matches!(c.guard, Some(crate::store::GuardOutcome::Held { .. })));
+    Ok(if held { 4 } else { 0 })
 }
 
 /// Progress of a cycle run from the command line: an in-place line on a terminal (resyncs and
@@ -193,6 +209,25 @@ fn print_sync_report(report: &SyncReport, dry_run: bool) {
             "{:<20} pulled {:>8}  changes {:>8}  set aside {:>6}  ambiguous {:>4}  cleared {:>4}",
             c.mapping, c.pulled, c.changes, c.invalid, c.ambiguous, c.cleared_orphans
         );
+        match &c.guard {
+            Some(crate::store::GuardOutcome::Held {
+                hold_id,
+                new,
+                reason,
+                values,
+            }) => println!(
+                "{:<20} HELD by the guard ({}hold {hold_id}): {reason}; {values} values wait for a person: `pendo-sync holds show {hold_id}`",
+                c.mapping,
+                if *new { "new " } else { "joined open " },
+            ),
+            Some(crate::store::GuardOutcome::Passed { values }) if *values > 0 => {
+                println!("{:<20} guard passed {values} values", c.mapping)
+            }
+            _ => {}
+        }
+        if let Some(reason) = &c.would_hold {
+            println!("{:<20} would hold: {reason}", c.mapping);
+        }
         if dry_run {
             for ch in &c.dry_run_changes {
                 let v = Value::from_stored(&ch.value)
@@ -260,6 +295,20 @@ async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppErro
                 "set aside       {} records (see `queue list --state invalid`)",
                 report.invalid_records
             );
+            if report.outbox["staged"] > 0 || report.outbox["held"] > 0 {
+                println!(
+                    "guard           staged {} values  held {} values ({} ids)",
+                    report.outbox["staged"],
+                    report.outbox["held"],
+                    ids("held")
+                );
+            }
+            for h in &report.open_holds {
+                println!(
+                    "HOLD {:<10} mapping {}: {} ({} values, since {}; `pendo-sync holds show {}`)",
+                    h.id, h.mapping, h.reason, h.held_values, h.created_at, h.id
+                );
+            }
             for m in &report.mappings {
                 let run = m.last_run.as_ref().map_or("never run".to_owned(), |r| {
                     format!(
@@ -376,14 +425,12 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             match format {
                 OutputFormat::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({
-                            "outbox": rows,
-                            "outbox_total": outbox_total,
-                            "invalid": invalid,
-                            "invalid_total": invalid_total,
-                        })
-                    )
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "outbox": rows,
+                        "outbox_total": outbox_total,
+                        "invalid": invalid,
+                        "invalid_total": invalid_total,
+                    }))
                     .expect("rows serialize")
                 ),
                 OutputFormat::Table => {
@@ -432,6 +479,156 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             store.close().await;
         }
     }
+    Ok(0)
+}
+
+// ---- holds ---------------------------------------------------------------------------------
+
+/// Who decides a hold from the command line: the OS user.
+fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown user".to_owned())
+}
+
+/// A stored JSON value as a person reads it (`(none)` for nothing).
+fn shown(stored: Option<&str>) -> String {
+    match stored {
+        None => "(none)".to_owned(),
+        Some(text) => Value::from_stored(text)
+            .map(|v| v.display())
+            .unwrap_or_else(|_| text.to_owned()),
+    }
+}
+
+/// Prints one hold as `holds show` does. CRM values are shown as text (this is a terminal).
+pub fn print_hold(h: &crate::store::Hold) {
+    println!(
+        "hold {}  mapping {}  {}  {}",
+        h.id,
+        h.mapping,
+        h.kind,
+        h.state.to_uppercase()
+    );
+    println!(
+        "  created   {} ({} cycle(s) joined)",
+        iso(h.created_at),
+        h.cycles
+    );
+    println!("  tripped   {}", h.reason);
+    println!("  values    {}", h.held_values);
+    println!("  per field                sets    clears  overwrites  of covered");
+    for (field, c) in &h.counts {
+        println!(
+            "    {field:<20} {:>8}  {:>8}  {:>10}  {:>10}",
+            c.sets, c.clears, c.overwrites, c.covered
+        );
+    }
+    println!("  sample ({} of the held changes)", h.sample.len());
+    for c in &h.sample {
+        println!(
+            "    {:<28} {:<18} {} -> {}",
+            c.id,
+            c.field,
+            shown(c.from.as_deref()),
+            shown(Some(&c.to))
+        );
+    }
+    if let (Some(at), Some(who)) = (h.decided_at, &h.decided_by) {
+        println!(
+            "  decided   {} by {}{}",
+            iso(at),
+            who,
+            h.decision_reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+async fn holds(settings: &Settings, action: HoldsAction) -> Result<u8, AppError> {
+    match action {
+        HoldsAction::List { format } => {
+            let store = Store::open_read_only(&settings.state.path).await?;
+            let holds = store.holds(false).await?;
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "holds": holds }))
+                        .expect("holds serialize")
+                ),
+                OutputFormat::Table => {
+                    if holds.is_empty() {
+                        println!("no holds");
+                    }
+                    for h in &holds {
+                        println!(
+                            "{:<6} {:<9} {:<16} {:>8} values  {}  {}",
+                            h.id,
+                            h.state,
+                            h.mapping,
+                            h.held_values,
+                            iso(h.created_at),
+                            h.reason
+                        );
+                    }
+                }
+            }
+            store.close().await;
+            Ok(0)
+        }
+        HoldsAction::Show { id, format } => {
+            let store = Store::open_read_only(&settings.state.path).await?;
+            let hold = store.hold(id).await?;
+            store.close().await;
+            let Some(h) = hold else {
+                return Err(AppError::Runtime(format!("no hold {id}")));
+            };
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&h).expect("a hold serializes")
+                ),
+                OutputFormat::Table => print_hold(&h),
+            }
+            Ok(0)
+        }
+        HoldsAction::Approve { id, reason } => decide(settings, id, true, reason).await,
+        HoldsAction::Reject { id, reason } => decide(settings, id, false, reason).await,
+    }
+}
+
+/// `holds approve|reject`: acts on the state file, with or without a running service (its
+/// writer picks approved values up within a poll interval).
+async fn decide(
+    settings: &Settings,
+    id: i64,
+    approve: bool,
+    reason: Option<String>,
+) -> Result<u8, AppError> {
+    if !settings.state.path.exists() {
+        return Err(AppError::Runtime(format!(
+            "no hold {id}: the state file {} does not exist",
+            settings.state.path.display()
+        )));
+    }
+    let store = Store::open(&settings.state.path).await?;
+    let result = store
+        .decide_hold(id, approve, &os_user(), reason.as_deref())
+        .await;
+    store.close().await;
+    let h = result.map_err(|e| AppError::Runtime(e.to_string()))?;
+    if approve {
+        println!(
+            "hold {id} approved: its values are pending; the next writer pass sends them (`pendo-sync sync`, or a running service within a poll interval)"
+        );
+    } else {
+        println!(
+            "hold {id} rejected: its values were dropped; the next reconcile finds the same difference again unless the CRM or the config changed"
+        );
+    }
+    print_hold(&h);
     Ok(0)
 }
 

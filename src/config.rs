@@ -48,7 +48,92 @@ pub struct Settings {
     pub hubspot: Option<HubspotSettings>,
     pub schedule: ScheduleSettings,
     pub admin: AdminSettings,
+    /// The guard's defaults (a mapping's `[mappings.guard]` overrides them).
+    pub guard: GuardSettings,
+    pub notify: NotifySettings,
     pub mappings: Vec<MappingSettings>,
+}
+
+/// `[guard]`: how much of a field one cycle may clear or overwrite before it is held.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSettings {
+    /// Per Pendo field and cycle: clears / values Pendo holds for it among the covered records.
+    #[serde(default = "defaults::max_clear_percent")]
+    pub max_clear_percent: f64,
+    /// The same for non-null values replaced by a different non-null value.
+    #[serde(default = "defaults::max_overwrite_percent")]
+    pub max_overwrite_percent: f64,
+    /// Below this many covered values a field is never held on percentages.
+    #[serde(default = "defaults::min_values")]
+    pub min_values: u64,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        GuardSettings {
+            max_clear_percent: defaults::max_clear_percent(),
+            max_overwrite_percent: defaults::max_overwrite_percent(),
+            min_values: defaults::min_values(),
+        }
+    }
+}
+
+/// `[mappings.guard]`: a mapping's own limits; what it leaves out comes from `[guard]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardOverrides {
+    pub max_clear_percent: Option<f64>,
+    pub max_overwrite_percent: Option<f64>,
+    pub min_values: Option<u64>,
+}
+
+/// What `[notify]` posts about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    /// A cycle's changes were held by the guard.
+    Hold,
+    /// Pendo refused the integration key; the writer waits.
+    WriterPaused,
+    /// Values went dead (they will not be retried without an operator).
+    Dead,
+}
+
+impl NotifyEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Hold => "hold",
+            NotifyEvent::WriterPaused => "writer_paused",
+            NotifyEvent::Dead => "dead",
+        }
+    }
+}
+
+/// `[notify]`: a webhook (Slack, Mattermost, Teams incoming webhooks show its `text`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySettings {
+    #[serde(default)]
+    webhook_url: Option<SecretString>,
+    #[serde(default)]
+    webhook_url_file: Option<PathBuf>,
+    /// The URL is a secret (Slack's carry their token).
+    #[serde(skip, default)]
+    pub webhook_source: SecretSource,
+    #[serde(default = "defaults::notify_events")]
+    pub events: Vec<NotifyEvent>,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            webhook_url: None,
+            webhook_url_file: None,
+            webhook_source: SecretSource::None,
+            events: defaults::notify_events(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,6 +411,12 @@ pub struct MappingSettings {
     #[serde(default)]
     pub on_delete: OnDelete,
     pub fields: BTreeMap<String, FieldSettings>,
+    /// This mapping's guard limits over `[guard]`'s.
+    #[serde(default)]
+    pub guard: GuardOverrides,
+    /// The limits in force: `[guard]` with `guard`'s overrides (filled by validation).
+    #[serde(skip, default)]
+    pub guard_limits: GuardSettings,
 }
 
 /// One Pendo custom field fed from one CRM field.
@@ -459,6 +550,10 @@ struct RawSettings {
     schedule: ScheduleSettings,
     #[serde(default)]
     admin: AdminSettings,
+    #[serde(default)]
+    guard: GuardSettings,
+    #[serde(default)]
+    notify: NotifySettings,
     #[serde(default)]
     mappings: Vec<MappingSettings>,
 }
@@ -599,6 +694,8 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         hubspot,
         schedule,
         mut admin,
+        guard,
+        mut notify,
         mappings,
     } = raw;
 
@@ -787,6 +884,34 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         }
     }
 
+    // The guard
+    check_guard("guard", &guard)?;
+    let mut mappings = mappings;
+    for (i, m) in mappings.iter_mut().enumerate() {
+        let o = m.guard;
+        m.guard_limits = GuardSettings {
+            max_clear_percent: o.max_clear_percent.unwrap_or(guard.max_clear_percent),
+            max_overwrite_percent: o
+                .max_overwrite_percent
+                .unwrap_or(guard.max_overwrite_percent),
+            min_values: o.min_values.unwrap_or(guard.min_values),
+        };
+        check_guard(&format!("mappings[{i}].guard"), &m.guard_limits)?;
+    }
+    notify.webhook_source = secret_pair(
+        "notify.webhook_url",
+        notify.webhook_url.take(),
+        notify.webhook_url_file.take(),
+    )?;
+    if let SecretSource::Inline(url) = &notify.webhook_source {
+        check_url("notify.webhook_url", url.expose_secret()).map_err(|_| {
+            ConfigError::new(
+                "notify.webhook_url",
+                "must be an http(s) URL (the value is a secret and is not repeated here)",
+            )
+        })?;
+    }
+
     Ok(Settings {
         state,
         pendo,
@@ -794,6 +919,8 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         hubspot,
         schedule,
         admin,
+        guard,
+        notify,
         mappings,
     })
 }
@@ -1010,6 +1137,22 @@ fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+fn check_guard(at: &str, g: &GuardSettings) -> Result<(), ConfigError> {
+    check_range(
+        &format!("{at}.max_clear_percent"),
+        g.max_clear_percent,
+        0.0,
+        100.0,
+    )?;
+    check_range(
+        &format!("{at}.max_overwrite_percent"),
+        g.max_overwrite_percent,
+        0.0,
+        100.0,
+    )?;
+    check_range(&format!("{at}.min_values"), g.min_values as f64, 0.0, 1e12)
+}
+
 fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
     if !(lo..=hi).contains(&v) {
         return Err(ConfigError::new(
@@ -1055,6 +1198,23 @@ mod duration {
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn max_clear_percent() -> f64 {
+        10.0
+    }
+    pub fn max_overwrite_percent() -> f64 {
+        50.0
+    }
+    pub fn min_values() -> u64 {
+        100
+    }
+    pub fn notify_events() -> Vec<super::NotifyEvent> {
+        vec![
+            super::NotifyEvent::Hold,
+            super::NotifyEvent::WriterPaused,
+            super::NotifyEvent::Dead,
+        ]
+    }
 
     pub fn region() -> String {
         "us".into()

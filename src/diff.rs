@@ -109,6 +109,7 @@ mod tests {
             id_path: "Id".into(),
             id_case: IdCase::Keep,
             on_delete: OnDelete::Clear,
+            guard: Default::default(),
             fields: vec![
                 f("s", FieldType::String),
                 f("n", FieldType::Number),

@@ -92,6 +92,7 @@ mod tests {
             id_path: "Id".into(),
             id_case: IdCase::Keep,
             on_delete: OnDelete::Keep,
+            guard: Default::default(),
             fields: fields
                 .iter()
                 .map(|(name, t)| FieldMap {

@@ -17,7 +17,7 @@
 //! ([`crate::digest`]), and a record whose digest equals the one the store kept from its last
 //! empty diff (see [`Store::load_digests`]) skips the shadow load and the diff.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,11 +27,12 @@ use crate::connectors::{Connector, ConnectorError, Page, PullSpec, RawRecord, Wa
 use crate::diff::{clear_record, diff_record};
 use crate::digest::{AlreadyHashed, DigestSeed, IdMap, id_hash, values_digest};
 use crate::domain::now_ms;
+use crate::guard::FieldCounts;
 use crate::mapping::{MappedRecord, Mapping, RecordError};
 use crate::metrics::{
     CHANGES_DETECTED, CYCLE_DURATION, INVALID_RECORDS, LAST_SUCCESS, RECORDS_PULLED,
 };
-use crate::store::{Change, DiffState, InvalidRecord, PageCommit, Store, StoreError};
+use crate::store::{Change, DiffState, GuardOutcome, InvalidRecord, PageCommit, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -70,6 +71,77 @@ pub struct CycleReport {
     pub unchanged_by_digest: u64,
     /// Only filled on dry runs: the changes that would have been enqueued.
     pub dry_run_changes: Vec<Change>,
+    /// Per mapped field (parallel to the mapping's fields): this cycle's sets, clears and
+    /// overwrites, and the values the shadow holds among the records it covered.
+    pub field_counts: Vec<FieldCounts>,
+    /// What the guard did with the cycle's staged changes (not on dry runs).
+    pub guard: Option<GuardOutcome>,
+    /// Dry runs: why the guard would hold this cycle, if it would.
+    pub would_hold: Option<String>,
+}
+
+impl CycleReport {
+    /// [`CycleReport::field_counts`] by Pendo field.
+    pub fn counts_by_field(&self, mapping: &Mapping) -> BTreeMap<String, FieldCounts> {
+        mapping
+            .fields
+            .iter()
+            .zip(&self.field_counts)
+            .map(|(f, c)| (f.pendo_field.clone(), *c))
+            .collect()
+    }
+
+    fn add_counts(&mut self, counts: &[FieldCounts]) {
+        if self.field_counts.len() < counts.len() {
+            self.field_counts
+                .resize(counts.len(), FieldCounts::default());
+        }
+        for (total, c) in self.field_counts.iter_mut().zip(counts) {
+            total.sets += c.sets;
+            total.clears += c.clears;
+            total.overwrites += c.overwrites;
+            total.covered += c.covered;
+        }
+    }
+}
+
+/// Counts what `changes` do to the shadow (first fills, clears, overwrites) into `counts`
+/// (indexed like `mapping.fields`).
+fn classify(
+    mapping: &Mapping,
+    changes: &[Change],
+    shadow: &HashMap<String, crate::store::ShadowRecord>,
+    counts: &mut [FieldCounts],
+) {
+    for c in changes {
+        let Some(i) = mapping.fields.iter().position(|f| f.pendo_field == c.field) else {
+            continue;
+        };
+        let held = shadow.get(&c.pendo_id).and_then(|r| r.get(&c.field));
+        let value = crate::domain::Value::from_stored(&c.value).ok();
+        match (held, value) {
+            (Some(_), Some(v)) if v.is_null() => counts[i].clears += 1,
+            (Some(h), Some(v)) if !v.matches_stored(h) => counts[i].overwrites += 1,
+            (Some(_), _) => {}
+            (None, Some(v)) if v.is_null() => {}
+            (None, _) => counts[i].sets += 1,
+        }
+    }
+}
+
+/// Adds one covered record's held values (its shadow row) to `counts`.
+fn cover_shadow(
+    mapping: &Mapping,
+    shadow: Option<&crate::store::ShadowRecord>,
+    counts: &mut [FieldCounts],
+) {
+    if let Some(record) = shadow {
+        for (i, f) in mapping.fields.iter().enumerate() {
+            if record.contains_key(&f.pendo_field) {
+                counts[i].covered += 1;
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +359,8 @@ struct PageWrite {
     shadow_seq: i64,
     claims: Vec<crate::store::Claim>,
     forget: Vec<String>,
+    /// Per mapped field: what this page's changes do, and the values it covered.
+    counts: Vec<FieldCounts>,
 }
 
 /// Records the fetch-and-map side may hold ahead of the rest: enough to keep both cores busy
@@ -364,6 +438,34 @@ async fn pull_all(
     }
     if mode.full() && !dry_run {
         forget_unseen(store, mapping, &seen).await?;
+    }
+    // The pull is complete: the guard decides over the mapping's staged changes (guarantee 9).
+    let mut by_field = report.counts_by_field(mapping);
+    if dry_run {
+        report.would_hold =
+            crate::guard::evaluate(&mapping.guard, mapping.kind, &by_field).map(|t| t.summary());
+    } else {
+        let covered: BTreeMap<String, u64> = by_field
+            .iter_mut()
+            .map(|(f, c)| (f.clone(), c.covered))
+            .collect();
+        let outcome = store
+            .finish_staged(&mapping.name, mapping.kind, &mapping.guard, &covered)
+            .await?;
+        if let GuardOutcome::Held {
+            hold_id,
+            new,
+            reason,
+            values,
+        } = &outcome
+        {
+            if *new {
+                tracing::error!(mapping = %mapping.name, hold = hold_id, values, %reason, "The guard HELD this cycle's changes: nothing of it goes to Pendo until a person approves (`pendo-sync holds show {hold_id}`).");
+            } else {
+                tracing::warn!(mapping = %mapping.name, hold = hold_id, values, "This cycle's changes joined the mapping's open hold.");
+            }
+        }
+        report.guard = Some(outcome);
     }
     Ok(())
 }
@@ -460,6 +562,7 @@ async fn consume(
             None => open = false,
         }
         if let Some(write) = written? {
+            report.add_counts(&write.counts);
             any_invalid |= !write.invalid.is_empty();
             report.changes += write.changes.len() as u64;
             report.invalid += write.invalid.len() as u64;
@@ -605,9 +708,20 @@ async fn prepare(
         }
         let keep = stored_digest(digest, crm_hash);
         if stored.is_some_and(|s| s.get(&id) == Some(&keep)) {
-            // Unchanged, and the same claimant as when its digest and claim were written.
+            // Unchanged, and the same claimant as when its digest and claim were written: its
+            // values are the ones the shadow holds, so they count as covered.
             valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
             report.unchanged_by_digest += 1;
+            if report.field_counts.len() < rec.values.len() {
+                report
+                    .field_counts
+                    .resize(rec.values.len(), FieldCounts::default());
+            }
+            for (c, v) in report.field_counts.iter_mut().zip(&rec.values) {
+                if v.as_ref().is_some_and(|v| !v.is_null()) {
+                    c.covered += 1;
+                }
+            }
             continue;
         }
         claims.push((rec.crm_id.clone(), rec.pendo_id.clone(), digest));
@@ -677,7 +791,9 @@ fn overlay(outbox: &mut HashMap<String, HashMap<String, String>>, previous: &Pag
 fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     let mut changes: Vec<Change> = Vec::new();
     let mut digests: Vec<(String, u64)> = Vec::new();
+    let mut counts = vec![FieldCounts::default(); mapping.fields.len()];
     for (rec, digest) in &p.live {
+        cover_shadow(mapping, p.shadow.get(&rec.pendo_id), &mut counts);
         let queued = p.outbox.get(&rec.pendo_id);
         let before = changes.len();
         changes.extend(diff_record(
@@ -696,6 +812,7 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     // forced null for a field Pendo never held would only create work (or, with
     // create_missing, an entity).
     for rec in &p.gone {
+        cover_shadow(mapping, p.shadow.get(&rec.pendo_id), &mut counts);
         changes.extend(clear_record(
             mapping,
             &rec.pendo_id,
@@ -725,8 +842,10 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
         })
         .collect();
     changes.retain(|c| !p.held_back.contains(&c.pendo_id));
+    classify(mapping, &changes, &p.shadow, &mut counts);
     digests.retain(|(id, _)| !p.held_back.contains(id));
     PageWrite {
+        counts,
         digests,
         shadow_seq: p.shadow_seq,
         claims: p.claims,
@@ -751,6 +870,7 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             digests: Some((mapping.kind, &w.digests, w.shadow_seq)),
             claims: &w.claims,
             forget: &w.forget,
+            stage: true,
         })
         .await?;
     Ok(())
@@ -814,6 +934,10 @@ async fn clear_orphans(
         }
         let ids: Vec<&str> = orphans.iter().map(|(id, _)| id.as_str()).collect();
         let outbox = store.load_outbox_values(mapping.kind, &ids).await?;
+        let mut counts = vec![FieldCounts::default(); mapping.fields.len()];
+        for (_, shadow) in &orphans {
+            cover_shadow(mapping, Some(shadow), &mut counts);
+        }
         let changes: Vec<Change> = orphans
             .iter()
             // Never forced: only (id, field) pairs holding a value this mapping confirmed (each
@@ -821,6 +945,12 @@ async fn clear_orphans(
             // only another mapping writes and fields already cleared are left alone.
             .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), false))
             .collect();
+        let held: HashMap<String, crate::store::ShadowRecord> = orphans
+            .iter()
+            .map(|(id, shadow)| (id.clone(), shadow.clone()))
+            .collect();
+        classify(mapping, &changes, &held, &mut counts);
+        report.add_counts(&counts);
         if changes.is_empty() {
             continue;
         }
@@ -837,6 +967,7 @@ async fn clear_orphans(
                 .commit_page(&PageCommit {
                     mapping: &mapping.name,
                     changes: &changes,
+                    stage: true,
                     ..PageCommit::default()
                 })
                 .await?;

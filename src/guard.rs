@@ -159,7 +159,10 @@ mod tests {
             covered: 1_000,
             ..Default::default()
         };
-        assert_eq!(evaluate(&limits(), Kind::Account, &one("arr", normal)), None);
+        assert_eq!(
+            evaluate(&limits(), Kind::Account, &one("arr", normal)),
+            None
+        );
         let over = FieldCounts {
             overwrites: 501,
             ..normal

@@ -11,6 +11,7 @@
 //! - [`digest`]: value and id digests; lets a reconcile skip records that did not change.
 //! - [`store`]: the SQLite state file: shadow, outbox, watermarks, run history.
 //! - [`pendo`]: the Pendo client and the outbox writer (batching, limiter, retries, outcomes).
+//! - [`guard`]: the guard's decision: a cycle's changes within limits, or held for a person.
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
 //! - [`audit`]: the dry-run drift report: CRM against the shadow and (optionally) Pendo.
 //! - [`schedule`]: when a mapping reconciles (interval, backoff after a failure).
@@ -33,6 +34,7 @@ pub mod diff;
 pub mod digest;
 pub mod domain;
 pub mod engine;
+pub mod guard;
 pub mod http;
 pub mod limiter;
 pub mod lock;

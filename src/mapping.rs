@@ -32,6 +32,8 @@ pub struct Mapping {
     pub id_case: IdCase,
     pub on_delete: OnDelete,
     pub fields: Vec<FieldMap>,
+    /// The guard's limits for this mapping.
+    pub guard: crate::config::GuardSettings,
 }
 
 /// A record that mapped cleanly.
@@ -129,6 +131,7 @@ impl Mapping {
             id_case: settings.id_case,
             on_delete: settings.on_delete,
             fields,
+            guard: settings.guard_limits,
         }
     }
 

@@ -17,3 +17,8 @@ pub fn record_request(api: &'static str, status: Option<u16>) {
     let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
     metrics::counter!(REQUESTS, "api" => api, "status" => status).increment(1);
 }
+
+/// Gauge: holds of the guard waiting for a person.
+pub const HOLDS_OPEN: &str = "pendo_sync_holds_open";
+/// Gauge: values held by the guard, per mapping.
+pub const HELD_VALUES: &str = "pendo_sync_held_values";

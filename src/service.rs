@@ -413,6 +413,9 @@ impl Service {
                 if report.changes > 0 || report.cleared_orphans > 0 {
                     self.worker.wake.notify_one();
                 }
+                if let Some(crate::store::GuardOutcome::Held { .. }) = &report.guard {
+                    self.refresh_hold_metrics().await;
+                }
             }
             Err(e) => {
                 tracing::error!(mapping = %m.name, mode = mode.as_str(), error = %e, "Cycle failed; it is tried again next poll interval.");
@@ -424,6 +427,43 @@ impl Service {
             }
         }
         Some(result)
+    }
+
+    /// Approves or rejects a hold (admin port), then refreshes the hold gauges and, on approval,
+    /// wakes the writer for the rows that became pending.
+    pub async fn decide_hold(
+        &self,
+        id: i64,
+        approve: bool,
+        who: &str,
+        reason: Option<&str>,
+    ) -> Result<crate::store::Hold, crate::store::HoldError> {
+        let hold = self.store.decide_hold(id, approve, who, reason).await?;
+        tracing::info!(hold = id, mapping = %hold.mapping, state = %hold.state, %who, "A hold was decided.");
+        self.refresh_hold_metrics().await;
+        if approve {
+            self.worker.wake.notify_one();
+        }
+        Ok(hold)
+    }
+
+    /// `pendo_sync_holds_open` and `pendo_sync_held_values{mapping}` from the state.
+    pub async fn refresh_hold_metrics(&self) {
+        match (
+            self.store.holds(true).await,
+            self.store.held_values_by_mapping().await,
+        ) {
+            (Ok(open), Ok(held)) => {
+                metrics::gauge!(crate::metrics::HOLDS_OPEN).set(open.len() as f64);
+                for m in &self.settings.mappings {
+                    metrics::gauge!(crate::metrics::HELD_VALUES, "mapping" => m.name.clone())
+                        .set(held.get(&m.name).copied().unwrap_or(0) as f64);
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "Cannot read the holds for the metrics.")
+            }
+        }
     }
 
     fn health_update(&self, mapping: &str, f: impl FnOnce(&mut MappingHealth)) {

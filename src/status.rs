@@ -21,6 +21,8 @@ pub struct StatusReport {
     pub oldest_pending_seconds: Option<f64>,
     pub invalid_records: usize,
     pub mappings: Vec<MappingStatus>,
+    /// Holds of the guard waiting for a person (`holds show ID`).
+    pub open_holds: Vec<OpenHold>,
     pub quota: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -33,6 +35,15 @@ pub struct MappingStatus {
     pub last_success_at: Option<String>,
     /// The last successful reconcile and any failures since.
     pub reconcile: Option<ReconcileStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenHold {
+    pub id: i64,
+    pub mapping: String,
+    pub reason: String,
+    pub held_values: i64,
+    pub created_at: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +104,18 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             .map(|at| (now_ms() - at).max(0) as f64 / 1000.0),
         invalid_records: store.invalid_records(None).await?.len(),
         mappings,
+        open_holds: store
+            .holds(true)
+            .await?
+            .into_iter()
+            .map(|h| OpenHold {
+                id: h.id,
+                mapping: h.mapping,
+                reason: h.reason,
+                held_values: h.held_values,
+                created_at: iso(h.created_at),
+            })
+            .collect(),
         quota,
     })
 }

@@ -470,11 +470,16 @@ mod tests {
         assert!(BulkResult::unaccounted(&json!({}), 2).is_some());
         assert!(BulkResult::unaccounted(&json!([]), 2).is_some());
         assert!(BulkResult::unaccounted(&json!({"kind": "visitor"}), 2).is_some());
-        assert!(BulkResult::unaccounted(&json!({"total": 3, "updated": 3, "failed": 0}), 2).is_some());
+        assert!(
+            BulkResult::unaccounted(&json!({"total": 3, "updated": 3, "failed": 0}), 2).is_some()
+        );
         assert!(BulkResult::unaccounted(&json!({"updated": 1, "failed": 0}), 2).is_some());
         assert!(
-            BulkResult::unaccounted(&json!({"total": 2, "updated": 1, "failed": 1, "missing": ["b"]}), 2)
-                .is_none()
+            BulkResult::unaccounted(
+                &json!({"total": 2, "updated": 1, "failed": 1, "missing": ["b"]}),
+                2
+            )
+            .is_none()
         );
         assert!(BulkResult::unaccounted(&json!({"updated": 1, "missing": ["b"]}), 2).is_none());
     }

@@ -309,6 +309,14 @@ impl HubspotSim {
         });
     }
 
+    /// Hides a property from the API, as a rename, a deletion or a token that lost access to it
+    /// does: HubSpot then omits it from every response (asked-for or not) without an error.
+    pub fn hide_property(&self, object: &str, name: &str) {
+        if let Some(props) = self.lock().properties.get_mut(object) {
+            props.remove(name);
+        }
+    }
+
     /// Changes an owner's e-mail (as when the user's login changes). Records keep pointing at
     /// the owner id; only the owners endpoint shows the new address.
     pub fn set_owner_email(&self, id: &str, email: &str) {

@@ -17,6 +17,7 @@
 
 mod claims;
 mod digest;
+mod holds;
 mod outbox;
 mod shadow;
 
@@ -29,6 +30,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use claims::Claim;
+pub use holds::{GuardOutcome, Hold, HoldError};
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
 pub use shadow::ShadowRecord;
 
@@ -157,6 +159,9 @@ pub struct PageCommit<'a> {
     pub claims: &'a [Claim],
     /// CRM ids of records deleted in the CRM: their claims and set-aside entries go.
     pub forget: &'a [String],
+    /// Write the changes as `staged` (the writer does not claim them until the guard passed
+    /// the cycle's whole pull), not `pending`.
+    pub stage: bool,
 }
 
 impl Store {
@@ -346,7 +351,8 @@ impl Store {
     pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        outbox::enqueue(&mut tx, page.changes, now).await?;
+        let state = if page.stage { "staged" } else { "pending" };
+        outbox::enqueue(&mut tx, page.changes, state, now).await?;
         for c in page.unqueue {
             sqlx::query("DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND leased = 0")
                 .bind(c.kind.as_str())

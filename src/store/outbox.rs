@@ -29,7 +29,12 @@ pub struct Change {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueState {
+    /// Written by a cycle whose pull has not completed (or was interrupted): not sent until
+    /// the guard passed it.
+    Staged,
     Pending,
+    /// Under a hold of the guard: sent only once a person approves it.
+    Held,
     Unmatched,
     Dead,
 }
@@ -37,7 +42,9 @@ pub enum QueueState {
 impl QueueState {
     pub fn as_str(self) -> &'static str {
         match self {
+            QueueState::Staged => "staged",
             QueueState::Pending => "pending",
+            QueueState::Held => "held",
             QueueState::Unmatched => "unmatched",
             QueueState::Dead => "dead",
         }
@@ -133,7 +140,9 @@ fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
         value: row.get("value"),
         mapping: row.get("mapping"),
         state: match state.as_str() {
+            "staged" => QueueState::Staged,
             "pending" => QueueState::Pending,
+            "held" => QueueState::Held,
             "unmatched" => QueueState::Unmatched,
             "dead" => QueueState::Dead,
             other => return Err(StoreError::Corrupt(format!("outbox state {other:?}"))),
@@ -155,6 +164,7 @@ fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
 pub(super) async fn enqueue(
     tx: &mut Transaction<'_, Sqlite>,
     changes: &[Change],
+    state: &str,
     now: i64,
 ) -> Result<(), StoreError> {
     // One statement per chunk: the rows travel as one JSON array (static SQL, one parameter),
@@ -177,11 +187,14 @@ pub(super) async fn enqueue(
         sqlx::query(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
-             SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, 'pending',
+             SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, ?3,
                     e.value ->> 5, 1, 0, ?2, NULL, ?2, ?2
              FROM json_each(?1) AS e WHERE true
              ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
-                value = excluded.value, mapping = excluded.mapping, state = 'pending',
+                value = excluded.value, mapping = excluded.mapping,
+                -- A held row stays in its hold (latest wins inside it): nothing of a mapping
+                -- with an open hold overtakes it.
+                state = CASE WHEN outbox.state = 'held' THEN 'held' ELSE excluded.state END,
                 force = max(outbox.force, excluded.force), version = outbox.version + 1, attempts = 0,
                 next_attempt_at = excluded.next_attempt_at, last_error = NULL,
                 enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
@@ -190,6 +203,7 @@ pub(super) async fn enqueue(
         )
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)
+        .bind(state)
         .execute(&mut **tx)
         .await?;
     }
@@ -501,10 +515,16 @@ impl Store {
         let rows = sqlx::query("SELECT state, count(*) FROM outbox GROUP BY state")
             .fetch_all(&self.pool)
             .await?;
-        let mut out = BTreeMap::from([("pending", 0), ("unmatched", 0), ("dead", 0)]);
+        let mut out = BTreeMap::from([
+            ("staged", 0),
+            ("pending", 0),
+            ("held", 0),
+            ("unmatched", 0),
+            ("dead", 0),
+        ]);
         for row in rows {
             let state: String = row.get(0);
-            for known in ["pending", "unmatched", "dead"] {
+            for known in ["staged", "pending", "held", "unmatched", "dead"] {
                 if state == known {
                     out.insert(known, row.get(1));
                 }
@@ -520,10 +540,16 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out = BTreeMap::from([("pending", 0), ("unmatched", 0), ("dead", 0)]);
+        let mut out = BTreeMap::from([
+            ("staged", 0),
+            ("pending", 0),
+            ("held", 0),
+            ("unmatched", 0),
+            ("dead", 0),
+        ]);
         for row in rows {
             let state: String = row.get(0);
-            for known in ["pending", "unmatched", "dead"] {
+            for known in ["staged", "pending", "held", "unmatched", "dead"] {
                 if state == known {
                     out.insert(known, row.get(1));
                 }

@@ -9,6 +9,7 @@ mod crash;
 mod crm_harness;
 mod digest;
 mod faults;
+mod guard;
 mod helpers;
 mod races;
 mod secrets;

@@ -176,7 +176,10 @@ impl Env {
             .reconcile_interval(opts.reconcile_interval)
             .overlap("0s")
             .admin_listen(&admin)
-            .mapping(MappingSection::sf_accounts("sf-accounts").only(&fields));
+            .mapping(MappingSection::sf_accounts("sf-accounts").only(&fields))
+            // These tests edit every account at once on purpose (crash and lock tests); the
+            // guard's own tests are in guard.rs.
+            .tail("[guard]\nmax_overwrite_percent = 100\n");
         if opts.admin_token {
             sim_config = sim_config.admin_token(ADMIN_TOKEN);
         }

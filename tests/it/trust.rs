@@ -428,12 +428,15 @@ async fn a_failing_reconcile_shows_in_status_and_readiness_while_incrementals_go
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert!(
-        reasons.iter().any(|r| r.contains("injected full-pull failure")),
+        reasons
+            .iter()
+            .any(|r| r.contains("injected full-pull failure")),
         "{reasons:?}"
     );
     // Incremental cycles go on: a CRM change reaches Pendo.
     let id = account_id(0);
-    t.crm.set_field("Account", &id, "Plan_Tier__c", json!("Live"));
+    t.crm
+        .set_field("Account", &id, "Plan_Tier__c", json!("Live"));
     while t.pendo.value(Kind::Account, &id, "plantier") != Some(json!("Live")) {
         assert!(std::time::Instant::now() < deadline, "incrementals starved");
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -451,7 +454,11 @@ async fn a_failing_reconcile_shows_in_status_and_readiness_while_incrementals_go
     // Fixed: a retry succeeds and the failure is gone.
     t.crm.fail_full_pulls(false);
     while service.readiness().await.is_err() {
-        assert!(std::time::Instant::now() < deadline + Duration::from_secs(5), "{:?}", service.readiness().await);
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(5),
+            "{:?}",
+            service.readiness().await
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let status = pendo_sync::status::status_report(&t.settings, &service.store)
@@ -479,16 +486,12 @@ async fn a_long_lived_app_keeps_hubspot_owners_fresh_and_resolves_archived_ones(
     let step = |mode| app.sync(None, mode, false, &cancel, &());
     step(pendo_sync::engine::Mode::Incremental).await.unwrap();
     crm.assert_converged();
-    let email = |i: usize| {
-        hs_contact(i)["email"]
-            .as_str()
-            .unwrap()
-            .to_lowercase()
-    };
+    let email = |i: usize| hs_contact(i)["email"].as_str().unwrap().to_lowercase();
     let owner_of = |i: usize| crm.pendo.value(Kind::Visitor, &email(i), "owneremail");
     assert_eq!(owner_of(0), Some(json!(OWNERS[0].1)));
 
-    crm.hs.set_owner_email(OWNERS[0].0, "renamed-owner@acme.test");
+    crm.hs
+        .set_owner_email(OWNERS[0].0, "renamed-owner@acme.test");
     crm.hs.archive_owner(OWNERS[1].0);
     step(pendo_sync::engine::Mode::Reconcile).await.unwrap();
     assert_eq!(owner_of(0), Some(json!("renamed-owner@acme.test")));

@@ -1,0 +1,396 @@
+//! Staged rows and holds (DESIGN guarantee 9, "The guard").
+//!
+//! A cycle's pages commit their outbox rows as `staged`; when its pull has completed,
+//! [`Store::finish_staged`] counts the mapping's staged clears, overwrites and first fills per
+//! field against the shadow, asks [`crate::guard::evaluate`], and in one transaction either
+//! makes them `pending` or moves them under a hold (a new one, or the mapping's open hold, so
+//! nothing of that mapping overtakes it). A person approves a hold (its rows become pending) or
+//! rejects it (its rows are dropped); both are recorded with who, when and why.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::config::GuardSettings;
+use crate::domain::{Kind, now_ms};
+use crate::guard::{FieldCounts, SampleChange};
+
+/// How many changes a hold shows.
+const SAMPLE: i64 = 20;
+
+/// A hold as `holds show` and the admin port show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hold {
+    pub id: i64,
+    pub mapping: String,
+    pub kind: Kind,
+    pub state: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub reason: String,
+    pub counts: BTreeMap<String, FieldCounts>,
+    pub sample: Vec<SampleChange>,
+    pub cycles: i64,
+    /// Values held now (open), or when it was decided.
+    pub held_values: i64,
+    pub decided_at: Option<i64>,
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+}
+
+/// What the guard did with a cycle's staged rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuardOutcome {
+    /// Nothing was staged.
+    Nothing,
+    /// Within the limits: this many values became pending.
+    Passed { values: u64 },
+    /// Held under `hold_id` (`new`: this cycle opened it; else it joined the mapping's open hold).
+    Held {
+        hold_id: i64,
+        new: bool,
+        reason: String,
+        values: u64,
+    },
+}
+
+/// Which rows a count covers.
+enum Scope {
+    Staged,
+    Hold(i64),
+}
+
+impl Scope {
+    fn condition(&self) -> (&'static str, i64) {
+        match self {
+            Scope::Staged => ("o.state = 'staged' AND ?2 = ?2", 0),
+            Scope::Hold(id) => ("o.state = 'held' AND o.hold_id = ?2", *id),
+        }
+    }
+}
+
+/// Per field: sets (first fills), clears and overwrites among `scope`'s rows of `mapping`,
+/// judged against the shadow. Values compare as stored JSON text (both sides are canonical).
+async fn counts(
+    conn: &mut sqlx::SqliteConnection,
+    mapping: &str,
+    scope: &Scope,
+) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
+    let (condition, param) = scope.condition();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT field,
+                sum(value = 'null' AND held IS NOT NULL),
+                sum(value != 'null' AND held IS NOT NULL AND held != value),
+                sum(value != 'null' AND held IS NULL)
+         FROM (SELECT o.field, o.value,
+                      nullif(s.vals -> ('$.\"' || o.field || '\"'), 'null') AS held
+               FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+               WHERE o.mapping = ?1 AND {condition})
+         GROUP BY field"
+    )))
+    .bind(mapping)
+    .bind(param)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let n = |i: usize| r.get::<Option<i64>, _>(i).unwrap_or(0).max(0) as u64;
+            (
+                r.get::<String, _>(0),
+                FieldCounts {
+                    clears: n(1),
+                    overwrites: n(2),
+                    sets: n(3),
+                    covered: 0,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Up to [`SAMPLE`] of `scope`'s changes, clears and overwrites first.
+async fn sample(
+    conn: &mut sqlx::SqliteConnection,
+    mapping: &str,
+    scope: &Scope,
+) -> Result<Vec<SampleChange>, StoreError> {
+    let (condition, param) = scope.condition();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pendo_id, field, held, value FROM
+           (SELECT o.pendo_id, o.field, o.value,
+                   nullif(s.vals -> ('$.\"' || o.field || '\"'), 'null') AS held
+            FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+            WHERE o.mapping = ?1 AND {condition})
+         ORDER BY held IS NULL, value != 'null', pendo_id, field LIMIT {SAMPLE}"
+    )))
+    .bind(mapping)
+    .bind(param)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SampleChange {
+            id: r.get(0),
+            field: r.get(1),
+            from: r.get(2),
+            to: r.get(3),
+        })
+        .collect())
+}
+
+fn hold_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Hold, StoreError> {
+    let kind: String = r.get("kind");
+    let counts: String = r.get("counts");
+    let sample: String = r.get("sample");
+    Ok(Hold {
+        id: r.get("id"),
+        mapping: r.get("mapping"),
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("hold kind {kind:?}")))?,
+        state: r.get("state"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        reason: r.get("reason"),
+        counts: serde_json::from_str(&counts)
+            .map_err(|e| StoreError::Corrupt(format!("hold counts: {e}")))?,
+        sample: serde_json::from_str(&sample)
+            .map_err(|e| StoreError::Corrupt(format!("hold sample: {e}")))?,
+        cycles: r.get("cycles"),
+        held_values: r.get("held_values"),
+        decided_at: r.get("decided_at"),
+        decided_by: r.get("decided_by"),
+        decision_reason: r.get("decision_reason"),
+    })
+}
+
+/// Why a decision on a hold was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("no hold {0}")]
+    Unknown(i64),
+    #[error("hold {id} is already {state}")]
+    Decided { id: i64, state: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for HoldError {
+    fn from(e: sqlx::Error) -> Self {
+        HoldError::Store(e.into())
+    }
+}
+
+impl Store {
+    /// The end of a cycle whose pull completed: the guard decides over every staged row of
+    /// `mapping` (an interrupted cycle's included). `covered`: per field, the values the shadow
+    /// holds among the records the cycle covered. One transaction.
+    pub async fn finish_staged(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        limits: &GuardSettings,
+        covered: &BTreeMap<String, u64>,
+    ) -> Result<GuardOutcome, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Take the write lock first: nothing may stage or decide between the count and the move.
+        sqlx::query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let mut by_field = counts(&mut tx, mapping, &Scope::Staged).await?;
+        let staged: u64 = by_field
+            .values()
+            .map(|c| c.sets + c.clears + c.overwrites)
+            .sum::<u64>();
+        let total: i64 =
+            sqlx::query("SELECT count(*) FROM outbox WHERE state = 'staged' AND mapping = ?1")
+                .bind(mapping)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        let _ = staged;
+        if total == 0 {
+            tx.commit().await?;
+            return Ok(GuardOutcome::Nothing);
+        }
+        for (field, c) in by_field.iter_mut() {
+            c.covered = covered.get(field).copied().unwrap_or(0);
+        }
+        let open: Option<i64> = sqlx::query(
+            "SELECT id FROM holds WHERE mapping = ?1 AND state = 'open' ORDER BY id LIMIT 1",
+        )
+        .bind(mapping)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get(0));
+        let trip = crate::guard::evaluate(limits, kind, &by_field);
+        let outcome = match (open, trip) {
+            (None, None) => {
+                sqlx::query(
+                    "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, updated_at = ?2
+                     WHERE state = 'staged' AND mapping = ?1",
+                )
+                .bind(mapping)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                GuardOutcome::Passed {
+                    values: total as u64,
+                }
+            }
+            (open, trip) => {
+                let new = open.is_none();
+                let reason = match (&trip, open) {
+                    (Some(t), _) => t.summary(),
+                    (None, Some(_)) => "joined the mapping's open hold".to_owned(),
+                    (None, None) => unreachable!("handled above"),
+                };
+                let hold_id = match open {
+                    Some(id) => id,
+                    None => sqlx::query(
+                        "INSERT INTO holds (mapping, kind, created_at, updated_at, reason, counts, sample, cycles)
+                         VALUES (?1, ?2, ?3, ?3, ?4, '{}', '[]', 0) RETURNING id",
+                    )
+                    .bind(mapping)
+                    .bind(kind.as_str())
+                    .bind(now)
+                    .bind(&reason)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0),
+                };
+                sqlx::query(
+                    "UPDATE outbox SET state = 'held', hold_id = ?2, updated_at = ?3
+                     WHERE state = 'staged' AND mapping = ?1",
+                )
+                .bind(mapping)
+                .bind(hold_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                // The hold shows what it holds now (latest wins inside it).
+                let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                for (field, c) in held.iter_mut() {
+                    c.covered = covered.get(field).copied().unwrap_or(0);
+                }
+                let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                let values: i64 = sqlx::query(
+                    "SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = ?1",
+                )
+                .bind(hold_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+                sqlx::query(
+                    "UPDATE holds SET counts = ?2, sample = ?3, cycles = cycles + 1, held_values = ?4,
+                        updated_at = ?5
+                     WHERE id = ?1",
+                )
+                .bind(hold_id)
+                .bind(serde_json::to_string(&held).expect("counts serialize"))
+                .bind(serde_json::to_string(&shown).expect("sample serializes"))
+                .bind(values)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                GuardOutcome::Held {
+                    hold_id,
+                    new,
+                    reason,
+                    values: values as u64,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Holds, newest first; only the open ones with `open_only`.
+    pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM holds WHERE (?1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200",
+        )
+        .bind(open_only as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(hold_from_row).collect()
+    }
+
+    pub async fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
+        let row = sqlx::query("SELECT * FROM holds WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(hold_from_row).transpose()
+    }
+
+    /// Approves (its rows become pending, sent by the next writer pass) or rejects (its rows
+    /// are dropped) an open hold, recording who, when and why.
+    pub async fn decide_hold(
+        &self,
+        id: i64,
+        approve: bool,
+        who: &str,
+        reason: Option<&str>,
+    ) -> Result<Hold, HoldError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let state: Option<String> = sqlx::query("SELECT state FROM holds WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get(0));
+        match state.as_deref() {
+            None => return Err(HoldError::Unknown(id)),
+            Some("open") => {}
+            Some(other) => {
+                return Err(HoldError::Decided {
+                    id,
+                    state: other.to_owned(),
+                });
+            }
+        }
+        if approve {
+            sqlx::query(
+                "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = ?2, updated_at = ?2
+                 WHERE state = 'held' AND hold_id = ?1",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM outbox WHERE state = 'held' AND hold_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE holds SET state = ?2, decided_at = ?3, decided_by = ?4, decision_reason = ?5,
+                updated_at = ?3
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(if approve { "approved" } else { "rejected" })
+        .bind(now)
+        .bind(who)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(self.hold(id).await?.ok_or(HoldError::Unknown(id))?)
+    }
+
+    /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
+    pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mapping, count(*) FROM outbox WHERE state = 'held' GROUP BY mapping",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}

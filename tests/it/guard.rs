@@ -1,0 +1,312 @@
+//! The guard (guarantee 9): a cycle that would clear or overwrite too much of a field is held,
+//! whole, until a person approves or rejects it; Pendo sees none of it meanwhile.
+
+use std::time::Duration;
+
+use pendo_sync::domain::Kind;
+use pendo_sync::engine::Mode;
+use pendo_sync::store::{GuardOutcome, QueueFilter, QueueState};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::crm_harness::{Crm, CrmOptions, hs_contact};
+use crate::helpers::{TestApp, account_id};
+
+fn held_id(outcome: &Option<GuardOutcome>) -> i64 {
+    match outcome {
+        Some(GuardOutcome::Held { hold_id, .. }) => *hold_id,
+        other => panic!("expected a hold, got {other:?}"),
+    }
+}
+
+/// The (id, field) pairs of every write Pendo received.
+fn written_fields(requests: &[pendo_sync::sim::pendo::RecordedRequest]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for r in requests.iter().filter(|r| r.path.contains("/custom/value")) {
+        for item in r
+            .body
+            .as_ref()
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let id = item["visitorId"]
+                .as_str()
+                .or(item["accountId"].as_str())
+                .unwrap_or_default()
+                .to_owned();
+            for field in item["values"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+            {
+                out.push((id.clone(), field.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// HubSpot omits a property the token can no longer read (renamed, hidden): every contact's
+/// value reads as empty. The reconcile would clear it everywhere; the guard holds it.
+#[tokio::test]
+async fn a_hidden_hubspot_property_is_held_then_rejected_held_again_and_approved() {
+    let crm = Crm::start(CrmOptions::default()).await;
+    crm.seed_contacts(150);
+    crm.sync().await;
+    crm.assert_converged();
+    let email = |i: usize| hs_contact(i)["email"].as_str().unwrap().to_lowercase();
+    let before = crm.pendo.value(Kind::Visitor, &email(0), "lifecyclestage");
+    assert!(before.is_some());
+
+    crm.hs.hide_property("contacts", "lifecyclestage");
+    crm.pendo.reset_requests();
+    let app = crm.app().await;
+    let cancel = CancellationToken::new();
+    let report = app
+        .sync(Some("hs-contacts"), Mode::Reconcile, false, &cancel, &())
+        .await
+        .unwrap();
+    let hold = held_id(&report.cycles[0].guard);
+    let sent = written_fields(&crm.pendo.requests());
+    assert!(
+        sent.is_empty(),
+        "nothing of a held cycle goes out: {sent:?}"
+    );
+    let shown = app.store.hold(hold).await.unwrap().unwrap();
+    assert!(
+        shown
+            .reason
+            .contains("would clear `lifecyclestage` on 150 of 150 visitors (100% > 10%)"),
+        "{}",
+        shown.reason
+    );
+    assert_eq!(shown.counts["lifecyclestage"].clears, 150);
+    assert_eq!(shown.sample.len(), 20);
+
+    // Rejected: nothing goes out; the next reconcile finds the same difference and holds again.
+    app.store
+        .decide_hold(hold, false, "tester", Some("property renamed in HubSpot"))
+        .await
+        .unwrap();
+    app.drain(&cancel, Duration::ZERO).await.unwrap();
+    assert!(written_fields(&crm.pendo.requests()).is_empty());
+    let again = app
+        .sync(Some("hs-contacts"), Mode::Reconcile, false, &cancel, &())
+        .await
+        .unwrap();
+    let second = held_id(&again.cycles[0].guard);
+    assert_ne!(second, hold);
+    let rejected = app.store.hold(hold).await.unwrap().unwrap();
+    assert_eq!(rejected.state, "rejected");
+    assert_eq!(rejected.decided_by.as_deref(), Some("tester"));
+    assert_eq!(
+        rejected.decision_reason.as_deref(),
+        Some("property renamed in HubSpot")
+    );
+
+    // Approved: the clears go out.
+    app.store
+        .decide_hold(second, true, "tester", None)
+        .await
+        .unwrap();
+    app.drain(&cancel, Duration::from_secs(5)).await.unwrap();
+    let sent = written_fields(&crm.pendo.requests());
+    assert_eq!(
+        sent.iter().filter(|(_, f)| f == "lifecyclestage").count(),
+        150
+    );
+    assert_eq!(
+        crm.pendo.value(Kind::Visitor, &email(0), "lifecyclestage"),
+        None
+    );
+    app.store.close().await;
+}
+
+/// Every record leaving a Salesforce mapping with `on_delete = "clear"` (a filter typo) would
+/// clear every value: held, zero clears sent.
+#[tokio::test]
+async fn a_filter_typo_that_empties_a_clearing_mapping_is_held() {
+    let t = TestApp::new().await;
+    t.seed(150);
+    t.sync().await;
+    t.assert_converged();
+    // What a filter that matches nothing looks like to the reconcile: no record is seen.
+    for i in 0..150 {
+        t.crm.purge("Account", &account_id(i));
+    }
+    t.pendo.reset_requests();
+    let report = t.sync_mode(Mode::Reconcile).await;
+    held_id(&report.cycles[0].guard);
+    assert_eq!(report.cycles[0].cleared_orphans, 150);
+    assert!(t.writes().is_empty(), "{:?}", t.writes());
+    assert!(
+        t.pendo
+            .value(Kind::Account, &account_id(5), "plantier")
+            .is_some()
+    );
+}
+
+/// A change that overwrites more than half of a field is held; a first fill and a normal 1 %
+/// change go out at once; while a hold is open, later changes of the mapping join it (latest
+/// wins inside it) and nothing of the mapping overtakes it.
+#[tokio::test]
+async fn overwrites_past_the_limit_are_held_and_later_changes_join_the_hold() {
+    let t = TestApp::new().await;
+    t.seed(200);
+    // The first fill: 200 × 5 values where Pendo held none. Never counted.
+    let first = t.sync().await;
+    assert!(
+        matches!(
+            first.cycles[0].guard,
+            Some(GuardOutcome::Passed { values: 1000 })
+        ),
+        "{:?}",
+        first.cycles[0].guard
+    );
+    t.assert_converged();
+    // A normal change: 2 of 200.
+    for i in [3, 4] {
+        t.crm
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Normal"));
+    }
+    let normal = t.sync().await;
+    assert!(matches!(
+        normal.cycles[0].guard,
+        Some(GuardOutcome::Passed { values: 2 })
+    ));
+    t.assert_converged();
+
+    // 120 of 200 plan tiers change at once (60 % > 50 %).
+    for i in 0..120 {
+        t.crm
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    t.pendo.reset_requests();
+    let bulk = t.sync().await;
+    let hold = held_id(&bulk.cycles[0].guard);
+    assert!(t.writes().is_empty());
+
+    // A later change of a held value, and of another record: both join the hold.
+    t.crm
+        .set_field("Account", &account_id(7), "Plan_Tier__c", json!("Latest"));
+    t.crm
+        .set_field("Account", &account_id(150), "ARR__c", json!(1.5));
+    let later = t.sync().await;
+    assert!(
+        matches!(later.cycles[0].guard, Some(GuardOutcome::Held { hold_id, new: false, .. }) if hold_id == hold),
+        "{:?}",
+        later.cycles[0].guard
+    );
+    assert!(
+        t.writes().is_empty(),
+        "nothing of the mapping overtakes the hold"
+    );
+    let app = t.app().await;
+    let h = app.store.hold(hold).await.unwrap().unwrap();
+    assert_eq!(h.cycles, 2);
+    assert_eq!(h.held_values, 121);
+    let held = app
+        .store
+        .outbox_list(
+            &QueueFilter {
+                state: Some(QueueState::Held),
+                pendo_id: Some(account_id(7)),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        held[0].value,
+        json!("Latest").to_string(),
+        "latest wins inside the hold"
+    );
+    app.store
+        .decide_hold(hold, true, "tester", None)
+        .await
+        .unwrap();
+    app.store.close().await;
+    t.sync().await;
+    t.assert_converged();
+}
+
+/// Staged rows are never sent before the guard passed the whole pull: a cycle that dies after
+/// committing some pages leaves them staged (a drain sends nothing); the next cycle counts them
+/// with its own and lets them go.
+#[tokio::test]
+async fn a_cycle_interrupted_between_pages_sends_nothing_until_the_next_one_passes_it() {
+    let t = TestApp::new().await;
+    t.seed(200); // 40 records per page: 5 pages
+    t.crm.fail_after_pages(Some(2));
+    let app = t.app().await;
+    let cancel = CancellationToken::new();
+    let report = app
+        .sync(None, Mode::Incremental, false, &cancel, &())
+        .await
+        .unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let staged = app
+        .store
+        .outbox_list(
+            &QueueFilter {
+                state: Some(QueueState::Staged),
+                ..Default::default()
+            },
+            10_000,
+        )
+        .await
+        .unwrap();
+    assert!(!staged.is_empty(), "the committed pages are staged");
+    app.drain(&cancel, Duration::ZERO).await.unwrap();
+    assert!(
+        t.writes().is_empty(),
+        "staged rows were sent: {:?}",
+        t.writes()
+    );
+    app.store.close().await;
+    // The restart's cycle completes; the guard passes the leftovers with its own changes.
+    let next = t.sync().await;
+    assert!(
+        matches!(next.cycles[0].guard, Some(GuardOutcome::Passed { .. })),
+        "{:?}",
+        next.cycles[0].guard
+    );
+    t.assert_converged();
+}
+
+/// `sync --dry-run` says what the guard would do.
+#[tokio::test]
+async fn a_dry_run_says_what_the_guard_would_hold() {
+    let t = TestApp::new().await;
+    t.seed(150);
+    t.sync().await;
+    for i in 0..150 {
+        t.crm.set_field(
+            "Account",
+            &account_id(i),
+            "Plan_Tier__c",
+            serde_json::Value::Null,
+        );
+    }
+    let app = t.app().await;
+    let report = app
+        .sync(
+            None,
+            Mode::Incremental,
+            true,
+            &CancellationToken::new(),
+            &(),
+        )
+        .await
+        .unwrap();
+    let would = report.cycles[0].would_hold.as_deref().unwrap_or_default();
+    assert_eq!(
+        would, "would clear `plantier` on 150 of 150 accounts (100% > 10%)",
+        "{report:?}"
+    );
+    app.store.close().await;
+}
