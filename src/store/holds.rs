@@ -201,17 +201,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let mut by_field = counts(&mut tx, mapping, &Scope::Staged).await?;
-        let staged: u64 = by_field
-            .values()
-            .map(|c| c.sets + c.clears + c.overwrites)
-            .sum::<u64>();
         let total: i64 =
             sqlx::query("SELECT count(*) FROM outbox WHERE state = 'staged' AND mapping = ?1")
                 .bind(mapping)
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
-        let _ = staged;
         if total == 0 {
             tx.commit().await?;
             return Ok(GuardOutcome::Nothing);
@@ -381,7 +376,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(self.hold(id).await?.ok_or(HoldError::Unknown(id))?)
+        self.hold(id).await?.ok_or(HoldError::Unknown(id))
     }
 
     /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
