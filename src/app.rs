@@ -71,6 +71,8 @@ pub struct App {
     lock: std::sync::Mutex<Option<Arc<InstanceLock>>>,
     /// How long [`App::sync`] and [`App::drain`] wait for another writer to let go.
     pub lock_wait: Duration,
+    /// `[notify]`: holds, a paused writer, dead values.
+    pub notifier: crate::notify::Notifier,
 }
 
 /// What `sync` did.
@@ -137,6 +139,7 @@ impl App {
             .integration_key_source
             .resolve("pendo.integration_key")?;
         let pendo = PendoClient::new(&settings.pendo, key);
+        let notifier = crate::notify::Notifier::from_settings(&settings.notify)?;
         let writer = Writer::new(
             store.clone(),
             pendo.clone(),
@@ -150,6 +153,7 @@ impl App {
             connectors,
             lock: std::sync::Mutex::new(None),
             lock_wait: crate::lock::DEFAULT_WAIT,
+            notifier,
         })
     }
 
@@ -203,7 +207,7 @@ impl App {
             .expect("validated config has a connector per used source");
         let overlap = self.settings.schedule.overlap;
         let mapping = Mapping::new(m);
-        engine::run_cycle(
+        let result = engine::run_cycle(
             &self.store,
             connector.as_ref(),
             &mapping,
@@ -212,7 +216,55 @@ impl App {
             dry_run,
             progress,
         )
-        .await
+        .await;
+        if let Ok(report) = &result {
+            self.notify_hold(report);
+        }
+        result
+    }
+
+    /// Tells `[notify]` about a hold this cycle opened.
+    fn notify_hold(&self, report: &CycleReport) {
+        if let Some(crate::store::GuardOutcome::Held {
+            hold_id,
+            new: true,
+            reason,
+            values,
+        }) = &report.guard
+        {
+            self.notifier.notify(
+                crate::config::NotifyEvent::Hold,
+                Some(&report.mapping),
+                format!(
+                    "pendo-sync held {values} changes of mapping {}: {reason}. Nothing of it reaches Pendo until someone approves or rejects it: `pendo-sync holds show {hold_id}`",
+                    report.mapping
+                ),
+                serde_json::json!({ "hold_id": hold_id, "reason": reason, "values": values }),
+            );
+        }
+    }
+
+    /// Tells `[notify]` that the writer paused or that values went dead during a drain.
+    pub fn notify_after_drain(&self, report: &DrainReport, dead_before: i64, dead_after: i64) {
+        if let Some(reason) = &report.paused {
+            self.notifier.notify(
+                crate::config::NotifyEvent::WriterPaused,
+                None,
+                format!("pendo-sync paused its writer: {reason}"),
+                serde_json::json!({ "reason": reason }),
+            );
+        }
+        if dead_after > dead_before {
+            let n = dead_after - dead_before;
+            self.notifier.notify(
+                crate::config::NotifyEvent::Dead,
+                None,
+                format!(
+                    "pendo-sync: {n} values went dead (they are not retried without an operator): `pendo-sync queue list --state dead`"
+                ),
+                serde_json::json!({ "new_dead_values": n, "dead_values": dead_after }),
+            );
+        }
     }
 
     /// The mode of one scheduled step of `m` (what `sync` runs): a reconcile when
@@ -324,6 +376,10 @@ impl App {
         wait_for_retries: Duration,
     ) -> Result<DrainReport, AppError> {
         self.writer.start(lock).await?;
-        Ok(self.writer.drain(cancel, wait_for_retries).await?)
+        let dead_before = self.store.outbox_counts().await?["dead"];
+        let report = self.writer.drain(cancel, wait_for_retries).await?;
+        let dead_after = self.store.outbox_counts().await?["dead"];
+        self.notify_after_drain(&report, dead_before, dead_after);
+        Ok(report)
     }
 }

@@ -40,6 +40,7 @@ pub mod limiter;
 pub mod lock;
 pub mod mapping;
 pub mod metrics;
+pub mod notify;
 pub mod pendo;
 pub mod run;
 pub mod schedule;

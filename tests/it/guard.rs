@@ -310,3 +310,178 @@ async fn a_dry_run_says_what_the_guard_would_hold() {
     );
     app.store.close().await;
 }
+
+/// A loopback webhook: records what it receives; answers 200, 500, or never.
+#[derive(Clone)]
+struct Hook {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+#[derive(Clone, Copy)]
+enum HookAnswer {
+    Ok,
+    Fail,
+    Hang,
+}
+
+async fn webhook(answer: HookAnswer) -> Hook {
+    use axum::routing::post;
+    let bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let seen = bodies.clone();
+    let app = axum::Router::new().route(
+        "/hooks/{secret}",
+        post(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap_or_default());
+                match answer {
+                    HookAnswer::Ok => axum::http::StatusCode::OK,
+                    HookAnswer::Fail => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    HookAnswer::Hang => {
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Hook {
+        url: format!("http://{addr}/hooks/canary-webhook-9d2f"),
+        bodies,
+    }
+}
+
+/// A TestApp whose `[notify]` posts to `hook`, and a state of 200 accounts in Pendo.
+async fn app_with_webhook(hook: &Hook) -> TestApp {
+    let t = TestApp::with(crate::helpers::Options {
+        extra_mappings: format!("[notify]\nwebhook_url = \"{}\"\n", hook.url),
+        ..Default::default()
+    })
+    .await;
+    t.seed(200);
+    t.sync().await;
+    t
+}
+
+async fn bulk_change(t: &TestApp) -> pendo_sync::app::SyncReport {
+    for i in 0..150 {
+        t.crm
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    t.sync().await
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 10 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_hold_is_posted_to_the_webhook() {
+    let hook = webhook(HookAnswer::Ok).await;
+    let t = app_with_webhook(&hook).await;
+    let report = bulk_change(&t).await;
+    let hold = held_id(&report.cycles[0].guard);
+    wait_for("the hold notification", || {
+        !hook.bodies.lock().unwrap().is_empty()
+    })
+    .await;
+    let body = hook.bodies.lock().unwrap()[0].clone();
+    assert_eq!(body["event"], json!("hold"));
+    assert_eq!(body["mapping"], json!("accounts"));
+    assert_eq!(body["details"]["hold_id"], json!(hold));
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.contains("would overwrite `plantier` on 150 of 150 accounts (100% > 50%)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("pendo-sync holds show {hold}")),
+        "{text}"
+    );
+}
+
+/// A webhook that fails or hangs neither slows nor fails the cycle; a failing one is retried;
+/// its URL (a secret) never reaches the logs, settings' Debug or status.
+#[tokio::test]
+async fn a_failing_or_hanging_webhook_does_not_block_and_its_url_never_leaks() {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let failing = webhook(HookAnswer::Fail).await;
+    let t = app_with_webhook(&failing).await;
+    let report = bulk_change(&t).await;
+    held_id(&report.cycles[0].guard);
+    // Retried: three attempts reach the webhook, all after the cycle returned.
+    wait_for("three attempts", || {
+        failing.bodies.lock().unwrap().len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let hanging = webhook(HookAnswer::Hang).await;
+    let t2 = app_with_webhook(&hanging).await;
+    let started = std::time::Instant::now();
+    let report = bulk_change(&t2).await;
+    held_id(&report.cycles[0].guard);
+    wait_for("the hanging request", || {
+        !hanging.bodies.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the cycle waited for the webhook: {:?}",
+        started.elapsed()
+    );
+
+    let app = t.app().await;
+    let status = pendo_sync::status::status_report(&t.settings, &app.store)
+        .await
+        .unwrap();
+    app.store.close().await;
+    let texts = [
+        String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned(),
+        format!("{:?}", t.settings),
+        format!("{:?}", app.notifier),
+        serde_json::to_string(&status).unwrap(),
+    ];
+    assert!(
+        texts[0].contains("could not be delivered"),
+        "the failure is logged"
+    );
+    for text in &texts {
+        assert!(
+            !text.contains("canary-webhook-9d2f"),
+            "the webhook URL leaked: {text}"
+        );
+    }
+}
