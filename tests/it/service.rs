@@ -31,6 +31,9 @@ struct Options {
     /// The integration key comes from this file (`<dir>/pendo_key`) instead of the config.
     pendo_key_file: Option<&'static str>,
     reconcile_interval: &'static str,
+    /// The guard's default limits (most tests here edit every account at once on purpose and
+    /// lift the overwrite limit).
+    default_guard: bool,
 }
 
 impl Default for Options {
@@ -43,6 +46,7 @@ impl Default for Options {
             sf_page_size: 2_000,
             pendo_key_file: None,
             reconcile_interval: "1h",
+            default_guard: false,
         }
     }
 }
@@ -179,7 +183,11 @@ impl Env {
             .mapping(MappingSection::sf_accounts("sf-accounts").only(&fields))
             // These tests edit every account at once on purpose (crash and lock tests); the
             // guard's own tests are in guard.rs.
-            .tail("[guard]\nmax_overwrite_percent = 100\n");
+            .tail(if opts.default_guard {
+                ""
+            } else {
+                "[guard]\nmax_overwrite_percent = 100\n"
+            });
         if opts.admin_token {
             sim_config = sim_config.admin_token(ADMIN_TOKEN);
         }
@@ -978,4 +986,79 @@ async fn queue_list_says_when_it_cut_and_status_counts_ids() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["outbox_ids"]["unmatched"], json!(40));
     assert_eq!(json["outbox"]["unmatched"], json!(120));
+}
+
+/// The guard as an operator meets it: `sync` exits 4 naming the hold, `holds list|show`,
+/// `status` shows it, the admin port lists it and approves it with the token (not without),
+/// the service then sends it, and a decided hold cannot be decided again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
+    let mut env = Env::new(Options {
+        accounts: 150,
+        default_guard: true,
+        ..Options::default()
+    })
+    .await;
+    let out = env.cli(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "a first fill is never held: {out:?}");
+    for i in 0..150 {
+        env.sf
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    let writes_before = env.pendo_writes();
+    let out = env.cli(&["sync"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(stdout.contains("HELD by the guard (new hold 1)"), "{stdout}");
+    assert_eq!(env.pendo_writes(), writes_before, "nothing of it was sent");
+
+    let out = env.cli(&["holds"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("open") && stdout.contains("sf-accounts"), "{stdout}");
+    let out = env.cli(&["holds", "show", "1"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("would overwrite `plantier` on 150 of 150 accounts (100% > 50%)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("-> Bulk"), "{stdout}");
+    let out = env.cli(&["status", "--format", "json"]).await;
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["open_holds"][0]["id"], json!(1), "{json}");
+    assert_eq!(json["outbox"]["held"], json!(150));
+
+    let mut svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(15)).await;
+    let (code, body) = env.get("/v1/holds").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"state\":\"open\""), "{body}");
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(env.url("/v1/holds/1/approve"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let approved = client
+        .post(env.url("/v1/holds/1/approve"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"reason": "the price change is real"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status().as_u16(), 200);
+    let hold: Value = approved.json().await.unwrap();
+    assert_eq!(hold["state"], json!("approved"));
+    assert_eq!(hold["decided_by"], json!("admin-api"));
+    assert_eq!(hold["decision_reason"], json!("the price change is real"));
+    env.wait_converged(&svc, Duration::from_secs(10)).await;
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+
+    let out = env.cli(&["holds", "reject", "1"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hold 1 is already approved"),
+        "{out:?}"
+    );
 }
