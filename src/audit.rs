@@ -174,6 +174,10 @@ pub struct MappingSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pendo_rows: Option<u64>,
     pub counts: BTreeMap<Class, u64>,
+    /// What the guard would do with the changes a reconcile would make now ("would hold: …"),
+    /// if it would hold them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
 }
 
 /// The whole report.
@@ -415,6 +419,12 @@ impl MappingAudit<'_> {
             None => None,
         };
         self.classify(&tracked, &mut rows, &mut counts);
+        let guard = crate::guard::evaluate(
+            &self.mapping.guard,
+            self.kind(),
+            &self.guard_counts(&tracked),
+        )
+        .map(|t| format!("would hold: {}", t.summary()));
         rows.sort_by(|a, b| {
             (a.class, &a.id, &a.field, &a.crm_id).cmp(&(b.class, &b.id, &b.field, &b.crm_id))
         });
@@ -427,9 +437,42 @@ impl MappingAudit<'_> {
                 records,
                 pendo_rows,
                 counts,
+                guard,
             },
             rows,
         ))
+    }
+
+    /// Per field, what a reconcile would change against the shadow (first fills, clears,
+    /// overwrites) and the values the shadow holds: what the guard would judge.
+    fn guard_counts(
+        &self,
+        tracked: &HashMap<String, Tracked>,
+    ) -> BTreeMap<String, crate::guard::FieldCounts> {
+        let mut out: BTreeMap<String, crate::guard::FieldCounts> = BTreeMap::new();
+        let clears_orphans = self.mapping.on_delete == crate::config::OnDelete::Clear;
+        for t in tracked.values() {
+            for (i, f) in self.mapping.fields.iter().enumerate() {
+                let c = out.entry(f.pendo_field.clone()).or_default();
+                let shadow = t.shadow[i].as_deref();
+                if shadow.is_some() {
+                    c.covered += 1;
+                }
+                let crm = match &t.crm_id {
+                    None if clears_orphans => None,
+                    None => continue,
+                    Some(_) if !t.managed[i] => continue,
+                    Some(_) => t.crm[i].as_deref(),
+                };
+                match (shadow, crm) {
+                    (Some(_), None) => c.clears += 1,
+                    (Some(a), Some(b)) if a != b => c.overwrites += 1,
+                    (None, Some(_)) => c.sets += 1,
+                    _ => {}
+                }
+            }
+        }
+        out
     }
 
     /// The full CRM pull, mapped. Returns the live records by Pendo id, the number of records
@@ -1064,6 +1107,11 @@ fn render_table(report: &AuditReport) -> String {
         );
     }
     out.push_str(&aligned(&lines));
+    for m in &report.mappings {
+        if let Some(guard) = &m.guard {
+            out.push_str(&format!("\n{}: the guard {guard}\n", m.mapping));
+        }
+    }
     if report.rows.is_empty() {
         out.push_str("\nno differences\n");
         return out;
@@ -1185,6 +1233,7 @@ mod tests {
                 records: 1,
                 pendo_rows: Some(1),
                 counts: totals.clone(),
+                guard: None,
             }],
             totals,
             rows: vec![AuditRow {

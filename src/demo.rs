@@ -264,6 +264,41 @@ pub async fn demo() -> Result<u8, AppError> {
             .unwrap_or_default()
     );
     println!(
+        "\n6. Someone renames the HubSpot property `lifecyclestage`: HubSpot now omits it, so every contact's stage reads as empty"
+    );
+    sims.hubspot.hide_property("contacts", "lifecyclestage");
+    let stages_before = held_stages(&sims);
+    sims.pendo.reset_requests();
+    let renamed = app
+        .sync(Some("hs-contacts"), Mode::Reconcile, false, &cancel, &())
+        .await?;
+    let mut guarded = false;
+    if let Some(crate::store::GuardOutcome::Held { hold_id, .. }) = &renamed.cycles[0].guard {
+        guarded = true;
+        println!("   the reconcile would clear it on every visitor; the guard HELD it instead:\n");
+        if let Some(hold) = app.store.hold(*hold_id).await? {
+            crate::status::print_hold(&hold);
+        }
+        app.store
+            .decide_hold(
+                *hold_id,
+                false,
+                "demo",
+                Some("the property was renamed in HubSpot"),
+            )
+            .await
+            .map_err(|e| AppError::Runtime(e.to_string()))?;
+        app.drain(&cancel, std::time::Duration::ZERO).await?;
+        println!(
+            "\n   rejected (`pendo-sync holds reject {hold_id}`): Pendo requests {}, visitors with a lifecycle stage in Pendo {} before, {} after",
+            sims.pendo.requests().len(),
+            stages_before,
+            held_stages(&sims)
+        );
+    } else {
+        println!("   UNEXPECTED: the guard did not hold the mass clear");
+    }
+    println!(
         "\n{} in {:.1}s. State file: {}",
         if drift == 2 {
             "Done: the audit found exactly the two hand edits"
@@ -275,11 +310,20 @@ pub async fn demo() -> Result<u8, AppError> {
     );
     app.store.close().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if drift == 2 && second.failed.is_empty() {
+    Ok(if drift == 2 && second.failed.is_empty() && guarded {
         0
     } else {
         1
     })
+}
+
+/// Visitors for which Pendo holds a lifecycle stage.
+fn held_stages(sims: &Sims) -> usize {
+    sims.pendo
+        .values(Kind::Visitor)
+        .values()
+        .filter(|v| v.get("lifecyclestage").is_some_and(|s| !s.is_null()))
+        .count()
 }
 
 fn report(r: &crate::app::SyncReport, sims: &Sims) {

@@ -119,3 +119,59 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
         quota,
     })
 }
+
+/// A stored JSON value as a person reads it (`(none)` for nothing).
+fn shown(stored: Option<&str>) -> String {
+    match stored {
+        None => "(none)".to_owned(),
+        Some(text) => crate::domain::Value::from_stored(text)
+            .map(|v| v.display())
+            .unwrap_or_else(|_| text.to_owned()),
+    }
+}
+
+/// Prints one hold as `holds show` does. CRM values are shown as text (this is a terminal).
+pub fn print_hold(h: &crate::store::Hold) {
+    println!(
+        "hold {}  mapping {}  {}  {}",
+        h.id,
+        h.mapping,
+        h.kind,
+        h.state.to_uppercase()
+    );
+    println!(
+        "  created   {} ({} cycle(s) joined)",
+        iso(h.created_at),
+        h.cycles
+    );
+    println!("  tripped   {}", h.reason);
+    println!("  values    {}", h.held_values);
+    println!("  per field                sets    clears  overwrites  of covered");
+    for (field, c) in &h.counts {
+        println!(
+            "    {field:<20} {:>8}  {:>8}  {:>10}  {:>10}",
+            c.sets, c.clears, c.overwrites, c.covered
+        );
+    }
+    println!("  sample ({} of the held changes)", h.sample.len());
+    for c in &h.sample {
+        println!(
+            "    {:<28} {:<18} {} -> {}",
+            c.id,
+            c.field,
+            shown(c.from.as_deref()),
+            shown(Some(&c.to))
+        );
+    }
+    if let (Some(at), Some(who)) = (h.decided_at, &h.decided_by) {
+        println!(
+            "  decided   {} by {}{}",
+            iso(at),
+            who,
+            h.decision_reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+}

@@ -403,7 +403,9 @@ impl Store {
             _ => false,
         };
         if behind {
-            tracing::warn!(
+            // A full pull may end on a mark with the same time and a smaller id (HubSpot's full
+            // pulls restart the id): not news, but never stored.
+            tracing::debug!(
                 mapping = page.mapping,
                 new = %page.watermark.map(|w| w.0.as_str()).unwrap_or(""),
                 stored = %stored.as_ref().map(|w| w.0.as_str()).unwrap_or(""),

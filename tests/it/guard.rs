@@ -485,3 +485,33 @@ async fn a_failing_or_hanging_webhook_does_not_block_and_its_url_never_leaks() {
         );
     }
 }
+
+/// `audit` says what the guard would do with the changes a reconcile would make now.
+#[tokio::test]
+async fn the_audit_says_what_the_guard_would_hold() {
+    let t = TestApp::new().await;
+    t.seed(150);
+    t.sync().await;
+    for i in 0..150 {
+        t.crm.set_field(
+            "Account",
+            &account_id(i),
+            "Plan_Tier__c",
+            serde_json::Value::Null,
+        );
+    }
+    let mut connectors = pendo_sync::app::Connectors::new();
+    connectors.insert(
+        pendo_sync::config::Source::Salesforce,
+        std::sync::Arc::new(t.crm.clone()),
+    );
+    let report = pendo_sync::audit::audit(&t.settings, &connectors, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.mappings[0].guard.as_deref(),
+        Some("would hold: would clear `plantier` on 150 of 150 accounts (100% > 10%)"),
+        "{:?}",
+        report.mappings[0]
+    );
+}

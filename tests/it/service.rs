@@ -1000,7 +1000,11 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
     })
     .await;
     let out = env.cli(&["sync"]).await;
-    assert_eq!(out.status.code(), Some(0), "a first fill is never held: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a first fill is never held: {out:?}"
+    );
     for i in 0..150 {
         env.sf
             .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
@@ -1009,12 +1013,18 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
     let out = env.cli(&["sync"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
-    assert!(stdout.contains("HELD by the guard (new hold 1)"), "{stdout}");
+    assert!(
+        stdout.contains("HELD by the guard (new hold 1)"),
+        "{stdout}"
+    );
     assert_eq!(env.pendo_writes(), writes_before, "nothing of it was sent");
 
     let out = env.cli(&["holds"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("open") && stdout.contains("sf-accounts"), "{stdout}");
+    assert!(
+        stdout.contains("open") && stdout.contains("sf-accounts"),
+        "{stdout}"
+    );
     let out = env.cli(&["holds", "show", "1"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
