@@ -192,6 +192,112 @@ impl Pull for SyntheticPull {
     }
 }
 
+/// Every record's plan tier changed at once (a currency switch, a bad import): the cycle the
+/// guard must hold. Seqs follow the setup's, so an incremental pull would read them all too.
+struct MassCrm {
+    n: u64,
+    page_size: usize,
+}
+
+impl Connector for MassCrm {
+    fn source(&self) -> &'static str {
+        "fixture"
+    }
+
+    fn pull<'a>(
+        &'a self,
+        _spec: PullSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
+        let n = self.n;
+        Box::pin(async move {
+            let rows = (0..n).map(move |i| (n + i + 1, i, true));
+            Ok(Box::new(MassPull {
+                rows: Box::new(rows),
+                page_size: self.page_size,
+            }) as Box<dyn Pull + 'a>)
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        _spec: &'a PullSpec,
+    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+struct MassPull {
+    rows: Box<dyn Iterator<Item = (u64, u64, bool)> + Send>,
+    page_size: usize,
+}
+
+impl Pull for MassPull {
+    fn next_page(&mut self) -> BoxFuture<'_, Result<Option<Page>, ConnectorError>> {
+        Box::pin(async move {
+            let mut last = None;
+            let records: Vec<RawRecord> = self
+                .rows
+                .by_ref()
+                .take(self.page_size)
+                .map(|(seq, i, _)| {
+                    last = Some(seq);
+                    let mut r = record(i, false);
+                    r.fields["Plan_Tier__c"] = json!(format!("mass-{}", i % 4));
+                    r
+                })
+                .collect();
+            Ok(last.map(|seq| Page {
+                records,
+                watermark: Some(Watermark(seq.to_string())),
+            }))
+        })
+    }
+}
+
+/// A reconcile in which every record's plan tier changed: the guard holds all of it. Reports the
+/// whole cycle and the guard's own decision (counting N staged values against the shadow).
+async fn held(n: u64, db: &Path) -> serde_json::Value {
+    let (_, ms) = settings();
+    let mapping = Mapping::new(&ms);
+    let crm = MassCrm {
+        n,
+        page_size: page_size(),
+    };
+    let store = Store::open(db).await.expect("open state");
+    let hwm_before = proc_status_mb("VmHWM");
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let report = run_cycle(
+        &store,
+        &crm,
+        &mapping,
+        |since| PullSpec::for_mapping(&ms, since, Duration::ZERO),
+        Mode::Reconcile,
+        false,
+        &(),
+    )
+    .await
+    .expect("held cycle");
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    let hwm = proc_status_mb("VmHWM");
+    let held = match &report.guard {
+        Some(pendo_sync::store::GuardOutcome::Held { values, .. }) => *values,
+        other => panic!("the mass change was not held: {other:?}"),
+    };
+    assert_eq!(held, n, "every plan tier is held");
+    assert_eq!(pending(&store).await, 0, "nothing of it is pending");
+    store.close().await;
+    json!({
+        "seconds": seconds,
+        "guard_seconds": report.guard_seconds,
+        "cpu_seconds": cpu,
+        "held": held,
+        "hwm_before_mb": hwm_before,
+        "peak_rss_mb": hwm,
+    })
+}
+
 // ---- measurement helpers --------------------------------------------------------------------
 
 fn env_flag(name: &str) -> bool {
@@ -568,6 +674,7 @@ fn child(phase: &str) {
             "setup" => setup(n, &db).await,
             "reconcile" => measure(n, &db, Mode::Reconcile).await,
             "incremental" => measure(n, &db, Mode::Incremental).await,
+            "held" => held(n, &db).await,
             "breakdown" => breakdown(n, &db).await,
             other => panic!("unknown phase {other}"),
         }
@@ -654,6 +761,16 @@ fn main() {
                 let _ = std::fs::remove_file(db.with_extension("db-wal"));
                 let _ = std::fs::remove_file(db.with_extension("db-shm"));
             }
+        }
+        // Once per size: the reconcile the guard holds (every plan tier changed).
+        {
+            let db = dir.path().join("held.db");
+            copy_state(&base, &db);
+            let h = run_child("held", n, &db);
+            eprintln!("  N={n}: held {h} (load {})", load_average());
+            std::fs::remove_file(&db).expect("remove copy");
+            let _ = std::fs::remove_file(db.with_extension("db-wal"));
+            let _ = std::fs::remove_file(db.with_extension("db-shm"));
         }
         if env_flag("BENCH_BREAKDOWN") {
             let b_db = dir.path().join("breakdown.db");

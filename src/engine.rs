@@ -78,6 +78,8 @@ pub struct CycleReport {
     pub guard: Option<GuardOutcome>,
     /// Dry runs: why the guard would hold this cycle, if it would.
     pub would_hold: Option<String>,
+    /// Seconds the guard took to decide over the staged changes (count, then pass or hold).
+    pub guard_seconds: f64,
 }
 
 impl CycleReport {
@@ -449,9 +451,11 @@ async fn pull_all(
             .iter_mut()
             .map(|(f, c)| (f.clone(), c.covered))
             .collect();
+        let guard_started = Instant::now();
         let outcome = store
             .finish_staged(&mapping.name, mapping.kind, &mapping.guard, &covered)
             .await?;
+        report.guard_seconds = guard_started.elapsed().as_secs_f64();
         if let GuardOutcome::Held {
             hold_id,
             new,
