@@ -243,6 +243,11 @@ impl Store {
                     (None, Some(_)) => "joined the mapping's open hold".to_owned(),
                     (None, None) => unreachable!("handled above"),
                 };
+                let staged_sample = if new {
+                    sample(&mut tx, mapping, &Scope::Staged).await?
+                } else {
+                    Vec::new()
+                };
                 let hold_id = match open {
                     Some(id) => id,
                     None => sqlx::query(
@@ -266,19 +271,25 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                // The hold shows what it holds now (latest wins inside it).
-                let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
-                for (field, c) in held.iter_mut() {
-                    c.covered = covered.get(field).copied().unwrap_or(0);
-                }
-                let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
-                let values: i64 = sqlx::query(
-                    "SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = ?1",
-                )
-                .bind(hold_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
+                // The hold shows what it holds now (latest wins inside it). A new hold holds
+                // exactly the staged rows just counted; a joined one is counted again.
+                let (held, shown, values) = if new {
+                    (by_field.clone(), staged_sample, total)
+                } else {
+                    let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                    for (field, c) in held.iter_mut() {
+                        c.covered = covered.get(field).copied().unwrap_or(0);
+                    }
+                    let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                    let values: i64 = sqlx::query(
+                        "SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = ?1",
+                    )
+                    .bind(hold_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
+                    (held, shown, values)
+                };
                 sqlx::query(
                     "UPDATE holds SET counts = ?2, sample = ?3, cycles = cycles + 1, held_values = ?4,
                         updated_at = ?5

@@ -515,3 +515,76 @@ async fn the_audit_says_what_the_guard_would_hold() {
         report.mappings[0]
     );
 }
+
+/// The operator adds a filter with a typo to a Salesforce mapping with `on_delete = "clear"`:
+/// the Salesforce simulator (real SOQL) returns no record, so every account "left the filter".
+/// The reconcile would clear every value: held, zero clears sent.
+#[tokio::test]
+async fn a_salesforce_filter_typo_is_held_with_zero_clears_sent() {
+    use crate::crm_harness::sf_account_id;
+    let crm = Crm::start(CrmOptions::default()).await;
+    crm.seed_accounts(120);
+    crm.sync().await;
+    crm.assert_converged();
+    let mut edited = (*crm.settings).clone();
+    let m = edited
+        .mappings
+        .iter_mut()
+        .find(|m| m.name == "sf-accounts")
+        .unwrap();
+    m.filter = Some("Plan_Tier__c = 'Enterprice'".into());
+    let edited = std::sync::Arc::new(edited);
+    let store = pendo_sync::store::Store::open(&edited.state.path)
+        .await
+        .unwrap();
+    let connectors =
+        pendo_sync::connectors::build(&edited, Some(std::sync::Arc::new(store.clone()))).unwrap();
+    let app = pendo_sync::app::App::open(edited.clone(), connectors)
+        .await
+        .unwrap();
+    crm.pendo.reset_requests();
+    let report = app
+        .sync(
+            Some("sf-accounts"),
+            Mode::Reconcile,
+            false,
+            &CancellationToken::new(),
+            &(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.cycles[0].pulled, 0, "the typo matches nothing");
+    let hold = held_id(&report.cycles[0].guard);
+    assert!(written_fields(&crm.pendo.requests()).is_empty());
+    let h = app.store.hold(hold).await.unwrap().unwrap();
+    assert!(
+        h.reason
+            .contains("would clear `plantier` on 120 of 120 accounts"),
+        "{}",
+        h.reason
+    );
+    // A resync is guarded too: its clears join the open hold.
+    let resync = app
+        .sync(
+            Some("sf-accounts"),
+            Mode::Resync,
+            false,
+            &CancellationToken::new(),
+            &(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(resync.cycles[0].guard, Some(GuardOutcome::Held { hold_id, new: false, .. }) if hold_id == hold),
+        "{:?}",
+        resync.cycles[0].guard
+    );
+    assert!(written_fields(&crm.pendo.requests()).is_empty());
+    assert!(
+        crm.pendo
+            .value(Kind::Account, &sf_account_id(0), "plantier")
+            .is_some()
+    );
+    app.store.close().await;
+    store.close().await;
+}
