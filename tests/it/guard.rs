@@ -563,7 +563,11 @@ async fn a_salesforce_filter_typo_is_held_with_zero_clears_sent() {
         "{}",
         h.reason
     );
-    // A resync is guarded too: its clears join the open hold.
+    // A resync is guarded too: once the hold is rejected, the resync's clears are held anew.
+    app.store
+        .decide_hold(hold, false, "tester", Some("filter typo"))
+        .await
+        .unwrap();
     let resync = app
         .sync(
             Some("sf-accounts"),
@@ -575,7 +579,7 @@ async fn a_salesforce_filter_typo_is_held_with_zero_clears_sent() {
         .await
         .unwrap();
     assert!(
-        matches!(resync.cycles[0].guard, Some(GuardOutcome::Held { hold_id, new: false, .. }) if hold_id == hold),
+        matches!(resync.cycles[0].guard, Some(GuardOutcome::Held { hold_id, new: true, .. }) if hold_id != hold),
         "{:?}",
         resync.cycles[0].guard
     );
