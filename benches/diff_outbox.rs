@@ -125,6 +125,8 @@ struct SyntheticCrm {
 struct SyntheticPull {
     rows: Box<dyn Iterator<Item = (u64, u64, bool)> + Send>,
     page_size: usize,
+    /// Every record's plan tier changed too (the held phase).
+    mass: bool,
 }
 
 impl SyntheticCrm {
@@ -159,6 +161,7 @@ impl Connector for SyntheticCrm {
             Ok(Box::new(SyntheticPull {
                 rows: Box::new(rows),
                 page_size: self.page_size,
+                mass: false,
             }) as Box<dyn Pull + 'a>)
         })
     }
@@ -181,7 +184,11 @@ impl Pull for SyntheticPull {
                 .take(self.page_size)
                 .map(|(seq, i, changed)| {
                     last = Some(seq);
-                    record(i, changed)
+                    let mut r = record(i, changed);
+                    if self.mass {
+                        r.fields["Plan_Tier__c"] = json!(format!("mass-{}", i % 4));
+                    }
+                    r
                 })
                 .collect();
             Ok(last.map(|seq| Page {
@@ -210,10 +217,11 @@ impl Connector for MassCrm {
     ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
         let n = self.n;
         Box::pin(async move {
-            let rows = (0..n).map(move |i| (n + i + 1, i, true));
-            Ok(Box::new(MassPull {
+            let rows = (0..n).map(move |i| (n + i + 1, i, false));
+            Ok(Box::new(SyntheticPull {
                 rows: Box::new(rows),
                 page_size: self.page_size,
+                mass: true,
             }) as Box<dyn Pull + 'a>)
         })
     }
@@ -223,34 +231,6 @@ impl Connector for MassCrm {
         _spec: &'a PullSpec,
     ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
         Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
-struct MassPull {
-    rows: Box<dyn Iterator<Item = (u64, u64, bool)> + Send>,
-    page_size: usize,
-}
-
-impl Pull for MassPull {
-    fn next_page(&mut self) -> BoxFuture<'_, Result<Option<Page>, ConnectorError>> {
-        Box::pin(async move {
-            let mut last = None;
-            let records: Vec<RawRecord> = self
-                .rows
-                .by_ref()
-                .take(self.page_size)
-                .map(|(seq, i, _)| {
-                    last = Some(seq);
-                    let mut r = record(i, false);
-                    r.fields["Plan_Tier__c"] = json!(format!("mass-{}", i % 4));
-                    r
-                })
-                .collect();
-            Ok(last.map(|seq| Page {
-                records,
-                watermark: Some(Watermark(seq.to_string())),
-            }))
-        })
     }
 }
 

@@ -396,7 +396,19 @@ pub async fn hand_off_resync(
             last = line;
         }
         match state {
-            "done" => return Ok(0),
+            "done" => {
+                // Exit 4, as an in-process resync would: changes wait for a person.
+                let held: Vec<&str> = job["held"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h.as_str())
+                    .collect();
+                for h in &held {
+                    println!("resync {id}: HELD by the guard: {h}");
+                }
+                return Ok(if held.is_empty() { 0 } else { 4 });
+            }
             "failed" => {
                 println!(
                     "resync {id} FAILED: {}",

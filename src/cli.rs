@@ -68,7 +68,11 @@ impl From<KindArg> for Kind {
 /// Outbox states, plus `invalid` for records set aside before they reached the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QueueStateArg {
+    /// Written by a cycle whose pull has not completed: waits for the guard.
+    Staged,
     Pending,
+    /// Held by the guard: waits for `holds approve|reject`.
+    Held,
     Unmatched,
     Dead,
     Invalid,

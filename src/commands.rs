@@ -364,7 +364,9 @@ async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppErro
 fn filter(select: &QueueSelector) -> QueueFilter {
     QueueFilter {
         state: match select.state {
+            Some(QueueStateArg::Staged) => Some(QueueState::Staged),
             Some(QueueStateArg::Pending) => Some(QueueState::Pending),
+            Some(QueueStateArg::Held) => Some(QueueState::Held),
             Some(QueueStateArg::Unmatched) => Some(QueueState::Unmatched),
             Some(QueueStateArg::Dead) => Some(QueueState::Dead),
             Some(QueueStateArg::Invalid) | None => None,

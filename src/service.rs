@@ -76,6 +76,8 @@ pub struct ResyncStatus {
     pub pushed: u64,
     /// Values still pending in the outbox when this document was produced.
     pub outbox_pending: Option<i64>,
+    /// Holds of the guard this resync's changes went into ("hold 3: would clear …").
+    pub held: Vec<String>,
     pub error: Option<String>,
     pub requested_at: String,
     pub started_at: Option<String>,
@@ -224,6 +226,7 @@ impl Service {
             changes: 0,
             pushed: 0,
             outbox_pending: None,
+            held: Vec::new(),
             error: None,
             requested_at: iso8601_from_ms(now_ms()),
             started_at: None,
@@ -294,7 +297,15 @@ impl Service {
                 base_changes: changes,
             };
             match self.cycle(m, Mode::Resync, &progress).await {
-                Some(Ok(_)) => {}
+                Some(Ok(report)) => {
+                    if let Some(crate::store::GuardOutcome::Held {
+                        hold_id, reason, ..
+                    }) = &report.guard
+                    {
+                        let line = format!("hold {hold_id} (mapping {name}): {reason}");
+                        self.update_resync(id, |s| s.held.push(line));
+                    }
+                }
                 Some(Err(e)) => errors.push(e),
                 None => {
                     self.finish_resync(id, Err("the service stopped during the resync".into()));

@@ -481,11 +481,15 @@ impl Store {
         rows.iter().map(entry_from_row).collect()
     }
 
-    /// Makes matching rows pending and due now, with a fresh attempt count.
+    /// Makes matching rows pending and due now, with a fresh attempt count (staged and held rows
+    /// excepted).
     pub async fn outbox_retry(&self, filter: &QueueFilter) -> Result<u64, StoreError> {
         let done = sqlx::query(
+            // Never staged or held rows: those wait for the guard or for a person's decision
+            // (`holds approve`), and a retry must not slip them past it.
             "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
-             WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR pendo_id = ?3)",
+             WHERE state IN ('pending', 'unmatched', 'dead')
+               AND (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR pendo_id = ?3)",
         )
         .bind(filter.state.map(QueueState::as_str))
         .bind(filter.kind.map(Kind::as_str))
@@ -512,47 +516,30 @@ impl Store {
 
     /// Row counts per state.
     pub async fn outbox_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
-        let rows = sqlx::query("SELECT state, count(*) FROM outbox GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = BTreeMap::from([
-            ("staged", 0),
-            ("pending", 0),
-            ("held", 0),
-            ("unmatched", 0),
-            ("dead", 0),
-        ]);
-        for row in rows {
-            let state: String = row.get(0);
-            for known in ["staged", "pending", "held", "unmatched", "dead"] {
-                if state == known {
-                    out.insert(known, row.get(1));
-                }
-            }
-        }
-        Ok(out)
+        self.counts_per_state("SELECT state, count(*) FROM outbox GROUP BY state")
+            .await
     }
 
     /// Entities (kind, id) per state: an operator thinks in accounts and visitors.
     pub async fn outbox_id_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
-        let rows = sqlx::query(
+        self.counts_per_state(
             "SELECT state, count(*) FROM (SELECT DISTINCT state, kind, pendo_id FROM outbox) GROUP BY state",
         )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = BTreeMap::from([
-            ("staged", 0),
-            ("pending", 0),
-            ("held", 0),
-            ("unmatched", 0),
-            ("dead", 0),
-        ]);
+        .await
+    }
+
+    /// `(state, count)` rows into a map with every state present.
+    async fn counts_per_state(
+        &self,
+        sql: &'static str,
+    ) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        const STATES: [&str; 5] = ["staged", "pending", "held", "unmatched", "dead"];
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        let mut out: BTreeMap<&'static str, i64> = STATES.iter().map(|s| (*s, 0)).collect();
         for row in rows {
             let state: String = row.get(0);
-            for known in ["staged", "pending", "held", "unmatched", "dead"] {
-                if state == known {
-                    out.insert(known, row.get(1));
-                }
+            if let Some(known) = STATES.iter().find(|s| **s == state) {
+                out.insert(known, row.get(1));
             }
         }
         Ok(out)

@@ -242,3 +242,31 @@ pub fn account(i: usize) -> Value {
         "Strategic__c": i.is_multiple_of(2),
     })
 }
+
+/// A log sink for `tracing_subscriber`'s writer: keeps everything written, for leak checks.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Nulls one CRM field on accounts `0..n` (a property gone empty everywhere).
+pub fn null_field_on(t: &TestApp, n: usize, field: &str) {
+    for i in 0..n {
+        t.crm
+            .set_field("Account", &account_id(i), field, Value::Null);
+    }
+}

@@ -1,25 +1,9 @@
 //! Guarantee 8: the integration key never appears in Debug output, logs (trace level), errors,
 //! the state file or status.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use pendo_sync::sim::pendo::PendoFaults;
 
-use crate::helpers::{CANARY_KEY, TestApp};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::helpers::{CANARY_KEY, Captured, TestApp};
 
 #[tokio::test]
 async fn the_canary_key_never_leaks() {

@@ -1039,6 +1039,12 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
 
     let mut svc = env.start();
     env.wait_ready(&svc, Duration::from_secs(15)).await;
+    // A resync handed to the service while the hold is open joins it: exit 4 as well.
+    let out = env.cli(&["resync"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(stdout.contains("HELD by the guard: hold 1"), "{stdout}");
+    assert_eq!(env.pendo_writes(), writes_before, "nothing of it was sent");
     let (code, body) = env.get("/v1/holds").await;
     assert_eq!(code, 200);
     assert!(body.contains("\"state\":\"open\""), "{body}");
