@@ -120,6 +120,9 @@ struct SyntheticCrm {
     n: u64,
     mutated: bool,
     page_size: usize,
+    /// Every record's plan tier changed at once (a currency switch, a bad import): the cycle the
+    /// guard must hold. Its seqs follow the setup's.
+    mass: bool,
 }
 
 struct SyntheticPull {
@@ -148,7 +151,15 @@ impl Connector for SyntheticCrm {
             let since: u64 = spec
                 .since
                 .map_or(0, |w| w.0.parse().expect("numeric watermark"));
-            let (n, mutated) = (self.n, self.mutated);
+            let (n, mutated, mass) = (self.n, self.mutated, self.mass);
+            if mass {
+                let rows = (0..n).map(move |i| (n + i + 1, i, false));
+                return Ok(Box::new(SyntheticPull {
+                    rows: Box::new(rows),
+                    page_size: self.page_size,
+                    mass: true,
+                }) as Box<dyn Pull + 'a>);
+            }
             // (seq, index, changed)
             let unchanged = (0..n)
                 .filter(move |&i| !(mutated && is_changed(i)))
@@ -199,49 +210,16 @@ impl Pull for SyntheticPull {
     }
 }
 
-/// Every record's plan tier changed at once (a currency switch, a bad import): the cycle the
-/// guard must hold. Seqs follow the setup's, so an incremental pull would read them all too.
-struct MassCrm {
-    n: u64,
-    page_size: usize,
-}
-
-impl Connector for MassCrm {
-    fn source(&self) -> &'static str {
-        "fixture"
-    }
-
-    fn pull<'a>(
-        &'a self,
-        _spec: PullSpec,
-    ) -> BoxFuture<'a, Result<Box<dyn Pull + 'a>, ConnectorError>> {
-        let n = self.n;
-        Box::pin(async move {
-            let rows = (0..n).map(move |i| (n + i + 1, i, false));
-            Ok(Box::new(SyntheticPull {
-                rows: Box::new(rows),
-                page_size: self.page_size,
-                mass: true,
-            }) as Box<dyn Pull + 'a>)
-        })
-    }
-
-    fn check<'a>(
-        &'a self,
-        _spec: &'a PullSpec,
-    ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
 /// A reconcile in which every record's plan tier changed: the guard holds all of it. Reports the
 /// whole cycle and the guard's own decision (counting N staged values against the shadow).
 async fn held(n: u64, db: &Path) -> serde_json::Value {
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);
-    let crm = MassCrm {
+    let crm = SyntheticCrm {
         n,
+        mutated: false,
         page_size: page_size(),
+        mass: true,
     };
     let store = Store::open(db).await.expect("open state");
     let hwm_before = proc_status_mb("VmHWM");
@@ -381,6 +359,7 @@ async fn setup(n: u64, db: &Path) -> serde_json::Value {
         n,
         mutated: false,
         page_size: page_size(),
+        mass: false,
     };
     let store = Store::open(db).await.expect("open state");
     let sql = setup_is_sql(n);
@@ -497,6 +476,7 @@ async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
         n,
         mutated: true,
         page_size: page_size(),
+        mass: false,
     };
     let expected = crm.changed_count();
     let store = Store::open(db).await.expect("open state");
@@ -551,6 +531,7 @@ async fn breakdown(n: u64, db: &Path) -> serde_json::Value {
         n,
         mutated: true,
         page_size: page_size(),
+        mass: false,
     };
     let store = Store::open(db).await.expect("open state");
     let mut t: HashMap<&str, Duration> = HashMap::new();
