@@ -99,6 +99,7 @@ async fn metrics(State(service): State<Shared>) -> Response {
             .set(at.map_or(0.0, |at| (now_ms() - at).max(0) as f64 / 1000.0)),
         Err(e) => tracing::warn!(error = %e, "Cannot read the oldest pending change for /metrics."),
     }
+    service.refresh_hold_metrics().await;
     metrics::gauge!(WRITER_PAUSED).set(if service.writer_paused().is_some() {
         1.0
     } else {

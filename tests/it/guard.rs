@@ -580,3 +580,51 @@ async fn a_salesforce_filter_typo_is_held_with_zero_clears_sent() {
     app.store.close().await;
     store.close().await;
 }
+
+/// Values that go dead and a writer Pendo pauses are posted too.
+#[tokio::test]
+async fn dead_values_and_a_paused_writer_are_posted() {
+    let hook = webhook(HookAnswer::Ok).await;
+    let t = TestApp::with(crate::helpers::Options {
+        extra_mappings: format!("[notify]\nwebhook_url = \"{}\"\n", hook.url),
+        ..Default::default()
+    })
+    .await;
+    t.seed(1);
+    // Pendo rejects the lone record (400): dead at once.
+    t.pendo.set_faults(pendo_sync::sim::pendo::PendoFaults {
+        status_script: vec![400],
+        ..Default::default()
+    });
+    t.sync().await;
+    wait_for("the dead notification", || {
+        hook.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b["event"] == json!("dead"))
+    })
+    .await;
+    // Pendo refuses the key: the writer pauses.
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Paused"));
+    t.pendo.set_faults(pendo_sync::sim::pendo::PendoFaults {
+        status_script: vec![401],
+        ..Default::default()
+    });
+    t.sync().await;
+    wait_for("the writer_paused notification", || {
+        hook.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b["event"] == json!("writer_paused"))
+    })
+    .await;
+    let bodies = hook.bodies.lock().unwrap().clone();
+    let dead = bodies.iter().find(|b| b["event"] == json!("dead")).unwrap();
+    assert!(
+        dead["text"].as_str().unwrap().contains("went dead"),
+        "{dead}"
+    );
+}

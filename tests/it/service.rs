@@ -1045,6 +1045,13 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(stdout.contains("HELD by the guard: hold 1"), "{stdout}");
     assert_eq!(env.pendo_writes(), writes_before, "nothing of it was sent");
+    let (_, text) = env.get("/metrics").await;
+    assert_eq!(sample(&text, "pendo_sync_holds_open"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, r#"pendo_sync_held_values{mapping="sf-accounts"}"#),
+        Some(450.0),
+        "{text}"
+    );
     let (code, body) = env.get("/v1/holds").await;
     assert_eq!(code, 200);
     assert!(body.contains("\"state\":\"open\""), "{body}");
@@ -1068,6 +1075,8 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
     assert_eq!(hold["decided_by"], json!("admin-api"));
     assert_eq!(hold["decision_reason"], json!("the price change is real"));
     env.wait_converged(&svc, Duration::from_secs(10)).await;
+    let (_, text) = env.get("/metrics").await;
+    assert_eq!(sample(&text, "pendo_sync_holds_open"), Some(0.0), "{text}");
     svc.sigterm();
     assert!(svc.exit_within(Duration::from_secs(10)).await.success());
 
