@@ -255,3 +255,60 @@ async fn the_pull_runs_ahead_by_a_bounded_number_of_records() {
         "{served} pages fetched ahead, bound {bound}"
     );
 }
+
+/// Staging closes the ambiguity window: a first claimant's value committed on page 1 is not
+/// claimable while a later page of the same pull can still reveal a second claimant, so a writer
+/// draining in between (the service's worker runs beside its cycles) sends nothing of it.
+#[tokio::test]
+async fn nothing_of_a_pull_goes_out_before_the_whole_pull_was_checked_for_two_claimants() {
+    let t = TestApp::new().await; // the fixture serves 40 records per page
+    t.seed(100);
+    let mut dup = crate::helpers::account(0);
+    dup["Plan_Tier__c"] = json!("Duplicate");
+    t.crm.upsert("Account", "zz-second-claimant", dup); // the newest change: the last page
+    let other = Arc::new(t.app().await);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = t.app().await;
+    app.store.set_pause_hook(Some(Arc::new(move |point| {
+        let other = other.clone();
+        let n = if point == PausePoint::BetweenDiffReads {
+            calls.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            0
+        };
+        Box::pin(async move {
+            // Checking the last page: a writer drains everything claimable right now.
+            if n == 3 {
+                other
+                    .drain(&CancellationToken::new(), Duration::ZERO)
+                    .await
+                    .expect("the second writer drains");
+            }
+        })
+    })));
+    let report = app
+        .cycle(&t.settings.mappings[0], Mode::Incremental, false, &())
+        .await
+        .unwrap();
+    app.store.set_pause_hook(None);
+    assert_eq!(report.pages, 3);
+    assert!(report.ambiguous >= 1, "{report:?}");
+    assert!(
+        t.writes().is_empty(),
+        "sent before the pull was checked: {:?}",
+        t.writes()
+    );
+    app.drain(&CancellationToken::new(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        t.pendo.value(Kind::Account, &account_id(0), "plantier"),
+        None,
+        "neither claimant's value goes out"
+    );
+    assert!(
+        t.pendo
+            .value(Kind::Account, &account_id(1), "plantier")
+            .is_some()
+    );
+}
