@@ -53,3 +53,22 @@ DROP TABLE outbox;
 ALTER TABLE outbox_new RENAME TO outbox;
 -- (state, ...) first: the guard's per-mapping statements select state = 'staged' or 'held'.
 CREATE INDEX outbox_due ON outbox (state, kind, next_attempt_at);
+
+-- What the staged rows of a mapping were judged against: per field, the values the shadow held
+-- among the records the cycles that staged them covered. Pages add to it in the transaction that
+-- stages their rows, so a cycle interrupted after some pages leaves its coverage with its rows
+-- and the next cycle's guard judges both together (never rows without coverage).
+CREATE TABLE staged_cover (
+    mapping TEXT    NOT NULL,
+    field   TEXT    NOT NULL,
+    covered INTEGER NOT NULL,
+    PRIMARY KEY (mapping, field)
+) WITHOUT ROWID;
+
+-- Outbox versions come from one counter, so a row deleted while in flight (rejected, dropped)
+-- and written again never shares a version with the row a late settle refers to.
+CREATE TABLE outbox_seq (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT INTO outbox_seq (id, seq) SELECT 1, coalesce(max(version), 0) FROM outbox;

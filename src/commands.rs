@@ -2,6 +2,7 @@
 //! report on stdout (logs go to stderr) and returns an exit code.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::app::{App, AppError, SyncReport};
 use crate::cli::{
@@ -148,6 +149,8 @@ async fn sync(
         report.merge(r);
     }
     print_sync_report(&report, dry_run);
+    // Notifications (a hold, a paused writer) go out before the process ends.
+    app.notifier.flush(Duration::from_secs(15)).await;
     app.store.close().await;
     if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
         return Ok(1);

@@ -131,6 +131,17 @@ fn classify(
     }
 }
 
+/// A page's coverage as the store keeps it with the staged rows: (Pendo field, values covered).
+fn cover_of(mapping: &Mapping, counts: &[FieldCounts]) -> Vec<(String, u64)> {
+    mapping
+        .fields
+        .iter()
+        .zip(counts)
+        .filter(|(_, c)| c.covered > 0)
+        .map(|(f, c)| (f.pendo_field.clone(), c.covered))
+        .collect()
+}
+
 /// Adds one covered record's held values (its shadow row) to `counts`.
 fn cover_shadow(
     mapping: &Mapping,
@@ -251,6 +262,8 @@ struct Seen {
     /// those set aside: a full pull forgets the claims and set-aside entries of the others.
     claimants: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
     set_aside: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
+    /// CRM id hashes of the records this pull saw deleted.
+    deleted: HashSet<u64, BuildHasherDefault<AlreadyHashed>>,
 }
 
 /// The digest stored for a record: its values and who claims them, so a record skipped by its
@@ -331,6 +344,8 @@ fn map_records(
 
 /// One page, checked, with the shadow and outbox state of the ids it must diff.
 struct Prepared {
+    /// Per mapped field: values covered by the records skipped by their digest.
+    skipped_cover: Vec<FieldCounts>,
     /// Held until the page's diff is done (dropped with it).
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
     watermark: Option<Watermark>,
@@ -438,24 +453,22 @@ async fn pull_all(
     if mode.full() && mapping.on_delete == OnDelete::Clear {
         clear_orphans(store, mapping, &seen, dry_run, report).await?;
     }
-    if mode.full() && !dry_run {
-        forget_unseen(store, mapping, &seen).await?;
-    }
     // The pull is complete: the guard decides over the mapping's staged changes (guarantee 9).
-    let mut by_field = report.counts_by_field(mapping);
+    let by_field = report.counts_by_field(mapping);
     if dry_run {
         report.would_hold =
             crate::guard::evaluate(&mapping.guard, mapping.kind, &by_field).map(|t| t.summary());
     } else {
-        let covered: BTreeMap<String, u64> = by_field
-            .iter_mut()
-            .map(|(f, c)| (f.clone(), c.covered))
-            .collect();
         let guard_started = Instant::now();
         let outcome = store
-            .finish_staged(&mapping.name, mapping.kind, &mapping.guard, &covered)
+            .finish_staged(&mapping.name, mapping.kind, &mapping.guard)
             .await?;
         report.guard_seconds = guard_started.elapsed().as_secs_f64();
+        // What a full pull did not see is forgotten (claims, set-aside entries) only if the guard
+        // let the pull through: a held pull (a filter typo) may be wrong about what is gone.
+        if mode.full() && !matches!(outcome, GuardOutcome::Held { .. }) {
+            forget_unseen(store, mapping, &seen).await?;
+        }
         if let GuardOutcome::Held {
             hold_id,
             new,
@@ -605,6 +618,9 @@ async fn prepare(
     let mut gone: Vec<MappedRecord> = Vec::new();
     let mut claims: Vec<crate::store::Claim> = Vec::new();
     let mut forget: Vec<String> = Vec::new();
+    // Values of the records skipped by their digest: covered, for the guard (they equal the
+    // shadow's).
+    let mut skipped_cover = vec![FieldCounts::default(); mapping.fields.len()];
     for (deleted, e) in page.errors {
         if matches!(e, RecordError::MissingId { .. }) {
             report.skipped_empty_ids += 1;
@@ -643,20 +659,23 @@ async fn prepare(
         let ids: Vec<&str> = page.ok.iter().map(|m| m.rec.pendo_id.as_str()).collect();
         store.load_claims(&mapping.name, &ids).await?
     };
-    let deleted_here: HashSet<String> = page
-        .ok
-        .iter()
-        .filter(|m| m.rec.deleted)
-        .map(|m| m.rec.crm_id.clone())
-        .collect();
-    // Another record of this mapping, not in this pull and not deleted in this page, claims
-    // `pendo_id` (with other values, when `digest` is given).
+    // The stored claims of records this pull has seen (deleted, or on this page, or claiming
+    // something already) are out of date: only the others count.
+    let in_page: HashSet<u64, BuildHasherDefault<AlreadyHashed>> =
+        page.ok.iter().map(|m| m.crm_hash).collect();
+    for m in page.ok.iter().filter(|m| m.rec.deleted) {
+        seen.deleted.insert(m.crm_hash);
+    }
+    // Another record of this mapping, outside what this pull has seen, claims `pendo_id` (with
+    // other values, when `digest` is given).
     let claimed_elsewhere = |pendo_id: &str, crm_id: &str, digest: Option<u64>, seen: &Seen| {
         kept.get(pendo_id).is_some_and(|list| {
             list.iter().any(|(other, d)| {
+                let h = id_hash(other);
                 other != crm_id
-                    && !deleted_here.contains(other)
-                    && !seen.claimants.contains(&id_hash(other))
+                    && !in_page.contains(&h)
+                    && !seen.deleted.contains(&h)
+                    && !seen.claimants.contains(&h)
                     && digest.is_none_or(|mine| *d != mine)
             })
         })
@@ -716,12 +735,7 @@ async fn prepare(
             // values are the ones the shadow holds, so they count as covered.
             valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
             report.unchanged_by_digest += 1;
-            if report.field_counts.len() < rec.values.len() {
-                report
-                    .field_counts
-                    .resize(rec.values.len(), FieldCounts::default());
-            }
-            for (c, v) in report.field_counts.iter_mut().zip(&rec.values) {
+            for (c, v) in skipped_cover.iter_mut().zip(&rec.values) {
                 if v.as_ref().is_some_and(|v| !v.is_null()) {
                     c.covered += 1;
                 }
@@ -735,8 +749,10 @@ async fn prepare(
     }
 
     // A deleted record clears Pendo only if no live record holds its Pendo id: in this pull,
-    // or (claims) outside it.
-    if mapping.on_delete == OnDelete::Clear {
+    // or (claims) outside it. A full pull decides that once it has seen every record: its
+    // orphan pass clears the ids no live record claimed (a deleted duplicate may come before
+    // the live record that keeps the id).
+    if mapping.on_delete == OnDelete::Clear && !full {
         let mut claimed = gone_claimed.into_iter();
         gone.retain(|rec| {
             let elsewhere = claimed.next().unwrap_or(false);
@@ -762,6 +778,7 @@ async fn prepare(
         store.load_diff_state(mapping.kind, &ids).await?
     };
     Ok(Prepared {
+        skipped_cover,
         _budget: page.budget,
         watermark: page.watermark,
         live,
@@ -795,7 +812,7 @@ fn overlay(outbox: &mut HashMap<String, HashMap<String, String>>, previous: &Pag
 fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     let mut changes: Vec<Change> = Vec::new();
     let mut digests: Vec<(String, u64)> = Vec::new();
-    let mut counts = vec![FieldCounts::default(); mapping.fields.len()];
+    let mut counts = p.skipped_cover.clone();
     for (rec, digest) in &p.live {
         cover_shadow(mapping, p.shadow.get(&rec.pendo_id), &mut counts);
         let queued = p.outbox.get(&rec.pendo_id);
@@ -874,7 +891,9 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             digests: Some((mapping.kind, &w.digests, w.shadow_seq)),
             claims: &w.claims,
             forget: &w.forget,
+            kind: Some(mapping.kind),
             stage: true,
+            cover: &cover_of(mapping, &w.counts),
         })
         .await?;
     Ok(())
@@ -908,7 +927,9 @@ async fn forget_unseen(store: &Store, mapping: &Mapping, seen: &Seen) -> Result<
     }
     if !stale.is_empty() {
         tracing::debug!(mapping = %mapping.name, records = stale.len(), "Forgetting records the full pull no longer sees.");
-        store.forget_records(&mapping.name, &stale).await?;
+        store
+            .forget_records(mapping.kind, &mapping.name, &stale)
+            .await?;
     }
     Ok(())
 }
@@ -972,6 +993,7 @@ async fn clear_orphans(
                     mapping: &mapping.name,
                     changes: &changes,
                     stage: true,
+                    cover: &cover_of(mapping, &counts),
                     ..PageCommit::default()
                 })
                 .await?;

@@ -35,6 +35,8 @@ struct Inner {
     events: Vec<NotifyEvent>,
     http: reqwest::Client,
     last: Mutex<HashMap<(NotifyEvent, String), Instant>>,
+    /// Posts under way, so a command can wait for them before its runtime ends.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -46,6 +48,18 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
+    /// Waits (at most `limit`) for the posts under way: a command's runtime ends when it
+    /// returns, and would cancel them. Posts still running after `limit` are given up.
+    pub async fn flush(&self, limit: Duration) {
+        let Some(inner) = &self.inner else { return };
+        let tasks = inner.tasks.clone();
+        tasks.close();
+        if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+            tracing::warn!("Gave up waiting for a notification to be delivered.");
+        }
+        tasks.reopen();
+    }
+
     pub fn from_settings(s: &NotifySettings) -> Result<Notifier, ConfigError> {
         if !s.webhook_source.is_set() {
             return Ok(Notifier::default());
@@ -62,6 +76,7 @@ impl Notifier {
                 events: s.events.clone(),
                 http,
                 last: Mutex::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
             })),
         })
     }
@@ -100,7 +115,8 @@ impl Notifier {
             "mapping": mapping,
             "details": details,
         });
-        tokio::spawn(async move {
+        let tasks = inner.tasks.clone();
+        tasks.spawn(async move {
             let mut error = String::new();
             for attempt in 1..=ATTEMPTS {
                 let sent = inner

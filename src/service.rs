@@ -415,11 +415,16 @@ impl Service {
                     h.last_success = Some(Instant::now());
                 });
                 // A resync is a reconcile too: the next one is a reconcile interval away.
-                if mode == Mode::Resync
-                    && let Err(e) =
-                        ReconcileRecord::record(&self.store, &m.name, Ok(()), None).await
-                {
-                    tracing::warn!(mapping = %m.name, error = %e, "Could not record the reconcile time; the next one may come early.");
+                if mode == Mode::Resync {
+                    match ReconcileRecord::record(&self.store, &m.name, Ok(()), None).await {
+                        Ok(r) => self.health_update(&m.name, |h| {
+                            h.reconcile_failures = r.failures;
+                            h.reconcile_error = r.last_error.clone();
+                        }),
+                        Err(e) => {
+                            tracing::warn!(mapping = %m.name, error = %e, "Could not record the reconcile time; the next one may come early.")
+                        }
+                    }
                 }
                 if report.changes > 0 || report.cleared_orphans > 0 {
                     self.worker.wake.notify_one();
@@ -748,8 +753,10 @@ impl Service {
         }
     }
 
-    /// Closes the state file (checkpointing the WAL) once the tasks are done.
+    /// Closes the state file (checkpointing the WAL) once the tasks are done, after giving
+    /// notifications under way a few seconds.
     pub async fn close(&self) {
+        self.app.notifier.flush(Duration::from_secs(5)).await;
         self.store.close().await;
         self.app.store.close().await;
     }

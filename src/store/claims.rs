@@ -70,11 +70,12 @@ impl Store {
     /// left the CRM or the mapping's filter).
     pub async fn forget_records(
         &self,
+        kind: crate::domain::Kind,
         mapping: &str,
         crm_ids: &[String],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        forget(&mut tx, mapping, crm_ids).await?;
+        forget(&mut tx, Some(kind), mapping, crm_ids).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -106,11 +107,26 @@ pub(super) async fn write(
 
 pub(super) async fn forget(
     tx: &mut sqlx::SqliteConnection,
+    kind: Option<crate::domain::Kind>,
     mapping: &str,
     crm_ids: &[String],
 ) -> Result<(), StoreError> {
     for chunk in crm_ids.chunks(5_000) {
         let list = serde_json::to_string(chunk).expect("strings serialize");
+        // The digests of the Pendo ids they claimed go too: a record skipped by its digest
+        // writes no claim, so a forgotten claim must not leave a digest that skips it.
+        if let Some(kind) = kind {
+            sqlx::query(
+                "DELETE FROM shadow_digest WHERE kind = ?1 AND mapping = ?2 AND pendo_id IN
+                   (SELECT c.pendo_id FROM json_each(?3) AS j
+                    CROSS JOIN claims AS c ON c.mapping = ?2 AND c.crm_id = j.value)",
+            )
+            .bind(kind.as_str())
+            .bind(mapping)
+            .bind(&list)
+            .execute(&mut *tx)
+            .await?;
+        }
         for table in ["claims", "invalid_records"] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE mapping = ?1 AND crm_id IN (SELECT value FROM json_each(?2))"

@@ -185,19 +185,30 @@ impl From<sqlx::Error> for HoldError {
 
 impl Store {
     /// The end of a cycle whose pull completed: the guard decides over every staged row of
-    /// `mapping` (an interrupted cycle's included). `covered`: per field, the values the shadow
-    /// holds among the records the cycle covered. One transaction.
+    /// `mapping` (an interrupted cycle's included), against the coverage the pages that staged
+    /// them recorded (`staged_cover`), which it then clears. One transaction.
     pub async fn finish_staged(
         &self,
         mapping: &str,
         kind: Kind,
         limits: &GuardSettings,
-        covered: &BTreeMap<String, u64>,
     ) -> Result<GuardOutcome, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         // Take the write lock first: nothing may stage or decide between the count and the move.
         sqlx::query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let covered: BTreeMap<String, u64> =
+            sqlx::query("SELECT field, covered FROM staged_cover WHERE mapping = ?1")
+                .bind(mapping)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1).max(0) as u64))
+                .collect();
+        sqlx::query("DELETE FROM staged_cover WHERE mapping = ?1")
+            .bind(mapping)
             .execute(&mut *tx)
             .await?;
         let mut by_field = counts(&mut tx, mapping, &Scope::Staged).await?;
@@ -225,7 +236,7 @@ impl Store {
         let outcome = match (open, trip) {
             (None, None) => {
                 sqlx::query(
-                    "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, updated_at = ?2
+                    "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = ?2, updated_at = ?2
                      WHERE state = 'staged' AND mapping = ?1",
                 )
                 .bind(mapping)
@@ -290,6 +301,14 @@ impl Store {
                     .get(0);
                     (held, shown, values)
                 };
+                // A joining cycle that trips the limits itself says so in the hold's reason.
+                if let (false, Some(t)) = (new, &trip) {
+                    sqlx::query("UPDATE holds SET reason = ?2 WHERE id = ?1")
+                        .bind(hold_id)
+                        .bind(t.summary())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 sqlx::query(
                     "UPDATE holds SET counts = ?2, sample = ?3, cycles = cycles + 1, held_values = ?4,
                         updated_at = ?5
@@ -344,6 +363,12 @@ impl Store {
     ) -> Result<Hold, HoldError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Write first, so the transaction holds the write lock before it reads (a deferred
+        // read-then-write could fail with SQLITE_BUSY beside a committing service).
+        sqlx::query("UPDATE holds SET updated_at = updated_at WHERE id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let state: Option<String> = sqlx::query("SELECT state FROM holds WHERE id = ?1")
             .bind(id)
             .fetch_optional(&mut *tx)

@@ -157,11 +157,16 @@ pub struct PageCommit<'a> {
     pub digests: Option<PageDigests<'a>>,
     /// Claims of this page's records (see `claims.rs`), written or updated.
     pub claims: &'a [Claim],
-    /// CRM ids of records deleted in the CRM: their claims and set-aside entries go.
+    /// CRM ids of records deleted in the CRM: their claims, their Pendo ids' digests (of
+    /// `kind`) and set-aside entries go.
     pub forget: &'a [String],
+    pub kind: Option<crate::domain::Kind>,
     /// Write the changes as `staged` (the writer does not claim them until the guard passed
     /// the cycle's whole pull), not `pending`.
     pub stage: bool,
+    /// With `stage`: per Pendo field, the values the shadow holds among the records this page
+    /// covered; kept with the staged rows for the guard (`staged_cover`).
+    pub cover: &'a [(String, u64)],
 }
 
 impl Store {
@@ -353,6 +358,17 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let state = if page.stage { "staged" } else { "pending" };
         outbox::enqueue(&mut tx, page.changes, state, now).await?;
+        if page.stage && !page.cover.is_empty() {
+            sqlx::query(
+                "INSERT INTO staged_cover (mapping, field, covered)
+                 SELECT ?1, e.value ->> 0, e.value ->> 1 FROM json_each(?2) AS e WHERE true
+                 ON CONFLICT (mapping, field) DO UPDATE SET covered = covered + excluded.covered",
+            )
+            .bind(page.mapping)
+            .bind(serde_json::to_string(page.cover).expect("cover serializes"))
+            .execute(&mut *tx)
+            .await?;
+        }
         for c in page.unqueue {
             sqlx::query("DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND leased = 0")
                 .bind(c.kind.as_str())
@@ -424,7 +440,7 @@ impl Store {
             .await?;
         }
         claims::write(&mut tx, page.mapping, page.claims).await?;
-        claims::forget(&mut tx, page.mapping, page.forget).await?;
+        claims::forget(&mut tx, page.kind, page.mapping, page.forget).await?;
         if let Some((kind, digests, seq)) = page.digests {
             digest::write_digests(&mut tx, kind, page.mapping, digests, seq).await?;
         }

@@ -171,16 +171,27 @@ pub(super) async fn enqueue(
     // which is far cheaper than a statement per row through the driver. Rows are applied in
     // order, so a later change to the same field in one chunk still wins.
     for chunk in changes.chunks(10_000) {
+        // Versions are never reused (one counter for the whole outbox): a late settle of a row
+        // that was deleted and written again must match nothing.
+        let last: i64 =
+            sqlx::query("UPDATE outbox_seq SET seq = seq + ?1 WHERE id = 1 RETURNING seq")
+                .bind(chunk.len() as i64)
+                .fetch_one(&mut **tx)
+                .await?
+                .get(0);
+        let first = last - chunk.len() as i64 + 1;
         let rows: Vec<serde_json::Value> = chunk
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
                 serde_json::json!([
                     c.kind.as_str(),
                     c.pendo_id,
                     c.field,
                     c.value,
                     c.mapping,
-                    c.force as i64
+                    c.force as i64,
+                    first + i as i64
                 ])
             })
             .collect();
@@ -188,14 +199,15 @@ pub(super) async fn enqueue(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, ?3,
-                    e.value ->> 5, 1, 0, ?2, NULL, ?2, ?2
+                    e.value ->> 5, e.value ->> 6, 0, ?2, NULL, ?2, ?2
              FROM json_each(?1) AS e WHERE true
              ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
                 value = excluded.value, mapping = excluded.mapping,
-                -- A held row stays in its hold (latest wins inside it): nothing of a mapping
-                -- with an open hold overtakes it.
-                state = CASE WHEN outbox.state = 'held' THEN 'held' ELSE excluded.state END,
-                force = max(outbox.force, excluded.force), version = outbox.version + 1, attempts = 0,
+                -- A newer value of a held row is staged again (keeping its hold): the guard
+                -- counts it, and it rejoins the hold if that is still open. An approval never
+                -- sends a value the guard did not judge.
+                state = CASE WHEN outbox.state = 'held' THEN 'staged' ELSE excluded.state END,
+                force = max(outbox.force, excluded.force), version = excluded.version, attempts = 0,
                 next_attempt_at = excluded.next_attempt_at, last_error = NULL,
                 enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
              WHERE outbox.value != excluded.value OR excluded.force > outbox.force

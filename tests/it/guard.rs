@@ -628,3 +628,79 @@ async fn dead_values_and_a_paused_writer_are_posted() {
         "{dead}"
     );
 }
+
+/// Review finding: a pull that staged mass clears and then failed left them for a next cycle
+/// that pulled nothing, which judged them against no coverage (under min_values: passed). The
+/// coverage now stays with the staged rows.
+#[tokio::test]
+async fn staged_rows_left_by_a_failed_pull_are_judged_against_their_own_coverage() {
+    let t = TestApp::new().await;
+    t.seed(150);
+    t.sync().await;
+    crate::helpers::null_field_on(&t, 150, "Plan_Tier__c");
+    // Every page commits (4 pages of 40), then the pull fails before it completes.
+    t.crm.fail_after_pages(Some(4));
+    let failed = t.sync().await;
+    assert_eq!(failed.failed.len(), 1, "{failed:?}");
+    t.pendo.reset_requests();
+    // The next cycle pulls nothing new; the leftovers are judged with their coverage.
+    let next = t.sync().await;
+    assert_eq!(next.cycles[0].pulled, 0);
+    held_id(&next.cycles[0].guard);
+    assert!(t.writes().is_empty(), "{:?}", t.writes());
+}
+
+/// Review finding: a newer value of a held row stayed held without the guard counting it, so
+/// an approval could send a value nobody saw. It is staged again and rejoins the hold, which
+/// shows it.
+#[tokio::test]
+async fn a_newer_value_of_a_held_row_rejoins_the_hold_and_shows_in_it() {
+    let t = TestApp::new().await;
+    t.seed(200);
+    t.sync().await;
+    for i in 0..120 {
+        t.crm
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    let hold = held_id(&t.sync().await.cycles[0].guard);
+    // Only a held value changes again.
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Newest"));
+    let again = t.sync().await;
+    assert!(
+        matches!(again.cycles[0].guard, Some(GuardOutcome::Held { hold_id, new: false, .. }) if hold_id == hold),
+        "{:?}",
+        again.cycles[0].guard
+    );
+    let app = t.app().await;
+    let h = app.store.hold(hold).await.unwrap().unwrap();
+    assert_eq!(h.cycles, 2);
+    assert!(
+        h.sample.iter().any(|c| c.to == "\"Newest\""),
+        "{:?}",
+        h.sample
+    );
+    app.store.close().await;
+}
+
+/// Review finding: a held full pull (every record gone: a filter typo) forgot every claim
+/// before the guard decided; it now forgets nothing unless the guard lets the pull through.
+#[tokio::test]
+async fn a_held_full_pull_forgets_no_claims() {
+    let t = TestApp::new().await;
+    t.seed(150);
+    t.sync().await;
+    t.sync_mode(Mode::Reconcile).await;
+    let app = t.app().await;
+    let before = app.store.claims_count("accounts").await.unwrap();
+    app.store.close().await;
+    assert_eq!(before, 150);
+    for i in 0..150 {
+        t.crm.purge("Account", &account_id(i));
+    }
+    let report = t.sync_mode(Mode::Reconcile).await;
+    held_id(&report.cycles[0].guard);
+    let app = t.app().await;
+    assert_eq!(app.store.claims_count("accounts").await.unwrap(), before);
+    app.store.close().await;
+}

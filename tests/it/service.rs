@@ -34,6 +34,8 @@ struct Options {
     /// The guard's default limits (most tests here edit every account at once on purpose and
     /// lift the overwrite limit).
     default_guard: bool,
+    /// `[notify] webhook_url`.
+    notify_url: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             pendo_key_file: None,
             reconcile_interval: "1h",
             default_guard: false,
+            notify_url: None,
         }
     }
 }
@@ -183,11 +186,18 @@ impl Env {
             .mapping(MappingSection::sf_accounts("sf-accounts").only(&fields))
             // These tests edit every account at once on purpose (crash and lock tests); the
             // guard's own tests are in guard.rs.
-            .tail(if opts.default_guard {
-                ""
-            } else {
-                "[guard]\nmax_overwrite_percent = 100\n"
-            });
+            .tail(format!(
+                "{}{}",
+                if opts.default_guard {
+                    ""
+                } else {
+                    "[guard]\nmax_overwrite_percent = 100\n"
+                },
+                opts.notify_url
+                    .as_ref()
+                    .map(|u| format!("[notify]\nwebhook_url = \"{u}\"\n"))
+                    .unwrap_or_default()
+            ));
         if opts.admin_token {
             sim_config = sim_config.admin_token(ADMIN_TOKEN);
         }
@@ -1086,4 +1096,47 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
         String::from_utf8_lossy(&out.stderr).contains("hold 1 is already approved"),
         "{out:?}"
     );
+}
+
+/// Review finding: a cron `sync` ended its runtime before its notifications went out. The hold
+/// is posted before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_cron_sync_posts_its_hold_before_it_exits() {
+    use axum::routing::post;
+    let bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let seen = bodies.clone();
+    let hook = axum::Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                // A webhook that takes its time, as real ones do.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap_or_default());
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    let env = Env::new(Options {
+        accounts: 150,
+        default_guard: true,
+        notify_url: Some(url),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(env.cli(&["sync"]).await.status.code(), Some(0));
+    for i in 0..150 {
+        env.sf
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    let out = env.cli(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let got = bodies.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "the hold was not posted before exit: {got:?}");
+    assert_eq!(got[0]["event"], json!("hold"));
 }

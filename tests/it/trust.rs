@@ -505,3 +505,63 @@ async fn a_long_lived_app_keeps_hubspot_owners_fresh_and_resolves_archived_ones(
     );
     app.store.close().await;
 }
+
+/// Review finding: versions restarted at 1 when a row was written again after a delete, so a
+/// late settle of the deleted row's request confirmed (and deleted) the new value.
+#[tokio::test]
+async fn a_late_settle_never_hits_a_row_written_again_after_a_delete() {
+    use pendo_sync::domain::Kind;
+    use pendo_sync::store::{Change, QueueFilter, Settlement};
+    let t = TestApp::new().await;
+    let app = t.app().await;
+    let change = |value: &str| Change {
+        kind: Kind::Account,
+        pendo_id: "001X".into(),
+        field: "plantier".into(),
+        value: serde_json::json!(value).to_string(),
+        mapping: "accounts".into(),
+        force: false,
+    };
+    let commit = |c: Change| {
+        let store = app.store.clone();
+        async move {
+            store
+                .commit_page(&PageCommit {
+                    mapping: "accounts",
+                    changes: &[c],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    commit(change("Old")).await;
+    let in_flight = app
+        .store
+        .claim_due(Kind::Account, i64::MAX, 10)
+        .await
+        .unwrap();
+    // An operator drops it while it is in flight; the CRM then brings a new value.
+    app.store
+        .outbox_drop(&QueueFilter::default())
+        .await
+        .unwrap();
+    commit(change("New")).await;
+    let outcomes: Vec<_> = in_flight
+        .into_iter()
+        .map(|e| (e, Settlement::Confirmed))
+        .collect();
+    app.store.settle(&outcomes).await.unwrap();
+    let left = app
+        .store
+        .outbox_list(&QueueFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the new value was settled by the old request"
+    );
+    assert_eq!(left[0].value, serde_json::json!("New").to_string());
+    app.store.close().await;
+}
