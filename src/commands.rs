@@ -155,12 +155,35 @@ async fn sync(
     if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
         return Ok(1);
     }
-    // Exit 4: changes wait for a person (`holds approve|reject`).
+    // Exit 4: changes wait for a person (`holds approve|reject`), this run's or an earlier
+    // one's still open for these mappings.
     let held = report
         .cycles
         .iter()
         .any(|c| matches!(c.guard, Some(crate::store::GuardOutcome::Held { .. })));
-    Ok(if held { 4 } else { 0 })
+    let open = if dry_run {
+        Vec::new()
+    } else {
+        let names: Vec<&str> = report.cycles.iter().map(|c| c.mapping.as_str()).collect();
+        let store = Store::open_read_only(&settings.state.path).await?;
+        let open: Vec<_> = store
+            .holds(true)
+            .await?
+            .into_iter()
+            .filter(|h| names.contains(&h.mapping.as_str()))
+            .collect();
+        store.close().await;
+        open
+    };
+    if !held {
+        for h in &open {
+            println!(
+                "{:<20} hold {} is still open ({} values wait): `pendo-sync holds show {}`",
+                h.mapping, h.id, h.held_values, h.id
+            );
+        }
+    }
+    Ok(if held || !open.is_empty() { 4 } else { 0 })
 }
 
 /// Progress of a cycle run from the command line: an in-place line on a terminal (resyncs and

@@ -38,7 +38,13 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     // Signals first: a SIGTERM during start-up must stop us cleanly, not kill us.
     let cancel = crate::shutdown::shutdown_token();
     // The lock next: a second instance must say so, not fail later on the admin port.
-    let lock = crate::lock::InstanceLock::acquire(&settings.state.path, "run")?;
+    // A short wait: `resync` and `healthcheck` look at the lock by taking it for an instant.
+    let lock = crate::lock::InstanceLock::acquire_waiting(
+        &settings.state.path,
+        "run",
+        std::time::Duration::from_secs(2),
+    )
+    .await?;
     let metrics = install_metrics();
     let admin_token = if settings.admin.token_source.is_set() {
         Some(settings.admin.token_source.resolve("admin.token")?)

@@ -213,12 +213,9 @@ impl Store {
                 message: "does not exist yet (run `pendo-sync sync` first)".into(),
             });
         }
-        let url = format!("sqlite://{}", path.display());
-        let options = SqliteConnectOptions::from_str(&url)
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?
+        // `filename`, not a URL: a path with `?`, `#` or `%` in it is still the path.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .read_only(true)
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
@@ -229,6 +226,22 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
+        // Read-only means no migration: a state file written by an older version is said so,
+        // instead of failing later on a missing table.
+        let applied: Option<i64> =
+            sqlx::query("SELECT max(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
+        let latest = MIGRATOR.iter().map(|m| m.version).max();
+        if applied < latest {
+            pool.close().await;
+            return Err(StoreError::Io {
+                path: path.to_owned(),
+                message: "was written by an older pendo-sync: run `pendo-sync sync` (or `run`) once to upgrade it; read-only commands do not change it".into(),
+            });
+        }
         Ok(Store {
             pool,
             path: path.to_owned(),

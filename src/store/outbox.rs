@@ -172,26 +172,23 @@ pub(super) async fn enqueue(
     // order, so a later change to the same field in one chunk still wins.
     for chunk in changes.chunks(10_000) {
         // Versions are never reused (one counter for the whole outbox): a late settle of a row
-        // that was deleted and written again must match nothing.
-        let last: i64 =
-            sqlx::query("UPDATE outbox_seq SET seq = seq + ?1 WHERE id = 1 RETURNING seq")
-                .bind(chunk.len() as i64)
+        // that was deleted and written again must match nothing. One number per chunk, not per
+        // row, so a batch's rows share a few versions and settle in a few grouped statements.
+        let version: i64 =
+            sqlx::query("UPDATE outbox_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
                 .fetch_one(&mut **tx)
                 .await?
                 .get(0);
-        let first = last - chunk.len() as i64 + 1;
         let rows: Vec<serde_json::Value> = chunk
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
+            .map(|c| {
                 serde_json::json!([
                     c.kind.as_str(),
                     c.pendo_id,
                     c.field,
                     c.value,
                     c.mapping,
-                    c.force as i64,
-                    first + i as i64
+                    c.force as i64
                 ])
             })
             .collect();
@@ -199,7 +196,7 @@ pub(super) async fn enqueue(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, ?3,
-                    e.value ->> 5, e.value ->> 6, 0, ?2, NULL, ?2, ?2
+                    e.value ->> 5, ?4, 0, ?2, NULL, ?2, ?2
              FROM json_each(?1) AS e WHERE true
              ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
                 value = excluded.value, mapping = excluded.mapping,
@@ -216,6 +213,7 @@ pub(super) async fn enqueue(
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)
         .bind(state)
+        .bind(version)
         .execute(&mut **tx)
         .await?;
     }

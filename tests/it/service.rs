@@ -1028,6 +1028,11 @@ async fn a_held_sync_exits_4_and_the_hold_is_approved_over_the_admin_port() {
         "{stdout}"
     );
     assert_eq!(env.pendo_writes(), writes_before, "nothing of it was sent");
+    // The next cron run stages nothing new, but the hold is still open: exit 4 again.
+    let out = env.cli(&["sync"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(stdout.contains("hold 1 is still open"), "{stdout}");
 
     let out = env.cli(&["holds"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -565,3 +565,24 @@ async fn a_late_settle_never_hits_a_row_written_again_after_a_delete() {
     assert_eq!(left[0].value, serde_json::json!("New").to_string());
     app.store.close().await;
 }
+
+/// Read-only commands (status, holds, queue list, dry runs) cannot migrate: a state file an
+/// older version wrote is said so, not met with "no such table" later.
+#[tokio::test]
+async fn a_state_file_from_an_older_version_is_named_by_read_only_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = pendo_sync::store::Store::open(&path).await.unwrap();
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.close().await;
+    let err = pendo_sync::store::Store::open_read_only(&path)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("written by an older pendo-sync"), "{err}");
+}
