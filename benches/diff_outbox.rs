@@ -225,17 +225,7 @@ async fn held(n: u64, db: &Path) -> serde_json::Value {
     let hwm_before = proc_status_mb("VmHWM");
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let report = run_cycle(
-        &store,
-        &crm,
-        &mapping,
-        |since| PullSpec::for_mapping(&ms, since, Duration::ZERO),
-        Mode::Reconcile,
-        false,
-        &(),
-    )
-    .await
-    .expect("held cycle");
+    let report = cycle(&store, &crm, &mapping, &ms, Mode::Reconcile).await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let hwm = proc_status_mb("VmHWM");
@@ -349,6 +339,27 @@ async fn pending(store: &Store) -> i64 {
     store.outbox_counts().await.expect("outbox counts")["pending"]
 }
 
+/// One `run_cycle` of the bench mapping over `crm`.
+async fn cycle(
+    store: &Store,
+    crm: &dyn Connector,
+    mapping: &Mapping,
+    ms: &MappingSettings,
+    mode: Mode,
+) -> pendo_sync::engine::CycleReport {
+    run_cycle(
+        store,
+        crm,
+        mapping,
+        |since| PullSpec::for_mapping(ms, since, Duration::ZERO),
+        mode,
+        false,
+        &(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{mode:?} cycle: {e}"))
+}
+
 // ---- child phases ---------------------------------------------------------------------------
 
 async fn setup(n: u64, db: &Path) -> serde_json::Value {
@@ -397,17 +408,7 @@ async fn setup(n: u64, db: &Path) -> serde_json::Value {
         .expect("watermark");
         tx.commit().await.expect("commit");
     } else {
-        let report = run_cycle(
-            &store,
-            &crm,
-            &mapping,
-            |since| PullSpec::for_mapping(&ms, since, Duration::ZERO),
-            Mode::Incremental,
-            false,
-            &(),
-        )
-        .await
-        .expect("first cycle");
+        let report = cycle(&store, &crm, &mapping, &ms, Mode::Incremental).await;
         assert_eq!(report.changes, n * 5, "first cycle enqueues every field");
         loop {
             let rows = store
@@ -439,17 +440,7 @@ async fn setup(n: u64, db: &Path) -> serde_json::Value {
     // first reconcile after a bulk load, before any digest exists.
     let cold = Instant::now();
     let cpu_before = cpu_seconds();
-    let report = run_cycle(
-        &store,
-        &crm,
-        &mapping,
-        |since| PullSpec::for_mapping(&ms, since, Duration::ZERO),
-        Mode::Reconcile,
-        false,
-        &(),
-    )
-    .await
-    .expect("warm-up reconcile");
+    let report = cycle(&store, &crm, &mapping, &ms, Mode::Reconcile).await;
     let cold_s = cold.elapsed().as_secs_f64();
     let cold_cpu = cpu_seconds() - cpu_before;
     assert_eq!(report.changes, 0, "nothing changed yet");
@@ -484,17 +475,7 @@ async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
     let hwm_before = proc_status_mb("VmHWM");
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let report = run_cycle(
-        &store,
-        &crm,
-        &mapping,
-        |since| PullSpec::for_mapping(&ms, since, Duration::ZERO),
-        mode,
-        false,
-        &(),
-    )
-    .await
-    .expect("timed cycle");
+    let report = cycle(&store, &crm, &mapping, &ms, mode).await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let hwm = proc_status_mb("VmHWM");

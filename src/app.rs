@@ -376,9 +376,9 @@ impl App {
         wait_for_retries: Duration,
     ) -> Result<DrainReport, AppError> {
         self.writer.start(lock).await?;
-        let dead_before = self.store.outbox_counts().await?["dead"];
+        let dead_before = self.store.dead_count().await?;
         let report = self.writer.drain(cancel, wait_for_retries).await?;
-        let dead_after = self.store.outbox_counts().await?["dead"];
+        let dead_after = self.store.dead_count().await?;
         self.notify_after_drain(&report, dead_before, dead_after);
         Ok(report)
     }

@@ -149,32 +149,30 @@ async fn sync(
         report.merge(r);
     }
     print_sync_report(&report, dry_run);
+    // Exit 4 below: changes wait for a person (`holds approve|reject`), this run's or an
+    // earlier one's still open for these mappings (read on the app's own store, before it
+    // closes).
+    let held = report
+        .cycles
+        .iter()
+        .any(|c| matches!(c.guard, Some(crate::store::GuardOutcome::Held { .. })));
+    let open: Vec<_> = if dry_run {
+        Vec::new()
+    } else {
+        let names: Vec<&str> = report.cycles.iter().map(|c| c.mapping.as_str()).collect();
+        app.store
+            .holds(true)
+            .await?
+            .into_iter()
+            .filter(|h| names.contains(&h.mapping.as_str()))
+            .collect()
+    };
     // Notifications (a hold, a paused writer) go out before the process ends.
     app.notifier.flush(Duration::from_secs(15)).await;
     app.store.close().await;
     if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
         return Ok(1);
     }
-    // Exit 4: changes wait for a person (`holds approve|reject`), this run's or an earlier
-    // one's still open for these mappings.
-    let held = report
-        .cycles
-        .iter()
-        .any(|c| matches!(c.guard, Some(crate::store::GuardOutcome::Held { .. })));
-    let open = if dry_run {
-        Vec::new()
-    } else {
-        let names: Vec<&str> = report.cycles.iter().map(|c| c.mapping.as_str()).collect();
-        let store = Store::open_read_only(&settings.state.path).await?;
-        let open: Vec<_> = store
-            .holds(true)
-            .await?
-            .into_iter()
-            .filter(|h| names.contains(&h.mapping.as_str()))
-            .collect();
-        store.close().await;
-        open
-    };
     if !held {
         for h in &open {
             println!(

@@ -109,17 +109,17 @@ impl CycleReport {
 
 /// Counts what `changes` do to the shadow (first fills, clears, overwrites) into `counts`
 /// (indexed like `mapping.fields`).
-fn classify(
+fn classify<'s>(
     mapping: &Mapping,
     changes: &[Change],
-    shadow: &HashMap<String, crate::store::ShadowRecord>,
+    shadow: impl Fn(&str) -> Option<&'s crate::store::ShadowRecord>,
     counts: &mut [FieldCounts],
 ) {
     for c in changes {
         let Some(i) = mapping.fields.iter().position(|f| f.pendo_field == c.field) else {
             continue;
         };
-        let held = shadow.get(&c.pendo_id).and_then(|r| r.get(&c.field));
+        let held = shadow(&c.pendo_id).and_then(|r| r.get(&c.field));
         let value = crate::domain::Value::from_stored(&c.value).ok();
         match (held, value) {
             (Some(_), Some(v)) if v.is_null() => counts[i].clears += 1,
@@ -863,7 +863,7 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
         })
         .collect();
     changes.retain(|c| !p.held_back.contains(&c.pendo_id));
-    classify(mapping, &changes, &p.shadow, &mut counts);
+    classify(mapping, &changes, |id| p.shadow.get(id), &mut counts);
     digests.retain(|(id, _)| !p.held_back.contains(id));
     PageWrite {
         counts,
@@ -970,11 +970,11 @@ async fn clear_orphans(
             // only another mapping writes and fields already cleared are left alone.
             .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), false))
             .collect();
-        let held: HashMap<String, crate::store::ShadowRecord> = orphans
+        let held: HashMap<&str, &crate::store::ShadowRecord> = orphans
             .iter()
-            .map(|(id, shadow)| (id.clone(), shadow.clone()))
+            .map(|(id, shadow)| (id.as_str(), shadow))
             .collect();
-        classify(mapping, &changes, &held, &mut counts);
+        classify(mapping, &changes, |id| held.get(id).copied(), &mut counts);
         report.add_counts(&counts);
         if changes.is_empty() {
             continue;

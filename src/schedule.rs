@@ -144,10 +144,9 @@ impl ReconcileSchedule {
             failures: 0,
         };
         if failures > 0 && since_last >= interval {
+            // The backoff continues from the remembered failures; a restart tries at once (the
+            // failure may have been this process's), as next_at already says.
             s.failures = failures;
-            s.next_at = now + s.backoff().saturating_sub(Duration::ZERO).min(interval);
-            // A restart tries at once: the failure may have been this process's.
-            s.next_at = now;
         }
         s
     }

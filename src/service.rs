@@ -621,14 +621,10 @@ impl Service {
                 self.worker.probe_now.store(false, Ordering::SeqCst);
             }
             if writer.paused().is_none() {
-                let dead_before = self.store.outbox_counts().await.map_or(0, |c| c["dead"]);
+                let dead_before = self.store.dead_count().await.unwrap_or(0);
                 match writer.drain(&self.cancel, Duration::ZERO).await {
                     Ok(report) => {
-                        let dead_after = self
-                            .store
-                            .outbox_counts()
-                            .await
-                            .map_or(dead_before, |c| c["dead"]);
+                        let dead_after = self.store.dead_count().await.unwrap_or(dead_before);
                         self.app
                             .notify_after_drain(&report, dead_before, dead_after);
                         self.worker

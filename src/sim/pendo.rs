@@ -112,6 +112,33 @@ pub struct RecordedRequest {
     pub body: Option<Value>,
 }
 
+impl RecordedRequest {
+    /// The (id, field, value) triples a bulk custom-value write carried (none for other
+    /// requests): what tests count and compare.
+    pub fn written_values(&self) -> Vec<(String, String, Value)> {
+        if !self.path.contains("/custom/value") {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for item in self
+            .body
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let id = item["visitorId"]
+                .as_str()
+                .or(item["accountId"].as_str())
+                .unwrap_or_default();
+            for (field, value) in item["values"].as_object().into_iter().flatten() {
+                out.push((id.to_owned(), field.clone(), value.clone()));
+            }
+        }
+        out
+    }
+}
+
 /// Handle to one simulated Pendo subscription; clones share state.
 #[derive(Debug, Clone)]
 pub struct PendoSim {

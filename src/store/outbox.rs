@@ -530,6 +530,15 @@ impl Store {
             .await
     }
 
+    /// Dead values (read around every writer pass, to tell `[notify]` about new ones): one
+    /// count on the state index.
+    pub async fn dead_count(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT count(*) FROM outbox WHERE state = 'dead'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Entities (kind, id) per state: an operator thinks in accounts and visitors.
     pub async fn outbox_id_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
         self.counts_per_state(

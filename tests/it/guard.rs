@@ -21,31 +21,11 @@ fn held_id(outcome: &Option<GuardOutcome>) -> i64 {
 
 /// The (id, field) pairs of every write Pendo received.
 fn written_fields(requests: &[pendo_sync::sim::pendo::RecordedRequest]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for r in requests.iter().filter(|r| r.path.contains("/custom/value")) {
-        for item in r
-            .body
-            .as_ref()
-            .and_then(|b| b.as_array())
-            .into_iter()
-            .flatten()
-        {
-            let id = item["visitorId"]
-                .as_str()
-                .or(item["accountId"].as_str())
-                .unwrap_or_default()
-                .to_owned();
-            for field in item["values"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, _)| k)
-            {
-                out.push((id.clone(), field.clone()));
-            }
-        }
-    }
-    out
+    requests
+        .iter()
+        .flat_map(|r| r.written_values())
+        .map(|(id, field, _)| (id, field))
+        .collect()
 }
 
 /// HubSpot omits a property the token can no longer read (renamed, hidden): every contact's

@@ -871,26 +871,9 @@ async fn two_syncs_started_together_send_each_value_once() {
     }
     assert_eq!(env.differences(), Vec::<String>::new());
     let mut sent: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for r in env.pendo.requests() {
-        if !r.path.contains("/custom/value") || r.status != 200 {
-            continue;
-        }
-        for item in r
-            .body
-            .as_ref()
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let id = item["accountId"].as_str().unwrap_or_default().to_owned();
-            for field in item["values"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, _)| k)
-            {
-                *sent.entry((id.clone(), field.clone())).or_default() += 1;
-            }
+    for r in env.pendo.requests().iter().filter(|r| r.status == 200) {
+        for (id, field, _) in r.written_values() {
+            *sent.entry((id, field)).or_default() += 1;
         }
     }
     let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();

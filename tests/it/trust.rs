@@ -107,22 +107,14 @@ async fn sync_reconciles_when_the_reconcile_interval_has_passed() {
 
 /// The (id, field) pairs a write request sent, with the query it carried.
 fn sent_pairs(t: &TestApp) -> Vec<(String, String, serde_json::Value, Option<String>)> {
-    let mut out = Vec::new();
-    for r in t.writes() {
-        for item in r
-            .body
-            .as_ref()
-            .and_then(|b| b.as_array())
-            .into_iter()
-            .flatten()
-        {
-            let id = item["accountId"].as_str().unwrap_or_default().to_owned();
-            for (field, value) in item["values"].as_object().into_iter().flatten() {
-                out.push((id.clone(), field.clone(), value.clone(), r.query.clone()));
-            }
-        }
-    }
-    out
+    t.writes()
+        .iter()
+        .flat_map(|r| {
+            r.written_values()
+                .into_iter()
+                .map(move |(id, field, value)| (id, field, value, r.query.clone()))
+        })
+        .collect()
 }
 
 /// A resync's clears go only to (id, field) pairs that hold a value this mapping confirmed:
