@@ -109,6 +109,7 @@ fn record(i: u64, changed: bool) -> RawRecord {
         crm_id: format!("001A{i:012}"),
         fields,
         deleted: false,
+        modified_at: Some(1_790_000_000_000 + i as i64),
     }
 }
 

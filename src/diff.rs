@@ -125,6 +125,7 @@ mod tests {
             pendo_id: "p1".into(),
             values,
             deleted: false,
+            modified_at: None,
         }
     }
 

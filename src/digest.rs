@@ -112,6 +112,7 @@ mod tests {
             pendo_id: "p".into(),
             values,
             deleted: false,
+            modified_at: None,
         }
     }
 

@@ -44,6 +44,8 @@ pub struct MappedRecord {
     /// Parallel to [`Mapping::fields`]; `None` where an empty value meets `on_null = "keep"`.
     pub values: Vec<Option<Value>>,
     pub deleted: bool,
+    /// The CRM's modification time of the record (Unix ms), when the connector knows it.
+    pub modified_at: Option<i64>,
 }
 
 /// Why a record was set aside.
@@ -162,6 +164,7 @@ impl Mapping {
             pendo_id,
             values,
             deleted: raw.deleted,
+            modified_at: raw.modified_at,
         })
     }
 

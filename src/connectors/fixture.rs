@@ -224,6 +224,7 @@ impl Pull for FixturePull {
                     crm_id: id,
                     fields: row.fields,
                     deleted: row.deleted,
+                    modified_at: None,
                 })
                 .collect();
             Ok(Some(Page {

@@ -151,6 +151,9 @@ pub struct RawRecord {
     pub fields: serde_json::Value,
     /// The record was deleted or archived in the CRM.
     pub deleted: bool,
+    /// When the CRM last changed the record (Unix ms; Salesforce `SystemModstamp`, HubSpot
+    /// `hs_lastmodifieddate`/`updatedAt`), if the answer said: kept in the history (`why`).
+    pub modified_at: Option<i64>,
 }
 
 /// One page of a pull.

@@ -692,6 +692,7 @@ impl HubspotPull<'_> {
                     crm_id: h.id,
                     fields: Value::Object(fields),
                     deleted: h.archived,
+                    modified_at: h.ms,
                 }
             })
             .collect();

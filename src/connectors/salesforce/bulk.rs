@@ -164,6 +164,7 @@ pub(super) async fn next_page(
                 crm_id: id,
                 fields: Value::Object(fields),
                 deleted: deleted_col.is_some_and(|c| cell(c).eq_ignore_ascii_case("true")),
+                modified_at: Some(ts.timestamp_millis()),
             });
         }
     }

@@ -159,6 +159,7 @@ pub(super) fn flatten(record: &Value, fields: &[FieldRequest]) -> Option<(RawRec
             crm_id: id.clone(),
             fields: Value::Object(flat),
             deleted,
+            modified_at: Some(ts.timestamp_millis()),
         },
         Cursor { ts, id },
     ))
