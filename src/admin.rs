@@ -10,6 +10,9 @@
 //! | `GET /v1/status` | the document of `status --format json` |
 //! | `POST /v1/resync` | Bearer `admin.token`; optional `mapping`, `kind` (JSON body or query); 202 with an id |
 //! | `GET /v1/resync/{id}` | that resync's progress: state, records read, changes, pushed |
+//! | `GET /v1/why/{kind}/{id}` | one id's provenance (`why --format json`); `?live=true` needs the token |
+//! | `GET /v1/holds`, `GET /v1/holds/{id}` | the guard's holds |
+//! | `POST /v1/holds/{id}/approve|reject` | Bearer `admin.token`; `{"reason": "..."}` optional |
 //!
 //! Without a configured `admin.token` the POST answers 403: an open port on a shared host must not
 //! let anyone start a full resync. The read-only routes need no token and show no secrets.
@@ -60,6 +63,7 @@ pub fn router(service: Shared) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/resync", post(resync))
         .route("/v1/resync/{id}", get(resync_progress))
+        .route("/v1/why/{kind}/{id}", get(why))
         .route("/v1/holds", get(holds_list))
         .route("/v1/holds/{id}", get(hold_show))
         .route("/v1/holds/{id}/{decision}", post(hold_decide))
@@ -100,6 +104,10 @@ async fn metrics(State(service): State<Shared>) -> Response {
         Err(e) => tracing::warn!(error = %e, "Cannot read the oldest pending change for /metrics."),
     }
     service.refresh_hold_metrics().await;
+    match service.store.history_count().await {
+        Ok(n) => metrics::gauge!(crate::metrics::HISTORY_EVENTS).set(n as f64),
+        Err(e) => tracing::warn!(error = %e, "Cannot count the history's events for /metrics."),
+    }
     metrics::gauge!(WRITER_PAUSED).set(if service.writer_paused().is_some() {
         1.0
     } else {
@@ -173,6 +181,46 @@ fn refuse_without_token(service: &Service, headers: &HeaderMap) -> Option<Respon
         );
     }
     None
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhyParams {
+    field: Option<String>,
+    limit: Option<u32>,
+    live: Option<bool>,
+}
+
+/// `GET /v1/why/{kind}/{id}`: the JSON of `why --format json`. Reading the state needs no token;
+/// `?live=true` does, since it spends CRM and Pendo quota.
+async fn why(
+    State(service): State<Shared>,
+    headers: HeaderMap,
+    Path((kind, id)): Path<(String, String)>,
+    Query(params): Query<WhyParams>,
+) -> Response {
+    let Some(kind) = Kind::parse(&kind) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "use /v1/why/account/{id} or /v1/why/visitor/{id}",
+        );
+    };
+    let live = params.live.unwrap_or(false);
+    if live && let Some(refused) = refuse_without_token(&service, &headers) {
+        return refused;
+    }
+    let options = crate::why::WhyOptions {
+        field: params.field,
+        limit: params.limit.unwrap_or(crate::why::DEFAULT_LIMIT).min(1_000),
+        live,
+    };
+    match service.why(kind, &id, &options).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e @ crate::why::WhyError::Unknown { .. }) => {
+            error(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }
 
 async fn holds_list(State(service): State<Shared>) -> Response {

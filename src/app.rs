@@ -14,6 +14,11 @@ use crate::mapping::Mapping;
 use crate::pendo::{DrainReport, PendoClient, Writer, WriterConfig, WriterError};
 use crate::store::{Store, StoreError};
 
+/// Events deleted per retention transaction (a few milliseconds of SQLite's time).
+pub const PRUNE_BATCH: u32 = 2_000;
+/// The pause between two retention transactions: the writer's settles go first.
+pub const PRUNE_PAUSE: Duration = Duration::from_millis(20);
+
 /// A failure of a command, sorted by exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -181,6 +186,11 @@ impl App {
         }
     }
 
+    /// Every configured connector (for `why --live`).
+    pub fn connectors(&self) -> &Connectors {
+        &self.connectors
+    }
+
     pub fn connector(&self, source: Source) -> Result<&dyn Connector, AppError> {
         self.connectors
             .get(&source)
@@ -319,6 +329,30 @@ impl App {
 
     /// One pass: a cycle per mapping (a failing mapping does not stop the others), then the
     /// outbox drained. Dry runs write nothing and send nothing.
+    /// Deletes the history's events older than `history.retention`, [`PRUNE_BATCH`] at a time
+    /// with a pause between batches, so a writer settling meanwhile waits for one short
+    /// transaction at most. Returns the events deleted. Stops early when `cancel` fires.
+    pub async fn prune_history(&self, cancel: &CancellationToken) -> Result<u64, AppError> {
+        let retention = self.settings.history.retention.as_millis() as i64;
+        let before = crate::domain::now_ms() - retention;
+        let mut total = 0;
+        while !cancel.is_cancelled() {
+            let n = self.store.prune_history(before, PRUNE_BATCH).await?;
+            total += n;
+            if n < u64::from(PRUNE_BATCH) {
+                break;
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+        if total > 0 {
+            tracing::info!(
+                events = total,
+                "Deleted history events past history.retention."
+            );
+        }
+        Ok(total)
+    }
+
     pub async fn sync(
         &self,
         only: Option<&str>,
@@ -354,6 +388,8 @@ impl App {
                 self.drain_locked(lock, cancel, engine::SYNC_RETRY_WAIT)
                     .await?,
             );
+            // A `sync` run from cron is the only upkeep such a state file gets.
+            self.prune_history(cancel).await?;
         }
         Ok(report)
     }

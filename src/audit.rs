@@ -32,7 +32,7 @@ use crate::app::{AppError, Connectors};
 use crate::config::{ConfigError, MappingSettings, OnDelete, Settings};
 use crate::connectors::PullSpec;
 use crate::domain::{FieldType, Kind, Value, iso8601_from_ms, now_ms};
-use crate::mapping::{Mapping, RecordError, coerce};
+use crate::mapping::{Mapping, RecordError};
 use crate::pendo::{PendoClient, PendoError};
 use crate::store::Store;
 
@@ -386,11 +386,7 @@ fn display(stored: Option<&str>) -> Option<String> {
 /// ms or as an ISO string, a number as a string, so the CRM's coercion applies. A value that does
 /// not coerce is kept as its JSON text: it differs from anything the CRM can map to.
 fn pendo_stored(v: &Json, ty: FieldType) -> Option<String> {
-    match coerce(v, ty) {
-        Ok(Value::Null) => None,
-        Ok(v) => Some(v.to_stored()),
-        Err(_) => Some(v.to_string()),
-    }
+    crate::mapping::stored_from_pendo(v, ty)
 }
 
 impl MappingAudit<'_> {

@@ -119,6 +119,24 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+    /// The provenance of Pendo's values for one id: source, confirmed value, queue, history.
+    Why {
+        #[arg(value_enum)]
+        kind: KindArg,
+        /// The Pendo visitor or account id.
+        id: String,
+        /// Only this Pendo field.
+        #[arg(long)]
+        field: Option<String>,
+        /// How many events to list, newest first.
+        #[arg(long, default_value_t = crate::why::DEFAULT_LIMIT)]
+        limit: u32,
+        /// Also read the CRM record and Pendo's values now (a few rate-limited GETs).
+        #[arg(long)]
+        live: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
     /// Inspect or act on the outbox.
     Queue {
         #[command(subcommand)]

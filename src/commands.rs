@@ -89,6 +89,17 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
             .await
         }
         Command::Check => check(settings).await,
+        Command::Why {
+            kind,
+            id,
+            field,
+            limit,
+            live,
+            format,
+        } => {
+            let options = crate::why::WhyOptions { field, limit, live };
+            why(&settings, kind.into(), &id, &options, format).await
+        }
         Command::Demo | Command::Simulate { .. } => unreachable!("handled above"),
     }
 }
@@ -490,7 +501,9 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
         }
         QueueAction::Retry { select } => {
             let store = Store::open(&settings.state.path).await?;
-            let n = store.outbox_retry(&filter(&select)).await?;
+            let n = store
+                .outbox_retry(&filter(&select), &format!("queue retry by {}", os_user()))
+                .await?;
             println!("{n} outbox rows made pending and due now");
             store.close().await;
         }
@@ -499,13 +512,55 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             let n = if select.state == Some(QueueStateArg::Invalid) {
                 store.drop_invalid(None, select.id.as_deref()).await?
             } else {
-                store.outbox_drop(&filter(&select)).await?
+                store
+                    .outbox_drop(&filter(&select), &format!("queue drop by {}", os_user()))
+                    .await?
             };
             println!("{n} rows dropped");
             store.close().await;
         }
     }
     Ok(0)
+}
+
+// ---- why -----------------------------------------------------------------------------------
+
+async fn why(
+    settings: &Settings,
+    kind: Kind,
+    id: &str,
+    options: &crate::why::WhyOptions,
+    format: OutputFormat,
+) -> Result<u8, AppError> {
+    let store = Store::open_read_only(&settings.state.path).await?;
+    // Live reads go through clients of their own: no state is written (no quota readings).
+    let live = if options.live {
+        let connectors = crate::connectors::build(settings, None)?;
+        let key = settings
+            .pendo
+            .integration_key_source
+            .resolve("pendo.integration_key")?;
+        Some((
+            connectors,
+            crate::pendo::PendoClient::new(&settings.pendo, key),
+        ))
+    } else {
+        None
+    };
+    let sources = live
+        .as_ref()
+        .map(|(connectors, pendo)| crate::why::LiveSources { connectors, pendo });
+    let result = crate::why::explain(settings, &store, kind, id, options, sources).await;
+    store.close().await;
+    let report = result.map_err(|e| AppError::Runtime(e.to_string()))?;
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serializes")
+        ),
+        OutputFormat::Table => print!("{}", crate::why::render_table(&report)),
+    }
+    Ok(if report.live_failed { 1 } else { 0 })
 }
 
 // ---- holds ---------------------------------------------------------------------------------

@@ -51,7 +51,25 @@ pub struct Settings {
     /// The guard's defaults (a mapping's `[mappings.guard]` overrides them).
     pub guard: GuardSettings,
     pub notify: NotifySettings,
+    pub history: HistorySettings,
     pub mappings: Vec<MappingSettings>,
+}
+
+/// `[history]`: how long `why` can tell a value's story.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Events older than this are deleted, in small batches off the hot path.
+    #[serde(default = "defaults::retention", with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            retention: defaults::retention(),
+        }
+    }
 }
 
 /// `[guard]`: how much of a field one cycle may clear or overwrite before it is held.
@@ -555,6 +573,8 @@ struct RawSettings {
     #[serde(default)]
     notify: NotifySettings,
     #[serde(default)]
+    history: HistorySettings,
+    #[serde(default)]
     mappings: Vec<MappingSettings>,
 }
 
@@ -696,8 +716,18 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         mut admin,
         guard,
         mut notify,
+        history,
         mappings,
     } = raw;
+    if history.retention < Duration::from_secs(3600) {
+        return Err(ConfigError::new(
+            "history.retention",
+            format!(
+                "{} is too short to explain anything; write at least \"1h\" (default \"90d\")",
+                humantime::format_duration(history.retention)
+            ),
+        ));
+    }
 
     if state.path.as_os_str().is_empty() {
         return Err(ConfigError::new("state.path", "must not be empty"));
@@ -921,6 +951,7 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         admin,
         guard,
         notify,
+        history,
         mappings,
     })
 }
@@ -1207,6 +1238,9 @@ mod defaults {
     }
     pub fn min_values() -> u64 {
         100
+    }
+    pub fn retention() -> Duration {
+        Duration::from_secs(90 * 86_400)
     }
     pub fn notify_events() -> Vec<super::NotifyEvent> {
         vec![

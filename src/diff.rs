@@ -6,10 +6,11 @@
 //! Pendo holds nothing, so an empty CRM value for a never-set field is not a change.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::domain::Value;
 use crate::mapping::{MappedRecord, Mapping};
-use crate::store::{Change, ShadowRecord};
+use crate::store::{Change, ShadowRecord, Source};
 
 /// The field-level changes for one record. With `force` (resync) every mapped value is a change,
 /// whatever the shadow says, so a Pendo that drifted is repaired.
@@ -20,6 +21,12 @@ pub fn diff_record(
     outbox: Option<&HashMap<String, String>>,
     force: bool,
 ) -> Vec<Change> {
+    // The record's context for the history, shared by its changes.
+    let source = Some(Arc::new(Source {
+        crm_id: Some(record.crm_id.clone()),
+        modified_at: record.modified_at,
+        cleared: None,
+    }));
     let mut changes = Vec::new();
     for (field, value) in mapping.fields.iter().zip(&record.values) {
         let Some(value) = value else { continue };
@@ -31,6 +38,7 @@ pub fn diff_record(
                 value: change,
                 mapping: mapping.name.clone(),
                 force,
+                source: source.clone(),
             });
         }
     }
@@ -38,14 +46,17 @@ pub fn diff_record(
 }
 
 /// The changes that clear every field of `mapping` that Pendo holds (or is about to hold) for
-/// `pendo_id`: used when a record leaves the CRM and `on_delete = "clear"`.
+/// `pendo_id`: used when a record leaves the CRM and `on_delete = "clear"`. `source` says which
+/// record left and how (for the history).
 pub fn clear_record(
     mapping: &Mapping,
     pendo_id: &str,
     shadow: Option<&ShadowRecord>,
     outbox: Option<&HashMap<String, String>>,
     force: bool,
+    source: Source,
 ) -> Vec<Change> {
+    let source = Some(Arc::new(source));
     mapping
         .fields
         .iter()
@@ -57,6 +68,7 @@ pub fn clear_record(
                 value,
                 mapping: mapping.name.clone(),
                 force,
+                source: source.clone(),
             })
         })
         .collect()

@@ -32,7 +32,9 @@ use crate::mapping::{MappedRecord, Mapping, RecordError};
 use crate::metrics::{
     CHANGES_DETECTED, CYCLE_DURATION, INVALID_RECORDS, LAST_SUCCESS, RECORDS_PULLED,
 };
-use crate::store::{Change, DiffState, GuardOutcome, InvalidRecord, PageCommit, Store, StoreError};
+use crate::store::{
+    Change, DiffState, GuardOutcome, InvalidRecord, PageCommit, Source, Store, StoreError,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -207,6 +209,7 @@ pub async fn run_cycle(
         spec_for(since),
         mode,
         dry_run,
+        run_id,
         &mut report,
         progress,
     )
@@ -404,6 +407,7 @@ async fn pull_all(
     spec: PullSpec,
     mode: Mode,
     dry_run: bool,
+    run: Option<i64>,
     report: &mut CycleReport,
     progress: &dyn Progress,
 ) -> Result<(), CycleError> {
@@ -446,12 +450,12 @@ async fn pull_all(
     let (_, consumed) = tokio::join!(
         produce,
         consume(
-            store, mapping, for_diff, rx, mode, dry_run, &mut seen, report, progress
+            store, mapping, for_diff, rx, mode, dry_run, run, &mut seen, report, progress
         )
     );
     consumed?;
     if mode.full() && mapping.on_delete == OnDelete::Clear {
-        clear_orphans(store, mapping, &seen, dry_run, report).await?;
+        clear_orphans(store, mapping, &seen, dry_run, run, report).await?;
     }
     // The pull is complete: the guard decides over the mapping's staged changes (guarantee 9).
     let by_field = report.counts_by_field(mapping);
@@ -497,6 +501,7 @@ async fn consume(
     mut pages: tokio::sync::mpsc::Receiver<Result<MappedPage, ConnectorError>>,
     mode: Mode,
     dry_run: bool,
+    run: Option<i64>,
     seen: &mut Seen,
     report: &mut CycleReport,
     progress: &dyn Progress,
@@ -569,7 +574,7 @@ async fn consume(
                     write.valid_crm_ids.clear();
                 }
                 if !dry_run {
-                    commit(store, mapping, &write).await?;
+                    commit(store, mapping, &write, run).await?;
                 }
                 Ok::<_, CycleError>(Some(write))
             },
@@ -743,8 +748,8 @@ async fn prepare(
             continue;
         }
         claims.push((rec.crm_id.clone(), rec.pendo_id.clone(), digest));
-        // The diff needs the Pendo id and the values, not the CRM id.
-        valid_crm_ids.push(std::mem::take(&mut rec.crm_id));
+        // The diff keeps the CRM id for the history's detections.
+        valid_crm_ids.push(rec.crm_id.clone());
         live.push((rec, keep));
     }
 
@@ -840,6 +845,11 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
             p.shadow.get(&rec.pendo_id),
             p.outbox.get(&rec.pendo_id),
             false,
+            Source {
+                crm_id: Some(rec.crm_id.clone()),
+                modified_at: rec.modified_at,
+                cleared: Some("deleted in the CRM"),
+            },
         ));
     }
     // Held-back ids lose any value this pull already queued for them: it was a coin toss.
@@ -859,6 +869,7 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
                     value: String::new(),
                     mapping: mapping.name.clone(),
                     force: false,
+                    source: None,
                 })
         })
         .collect();
@@ -879,7 +890,12 @@ fn diff_page(mapping: &Mapping, p: Prepared, force: bool) -> PageWrite {
     }
 }
 
-async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), CycleError> {
+async fn commit(
+    store: &Store,
+    mapping: &Mapping,
+    w: &PageWrite,
+    run: Option<i64>,
+) -> Result<(), CycleError> {
     store
         .commit_page(&PageCommit {
             mapping: &mapping.name,
@@ -894,6 +910,7 @@ async fn commit(store: &Store, mapping: &Mapping, w: &PageWrite) -> Result<(), C
             kind: Some(mapping.kind),
             stage: true,
             cover: &cover_of(mapping, &w.counts),
+            run,
         })
         .await?;
     Ok(())
@@ -934,6 +951,9 @@ async fn forget_unseen(store: &Store, mapping: &Mapping, seen: &Seen) -> Result<
     Ok(())
 }
 
+/// Why an orphan's clear was queued (the history's detail).
+const ORPHAN: &str = "not in the full pull: deleted in the CRM or out of the mapping's filter";
+
 /// After a full pull: every shadow (or queued) record of this mapping's kind holding one of its
 /// fields that the pull did not see has left the CRM or the filter, and is cleared.
 async fn clear_orphans(
@@ -941,6 +961,7 @@ async fn clear_orphans(
     mapping: &Mapping,
     seen: &Seen,
     dry_run: bool,
+    run: Option<i64>,
     report: &mut CycleReport,
 ) -> Result<(), CycleError> {
     let mut after: Option<String> = None;
@@ -968,7 +989,13 @@ async fn clear_orphans(
             // Never forced: only (id, field) pairs holding a value this mapping confirmed (each
             // Pendo field of a kind belongs to one mapping) or queued get a clear, so entities
             // only another mapping writes and fields already cleared are left alone.
-            .flat_map(|(id, shadow)| clear_record(mapping, id, Some(shadow), outbox.get(id), false))
+            .flat_map(|(id, shadow)| {
+                let source = Source {
+                    cleared: Some(ORPHAN),
+                    ..Source::default()
+                };
+                clear_record(mapping, id, Some(shadow), outbox.get(id), false, source)
+            })
             .collect();
         let held: HashMap<&str, &crate::store::ShadowRecord> = orphans
             .iter()
@@ -994,6 +1021,7 @@ async fn clear_orphans(
                     changes: &changes,
                     stage: true,
                     cover: &cover_of(mapping, &counts),
+                    run,
                     ..PageCommit::default()
                 })
                 .await?;

@@ -14,6 +14,7 @@
 //! - [`guard`]: the guard's decision: a cycle's changes within limits, or held for a person.
 //! - [`engine`]: one sync cycle per mapping: pull → map → diff → outbox, then drain.
 //! - [`audit`]: the dry-run drift report: CRM against the shadow and (optionally) Pendo.
+//! - [`why`]: one id's provenance: source, confirmed value, queue, history; live checks.
 //! - [`schedule`]: when a mapping reconciles (interval, backoff after a failure).
 //! - [`service`]: `pendo-sync run`: the scheduled cycles, the outbox worker, resync jobs, readiness.
 //! - [`admin`]: the admin port (health, metrics, status, resync) and its CLI clients.
@@ -50,3 +51,4 @@ pub mod sim;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod why;

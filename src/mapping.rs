@@ -188,6 +188,18 @@ static NULL: serde_json::Value = serde_json::Value::Null;
 
 /// The raw value under `key`: a flat key first (connectors flatten), else a dotted walk through
 /// nested objects (Salesforce relationship objects; a null relationship yields null).
+/// A value Pendo holds as canonical stored text for the field's type (`None`: nothing). Pendo
+/// may hold a date as epoch ms or as an ISO string, a number as a string, so the CRM's coercion
+/// applies; a value that does not coerce is kept as its JSON text: it differs from anything the
+/// CRM can map to.
+pub fn stored_from_pendo(v: &serde_json::Value, ty: FieldType) -> Option<String> {
+    match coerce(v, ty) {
+        Ok(Value::Null) => None,
+        Ok(v) => Some(v.to_stored()),
+        Err(_) => Some(v.to_string()),
+    }
+}
+
 pub fn lookup<'a>(fields: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
     if let Some(v) = fields.get(key) {
         return v;

@@ -20,5 +20,7 @@ pub fn record_request(api: &'static str, status: Option<u16>) {
 
 /// Gauge: holds of the guard waiting for a person.
 pub const HOLDS_OPEN: &str = "pendo_sync_holds_open";
+/// Gauge: events in the history (`why`), after retention.
+pub const HISTORY_EVENTS: &str = "pendo_sync_history_events";
 /// Gauge: values held by the guard, per mapping.
 pub const HELD_VALUES: &str = "pendo_sync_held_values";

@@ -44,6 +44,9 @@ use crate::pendo::{Writer, WriterConfig};
 use crate::schedule::{RECONCILE_FAILURES, ReconcileRecord, ReconcileSchedule};
 use crate::store::Store;
 
+/// How often a running service deletes the history's expired events.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Readiness needs every mapping's last cycle to have succeeded within this many poll intervals.
 const READY_INTERVALS: u32 = 3;
 
@@ -735,6 +738,7 @@ impl Service {
             self.tracker
                 .spawn(self.clone().mapping_loop(m.name.clone()));
         }
+        self.tracker.spawn(self.clone().history_loop());
         if let Some(handle) = self.metrics.clone() {
             let cancel = self.cancel.clone();
             // Histograms are kept as summaries that need periodic upkeep to stay bounded.
@@ -746,6 +750,44 @@ impl Service {
                     }
                 }
             });
+        }
+    }
+
+    /// `GET /v1/why/{kind}/{id}`: the same report as `why`; `live` reads through the service's
+    /// own connectors and Pendo client (their limiters are the sync's).
+    pub async fn why(
+        &self,
+        kind: crate::domain::Kind,
+        id: &str,
+        options: &crate::why::WhyOptions,
+    ) -> Result<crate::why::WhyReport, crate::why::WhyError> {
+        let sources = crate::why::LiveSources {
+            connectors: self.app.connectors(),
+            pendo: &self.app.pendo,
+        };
+        crate::why::explain(
+            &self.settings,
+            &self.store,
+            kind,
+            id,
+            options,
+            Some(sources),
+        )
+        .await
+    }
+
+    /// Retention: prunes the history a minute after start, then every [`PRUNE_EVERY`].
+    async fn history_loop(self: Arc<Self>) {
+        let mut wait = Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Err(e) = self.app.prune_history(&self.cancel).await {
+                tracing::warn!(error = %e, "Pruning the history failed; tried again later.");
+            }
+            wait = PRUNE_EVERY;
         }
     }
 

@@ -195,6 +195,29 @@ impl Connector for FixtureConnector {
             }])
         })
     }
+
+    /// The row as a pull would deliver it (all its fields, `deleted` kept, no modification
+    /// time); a purged or never-written id is `None`.
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+        crm_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RawRecord>, ConnectorError>> {
+        let found = {
+            let inner = self.inner.lock().expect("fixture lock");
+            inner
+                .objects
+                .get(&spec.object)
+                .and_then(|o| o.get(crm_id))
+                .map(|row| RawRecord {
+                    crm_id: crm_id.to_owned(),
+                    fields: row.fields.clone(),
+                    deleted: row.deleted,
+                    modified_at: None,
+                })
+        };
+        Box::pin(std::future::ready(Ok(found)))
+    }
 }
 
 impl Pull for FixturePull {

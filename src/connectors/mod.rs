@@ -195,6 +195,20 @@ pub trait Connector: Send + Sync {
         &'a self,
         spec: &'a PullSpec,
     ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>>;
+
+    /// Reads one record of `spec.object` by its CRM id, with the fields of `spec` (the same
+    /// keys, transforms and value shapes a pull delivers, so the mapping maps it the same way),
+    /// through the connector's limiter and retry policy. `Ok(None)` when the CRM has no such
+    /// record (or it is deleted/archived: then return it with `deleted: true` if the API says
+    /// so cheaply, else None). `spec.since` and `spec.filter` are ignored.
+    ///
+    /// For `why --live`: what the CRM holds *now*, beside what the last pull stored. An id that
+    /// cannot be one of the CRM's ids is `Ok(None)` without a request.
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+        crm_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RawRecord>, ConnectorError>>;
 }
 
 /// A connector failure, classified once by the connector that saw it.

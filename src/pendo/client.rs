@@ -78,6 +78,28 @@ pub struct BulkResult {
 }
 
 impl BulkResult {
+    /// One line for the history: what Pendo answered for a batch of `sent` records.
+    pub fn summary(&self, sent: usize) -> String {
+        let failed = self.missing.len() + self.errors.len();
+        let updated = self.updated.map_or_else(
+            || sent.saturating_sub(failed).to_string(),
+            |n| n.to_string(),
+        );
+        let mut line = format!(
+            "2xx for {sent} records: {updated} updated, {} missing, {} with errors",
+            self.missing.len(),
+            self.errors.len()
+        );
+        if !self.unattributed.is_empty() {
+            line.push_str(&format!(
+                ", {} unattributed: {}",
+                self.unattributed.len(),
+                excerpt(&self.unattributed.join("; "))
+            ));
+        }
+        line
+    }
+
     /// Why a 2xx body does not confirm a batch of `sent` records, if it does not: no result
     /// at all (`{}`, `[]`, anything but an object with Pendo's keys), or counts that do not add
     /// up (`total` ≠ sent, or `updated` + `failed` ≠ sent, with `failed` = missing + errors when
@@ -301,6 +323,75 @@ impl PendoClient {
             return Err(PendoError::Unaccounted { message });
         }
         Ok(BulkResult::parse(&json, sent_ids))
+    }
+
+    /// The custom values Pendo holds now for `fields` of one entity (`why --live`), by an
+    /// aggregation filtered on the id: its rows are the shape the audit reads (the per-entity
+    /// `GET /api/v1/{kind}/{id}` body is not documented). `None`: Pendo has no such entity.
+    /// Transient failures are retried a few times (Retry-After honoured, capped at `retry_max`).
+    pub async fn entity_values(
+        &self,
+        kind: Kind,
+        id: &str,
+        fields: &[String],
+        retry_max: Duration,
+    ) -> Result<Option<serde_json::Map<String, Json>>, PendoError> {
+        let id_key = kind.id_key();
+        let mut select = serde_json::Map::new();
+        select.insert(id_key.to_owned(), Json::from(id_key));
+        for (i, f) in fields.iter().enumerate() {
+            // Aliases that cannot collide with the id key or each other.
+            select.insert(format!("f{i}"), Json::from(format!("metadata.custom.{f}")));
+        }
+        let source = match kind {
+            Kind::Account => serde_json::json!({ "accounts": null }),
+            Kind::Visitor => serde_json::json!({ "visitors": null }),
+        };
+        // A JSON string literal is a valid filter string literal: quotes and backslashes escaped.
+        let filter = format!("{id_key} == {}", Json::from(id));
+        let request = serde_json::json!({
+            "response": { "mimeType": "application/json" },
+            "request": {
+                "requestId": "pendo-sync-why",
+                "pipeline": [
+                    { "source": source },
+                    { "filter": filter },
+                    { "select": select },
+                    { "limit": 2 },
+                ]
+            }
+        });
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 1;
+        let rows = loop {
+            match self.aggregate(&request).await {
+                Ok(rows) => break rows,
+                Err(e) if e.is_transient() && attempt < 4 => {
+                    let wait = e.retry_after().unwrap_or(delay).min(retry_max);
+                    tokio::time::sleep(wait).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let row = rows.into_iter().find(|r| match r.get(id_key) {
+            Some(Json::String(s)) => s == id,
+            Some(Json::Number(n)) => n.to_string() == id,
+            _ => false,
+        });
+        Ok(row.map(|row| {
+            fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    (
+                        f.clone(),
+                        row.get(format!("f{i}")).cloned().unwrap_or(Json::Null),
+                    )
+                })
+                .collect()
+        }))
     }
 
     /// One attempt of `POST /api/v1/aggregation`; returns the `results` rows.

@@ -32,7 +32,7 @@ use super::client::{AUTH_HINT, BulkResult, PendoClient, PendoError};
 use crate::config::PendoSettings;
 use crate::domain::{DateFormat, Kind, Value, now_ms};
 use crate::metrics::VALUES_PUSHED;
-use crate::store::{OutboxEntry, Settlement, Store, StoreError};
+use crate::store::{OutboxEntry, SentBatch, Settlement, Store, StoreError};
 
 /// The kv key under which a paused writer leaves its reason (shown by `status`, fails `/readyz`).
 pub const PAUSED_KEY: &str = "writer.paused";
@@ -197,13 +197,30 @@ impl Writer {
                 stack.push(batch);
             }
         }
+        // The requests made (for the history), and the request each outcome was answered in.
+        let mut sent: Vec<SentBatch> = Vec::new();
+        let mut batch_of: Vec<Option<usize>> = vec![None; outcomes.len()];
         while let Some(batch) = stack.pop() {
             self.fail_at(FailPoint::BeforeSend)?;
             if self.paused().is_some() {
                 release(batch, &mut outcomes);
+                batch_of.resize(outcomes.len(), None);
                 continue;
             }
+            let sent_at = now_ms();
             let (result, attempts) = self.send(kind, &batch).await;
+            let request = SentBatch {
+                kind,
+                sent_at,
+                answered_at: now_ms(),
+                records: batch.len() as u32,
+                attempts,
+                answer: match &result {
+                    Ok(r) => r.summary(batch.len()),
+                    Err(e) => e.to_string(),
+                },
+            };
+            let answered_from = outcomes.len();
             match result {
                 Ok(result) => self.settle_ok(batch, &result, attempts, &mut stack, &mut outcomes),
                 Err(PendoError::BadRequest { message }) if batch.len() > 1 => {
@@ -258,15 +275,27 @@ impl Writer {
                     self.retry_later(batch, attempts, &error, retry_after, &mut outcomes);
                 }
             }
+            // Outcomes this answer settled point at it (a paused writer's releases do not,
+            // and a batch only bisected leaves none).
+            let answered = outcomes.len() > answered_from
+                && outcomes[answered_from..]
+                    .iter()
+                    .any(|(_, s)| *s != Settlement::Release);
+            if answered {
+                sent.push(request);
+            }
+            batch_of.resize(outcomes.len(), answered.then(|| sent.len() - 1));
         }
         self.fail_at(FailPoint::AfterSend)?;
         if self.cfg.fail_point == Some(FailPoint::DuringSettle)
             && !self.shared.fired.swap(true, Ordering::SeqCst)
         {
-            self.store.settle_uncommitted(&outcomes).await?;
+            self.store
+                .settle_uncommitted(&outcomes, &sent, &batch_of)
+                .await?;
             return Err(WriterError::Injected(FailPoint::DuringSettle));
         }
-        self.store.settle(&outcomes).await?;
+        self.store.settle_sent(&outcomes, &sent, &batch_of).await?;
         if let Some(reason) = self.paused() {
             return Ok(Step::Paused(reason));
         }

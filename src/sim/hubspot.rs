@@ -1,6 +1,7 @@
 //! A loopback HubSpot CRM: objects (list with opaque `after` cursors, `archived=true`, search with
 //! filters — at most 5 groups, 10 filters per group, 25 in all — one sort, `limit` ≤ 200 and the
-//! 10,000-result offset cap), owners (active ones by default, archived ones with
+//! 10,000-result offset cap, and one record by id: 404 `OBJECT_NOT_FOUND` when absent, or archived
+//! and not asked for with `archived=true`), owners (active ones by default, archived ones with
 //! `archived=true`), properties and the OAuth token endpoint, under both `v3` and dated
 //! (`/crm/objects/2026-03/...`) paths.
 //!
@@ -410,11 +411,15 @@ impl HubspotSim {
         Router::new()
             .route("/crm/v3/objects/{object}", get(list))
             .route("/crm/v3/objects/{object}/search", post(search))
+            // A static segment outranks a parameter, so `…/search` stays the search route (a
+            // GET there is 405, as it is at HubSpot) and any other segment is a record id.
+            .route("/crm/v3/objects/{object}/{id}", get(read))
             .route("/crm/v3/owners", get(owners))
             .route("/crm/v3/owners/", get(owners))
             .route("/crm/v3/properties/{object}", get(properties))
             .route("/crm/objects/{version}/{object}", get(list))
             .route("/crm/objects/{version}/{object}/search", post(search))
+            .route("/crm/objects/{version}/{object}/{id}", get(read))
             .route("/crm/owners/{version}", get(owners))
             .route("/crm/properties/{version}/{object}", get(properties))
             .route("/oauth/{version}/token", post(token))
@@ -483,6 +488,14 @@ fn validation(message: String) -> Response {
     error_body(
         StatusCode::BAD_REQUEST,
         json!({"status":"error","message":message,"correlationId":"sim-correlation","category":"VALIDATION_ERROR"}),
+    )
+}
+
+/// HubSpot's 404 for a record id it does not have (or an archived one not asked for).
+fn object_not_found() -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        json!({"status":"error","message":"resource not found","correlationId":"sim-correlation","category":"OBJECT_NOT_FOUND"}),
     )
 }
 
@@ -695,6 +708,38 @@ fn split_list(v: Option<&String>) -> Option<Vec<String>> {
     })
 }
 
+/// The `properties` query parameter, without the ones the object does not declare (HubSpot
+/// ignores unknown and hidden properties without an error).
+fn requested(st: &SimState, object: &str, q: &BTreeMap<String, String>) -> Option<Vec<String>> {
+    split_list(q.get("properties")).map(|w| {
+        let declared = st.properties.get(object);
+        w.into_iter()
+            .filter(|p| declared.is_some_and(|d| d.contains_key(p)))
+            .collect::<Vec<_>>()
+    })
+}
+
+/// One record by id, rendered as list renders it. Like list, `archived` (default false) selects
+/// live or archived records only, so an archived record is 404 unless `archived=true`.
+fn read_impl(st: &mut SimState, object: &str, id: &str, q: &BTreeMap<String, String>) -> Response {
+    if let Some(r) = unknown_object(st, object) {
+        return r;
+    }
+    let archived = q.get("archived").is_some_and(|a| a == "true");
+    let wanted = requested(st, object, q);
+    let found = id
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| st.objects.get(object)?.get(&n).map(|r| (n, r)))
+        .filter(|(_, r)| r.archived_ms.is_some() == archived);
+    match found {
+        Some((n, r)) => {
+            axum::Json(render(object, n, r, Some(wanted.as_deref().unwrap_or(&[])))).into_response()
+        }
+        None => object_not_found(),
+    }
+}
+
 fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> Response {
     if let Some(r) = unknown_object(st, object) {
         return r;
@@ -713,12 +758,7 @@ fn list_impl(st: &mut SimState, object: &str, q: &BTreeMap<String, String>) -> R
             Err(_) => return validation(format!("Invalid after cursor: {a}")),
         },
     };
-    let wanted = split_list(q.get("properties")).map(|w| {
-        let declared = st.properties.get(object);
-        w.into_iter()
-            .filter(|p| declared.is_some_and(|d| d.contains_key(p)))
-            .collect::<Vec<_>>()
-    });
+    let wanted = requested(st, object, q);
     let empty = BTreeMap::new();
     let recs = st.objects.get(object).unwrap_or(&empty);
     let mut iter = recs
@@ -946,6 +986,21 @@ async fn list(
 ) -> Response {
     serve(&sim, &method, &uri, &headers, Class::General, |st| {
         list_impl(st, object_of(&path), &q)
+    })
+}
+
+/// `GET /crm/v3/objects/{object}/{id}` and the dated `/crm/objects/{version}/{object}/{id}`.
+async fn read(
+    State(sim): State<HubspotSim>,
+    Path(path): Path<BTreeMap<String, String>>,
+    Query(q): Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let id = path.get("id").map_or("", String::as_str);
+    serve(&sim, &method, &uri, &headers, Class::General, |st| {
+        read_impl(st, object_of(&path), id, &q)
     })
 }
 

@@ -627,7 +627,8 @@ async fn aggregation(AxState(sim): AxState<PendoSim>, body: Bytes) -> Response {
 }
 
 /// Runs the audit subset of Pendo's pipeline language: a visitors/accounts source followed by
-/// `identified`, `select`, `sort`, `skip` and `limit`, each applied in pipeline order.
+/// `identified`, `filter` (only `<path> == "<string>"`, what `why --live` sends), `select`,
+/// `sort`, `skip` and `limit`, each applied in pipeline order.
 fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String> {
     let source = pipeline.first().and_then(|s| s.get("source"));
     let kind = match source {
@@ -652,6 +653,17 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
         match name.as_str() {
             // Every simulated visitor and account is identified.
             "identified" => {}
+            "filter" => {
+                let (path, wanted) = arg
+                    .as_str()
+                    .and_then(|e| e.split_once("=="))
+                    .and_then(|(path, lit)| {
+                        let lit: String = serde_json::from_str(lit.trim()).ok()?;
+                        Some((path.trim().to_owned(), lit))
+                    })
+                    .ok_or("the simulator's filter takes only `path == \"string\"`")?;
+                rows.retain(|row| lookup(row, &path).and_then(Value::as_str) == Some(&wanted));
+            }
             "select" => {
                 let sel = arg.as_object().ok_or("select takes an object")?;
                 rows = rows.iter().map(|row| select(row, sel)).collect();

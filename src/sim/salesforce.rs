@@ -6,6 +6,8 @@
 //! `Sforce-Limit-Info` on every `/services/data` response, 401 `INVALID_SESSION_ID`, 403
 //! `REQUEST_LIMIT_EXCEEDED`) and understands the SOQL subset the connector emits: a field list or
 //! `COUNT()`, `WHERE` with comparisons, `AND`/`OR`/`NOT` and parentheses, `ORDER BY`, `LIMIT`.
+//! `Id` compares as in Salesforce: a 15-character id matches the 18-character one it abbreviates,
+//! and a literal that is not an id shape is refused (`INVALID_QUERY_FILTER_OPERATOR`).
 //!
 //! Records are flat JSON objects; a relationship is a nested object (`{"Owner":{"Email":..}}`).
 //! The schema `describe` reports is derived from the data plus whatever tests declare.
@@ -1141,12 +1143,50 @@ fn cmp_values(a: &Value, b: &Value) -> std::cmp::Ordering {
     }
 }
 
+/// Whether a resolved path is the record's own `Id`.
+fn is_id(path: &[String]) -> bool {
+    matches!(path, [only] if only == "Id")
+}
+
+/// What Salesforce accepts as an id literal: 15 or 18 letters and digits.
+fn id_shaped(s: &str) -> bool {
+    matches!(s.len(), 15 | 18) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// `Id = 'literal'` as Salesforce decides it: the 15-character form of an id (the one the
+/// classic UI shows) is the case-sensitive prefix of its 18-character form, and matches it.
+fn same_id(have: &str, lit: &str) -> bool {
+    match (have.len(), lit.len()) {
+        (18, 15) => have.get(..15) == Some(lit),
+        _ => have == lit,
+    }
+}
+
+/// The first `Id` literal in `cond` that is not an id shape (Salesforce refuses the whole query:
+/// `invalid ID field: ...`).
+fn bad_id_literal<'c>(cond: &'c Cond, paths: &HashMap<String, Vec<String>>) -> Option<&'c str> {
+    match cond {
+        Cond::And(a, b) | Cond::Or(a, b) => {
+            bad_id_literal(a, paths).or_else(|| bad_id_literal(b, paths))
+        }
+        Cond::Not(a) => bad_id_literal(a, paths),
+        Cond::Cmp(f, _, Lit::Str(s)) if is_id(&paths[f]) && !id_shaped(s) => Some(s.as_str()),
+        Cond::Cmp(..) => None,
+    }
+}
+
 fn eval(cond: &Cond, view: &Map<String, Value>, paths: &HashMap<String, Vec<String>>) -> bool {
     use std::cmp::Ordering;
     match cond {
         Cond::And(a, b) => eval(a, view, paths) && eval(b, view, paths),
         Cond::Or(a, b) => eval(a, view, paths) || eval(b, view, paths),
         Cond::Not(a) => !eval(a, view, paths),
+        Cond::Cmp(field, op, Lit::Str(s)) if is_id(&paths[field]) && (op == "=" || op == "!=") => {
+            let same = lookup(view, &paths[field])
+                .as_str()
+                .is_some_and(|have| same_id(have, s));
+            same == (op == "=")
+        }
         Cond::Cmp(field, op, lit) => {
             let v = lookup(view, &paths[field]);
             let ord = match lit {
@@ -1202,6 +1242,13 @@ fn execute(st: &SimState, soql: &Soql, all: bool) -> Result<Vec<Map<String, Valu
     for n in names {
         let canon = resolve_path(st, &soql.object, &n)?;
         paths.insert(n, canon);
+    }
+    if let Some(bad) = soql.cond.as_ref().and_then(|c| bad_id_literal(c, &paths)) {
+        return Err(sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY_FILTER_OPERATOR",
+            &format!("invalid ID field: {bad}"),
+        ));
     }
     let mut rows: Vec<Map<String, Value>> = st
         .objects

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::Row;
 
+use super::history::{self, Event};
 use super::{Store, StoreError};
 use crate::config::GuardSettings;
 use crate::domain::{Kind, now_ms};
@@ -273,6 +274,15 @@ impl Store {
                     .await?
                     .get(0),
                 };
+                sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+                    "state = 'staged' AND mapping = ?4",
+                )))
+                .bind(now)
+                .bind(Event::Held as i64)
+                .bind(hold_id)
+                .bind(mapping)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query(
                     "UPDATE outbox SET state = 'held', hold_id = ?2, updated_at = ?3
                      WHERE state = 'staged' AND mapping = ?1",
@@ -384,6 +394,19 @@ impl Store {
                 });
             }
         }
+        sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+            "state = 'held' AND hold_id = ?4",
+        )))
+        .bind(now)
+        .bind(if approve {
+            Event::Approved
+        } else {
+            Event::Rejected
+        } as i64)
+        .bind(id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         if approve {
             sqlx::query(
                 "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = ?2, updated_at = ?2

@@ -17,6 +17,7 @@
 
 mod claims;
 mod digest;
+mod history;
 mod holds;
 mod outbox;
 mod shadow;
@@ -30,6 +31,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use claims::Claim;
+pub use history::{BatchInfo, Event, HistoryEvent, HoldInfo, SentBatch, Source};
 pub use holds::{GuardOutcome, Hold, HoldError};
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
 pub use shadow::ShadowRecord;
@@ -167,6 +169,8 @@ pub struct PageCommit<'a> {
     /// With `stage`: per Pendo field, the values the shadow holds among the records this page
     /// covered; kept with the staged rows for the guard (`staged_cover`).
     pub cover: &'a [(String, u64)],
+    /// The cycle (`runs.id`) the page belongs to, for the history's detections.
+    pub run: Option<i64>,
 }
 
 impl Store {
@@ -371,6 +375,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let state = if page.stage { "staged" } else { "pending" };
         outbox::enqueue(&mut tx, page.changes, state, now).await?;
+        history::record_detected(&mut tx, page.changes, page.run, now).await?;
         if page.stage && !page.cover.is_empty() {
             sqlx::query(
                 "INSERT INTO staged_cover (mapping, field, covered)
@@ -382,7 +387,18 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let withdraw =
+            history::from_outbox("kind = ?4 AND pendo_id = ?5 AND field = ?6 AND leased = 0");
         for c in page.unqueue {
+            sqlx::query(sqlx::AssertSqlSafe(withdraw.as_str()))
+                .bind(now)
+                .bind(Event::Withdrawn as i64)
+                .bind(page.run)
+                .bind(c.kind.as_str())
+                .bind(&c.pendo_id)
+                .bind(&c.field)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND leased = 0")
                 .bind(c.kind.as_str())
                 .bind(&c.pendo_id)

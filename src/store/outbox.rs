@@ -10,6 +10,7 @@ use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::history::{self, Event, SentBatch};
 use super::{Store, StoreError};
 use crate::domain::{Kind, now_ms};
 
@@ -24,6 +25,8 @@ pub struct Change {
     pub mapping: String,
     /// Send even if the shadow already holds this value (resync).
     pub force: bool,
+    /// The CRM record it came from, for the history (shared by the record's fields).
+    pub source: Option<std::sync::Arc<super::history::Source>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
@@ -315,24 +318,43 @@ impl Store {
     /// outbox bookkeeping for everything else. Rows whose version moved on (a newer CRM value
     /// arrived while this one was in flight) are only released, so the newer value goes out next.
     pub async fn settle(&self, outcomes: &[(OutboxEntry, Settlement)]) -> Result<(), StoreError> {
-        self.settle_inner(outcomes, true).await
+        self.settle_inner(outcomes, &[], &[], true).await
+    }
+
+    /// [`Store::settle`] for rows the writer sent: `batches` are its requests, and
+    /// `batch_of[i]` the request outcome `i` was answered in (`None`: not sent). The history
+    /// keeps each request once and an event per value pointing at it.
+    pub async fn settle_sent(
+        &self,
+        outcomes: &[(OutboxEntry, Settlement)],
+        batches: &[SentBatch],
+        batch_of: &[Option<usize>],
+    ) -> Result<(), StoreError> {
+        self.settle_inner(outcomes, batches, batch_of, true).await
     }
 
     /// Runs the settle transaction and rolls it back, as a crash before COMMIT would (crash tests).
     pub async fn settle_uncommitted(
         &self,
         outcomes: &[(OutboxEntry, Settlement)],
+        batches: &[SentBatch],
+        batch_of: &[Option<usize>],
     ) -> Result<(), StoreError> {
-        self.settle_inner(outcomes, false).await
+        self.settle_inner(outcomes, batches, batch_of, false).await
     }
 
     async fn settle_inner(
         &self,
         outcomes: &[(OutboxEntry, Settlement)],
+        batches: &[SentBatch],
+        batch_of: &[Option<usize>],
         commit: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // The answers' events first: they match the rows by the version that was sent, before
+        // the statements below delete or update them.
+        history::record_answers(&mut tx, outcomes, batches, batch_of, now).await?;
         // Shadow patches grouped per entity: one statement per record, not per field.
         let mut patches: BTreeMap<(Kind, &str), serde_json::Map<String, serde_json::Value>> =
             BTreeMap::new();
@@ -493,7 +515,18 @@ impl Store {
 
     /// Makes matching rows pending and due now, with a fresh attempt count (staged and held rows
     /// excepted).
-    pub async fn outbox_retry(&self, filter: &QueueFilter) -> Result<u64, StoreError> {
+    pub async fn outbox_retry(&self, filter: &QueueFilter, who: &str) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        history::record_operator(
+            &mut tx,
+            Event::Retried,
+            filter,
+            "'pending', 'unmatched', 'dead'",
+            who,
+            now,
+        )
+        .await?;
         let done = sqlx::query(
             // Never staged or held rows: those wait for the guard or for a person's decision
             // (`holds approve`), and a retry must not slip them past it.
@@ -504,14 +537,25 @@ impl Store {
         .bind(filter.state.map(QueueState::as_str))
         .bind(filter.kind.map(Kind::as_str))
         .bind(filter.pendo_id.as_deref())
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
     /// Deletes matching rows: an operator's decision that these changes should never go out.
-    pub async fn outbox_drop(&self, filter: &QueueFilter) -> Result<u64, StoreError> {
+    pub async fn outbox_drop(&self, filter: &QueueFilter, who: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        history::record_operator(
+            &mut tx,
+            Event::Dropped,
+            filter,
+            "'staged', 'pending', 'held', 'unmatched', 'dead'",
+            who,
+            now_ms(),
+        )
+        .await?;
         let done = sqlx::query(
             "DELETE FROM outbox WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
                AND (?3 IS NULL OR pendo_id = ?3)",
@@ -519,8 +563,9 @@ impl Store {
         .bind(filter.state.map(QueueState::as_str))
         .bind(filter.kind.map(Kind::as_str))
         .bind(filter.pendo_id.as_deref())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 

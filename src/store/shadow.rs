@@ -70,6 +70,22 @@ impl Store {
         load_records(&mut conn, kind, ids).await
     }
 
+    /// One entity's shadow record and when Pendo last confirmed a value of it.
+    pub async fn shadow_entry(
+        &self,
+        kind: Kind,
+        id: &str,
+    ) -> Result<Option<(ShadowRecord, i64)>, StoreError> {
+        let row =
+            sqlx::query("SELECT vals, confirmed_at FROM shadow WHERE kind = ?1 AND pendo_id = ?2")
+                .bind(kind.as_str())
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| Ok((parse_record(kind, id, &r.get::<String, _>(0))?, r.get(1))))
+            .transpose()
+    }
+
     /// Up to `limit` shadow records of `kind` with ids after `after`, in id order: for audits
     /// and reconciles that walk the whole shadow without holding it in memory.
     pub async fn shadow_page(

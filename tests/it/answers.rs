@@ -107,10 +107,13 @@ async fn per_record_errors_are_kept_with_their_text_then_dead_lettered() {
         // `queue retry` brings them back.
         assert_eq!(
             app.store
-                .outbox_retry(&QueueFilter {
-                    state: Some(QueueState::Dead),
-                    ..Default::default()
-                })
+                .outbox_retry(
+                    &QueueFilter {
+                        state: Some(QueueState::Dead),
+                        ..Default::default()
+                    },
+                    "test",
+                )
                 .await
                 .unwrap(),
             15

@@ -141,6 +141,7 @@ async fn any_outbox_or_shadow_change_makes_the_digest_stale() {
         value: format!("{value:?}"),
         mapping: "accounts".into(),
         force: false,
+        source: None,
     };
     let enqueue = |c: Vec<Change>| {
         let store = store.clone();
@@ -219,10 +220,13 @@ async fn any_outbox_or_shadow_change_makes_the_digest_stale() {
     enqueue(vec![change("c", "y")]).await;
     assert!(stale("c").await);
     store
-        .outbox_drop(&QueueFilter {
-            pendo_id: Some("c".into()),
-            ..QueueFilter::default()
-        })
+        .outbox_drop(
+            &QueueFilter {
+                pendo_id: Some("c".into()),
+                ..QueueFilter::default()
+            },
+            "test",
+        )
         .await
         .unwrap();
     assert!(!stale("c").await);

@@ -172,7 +172,7 @@ async fn overwrites_past_the_limit_are_held_and_later_changes_join_the_hold() {
     let app = t.app().await;
     let retried = app
         .store
-        .outbox_retry(&QueueFilter::default())
+        .outbox_retry(&QueueFilter::default(), "test")
         .await
         .unwrap();
     assert_eq!(retried, 0, "held rows are not retried");

@@ -115,6 +115,7 @@ async fn a_digest_is_not_written_over_a_shadow_that_changed_after_the_diff_read_
                     value: json!("C").to_string(),
                     mapping: "accounts".into(),
                     force: false,
+                    source: None,
                 };
                 other
                     .store

@@ -237,6 +237,7 @@ async fn a_value_replaced_in_flight_survives_the_old_one_s_confirmation() {
         value: format!("{value:?}"),
         mapping: "accounts".into(),
         force: false,
+        source: None,
     };
     let enqueue = |changes: Vec<Change>| {
         let store = store.clone();

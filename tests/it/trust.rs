@@ -513,6 +513,7 @@ async fn a_late_settle_never_hits_a_row_written_again_after_a_delete() {
         value: serde_json::json!(value).to_string(),
         mapping: "accounts".into(),
         force: false,
+        source: None,
     };
     let commit = |c: Change| {
         let store = app.store.clone();
@@ -535,7 +536,7 @@ async fn a_late_settle_never_hits_a_row_written_again_after_a_delete() {
         .unwrap();
     // An operator drops it while it is in flight; the CRM then brings a new value.
     app.store
-        .outbox_drop(&QueueFilter::default())
+        .outbox_drop(&QueueFilter::default(), "test")
         .await
         .unwrap();
     commit(change("New")).await;

@@ -1,6 +1,7 @@
 //! The HubSpot connector: full pulls through the list endpoint (plus an `archived=true` sweep
-//! for deletes), incremental pulls through search on the modification date, and owner lookups.
-//! HTTP, auth, limits and error classification live in [`client`].
+//! for deletes), incremental pulls through search on the modification date, single-record reads
+//! by id (`why --live`), and owner lookups. HTTP, auth, limits and error classification live in
+//! [`client`].
 //!
 //! # Incremental pulls and the 10,000-result search cap
 //!
@@ -46,7 +47,8 @@ use serde_json::{Map, Value, json};
 
 use self::client::{API, Client, Endpoint};
 use super::{
-    BoxFuture, CheckFinding, Connector, ConnectorError, Page, Pull, PullSpec, RawRecord, Watermark,
+    BoxFuture, CheckFinding, Connector, ConnectorError, FieldRequest, Page, Pull, PullSpec,
+    RawRecord, Watermark,
 };
 use crate::config::{ConfigError, HubspotSettings, Transform, parse_hubspot_filter};
 use crate::connectors::SharedKv;
@@ -315,27 +317,67 @@ fn parse_hits(v: &Value, cursor: &str) -> Result<Vec<Hit>, ConnectorError> {
             api: API,
             message: "answer has no results array".into(),
         })?;
-    results
+    results.iter().map(|r| parse_hit(r, cursor)).collect()
+}
+
+/// One record object (`id`, `properties`, `updatedAt`, `archived`), as list and search answers
+/// hold them and the single-record endpoint answers it.
+fn parse_hit(r: &Value, cursor: &str) -> Result<Hit, ConnectorError> {
+    let id = id_string(&r["id"]).ok_or_else(|| ConnectorError::Protocol {
+        api: API,
+        message: "a record has no id".into(),
+    })?;
+    let props = r["properties"].as_object().cloned().unwrap_or_default();
+    let ms = props
+        .get(cursor)
+        .and_then(Value::as_str)
+        .or(r["updatedAt"].as_str())
+        .and_then(parse_ms);
+    Ok(Hit {
+        id,
+        props,
+        ms,
+        archived: r["archived"].as_bool().unwrap_or(false),
+    })
+}
+
+/// The properties to request: each mapped path, the filter properties, the cursor and the id,
+/// once each.
+fn wanted_properties(spec: &PullSpec, filters: &[(String, String)], cursor: &str) -> Vec<String> {
+    let mut properties: Vec<String> = Vec::new();
+    let wanted = spec
+        .fields
         .iter()
-        .map(|r| {
-            let id = id_string(&r["id"]).ok_or_else(|| ConnectorError::Protocol {
-                api: API,
-                message: "a record has no id".into(),
-            })?;
-            let props = r["properties"].as_object().cloned().unwrap_or_default();
-            let ms = props
-                .get(cursor)
-                .and_then(Value::as_str)
-                .or(r["updatedAt"].as_str())
-                .and_then(parse_ms);
-            Ok(Hit {
-                id,
-                props,
-                ms,
-                archived: r["archived"].as_bool().unwrap_or(false),
-            })
-        })
-        .collect()
+        .map(|f| f.path.as_str())
+        .chain(filters.iter().map(|(k, _)| k.as_str()))
+        .chain([cursor, "hs_object_id"]);
+    for p in wanted {
+        if !properties.iter().any(|q| q == p) {
+            properties.push(p.to_owned());
+        }
+    }
+    properties
+}
+
+/// Whether the client refused a call with a 404. [`client`] classifies every 404 as a
+/// [`ConnectorError::Mapping`] worded `HTTP 404[: message]` (for list and search a 404 means a
+/// wrong path or object); a single-record read is the one call where 404 means "no such record".
+fn is_not_found(e: &ConnectorError) -> bool {
+    matches!(e, ConnectorError::Mapping { message, .. } if message.starts_with("HTTP 404"))
+}
+
+/// A record id as one URL path segment: RFC 3986 unreserved bytes kept, every other byte
+/// percent-encoded, so no id can reach another path or add a query.
+fn path_segment(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 enum State {
@@ -641,10 +683,36 @@ impl HubspotPull<'_> {
         hits: Vec<Hit>,
         watermark: Option<Mark>,
     ) -> Result<Page, ConnectorError> {
-        let mapping = self.spec.mapping.clone();
-        let owner_paths: BTreeSet<&str> = self
-            .spec
-            .fields
+        let records = self
+            .conn
+            .records(
+                hits,
+                &self.spec.fields,
+                &mut self.owner_refresh,
+                &self.spec.mapping,
+            )
+            .await?;
+        self.conn.client.flush_quota().await;
+        Ok(Page {
+            records,
+            watermark: watermark.map(Mark::to_watermark),
+        })
+    }
+}
+
+impl HubspotConnector {
+    /// Hits as [`RawRecord`]s: each field under its [`FieldRequest::key`], property strings as
+    /// HubSpot sent them, owner transforms resolved through the owner cache (`refresh` says
+    /// when it is read again). Pulls and [`Connector::fetch`] both go through here, so a record
+    /// read alone maps exactly as the same record pulled.
+    async fn records(
+        &self,
+        hits: Vec<Hit>,
+        fields: &[FieldRequest],
+        refresh: &mut OwnerRefresh,
+        mapping: &str,
+    ) -> Result<Vec<RawRecord>, ConnectorError> {
+        let owner_paths: BTreeSet<&str> = fields
             .iter()
             .filter(|f| f.transform.is_some())
             .map(|f| f.path.as_str())
@@ -662,18 +730,16 @@ impl HubspotPull<'_> {
         let owners = if owner_ids.is_empty() {
             HashMap::new()
         } else {
-            self.conn
-                .owners_for(&owner_ids, &mut self.owner_refresh, &mapping)
-                .await?
+            self.owners_for(&owner_ids, refresh, mapping).await?
         };
         for id in owner_ids.iter().filter(|i| !owners.contains_key(*i)) {
             tracing::warn!(owner_id = %id, mapping = %mapping, "unknown HubSpot owner id; its owner fields are left empty");
         }
-        let records = hits
+        Ok(hits
             .into_iter()
             .map(|h| {
-                let mut fields = Map::new();
-                for f in &self.spec.fields {
+                let mut map = Map::new();
+                for f in fields {
                     let raw = h.props.get(&f.path).cloned().unwrap_or(Value::Null);
                     let value = match f.transform {
                         None => raw,
@@ -686,21 +752,66 @@ impl HubspotPull<'_> {
                             v.map_or(Value::Null, Value::String)
                         }
                     };
-                    fields.insert(f.key(), value);
+                    map.insert(f.key(), value);
                 }
                 RawRecord {
                     crm_id: h.id,
-                    fields: Value::Object(fields),
+                    fields: Value::Object(map),
                     deleted: h.archived,
                     modified_at: h.ms,
                 }
             })
-            .collect();
-        self.conn.client.flush_quota().await;
-        Ok(Page {
-            records,
-            watermark: watermark.map(Mark::to_watermark),
-        })
+            .collect())
+    }
+
+    /// [`Connector::fetch`]: `GET …/objects/{object}/{id}` for the live record, then once more
+    /// with `archived=true` (HubSpot answers 404 for an archived record unless asked for
+    /// archived ones, and 404 for a live one when asked), so a deleted record still shows its
+    /// last fields, flagged `deleted`. The properties are a pull's (mapped paths, the cursor
+    /// property for `modified_at`, the id); owners resolve through the shared cache, read again
+    /// only when stale or missing an id, as in an incremental pull. HubSpot ids are decimal
+    /// integers: anything else is `None` without a request.
+    async fn fetch_one(
+        &self,
+        spec: &PullSpec,
+        crm_id: &str,
+    ) -> Result<Option<RawRecord>, ConnectorError> {
+        if crm_id.is_empty() || !crm_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(None);
+        }
+        let cursor = cursor_property(&spec.object);
+        let properties = wanted_properties(spec, &[], cursor).join(",");
+        let url = format!(
+            "{}/{}",
+            self.client.path(Endpoint::Objects(&spec.object)),
+            path_segment(crm_id)
+        );
+        let mut found = None;
+        for archived in [false, true] {
+            let q = [
+                ("properties", properties.clone()),
+                ("archived", archived.to_string()),
+            ];
+            match self.client.get(&url, &q, &spec.mapping).await {
+                Ok(v) => {
+                    let mut hit = parse_hit(&v, cursor)?;
+                    // Asked for archived records only: this one is, whatever the flag says.
+                    hit.archived |= archived;
+                    found = Some(hit);
+                    break;
+                }
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(hit) = found else {
+            return Ok(None);
+        };
+        let mut refresh = OwnerRefresh::OnMiss;
+        let mut records = self
+            .records(vec![hit], &spec.fields, &mut refresh, &spec.mapping)
+            .await?;
+        Ok(records.pop())
     }
 }
 
@@ -739,18 +850,7 @@ impl Connector for HubspotConnector {
         Box::pin(async move {
             let filters = filter_pairs(&spec)?;
             let cursor = cursor_property(&spec.object);
-            let mut properties: Vec<String> = Vec::new();
-            let wanted = spec
-                .fields
-                .iter()
-                .map(|f| f.path.as_str())
-                .chain(filters.iter().map(|(k, _)| k.as_str()))
-                .chain([cursor, "hs_object_id"]);
-            for p in wanted {
-                if !properties.iter().any(|q| q == p) {
-                    properties.push(p.to_owned());
-                }
-            }
+            let properties = wanted_properties(&spec, &filters, cursor);
             // A full pull (reconcile, resync) reads the owner list afresh: a changed e-mail or
             // name must reach Pendo at the latest with the next reconcile.
             let owner_refresh = if spec.since.is_none() {
@@ -877,6 +977,18 @@ impl Connector for HubspotConnector {
                 });
             }
             Ok(findings)
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+        crm_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RawRecord>, ConnectorError>> {
+        Box::pin(async move {
+            let found = self.fetch_one(spec, crm_id).await;
+            self.client.flush_quota().await;
+            found
         })
     }
 }

@@ -432,6 +432,65 @@ async fn full_pull_passes_strings_resolves_owners_and_reports_archived() {
 }
 
 #[tokio::test]
+async fn fetch_reads_one_record_live_or_archived_as_a_pull_does() {
+    let (sim, _server, conn) = setup(sim_config(), "", None).await;
+    sim.add_owner("101", "ada@example.com", "Ada", "Lovelace");
+    sim.upsert(
+        "contacts",
+        1,
+        json!({"email": "a@x.io", "hubspot_owner_id": "101"}),
+    );
+    sim.upsert("contacts", 2, json!({"email": "gone@x.io"}));
+    sim.archive("contacts", 2);
+    let fields = [
+        ("email", None),
+        ("lifecyclestage", None),
+        ("hubspot_owner_id", Some(Transform::OwnerEmail)),
+    ];
+    // The mapping's filter would exclude both records: fetch ignores it.
+    let mut s = spec("contacts", &fields, None);
+    let (pulled, _) = drain(&conn, s.clone()).await.unwrap();
+    s.filter = Some("lifecyclestage=customer".into());
+    let pulled_one = |id: &str| pulled.iter().find(|r| r.crm_id == id).cloned();
+    let live = conn.fetch(&s, "1").await.unwrap();
+    assert_eq!(live, pulled_one("1"), "the same record as the pull's");
+    let live = live.unwrap();
+    assert_eq!(
+        live.fields["hubspot_owner_id#owner_email"],
+        json!("ada@example.com")
+    );
+    assert!(live.modified_at.is_some() && !live.deleted);
+    let gone = conn.fetch(&s, "2").await.unwrap();
+    assert_eq!(gone, pulled_one("2"));
+    assert!(gone.is_some_and(|g| g.deleted && g.fields["email"] == json!("gone@x.io")));
+    assert_eq!(conn.fetch(&s, "3").await.unwrap(), None);
+    let reads = |id: &str| -> Vec<u16> {
+        let path = format!("/crm/v3/objects/contacts/{id}");
+        sim.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .map(|r| r.status)
+            .collect()
+    };
+    assert_eq!(reads("1"), [200]);
+    assert_eq!(
+        reads("2"),
+        [404, 200],
+        "an archived record: found by the archived retry"
+    );
+    assert_eq!(reads("3"), [404, 404]);
+    let sent = sim.requests().len();
+    for bad in ["abc", "1 OR 2", "1/../2", ""] {
+        assert_eq!(conn.fetch(&s, bad).await.unwrap(), None, "{bad:?}");
+    }
+    assert_eq!(
+        sim.requests().len(),
+        sent,
+        "no request for a non-numeric id"
+    );
+}
+
+#[tokio::test]
 async fn filters_apply_to_list_and_search_pulls() {
     let (sim, server, conn) = setup(sim_config(), "", None).await;
     for i in 0..30u64 {
@@ -490,9 +549,19 @@ async fn dated_api_version_uses_dated_paths() {
     assert_eq!(incr.len(), 1);
     let findings = conn.check(&spec("companies", &fields, None)).await.unwrap();
     assert!(findings.iter().all(|f| f.ok), "{findings:?}");
+    let one = conn
+        .fetch(&spec("companies", &fields, None), "5")
+        .await
+        .unwrap();
+    assert_eq!(
+        one.as_ref(),
+        full.first(),
+        "a dated read is the pull's record"
+    );
     let paths: BTreeSet<String> = sim.requests().into_iter().map(|r| r.path).collect();
     let want: BTreeSet<String> = [
         "/crm/objects/2026-03/companies",
+        "/crm/objects/2026-03/companies/5",
         "/crm/objects/2026-03/companies/search",
         "/crm/owners/2026-03",
         "/crm/properties/2026-03/companies",

@@ -1,5 +1,6 @@
 //! The Salesforce connector: OAuth login, SOQL pulls over REST `queryAll` (and Bulk API 2.0 for
-//! large full pulls), the daily API budget, and `check` against `describe`.
+//! large full pulls), single-record reads by Id (`why --live`), the daily API budget, and
+//! `check` against `describe`.
 //!
 //! This module owns the HTTP plumbing every Salesforce call goes through ([`SalesforceConnector::send`]):
 //! the shared rate limiter (before every attempt, token calls included), the request metric, the
@@ -26,7 +27,9 @@ use serde_json::Value;
 
 use crate::config::{ConfigError, SalesforceSettings};
 use crate::connectors::SharedKv;
-use crate::connectors::{BoxFuture, CheckFinding, Connector, ConnectorError, Pull, PullSpec};
+use crate::connectors::{
+    BoxFuture, CheckFinding, Connector, ConnectorError, Pull, PullSpec, RawRecord,
+};
 use crate::limiter::RateLimiter;
 
 use auth::{Credentials, Session};
@@ -423,6 +426,35 @@ impl SalesforceConnector {
         })
     }
 
+    /// [`Connector::fetch`]: one `queryAll` by Id, sent like a pull's queries (limiter, session,
+    /// retries, the daily budget) and read by the pull's [`soql::flatten`], so the record has
+    /// the keys, nesting and `modified_at` a pull gives it. An id that is not a Salesforce id
+    /// is `None` without a request: it cannot name a record, and it never reaches the SOQL text.
+    async fn fetch_one(
+        &self,
+        spec: &PullSpec,
+        crm_id: &str,
+    ) -> Result<Option<RawRecord>, ConnectorError> {
+        if !soql::is_record_id(crm_id) {
+            return Ok(None);
+        }
+        let mut req = Req::get(self.data_path("queryAll"));
+        req.query.push(("q", soql::fetch_query(spec, crm_id)));
+        let mut probed = false;
+        let ans = self.send(&req, Some(&mut probed)).await;
+        self.persist_quota().await;
+        let body = self.json(ans?, &spec.mapping)?;
+        let Some(record) = body["records"].as_array().and_then(|r| r.first()) else {
+            return Ok(None);
+        };
+        let (raw, _) =
+            soql::flatten(record, &spec.fields).ok_or_else(|| ConnectorError::Protocol {
+                api: API,
+                message: "a record without Id/SystemModstamp".into(),
+            })?;
+        Ok(Some(raw))
+    }
+
     async fn check_inner(&self, spec: &PullSpec) -> Vec<CheckFinding> {
         let mut out = Vec::new();
         match self.session().await {
@@ -578,5 +610,13 @@ impl Connector for SalesforceConnector {
         spec: &'a PullSpec,
     ) -> BoxFuture<'a, Result<Vec<CheckFinding>, ConnectorError>> {
         Box::pin(async move { Ok(self.check_inner(spec).await) })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a PullSpec,
+        crm_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<RawRecord>, ConnectorError>> {
+        Box::pin(self.fetch_one(spec, crm_id))
     }
 }

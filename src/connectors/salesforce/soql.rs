@@ -111,6 +111,41 @@ pub(super) fn bulk_query(spec: &PullSpec) -> String {
     )
 }
 
+/// Whether `id` has the shape of a Salesforce record id: 15 (case-sensitive) or 18
+/// (case-insensitive) letters and digits. Anything else cannot name a record, and Salesforce
+/// would refuse it in a filter (`invalid ID field`), so it is never put into a query.
+pub(super) fn is_record_id(id: &str) -> bool {
+    matches!(id.len(), 15 | 18) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A SOQL string literal: single quotes, with the backslash and the quote escaped (SOQL's
+/// escape sequences), so no value can end the literal early.
+pub(super) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// The query reading one record by id, with a pull's columns (so [`flatten`] reads it the
+/// same way). Sent to `queryAll`, so a record in the recycle bin comes back with
+/// `IsDeleted = true`. The mapping's filter does not apply: `why --live` asks about this record
+/// whether it matches or not.
+pub(super) fn fetch_query(spec: &PullSpec, id: &str) -> String {
+    format!(
+        "SELECT {} FROM {} WHERE Id = {}",
+        select_list(spec).join(", "),
+        spec.object,
+        quote(id)
+    )
+}
+
 pub(super) fn count_query(spec: &PullSpec) -> String {
     format!(
         "SELECT COUNT() FROM {}{}",
@@ -192,5 +227,35 @@ mod unit {
         assert_eq!(cur.id, "001A");
         assert_eq!(literal(cur.ts), "2026-11-01T10:00:00Z");
         assert_eq!(Cursor::from_watermark(&cur.to_watermark()), Some(cur));
+    }
+
+    #[test]
+    fn fetch_query_quotes_the_id_and_ignores_the_filter() {
+        let spec = PullSpec {
+            mapping: "m".into(),
+            object: "Account".into(),
+            fields: vec![FieldRequest {
+                path: "Owner.Email".into(),
+                transform: None,
+            }],
+            filter: Some("Type = 'Customer'".into()),
+            since: None,
+            overlap: std::time::Duration::ZERO,
+        };
+        assert_eq!(
+            fetch_query(&spec, "001000000000001AAA"),
+            "SELECT Id, SystemModstamp, IsDeleted, Owner.Email FROM Account WHERE Id = '001000000000001AAA'"
+        );
+        assert_eq!(quote(r"a'b\c"), r"'a\'b\\c'");
+        assert!(is_record_id("001000000000001") && is_record_id("001000000000001AAA"));
+        for bad in [
+            "",
+            "001X",
+            "001000000000001AA",
+            "001' OR Id != '1",
+            "001 00000000001",
+        ] {
+            assert!(!is_record_id(bad), "{bad}");
+        }
     }
 }

@@ -417,6 +417,52 @@ async fn deleted_records_arrive_flagged() {
 }
 
 #[tokio::test]
+async fn fetch_reads_one_record_as_a_pull_does() {
+    let (sim, server) = start(sim_config()).await;
+    sim.seed_demo(3, 0);
+    sim.delete("Account", &account_id(2));
+    let conn = connector(&server, JWT, "", None);
+    let fields = ["Id", "ARR__c", "Owner.Email"];
+    let (pulled, _, _) = drain(&conn, spec(&fields, None, None)).await.unwrap();
+    // The mapping's filter would exclude every seeded account: fetch ignores it.
+    let s = spec(&fields, Some("Type = 'Prospect'"), None);
+    let live = conn
+        .fetch(&s, &account_id(1))
+        .await
+        .unwrap()
+        .expect("found");
+    assert_eq!(
+        live,
+        by_id(&pulled)[&account_id(1)],
+        "same record as the pull's"
+    );
+    assert_eq!(live.fields["Owner.Email"], json!("owner1@example.com"));
+    assert!(live.modified_at.is_some() && !live.deleted);
+    let short = conn.fetch(&s, &account_id(1)[..15]).await.unwrap();
+    assert_eq!(
+        short.map(|r| r.crm_id),
+        Some(account_id(1)),
+        "the 15-character id works too"
+    );
+    let gone = conn
+        .fetch(&s, &account_id(2))
+        .await
+        .unwrap()
+        .expect("in the recycle bin");
+    assert!(gone.deleted);
+    assert_eq!(conn.fetch(&s, "001SIM999999999999").await.unwrap(), None);
+    let sent = count(&sim, "GET", "/queryAll");
+    for bad in ["001SIM0000000000'1", "001SIM00000000 001", "001X", ""] {
+        assert_eq!(conn.fetch(&s, bad).await.unwrap(), None, "{bad:?}");
+    }
+    assert_eq!(
+        count(&sim, "GET", "/queryAll"),
+        sent,
+        "no request for a non-id"
+    );
+}
+
+#[tokio::test]
 async fn daily_budget_pauses_the_pull_and_resumes_when_usage_drops() {
     let (sim, server) = start(SalesforceSimConfig {
         page_size: 100,

@@ -1,0 +1,508 @@
+//! The history (DESIGN guarantee 11, "Provenance"): every state change of a (kind, Pendo id,
+//! field) value as an event, for `why`.
+//!
+//! Events are written by the statements of this module *inside the transaction that makes the
+//! change* (a page's commit, a settle, a guard decision, an operator's retry or drop), or by the
+//! `history_superseded` trigger: there is no event without its change and no change without its
+//! event, whatever crashes when. They are compact: a Pendo request's answer is one
+//! `history_batches` row that its values' events point at, and the CRM record's context is kept
+//! on the detection only.
+//!
+//! Retention ([`Store::prune_history`]) deletes the oldest events in small batches: rows are
+//! appended in time order, so the oldest are the lowest rowids and no time index is needed.
+
+use serde::Serialize;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::outbox::{Change, OutboxEntry, QueueFilter, QueueState, Settlement};
+use super::{Store, StoreError};
+use crate::domain::Kind;
+
+/// What happened to a value. The number is what the state stores: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A cycle found the CRM value differs from what Pendo holds or is queued: queued.
+    Detected = 1,
+    /// The CRM record was deleted or left the mapping (filter, hard delete): a clear queued.
+    Cleared = 2,
+    /// A newer value replaced this one before Pendo confirmed it.
+    Superseded = 3,
+    /// The guard held it (`ref`: the hold).
+    Held = 4,
+    /// A person approved its hold: it goes out.
+    Approved = 5,
+    /// A person rejected its hold: it was dropped.
+    Rejected = 6,
+    /// Pendo confirmed it (`ref`: the batch): now in the shadow.
+    Confirmed = 7,
+    /// Not sent: the shadow already held it (an earlier send confirmed it).
+    AlreadyConfirmed = 8,
+    /// Pendo answered that it has no such entity: retried later.
+    Missing = 9,
+    /// The send failed (429, 5xx, timeout, or a per-record error): retried later.
+    Failed = 10,
+    /// Given up on: a 400 for this record, or `max_attempts` failures. Retryable by hand.
+    Dead = 11,
+    /// An operator made it pending again (`queue retry`).
+    Retried = 12,
+    /// An operator dropped it (`queue drop`).
+    Dropped = 13,
+    /// Withdrawn: a second CRM record claims the id with other values (ambiguous).
+    Withdrawn = 14,
+}
+
+impl Event {
+    pub fn from_code(code: i64) -> Option<Event> {
+        use Event::*;
+        Some(match code {
+            1 => Detected,
+            2 => Cleared,
+            3 => Superseded,
+            4 => Held,
+            5 => Approved,
+            6 => Rejected,
+            7 => Confirmed,
+            8 => AlreadyConfirmed,
+            9 => Missing,
+            10 => Failed,
+            11 => Dead,
+            12 => Retried,
+            13 => Dropped,
+            14 => Withdrawn,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use Event::*;
+        match self {
+            Detected => "detected",
+            Cleared => "cleared",
+            Superseded => "superseded",
+            Held => "held",
+            Approved => "approved",
+            Rejected => "rejected",
+            Confirmed => "confirmed",
+            AlreadyConfirmed => "already_confirmed",
+            Missing => "missing",
+            Failed => "failed",
+            Dead => "dead",
+            Retried => "retried",
+            Dropped => "dropped",
+            Withdrawn => "withdrawn",
+        }
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a detected value came from: the CRM record and its modification time, and why a clear
+/// was queued. Shared by the fields of one record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Source {
+    pub crm_id: Option<String>,
+    pub modified_at: Option<i64>,
+    /// Set for clears of records that left the CRM: `deleted in the CRM`, `not in the full
+    /// pull (deleted or out of the filter)`.
+    pub cleared: Option<&'static str>,
+}
+
+/// One Pendo request as the writer made it, for the history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentBatch {
+    pub kind: Kind,
+    pub sent_at: i64,
+    pub answered_at: i64,
+    pub records: u32,
+    /// HTTP attempts (in-process retries included).
+    pub attempts: u32,
+    /// The answer for the whole batch: `200: 98 updated, 2 missing`, or the error.
+    pub answer: String,
+}
+
+/// One event as `why` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEvent {
+    pub id: i64,
+    pub at: i64,
+    pub kind: Kind,
+    pub pendo_id: String,
+    pub field: String,
+    pub event: Event,
+    /// Canonical stored text of the value (JSON), if the event has one.
+    pub value: Option<String>,
+    pub mapping: Option<String>,
+    /// detected/cleared: the cycle; sent answers: the batch; hold events: the hold.
+    pub cycle: Option<i64>,
+    pub crm_id: Option<String>,
+    pub crm_modified_at: Option<i64>,
+    pub detail: Option<String>,
+    /// For sent answers: the request's batch.
+    pub batch: Option<BatchInfo>,
+    /// For hold events: the hold and, once decided, who and why.
+    pub hold: Option<HoldInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchInfo {
+    pub id: i64,
+    pub sent_at: i64,
+    pub answered_at: i64,
+    pub records: i64,
+    pub attempts: i64,
+    pub answer: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldInfo {
+    pub id: i64,
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+}
+
+/// Detections (and clears) of a page's changes, after they were enqueued (so a supersession the
+/// enqueue caused comes first). One statement per chunk, the rows as one JSON array.
+pub(super) async fn record_detected(
+    tx: &mut Transaction<'_, Sqlite>,
+    changes: &[Change],
+    run: Option<i64>,
+    now: i64,
+) -> Result<(), StoreError> {
+    for chunk in changes.chunks(10_000) {
+        let rows: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|c| {
+                let source = c.source.as_deref();
+                let (event, detail) = match source.and_then(|s| s.cleared) {
+                    Some(why) => (Event::Cleared, Some(why)),
+                    None => (Event::Detected, None),
+                };
+                serde_json::json!([
+                    c.kind.as_str(),
+                    c.pendo_id,
+                    c.field,
+                    c.value,
+                    c.mapping,
+                    event as i64,
+                    source.and_then(|s| s.crm_id.as_deref()),
+                    source.and_then(|s| s.modified_at),
+                    detail,
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+             SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 5, e.value ->> 3,
+                    e.value ->> 4, ?3, e.value ->> 6, e.value ->> 7, e.value ->> 8
+             FROM json_each(?1) AS e",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(now)
+        .bind(run)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// An event for every outbox row matching `condition` (SQL over the outbox's columns, with its
+/// own parameters from `?4` on), before the statement that changes them runs.
+pub(super) fn from_outbox(condition: &str) -> String {
+    format!(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, detail)
+         SELECT ?1, kind, pendo_id, field, ?2, value, mapping, ?3, NULL FROM outbox WHERE {condition}"
+    )
+}
+
+/// Events for an operator's `queue retry|drop` over `filter`, with who asked in the detail.
+pub(super) async fn record_operator(
+    tx: &mut Transaction<'_, Sqlite>,
+    event: Event,
+    filter: &QueueFilter,
+    states: &str,
+    who: &str,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, detail)
+         SELECT ?1, kind, pendo_id, field, ?2, value, mapping, ?3 FROM outbox
+         WHERE state IN ({states}) AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR kind = ?5)
+           AND (?6 IS NULL OR pendo_id = ?6)"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(event as i64)
+        .bind(who)
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// The answers a settle records: one event per row whose version still matches (a superseded
+/// row's answer changes nothing, so it has no event), pointing at its batch.
+pub(super) async fn record_answers(
+    tx: &mut Transaction<'_, Sqlite>,
+    outcomes: &[(OutboxEntry, Settlement)],
+    batches: &[SentBatch],
+    batch_of: &[Option<usize>],
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut ids = Vec::with_capacity(batches.len());
+    for b in batches {
+        let id: i64 = sqlx::query(
+            "INSERT INTO history_batches (kind, sent_at, answered_at, records, attempts, answer)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        )
+        .bind(b.kind.as_str())
+        .bind(b.sent_at)
+        .bind(b.answered_at)
+        .bind(b.records as i64)
+        .bind(b.attempts as i64)
+        .bind(&b.answer)
+        .fetch_one(&mut **tx)
+        .await?
+        .get(0);
+        ids.push(id);
+    }
+    let mut rows: Vec<serde_json::Value> = Vec::with_capacity(outcomes.len());
+    for (i, (entry, settlement)) in outcomes.iter().enumerate() {
+        let batch = batch_of.get(i).copied().flatten();
+        let batch_answer = batch.map(|b| batches[b].answer.as_str());
+        // Text the batch's answer does not already say.
+        let own = |text: &str| (Some(text) != batch_answer).then(|| text.to_owned());
+        // (event, detail, attempts this failure adds, max attempts before dead)
+        let (event, detail, attempts, max) = match settlement {
+            Settlement::Confirmed => (Event::Confirmed, None, 0, 0),
+            Settlement::AlreadyConfirmed => (Event::AlreadyConfirmed, None, 0, 0),
+            Settlement::Unmatched { .. } => (Event::Missing, None, 0, 0),
+            Settlement::Retry {
+                error,
+                max_attempts,
+                attempts,
+                ..
+            } => (Event::Failed, own(error), *attempts, *max_attempts),
+            Settlement::Dead { error } => (Event::Dead, own(error), 0, 0),
+            Settlement::Release => continue,
+        };
+        rows.push(serde_json::json!([
+            entry.kind.as_str(),
+            entry.pendo_id,
+            entry.field,
+            entry.version,
+            event as i64,
+            batch.map(|b| ids[b]),
+            detail,
+            attempts,
+            max,
+        ]));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // A failure that uses up the attempts is the row's death: recorded as such (the settle's
+    // own statement makes the same decision from the same numbers).
+    sqlx::query(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, detail)
+         SELECT ?2, o.kind, o.pendo_id, o.field,
+                CASE WHEN e.value ->> 4 = 10 AND o.attempts + (e.value ->> 7) >= (e.value ->> 8)
+                     THEN 11 ELSE e.value ->> 4 END,
+                o.value, o.mapping, e.value ->> 5, e.value ->> 6
+         FROM json_each(?1) AS e
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<HistoryEvent, StoreError> {
+    let kind: String = row.get("kind");
+    let code: i64 = row.get("event");
+    let event = Event::from_code(code)
+        .ok_or_else(|| StoreError::Corrupt(format!("history event code {code}")))?;
+    let reference: Option<i64> = row.get("ref");
+    let batch = match (event, row.get::<Option<i64>, _>("b_id")) {
+        (_, Some(id)) => Some(BatchInfo {
+            id,
+            sent_at: row.get("b_sent_at"),
+            answered_at: row.get("b_answered_at"),
+            records: row.get("b_records"),
+            attempts: row.get("b_attempts"),
+            answer: row.get("b_answer"),
+        }),
+        _ => None,
+    };
+    let hold = match event {
+        Event::Held | Event::Approved | Event::Rejected => reference.map(|id| HoldInfo {
+            id,
+            decided_by: row.get("h_by"),
+            decision_reason: row.get("h_reason"),
+        }),
+        _ => None,
+    };
+    let cycle = match event {
+        Event::Detected | Event::Cleared | Event::Withdrawn => reference,
+        _ => None,
+    };
+    Ok(HistoryEvent {
+        id: row.get("id"),
+        at: row.get("at"),
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("history kind {kind:?}")))?,
+        pendo_id: row.get("pendo_id"),
+        field: row.get("field"),
+        event,
+        value: row.get("value"),
+        mapping: row.get("mapping"),
+        cycle,
+        crm_id: row.get("crm_id"),
+        crm_modified_at: row.get("crm_at"),
+        detail: row.get("detail"),
+        batch,
+        hold,
+    })
+}
+
+/// The columns [`event_from_row`] reads, joined to their batch and hold.
+const SELECT_EVENTS: &str = "SELECT h.id, h.at, h.kind, h.pendo_id, h.field, h.event, h.value,
+        h.mapping, h.ref, h.crm_id, h.crm_at, h.detail,
+        b.id AS b_id, b.sent_at AS b_sent_at, b.answered_at AS b_answered_at,
+        b.records AS b_records, b.attempts AS b_attempts, b.answer AS b_answer,
+        d.decided_by AS h_by, d.decision_reason AS h_reason
+     FROM history AS h
+     LEFT JOIN history_batches AS b ON h.event IN (7, 9, 10, 11) AND b.id = h.ref
+     LEFT JOIN holds AS d ON h.event IN (4, 5, 6) AND d.id = h.ref";
+
+impl Store {
+    /// The events of one entity (of one field, with `field`), newest first, at most `limit`.
+    pub async fn history(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        field: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EVENTS}
+             WHERE h.pendo_id = ?1 AND h.kind = ?2 AND (?3 IS NULL OR h.field = ?3)
+             ORDER BY h.id DESC LIMIT ?4"
+        )))
+        .bind(pendo_id)
+        .bind(kind.as_str())
+        .bind(field)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The latest event of `event` kinds per field of one entity (e.g. the last detection and
+    /// the last confirmation of each field), whatever the limit on the listing.
+    pub async fn last_events(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        events: &[Event],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let codes = serde_json::to_string(&events.iter().map(|e| *e as i64).collect::<Vec<_>>())
+            .expect("codes serialize");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EVENTS}
+             WHERE h.id IN (SELECT max(id) FROM history
+                            WHERE pendo_id = ?1 AND kind = ?2
+                              AND event IN (SELECT value FROM json_each(?3))
+                            GROUP BY field, event)
+             ORDER BY h.id"
+        )))
+        .bind(pendo_id)
+        .bind(kind.as_str())
+        .bind(codes)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The last event of each (id, field) among `ids` (for the audit's report).
+    pub async fn last_event_per_field(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(2_000) {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{SELECT_EVENTS}
+                 WHERE h.id IN (SELECT max(id) FROM history
+                                WHERE pendo_id IN (SELECT value FROM json_each(?1)) AND kind = ?2
+                                GROUP BY pendo_id, field)"
+            )))
+            .bind(serde_json::to_string(chunk).expect("strings serialize"))
+            .bind(kind.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                out.push(event_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the history knows anything of this entity.
+    pub async fn has_history(&self, kind: Kind, pendo_id: &str) -> Result<bool, StoreError> {
+        let row =
+            sqlx::query("SELECT EXISTS (SELECT 1 FROM history WHERE pendo_id = ?1 AND kind = ?2)")
+                .bind(pendo_id)
+                .bind(kind.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.get::<i64, _>(0) != 0)
+    }
+
+    /// Events in the state. Events are only ever deleted from the oldest end, so the rowids
+    /// are contiguous and this is exact without counting ten million rows.
+    pub async fn history_count(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT coalesce(max(id) - min(id) + 1, 0) FROM history")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Deletes up to `batch` events older than `before` (Unix ms), oldest first, and the
+    /// batches no kept event refers to; one short transaction, so a writer waits at most for
+    /// one batch. Returns the events deleted: call again until it returns less than `batch`.
+    pub async fn prune_history(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Rowids follow time: of the oldest `batch` rows, those outside retention. Never a scan
+        // past them (a `WHERE at < ?` search would read every kept row to find none).
+        let done = sqlx::query(
+            "DELETE FROM history WHERE id IN
+               (SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT ?2) WHERE at < ?1)",
+        )
+        .bind(before)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM history_batches WHERE id IN
+               (SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT ?2)
+                WHERE answered_at < ?1)",
+        )
+        .bind(before)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}

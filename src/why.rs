@@ -1,0 +1,762 @@
+//! `why <kind> <id>`: the provenance of the values Pendo holds for one id (DESIGN guarantee 11,
+//! "Provenance"), for the CLI and `GET /v1/why/{kind}/{id}` alike.
+//!
+//! It owns no state: it reads the shadow, the outbox, the claims and the history of one entity
+//! (a few indexed reads), and with `live` asks the CRM for the record and Pendo for its values
+//! now, through the same clients and limiters as the sync, then says whether the three agree.
+//! Every value shown came from a CRM or from Pendo: the table form escapes control characters,
+//! so a value cannot rewrite the operator's terminal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::connectors::{Connectors, PullSpec};
+use crate::domain::{Kind, Value};
+use crate::mapping::{Mapping, stored_from_pendo};
+use crate::pendo::PendoClient;
+use crate::store::{Event, HistoryEvent, OutboxEntry, QueueFilter, Store, StoreError};
+
+/// Events listed when `--limit` is not given.
+pub const DEFAULT_LIMIT: u32 = 10;
+
+#[derive(Debug, Clone, Default)]
+pub struct WhyOptions {
+    pub field: Option<String>,
+    pub limit: u32,
+    pub live: bool,
+}
+
+/// What `live` reads through.
+pub struct LiveSources<'a> {
+    pub connectors: &'a Connectors,
+    pub pendo: &'a PendoClient,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WhyError {
+    /// Exit 1: the state knows nothing of this id.
+    #[error("no record of {kind} {id}{}", .field.as_ref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    Unknown {
+        kind: Kind,
+        id: String,
+        field: Option<String>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct WhyReport {
+    pub kind: Kind,
+    pub id: String,
+    pub fields: Vec<FieldStory>,
+    /// The last events, newest first.
+    pub events: Vec<EventView>,
+    /// With `live`: what the reads found, one line per source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<Vec<String>>,
+    /// With `live`: "CRM, pendo-sync and Pendo agree", or what differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// With `live`: a read failed, so the verdict is partial.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub live_failed: bool,
+}
+
+/// One field's story.
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldStory {
+    pub field: String,
+    /// The mapping that writes it and where its value comes from.
+    pub source: Option<FieldSource>,
+    /// The last value a cycle mapped for it (detected or cleared).
+    pub last_mapped: Option<Mapped>,
+    /// What Pendo confirmed (the shadow), and when.
+    pub confirmed: Option<Confirmed>,
+    /// What waits in the outbox.
+    pub queued: Option<Queued>,
+    /// With `live`: the values now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveField>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldSource {
+    pub mapping: String,
+    pub crm: &'static str,
+    pub object: String,
+    /// The CRM field path (`Owner.Email`, `hubspot_owner_id`).
+    pub from: String,
+    /// The CRM records that claim this id (more than one: ambiguous).
+    pub crm_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mapped {
+    pub value: Option<String>,
+    pub at: i64,
+    pub event: Event,
+    pub cycle: Option<i64>,
+    pub crm_id: Option<String>,
+    pub crm_modified_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Confirmed {
+    pub value: Option<String>,
+    /// When Pendo confirmed it (the confirmation's event; else when the record last changed).
+    pub at: i64,
+    pub batch: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Queued {
+    pub state: crate::store::QueueState,
+    pub value: Option<String>,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub enqueued_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveField {
+    /// The CRM record's value now, mapped (`None`: empty, or no record).
+    pub crm: Option<String>,
+    /// Pendo's value now.
+    pub pendo: Option<String>,
+    pub verdict: String,
+    pub agree: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    #[serde(flatten)]
+    pub event: HistoryEvent,
+    /// The event in one sentence.
+    pub summary: String,
+}
+
+/// The human text of a stored value (`None` for null).
+fn shown(stored: Option<&str>) -> Option<String> {
+    let s = stored?;
+    match Value::from_stored(s) {
+        Ok(Value::Null) => None,
+        Ok(v) => Some(v.display()),
+        Err(_) => Some(s.to_owned()),
+    }
+}
+
+fn stored_is_null(stored: Option<&str>) -> bool {
+    stored.is_none_or(|s| s == "null")
+}
+
+/// `2026-11-20 14:02:01 UTC`.
+pub fn when(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn quoted(v: Option<&str>) -> String {
+    match v {
+        Some(v) => format!("{v:?}"),
+        None => "nothing".to_owned(),
+    }
+}
+
+/// One sentence per event.
+pub fn summary(e: &HistoryEvent) -> String {
+    let value = quoted(shown(e.value.as_deref()).as_deref());
+    let batch = |b: &crate::store::BatchInfo| {
+        format!(
+            "batch #{} of {} record(s), sent {}, {} attempt(s)",
+            b.id,
+            b.records,
+            when(b.sent_at),
+            b.attempts
+        )
+    };
+    let answer = || {
+        e.detail
+            .clone()
+            .or_else(|| e.batch.as_ref().map(|b| b.answer.clone()))
+            .unwrap_or_default()
+    };
+    let hold = |h: &Option<crate::store::HoldInfo>| {
+        h.as_ref().map_or_else(String::new, |h| {
+            let mut s = format!("hold #{}", h.id);
+            if let Some(by) = &h.decided_by {
+                s.push_str(&format!(" by {by}"));
+            }
+            if let Some(r) = &h.decision_reason {
+                s.push_str(&format!(" ({r})"));
+            }
+            s
+        })
+    };
+    match e.event {
+        Event::Detected => {
+            let mut s = format!("detected {value}");
+            if let Some(crm) = &e.crm_id {
+                s.push_str(&format!(" in CRM record {crm}"));
+            }
+            if let Some(at) = e.crm_modified_at {
+                s.push_str(&format!(" (modified {})", when(at)));
+            }
+            if let Some(m) = &e.mapping {
+                s.push_str(&format!(", mapping {m}"));
+            }
+            if let Some(c) = e.cycle {
+                s.push_str(&format!(", cycle {c}"));
+            }
+            s
+        }
+        Event::Cleared => format!(
+            "clear queued: {}{}",
+            e.crm_id
+                .as_ref()
+                .map_or_else(String::new, |c| format!("CRM record {c} ")),
+            e.detail.as_deref().unwrap_or("the record left the CRM")
+        ),
+        Event::Superseded => {
+            format!("{value} superseded by a newer CRM value before Pendo confirmed it")
+        }
+        Event::Held => format!("{value} held by the guard ({})", hold(&e.hold)),
+        Event::Approved => format!("{value} approved ({})", hold(&e.hold)),
+        Event::Rejected => format!("{value} rejected and dropped ({})", hold(&e.hold)),
+        Event::Confirmed => format!(
+            "Pendo confirmed {value}{}",
+            e.batch
+                .as_ref()
+                .map_or_else(String::new, |b| format!(" ({})", batch(b)))
+        ),
+        Event::AlreadyConfirmed => format!("{value} not sent: Pendo had already confirmed it"),
+        Event::Missing => format!(
+            "Pendo has no {} {:?}: {value} waits and is retried{}",
+            e.kind,
+            e.pendo_id,
+            e.batch
+                .as_ref()
+                .map_or_else(String::new, |b| format!(" ({})", batch(b)))
+        ),
+        Event::Failed => format!("sending {value} failed, retried later: {}", answer()),
+        Event::Dead => format!("gave up on {value}: {}", answer()),
+        Event::Retried => format!(
+            "{value} made pending again ({})",
+            e.detail.as_deref().unwrap_or("by an operator")
+        ),
+        Event::Dropped => format!(
+            "{value} dropped ({})",
+            e.detail.as_deref().unwrap_or("by an operator")
+        ),
+        Event::Withdrawn => {
+            format!("{value} withdrawn: another CRM record claims this id with other values")
+        }
+    }
+}
+
+/// Builds the report for one id.
+pub async fn explain(
+    settings: &Settings,
+    store: &Store,
+    kind: Kind,
+    id: &str,
+    options: &WhyOptions,
+    live: Option<LiveSources<'_>>,
+) -> Result<WhyReport, WhyError> {
+    let field_filter = options.field.as_deref();
+    let wanted = |f: &str| field_filter.is_none_or(|w| w == f);
+    let mappings: Vec<Mapping> = settings
+        .mappings
+        .iter()
+        .filter(|m| m.kind == kind)
+        .map(Mapping::new)
+        .collect();
+
+    let shadow = store.shadow_entry(kind, id).await?;
+    let queued: Vec<OutboxEntry> = store
+        .outbox_list(
+            &QueueFilter {
+                kind: Some(kind),
+                pendo_id: Some(id.to_owned()),
+                ..QueueFilter::default()
+            },
+            1_000,
+        )
+        .await?;
+    let mut claims: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in &mappings {
+        let found = store.load_claims(&m.name, &[id]).await?;
+        if let Some(list) = found.get(id) {
+            claims.insert(
+                m.name.clone(),
+                list.iter().map(|(c, _)| c.clone()).collect(),
+            );
+        }
+    }
+    let lasts = store
+        .last_events(
+            kind,
+            id,
+            &[Event::Detected, Event::Cleared, Event::Confirmed],
+        )
+        .await?;
+    let events = store.history(kind, id, field_filter, options.limit).await?;
+    if shadow.is_none()
+        && queued.is_empty()
+        && claims.is_empty()
+        && lasts.is_empty()
+        && events.is_empty()
+    {
+        return Err(WhyError::Unknown {
+            kind,
+            id: id.to_owned(),
+            field: None,
+        });
+    }
+
+    // Fields: the mapped ones, and any the state holds (a field no mapping writes any more).
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for m in &mappings {
+        names.extend(m.fields.iter().map(|f| f.pendo_field.clone()));
+    }
+    if let Some((vals, _)) = &shadow {
+        names.extend(vals.keys().cloned());
+    }
+    names.extend(queued.iter().map(|q| q.field.clone()));
+    names.extend(lasts.iter().map(|e| e.field.clone()));
+    names.retain(|f| wanted(f));
+    if names.is_empty() {
+        return Err(WhyError::Unknown {
+            kind,
+            id: id.to_owned(),
+            field: options.field.clone(),
+        });
+    }
+
+    let mut fields: Vec<FieldStory> = names
+        .iter()
+        .map(|field| {
+            let source = mappings.iter().find_map(|m| {
+                let f = m.fields.iter().find(|f| &f.pendo_field == field)?;
+                let settings = settings.mapping(&m.name).ok()?;
+                Some(FieldSource {
+                    mapping: m.name.clone(),
+                    crm: settings.source.as_str(),
+                    object: settings.object.clone(),
+                    from: f.from.clone(),
+                    crm_ids: claims.get(&m.name).cloned().unwrap_or_default(),
+                })
+            });
+            let last = |events: &[Event]| {
+                lasts
+                    .iter()
+                    .filter(|e| &e.field == field && events.contains(&e.event))
+                    .max_by_key(|e| e.id)
+            };
+            let last_mapped = last(&[Event::Detected, Event::Cleared]).map(|e| Mapped {
+                value: shown(e.value.as_deref()),
+                at: e.at,
+                event: e.event,
+                cycle: e.cycle,
+                crm_id: e.crm_id.clone(),
+                crm_modified_at: e.crm_modified_at,
+            });
+            let confirmed = shadow.as_ref().and_then(|(vals, confirmed_at)| {
+                let v = vals.get(field)?;
+                let stored = (!v.is_null()).then(|| v.to_string());
+                let event = last(&[Event::Confirmed]);
+                Some(Confirmed {
+                    value: shown(stored.as_deref()),
+                    at: event.map_or(*confirmed_at, |e| e.at),
+                    batch: event.and_then(|e| e.batch.as_ref().map(|b| b.id)),
+                })
+            });
+            let queued = queued.iter().find(|q| &q.field == field).map(|q| Queued {
+                state: q.state,
+                value: shown(Some(&q.value)),
+                attempts: q.attempts,
+                next_attempt_at: q.next_attempt_at,
+                last_error: q.last_error.clone(),
+                enqueued_at: q.enqueued_at,
+            });
+            FieldStory {
+                field: field.clone(),
+                source,
+                last_mapped,
+                confirmed,
+                queued,
+                live: None,
+            }
+        })
+        .collect();
+
+    let mut report = WhyReport {
+        kind,
+        id: id.to_owned(),
+        fields: Vec::new(),
+        events: events
+            .into_iter()
+            .map(|event| EventView {
+                summary: summary(&event),
+                event,
+            })
+            .collect(),
+        live: None,
+        verdict: None,
+        live_failed: false,
+    };
+    if let (true, Some(sources)) = (options.live, live) {
+        check_live(
+            settings,
+            &mappings,
+            &claims,
+            &shadow,
+            &mut fields,
+            &mut report,
+            sources,
+        )
+        .await;
+    }
+    report.fields = fields;
+    Ok(report)
+}
+
+/// Reads the CRM records and Pendo's values now and judges each field.
+async fn check_live(
+    settings: &Settings,
+    mappings: &[Mapping],
+    claims: &BTreeMap<String, Vec<String>>,
+    shadow: &Option<(crate::store::ShadowRecord, i64)>,
+    fields: &mut [FieldStory],
+    report: &mut WhyReport,
+    sources: LiveSources<'_>,
+) {
+    let kind = report.kind;
+    let id = report.id.clone();
+    let mut lines = Vec::new();
+    // Field → the CRM's mapped value now (stored text), for the fields a record was read for.
+    let mut crm_now: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut crm_read: BTreeSet<String> = BTreeSet::new();
+    for m in mappings {
+        let Ok(ms) = settings.mapping(&m.name) else {
+            continue;
+        };
+        let mine: Vec<&str> = m
+            .fields
+            .iter()
+            .map(|f| f.pendo_field.as_str())
+            .filter(|f| fields.iter().any(|s| s.field == *f))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let Some(crm_ids) = claims.get(&m.name).filter(|c| !c.is_empty()) else {
+            lines.push(format!(
+                "{}: no CRM record of mapping {} claims this id",
+                ms.source.as_str(),
+                m.name
+            ));
+            continue;
+        };
+        let Some(connector) = sources.connectors.get(&ms.source) else {
+            continue;
+        };
+        if crm_ids.len() > 1 {
+            lines.push(format!(
+                "{}: {} records claim this id ({}): ambiguous, nothing is sent",
+                ms.source.as_str(),
+                crm_ids.len(),
+                crm_ids.join(", ")
+            ));
+        }
+        let spec = PullSpec::for_mapping(ms, None, Duration::ZERO);
+        let crm_id = &crm_ids[0];
+        match connector.fetch(&spec, crm_id).await {
+            Ok(Some(raw)) if !raw.deleted => match m.map(&raw) {
+                Ok(rec) => {
+                    lines.push(format!(
+                        "{}: {} {} read{}",
+                        ms.source.as_str(),
+                        ms.object,
+                        crm_id,
+                        raw.modified_at
+                            .map_or_else(String::new, |at| format!(", modified {}", when(at)))
+                    ));
+                    for (f, v) in m.fields.iter().zip(rec.values) {
+                        crm_read.insert(f.pendo_field.clone());
+                        // `None` (an empty value under on_null = "keep") leaves Pendo as it is:
+                        // the CRM says nothing about this field.
+                        if let Some(v) = v {
+                            crm_now.insert(
+                                f.pendo_field.clone(),
+                                (!v.is_null()).then(|| v.to_stored()),
+                            );
+                        }
+                    }
+                }
+                Err(e) => lines.push(format!("{}: {e}", ms.source.as_str())),
+            },
+            Ok(_) => {
+                lines.push(format!(
+                    "{}: {} {} no longer exists (deleted or archived)",
+                    ms.source.as_str(),
+                    ms.object,
+                    crm_id
+                ));
+                for f in &m.fields {
+                    crm_read.insert(f.pendo_field.clone());
+                    crm_now.insert(f.pendo_field.clone(), None);
+                }
+            }
+            Err(e) => {
+                report.live_failed = true;
+                lines.push(format!("{}: read failed: {e}", ms.source.as_str()));
+            }
+        }
+    }
+
+    let names: Vec<String> = fields.iter().map(|f| f.field.clone()).collect();
+    let types: BTreeMap<&str, crate::domain::FieldType> = mappings
+        .iter()
+        .flat_map(|m| {
+            m.fields
+                .iter()
+                .map(|f| (f.pendo_field.as_str(), f.field_type))
+        })
+        .collect();
+    let pendo_now = match sources
+        .pendo
+        .entity_values(kind, &id, &names, settings.pendo.retry_max)
+        .await
+    {
+        Ok(Some(values)) => {
+            lines.push(format!("pendo: {kind} {id:?} read"));
+            Some(values)
+        }
+        Ok(None) => {
+            lines.push(format!("pendo: Pendo has no {kind} {id:?}"));
+            Some(serde_json::Map::new())
+        }
+        Err(e) => {
+            report.live_failed = true;
+            lines.push(format!("pendo: read failed: {e}"));
+            None
+        }
+    };
+
+    let mut disagreements = Vec::new();
+    for story in fields.iter_mut() {
+        let f = story.field.as_str();
+        let confirmed: Option<String> = shadow
+            .as_ref()
+            .and_then(|(vals, _)| vals.get(f))
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string());
+        let pendo: Option<Option<String>> = pendo_now.as_ref().map(|values| {
+            let v = values.get(f).unwrap_or(&serde_json::Value::Null);
+            match types.get(f) {
+                Some(ty) => stored_from_pendo(v, *ty),
+                None => (!v.is_null()).then(|| v.to_string()),
+            }
+        });
+        let crm: Option<Option<String>> = if crm_read.contains(f) {
+            Some(crm_now.get(f).cloned().unwrap_or(confirmed.clone()))
+        } else {
+            None
+        };
+        let (agree, verdict) = judge(
+            f,
+            crm.as_ref().map(Option::as_deref),
+            confirmed.as_deref(),
+            pendo.as_ref().map(Option::as_deref),
+            story,
+        );
+        if !agree {
+            disagreements.push(format!("{f}: {verdict}"));
+        }
+        story.live = Some(LiveField {
+            crm: crm.flatten().as_deref().and_then(|s| shown(Some(s))),
+            pendo: pendo.flatten().as_deref().and_then(|s| shown(Some(s))),
+            verdict,
+            agree,
+        });
+    }
+    report.verdict = Some(if disagreements.is_empty() && !report.live_failed {
+        "CRM, pendo-sync and Pendo agree".to_owned()
+    } else if disagreements.is_empty() {
+        "what could be read agrees; a live read failed (see above)".to_owned()
+    } else {
+        disagreements.join("; ")
+    });
+    report.live = Some(lines);
+}
+
+/// One field's verdict from the CRM's value now (`None`: not read), the shadow, and Pendo's
+/// value now (`None`: not read). Values are stored text; `Some(None)` is "holds nothing".
+fn judge(
+    field: &str,
+    crm: Option<Option<&str>>,
+    confirmed: Option<&str>,
+    pendo: Option<Option<&str>>,
+    story: &FieldStory,
+) -> (bool, String) {
+    let show = |v: Option<&str>| quoted(shown(v).as_deref());
+    let confirmed_when = story
+        .confirmed
+        .as_ref()
+        .map_or_else(String::new, |c| format!(" on {}", when(c.at)));
+    let same =
+        |a: Option<&str>, b: Option<&str>| a == b || (stored_is_null(a) && stored_is_null(b));
+    if let Some(pendo) = pendo
+        && !same(pendo, confirmed)
+    {
+        return (
+            false,
+            match confirmed {
+                Some(_) => format!(
+                    "Pendo was edited after pendo-sync confirmed {}{confirmed_when}: Pendo holds {} now",
+                    show(confirmed),
+                    show(pendo)
+                ),
+                None => format!(
+                    "Pendo holds {}, which pendo-sync never confirmed for {field}",
+                    show(pendo)
+                ),
+            },
+        );
+    }
+    if let Some(crm) = crm
+        && !same(crm, confirmed)
+    {
+        let queued = story.queued.as_ref();
+        let text = match queued {
+            Some(q) if shown(crm) == q.value => format!(
+                "the CRM's {} is queued ({}), not yet confirmed by Pendo",
+                show(crm),
+                serde_json::to_value(q.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+            _ => format!(
+                "the CRM holds {} now, pendo-sync last confirmed {}: the next cycle picks it up",
+                show(crm),
+                show(confirmed)
+            ),
+        };
+        return (false, text);
+    }
+    (true, "agree".to_owned())
+}
+
+/// Replaces control characters (ESC, CR, ...) with escapes: CRM and Pendo values are untrusted
+/// and must not steer the terminal that shows them.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// The table form.
+pub fn render_table(r: &WhyReport) -> String {
+    let p = |s: &str| printable(s);
+    let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "(nothing)".to_owned(), p);
+    let mut out = format!("{} {}\n", r.kind, p(&r.id));
+    if let Some(v) = &r.verdict {
+        out.push_str(&format!("verdict: {}\n", p(v)));
+    }
+    for line in r.live.iter().flatten() {
+        out.push_str(&format!("  live  {}\n", p(line)));
+    }
+    for f in &r.fields {
+        out.push_str(&format!("\n{}\n", p(&f.field)));
+        match &f.source {
+            Some(s) => out.push_str(&format!(
+                "  source     mapping {} ← {} {}.{}{}\n",
+                p(&s.mapping),
+                s.crm,
+                p(&s.object),
+                p(&s.from),
+                if s.crm_ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (record {})", p(&s.crm_ids.join(", ")))
+                }
+            )),
+            None => out.push_str("  source     no mapping writes this field now\n"),
+        }
+        if let Some(m) = &f.last_mapped {
+            out.push_str(&format!(
+                "  mapped     {} at {}{}\n",
+                opt(&m.value),
+                when(m.at),
+                m.crm_modified_at
+                    .map_or_else(String::new, |t| format!(" (CRM modified {})", when(t)))
+            ));
+        }
+        match &f.confirmed {
+            Some(c) => out.push_str(&format!(
+                "  confirmed  {} at {}\n",
+                opt(&c.value),
+                when(c.at)
+            )),
+            None => out.push_str("  confirmed  nothing\n"),
+        }
+        if let Some(q) = &f.queued {
+            out.push_str(&format!(
+                "  queued     {} ({}, {} attempt(s), next {}{})\n",
+                opt(&q.value),
+                q.state.as_str(),
+                q.attempts,
+                when(q.next_attempt_at),
+                q.last_error
+                    .as_deref()
+                    .map_or_else(String::new, |e| format!(", last error: {}", p(e)))
+            ));
+        }
+        if let Some(l) = &f.live {
+            out.push_str(&format!(
+                "  now        CRM {} · Pendo {} · {}\n",
+                opt(&l.crm),
+                opt(&l.pendo),
+                p(&l.verdict)
+            ));
+        }
+    }
+    if !r.events.is_empty() {
+        out.push_str("\nevents (newest first)\n");
+        for e in &r.events {
+            out.push_str(&format!(
+                "  {}  {:<18} {:<17} {}\n",
+                when(e.event.at),
+                p(&e.event.field),
+                e.event.event.as_str(),
+                p(&e.summary)
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("a\u{1b}[2Jb\r\n"), "a\\u{1b}[2Jb\\u{d}\\u{a}");
+        assert_eq!(printable("Growth · ü"), "Growth · ü");
+    }
+}
