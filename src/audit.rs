@@ -160,6 +160,53 @@ pub struct AuditRow {
     pub pendo: Option<Option<String>>,
     pub class: Class,
     pub note: String,
+    /// The history's last event for this (id, field): was the value never sent, sent and
+    /// refused, or confirmed and later changed in Pendo? (`why` tells the whole story.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<LastEvent>,
+}
+
+/// An event of the history as the audit's report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LastEvent {
+    pub event: crate::store::Event,
+    pub at: String,
+    pub summary: String,
+}
+
+/// Gives each row of a mapping's rows the last event of its (id, field).
+async fn attach_last_events(
+    store: &Store,
+    kind: Kind,
+    rows: &mut [AuditRow],
+) -> Result<(), AppError> {
+    let ids: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.id.is_empty())
+        .map(|r| r.id.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let last: HashMap<(String, String), LastEvent> = store
+        .last_event_per_field(kind, &ids)
+        .await?
+        .into_iter()
+        .map(|e| {
+            let shown = LastEvent {
+                event: e.event,
+                at: iso8601_from_ms(e.at),
+                summary: crate::why::summary(&e),
+            };
+            ((e.pendo_id, e.field), shown)
+        })
+        .collect();
+    for r in rows.iter_mut() {
+        r.last_event = last.get(&(r.id.clone(), r.field.clone())).cloned();
+    }
+    Ok(())
 }
 
 /// Counts for one mapping.
@@ -332,7 +379,10 @@ pub async fn audit(
                 pendo: pendo.as_ref(),
                 page_size: options.page_size.max(1),
             };
-            let (summary, rows) = audit.run(connector.as_ref()).await?;
+            let (summary, mut rows) = audit.run(connector.as_ref()).await?;
+            if let Some(store) = &store {
+                attach_last_events(store, m.kind, &mut rows).await?;
+            }
             for (c, n) in &summary.counts {
                 *report.totals.entry(*c).or_default() += n;
             }
@@ -581,6 +631,7 @@ impl MappingAudit<'_> {
                         crm_ids.len(),
                         state_note(crm_id)
                     ),
+                    last_event: None,
                 });
             }
         }
@@ -605,6 +656,7 @@ impl MappingAudit<'_> {
                 pendo: None,
                 class: Class::Invalid,
                 note: format!("{}: {} ({})", e.reason(), e, state_note(e.crm_id())),
+                last_event: None,
             });
         }
         let invalid_rows = rows.iter().filter(|r| r.class == Class::Invalid).count() as u64;
@@ -864,6 +916,7 @@ impl MappingAudit<'_> {
                     pendo: read_pendo.then(|| display(pendo.flatten())),
                     class,
                     note,
+                    last_event: None,
                 });
             }
         }
@@ -1203,8 +1256,19 @@ fn render_markdown(report: &AuditReport) -> String {
         out.push_str("None: everything is in sync.\n");
         return out;
     }
-    let header: Vec<String> = row_header(report).iter().map(|s| s.to_string()).collect();
-    let lines: Vec<Vec<String>> = report.rows.iter().map(|r| row_cells(report, r)).collect();
+    let mut header: Vec<String> = row_header(report).iter().map(|s| s.to_string()).collect();
+    header.push("last event".into());
+    let lines: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .map(|r| {
+            let mut cells = row_cells(report, r);
+            cells.push(r.last_event.as_ref().map_or_else(String::new, |e| {
+                format!("{} {}: {}", e.at, e.event.as_str(), e.summary)
+            }));
+            cells
+        })
+        .collect();
     out.push_str(&md_table(&header, &lines));
     out
 }
@@ -1243,6 +1307,7 @@ mod tests {
                 pendo: Some(None),
                 class: Class::Drift,
                 note: "n".into(),
+                last_event: None,
             }],
         }
     }

@@ -11,6 +11,7 @@ mod digest;
 mod faults;
 mod guard;
 mod helpers;
+mod history;
 mod races;
 mod secrets;
 mod security;

@@ -574,6 +574,75 @@ async fn killed_at_random_moments(
     env.wait_converged(&svc, Duration::from_secs(30)).await;
     svc.sigterm();
     assert!(svc.exit_within(Duration::from_secs(10)).await.success());
+    history_matches_state(&env).await;
+}
+
+/// Guarantee 11 under kill -9: no event without its state change, no change without its event.
+/// Every value the shadow holds is the value of its field's last confirmation, and of its last
+/// detection (the outbox is empty once converged); a field whose last confirmation is a clear is
+/// absent from the shadow. A settle or a page commit that wrote its change and not its event
+/// (or the reverse) before a kill leaves a field whose history ends on another value.
+async fn history_matches_state(env: &Env) {
+    let store = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
+        .await
+        .unwrap();
+    use pendo_sync::store::Event;
+    let parse = |v: &Option<String>| -> Value {
+        v.as_deref()
+            .map_or(Value::Null, |s| serde_json::from_str(s).unwrap())
+    };
+    let mut after: Option<String> = None;
+    let mut checked = 0;
+    loop {
+        let page = store
+            .shadow_page(Kind::Account, after.as_deref(), 500)
+            .await
+            .unwrap();
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (id, shadow) in &page {
+            let confirmed = store
+                .last_events(
+                    Kind::Account,
+                    id,
+                    &[Event::Confirmed, Event::AlreadyConfirmed],
+                )
+                .await
+                .unwrap();
+            let detected = store
+                .last_events(Kind::Account, id, &[Event::Detected])
+                .await
+                .unwrap();
+            for field in ["plantier", "arr", "isstrategic"] {
+                let held = shadow.get(field).cloned().unwrap_or(Value::Null);
+                let last_confirmed = confirmed
+                    .iter()
+                    .filter(|e| e.field == field)
+                    .max_by_key(|e| e.id)
+                    .map(|e| parse(&e.value))
+                    .unwrap_or(Value::Null);
+                assert_eq!(
+                    norm(&last_confirmed),
+                    norm(&held),
+                    "{id}.{field}: the shadow holds {held}, its last confirmation says {last_confirmed}"
+                );
+                if let Some(d) = detected
+                    .iter()
+                    .filter(|e| e.field == field)
+                    .max_by_key(|e| e.id)
+                {
+                    assert_eq!(
+                        norm(&parse(&d.value)),
+                        norm(&held),
+                        "{id}.{field}: the last detection is not what Pendo confirmed"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0);
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1127,4 +1196,120 @@ async fn a_held_cron_sync_posts_its_hold_before_it_exits() {
     let got = bodies.lock().unwrap().clone();
     assert_eq!(got.len(), 1, "the hold was not posted before exit: {got:?}");
     assert_eq!(got[0]["event"], json!("hold"));
+}
+
+/// `why --live` against the simulators: the three agree after a sync; an edit made in Pendo
+/// behind pendo-sync's back is named with the value it replaced. The admin port answers the same
+/// JSON, and its live reads need the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_live_agrees_after_a_sync_and_names_an_edit_made_in_pendo() {
+    let mut env = Env::new(Options {
+        accounts: 20,
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    env.wait_converged(&svc, Duration::from_secs(15)).await;
+    let id = account_id(3);
+    let why = |live: bool| {
+        let mut args = vec!["why", "account", id.as_str(), "--format", "json"];
+        if live {
+            args.push("--live");
+        }
+        let env = &env;
+        async move {
+            let out = env.cli(&args).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    let report = why(true).await;
+    assert_eq!(
+        report["verdict"], "CRM, pendo-sync and Pendo agree",
+        "{report:#}"
+    );
+    let plan = report["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "plantier")
+        .unwrap()
+        .clone();
+    assert_eq!(plan["source"]["crm_ids"], json!([id]));
+    assert_eq!(plan["source"]["object"], "Account");
+    assert_eq!(plan["live"]["agree"], true);
+    let confirmed = plan["confirmed"]["value"].as_str().unwrap().to_owned();
+    let events: Vec<&str> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["field"] == "plantier")
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["confirmed", "detected"], "newest first");
+
+    // Someone edits Pendo by hand.
+    env.pendo
+        .set_value(Kind::Account, &id, "plantier", json!("Edited by hand"));
+    let report = why(true).await;
+    let verdict = report["verdict"].as_str().unwrap();
+    assert!(
+        verdict.contains(&format!(
+            "Pendo was edited after pendo-sync confirmed \"{confirmed}\" on "
+        )) && verdict.contains("\"Edited by hand\""),
+        "{verdict}"
+    );
+    // Without --live nothing is read: no verdict.
+    assert!(why(false).await.get("verdict").is_none());
+
+    // The admin port: the same JSON; live reads need the token.
+    let (status, body) = env.get(&format!("/v1/why/account/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["id"], json!(id));
+    let (status, _) = env.get(&format!("/v1/why/account/{id}?live=true")).await;
+    assert_eq!(status, 401);
+    let answer = reqwest::Client::new()
+        .get(env.url(&format!("/v1/why/account/{id}?live=true&field=plantier")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let doc: Value = answer.json().await.unwrap();
+    assert!(
+        doc["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("Pendo was edited"),
+        "{doc:#}"
+    );
+    assert_eq!(doc["fields"].as_array().unwrap().len(), 1);
+    let (status, body) = env.get("/v1/why/account/no-such-account").await;
+    assert_eq!(status, 404, "{body}");
+
+    // An id the state has never seen: exit 1, said plainly. The table form escapes values.
+    let out = env.cli(&["why", "account", "no-such-account"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no record of account no-such-account"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.pendo
+        .set_value(Kind::Account, &id, "plantier", json!("\u{1b}[2Jgotcha"));
+    let out = env.cli(&["why", "account", &id, "--live"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("verdict: "), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "a control character reached the terminal: {text}"
+    );
+    assert!(text.contains("\\u{1b}[2Jgotcha"), "{text}");
+    svc.sigterm();
+    assert!(svc.exit_within(Duration::from_secs(10)).await.success());
 }

@@ -1,0 +1,355 @@
+//! Guarantee 11 (provenance): one value followed through every path a change can take, with the
+//! exact sequence of events the history keeps for it; and retention.
+
+use pendo_sync::domain::Kind;
+use pendo_sync::engine::Mode;
+use pendo_sync::sim::pendo::PendoFaults;
+use pendo_sync::store::{Event, GuardOutcome, QueueFilter, Store};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{Options, TestApp, account_id};
+
+async fn store(t: &TestApp) -> Store {
+    Store::open(&t.settings.state.path).await.unwrap()
+}
+
+/// The events of (account `id`, `field`), oldest first, as `event value`.
+async fn story(t: &TestApp, id: &str, field: &str) -> Vec<String> {
+    let store = store(t).await;
+    let mut events = store
+        .history(Kind::Account, id, Some(field), 1_000)
+        .await
+        .unwrap();
+    store.close().await;
+    events.reverse();
+    events
+        .iter()
+        .map(|e| format!("{} {}", e.event, e.value.as_deref().unwrap_or("-")))
+        .collect()
+}
+
+/// One cycle without a drain (the value waits in the outbox).
+async fn cycle_only(t: &TestApp) {
+    let app = t.app().await;
+    app.cycle(
+        t.settings.mapping("accounts").unwrap(),
+        Mode::Incremental,
+        false,
+        &(),
+    )
+    .await
+    .unwrap();
+    app.store.close().await;
+}
+
+async fn retry_by_hand(t: &TestApp, id: &str) {
+    let store = store(t).await;
+    let n = store
+        .outbox_retry(
+            &QueueFilter {
+                pendo_id: Some(id.to_owned()),
+                ..QueueFilter::default()
+            },
+            "queue retry by tester",
+        )
+        .await
+        .unwrap();
+    assert!(n > 0);
+    store.close().await;
+}
+
+fn plan(t: &TestApp, i: usize, value: &str) {
+    t.crm
+        .set_field("Account", &account_id(i), "Plan_Tier__c", json!(value));
+}
+
+#[tokio::test]
+async fn first_sync_change_supersession_429_retry_400_dead_and_a_retry_by_hand() {
+    let t = TestApp::new().await;
+    t.seed(3);
+    let id = account_id(1);
+    let mut expected = vec![r#"detected "Growth""#, r#"confirmed "Growth""#];
+    t.sync().await;
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+
+    // A change.
+    plan(&t, 1, "Pro");
+    t.sync().await;
+    expected.extend([r#"detected "Pro""#, r#"confirmed "Pro""#]);
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+
+    // A change superseded before it was sent: two cycles, then one drain.
+    plan(&t, 1, "A");
+    cycle_only(&t).await;
+    plan(&t, 1, "B");
+    cycle_only(&t).await;
+    t.sync().await;
+    expected.extend([
+        r#"detected "A""#,
+        r#"superseded "A""#,
+        r#"detected "B""#,
+        r#"confirmed "B""#,
+    ]);
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+
+    // 429s past the in-process attempts: a failed send, then a confirmed one.
+    t.pendo.set_faults(PendoFaults {
+        status_script: vec![429; 3],
+        ..PendoFaults::default()
+    });
+    plan(&t, 1, "C");
+    t.sync().await;
+    expected.extend([r#"detected "C""#, r#"failed "C""#, r#"confirmed "C""#]);
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+    let s = store(&t).await;
+    let events = s
+        .history(Kind::Account, &id, Some("plantier"), 2)
+        .await
+        .unwrap();
+    let failed = &events[1];
+    assert_eq!(failed.event, Event::Failed);
+    let batch = failed
+        .batch
+        .as_ref()
+        .expect("the failed send names its batch");
+    assert_eq!(batch.attempts, 3);
+    assert!(batch.answer.contains("429"), "{}", batch.answer);
+    assert!(
+        failed.detail.is_none(),
+        "the batch's answer is not copied per value"
+    );
+    let confirmed = &events[0];
+    assert!(
+        confirmed
+            .batch
+            .as_ref()
+            .unwrap()
+            .answer
+            .starts_with("2xx for 1 records")
+    );
+    s.close().await;
+
+    // A 400 for this record alone: dead; retried by hand, then confirmed.
+    t.pendo.set_faults(PendoFaults {
+        status_script: vec![400],
+        ..PendoFaults::default()
+    });
+    plan(&t, 1, "D");
+    t.sync().await;
+    retry_by_hand(&t, &id).await;
+    t.sync().await;
+    expected.extend([
+        r#"detected "D""#,
+        r#"dead "D""#,
+        r#"retried "D""#,
+        r#"confirmed "D""#,
+    ]);
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+    let s = store(&t).await;
+    let events = s
+        .history(Kind::Account, &id, Some("plantier"), 3)
+        .await
+        .unwrap();
+    assert_eq!(events[1].detail.as_deref(), Some("queue retry by tester"));
+    assert!(
+        events[2].batch.as_ref().unwrap().answer.contains("400"),
+        "{:?}",
+        events[2]
+    );
+    // The detection names the CRM record and the cycle.
+    let detected = s
+        .last_events(Kind::Account, &id, &[Event::Detected])
+        .await
+        .unwrap();
+    let d = detected.iter().find(|e| e.field == "plantier").unwrap();
+    assert_eq!(d.crm_id.as_deref(), Some(id.as_str()));
+    assert_eq!(d.mapping.as_deref(), Some("accounts"));
+    assert!(d.cycle.is_some());
+    s.close().await;
+    t.assert_converged();
+}
+
+#[tokio::test]
+async fn missing_then_retried_by_hand_and_per_record_errors_until_dead() {
+    let t = TestApp::new().await;
+    // Pendo does not know this account yet.
+    let id = account_id(0);
+    t.crm.upsert("Account", &id, crate::helpers::account(0));
+    t.sync().await;
+    assert_eq!(
+        story(&t, &id, "plantier").await,
+        [r#"detected "Starter""#, r#"missing "Starter""#]
+    );
+    t.pendo.add_entity(Kind::Account, &id);
+    retry_by_hand(&t, &id).await;
+    t.sync().await;
+    assert_eq!(
+        story(&t, &id, "plantier").await,
+        [
+            r#"detected "Starter""#,
+            r#"missing "Starter""#,
+            r#"retried "Starter""#,
+            r#"confirmed "Starter""#
+        ]
+    );
+
+    // Pendo declares owneremail a number: each send of the record is a per-record error, the
+    // second one (max_attempts = 2) is the last. Each failure keeps Pendo's own text.
+    let mut schema = crate::helpers::ACCOUNT_FIELDS.to_vec();
+    schema[2] = ("owneremail", "number");
+    let t = TestApp::with(Options {
+        schema,
+        max_attempts: 2,
+        ..Options::default()
+    })
+    .await;
+    t.seed(1);
+    t.sync().await;
+    let value = r#""owner0@acme.test""#;
+    assert_eq!(
+        story(&t, &id, "owneremail").await,
+        [
+            format!("detected {value}"),
+            format!("failed {value}"),
+            format!("dead {value}"),
+        ]
+    );
+    let s = store(&t).await;
+    let events = s
+        .history(Kind::Account, &id, Some("owneremail"), 2)
+        .await
+        .unwrap();
+    for e in &events {
+        let text = e.detail.as_deref().unwrap_or_default();
+        assert!(text.contains("Pendo reported an error"), "{e:?}");
+    }
+    s.close().await;
+}
+
+#[tokio::test]
+async fn held_approved_and_held_rejected() {
+    let t = TestApp::with(Options {
+        extra_mappings: "[guard]\nmin_values = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    t.seed(3);
+    t.sync().await;
+    let id = account_id(1);
+    for i in 0..3 {
+        plan(&t, i, "Held1");
+    }
+    let report = t.sync().await;
+    let Some(GuardOutcome::Held { hold_id, .. }) = report.cycles[0].guard else {
+        panic!("{:?}", report.cycles[0].guard)
+    };
+    let s = store(&t).await;
+    s.decide_hold(hold_id, true, "tester", Some("expected renaming"))
+        .await
+        .unwrap();
+    s.close().await;
+    t.sync().await;
+    let mut expected = vec![
+        r#"detected "Growth""#,
+        r#"confirmed "Growth""#,
+        r#"detected "Held1""#,
+        r#"held "Held1""#,
+        r#"approved "Held1""#,
+        r#"confirmed "Held1""#,
+    ];
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+    let s = store(&t).await;
+    let events = s
+        .history(Kind::Account, &id, Some("plantier"), 2)
+        .await
+        .unwrap();
+    let hold = events[1].hold.as_ref().unwrap();
+    assert_eq!(
+        (
+            hold.id,
+            hold.decided_by.as_deref(),
+            hold.decision_reason.as_deref()
+        ),
+        (hold_id, Some("tester"), Some("expected renaming"))
+    );
+    s.close().await;
+
+    for i in 0..3 {
+        plan(&t, i, "Held2");
+    }
+    let report = t.sync().await;
+    let Some(GuardOutcome::Held { hold_id, .. }) = report.cycles[0].guard else {
+        panic!("{:?}", report.cycles[0].guard)
+    };
+    let s = store(&t).await;
+    s.decide_hold(hold_id, false, "tester", None).await.unwrap();
+    s.close().await;
+    expected.extend([
+        r#"detected "Held2""#,
+        r#"held "Held2""#,
+        r#"rejected "Held2""#,
+    ]);
+    assert_eq!(story(&t, &id, "plantier").await, expected);
+}
+
+#[tokio::test]
+async fn a_record_deleted_with_on_delete_clear_is_cleared_and_says_why() {
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.sync().await;
+    let id = account_id(1);
+    t.crm.delete("Account", &id);
+    t.sync().await;
+    assert_eq!(
+        story(&t, &id, "plantier").await,
+        [
+            r#"detected "Growth""#,
+            r#"confirmed "Growth""#,
+            "cleared null",
+            "confirmed null"
+        ]
+    );
+    let s = store(&t).await;
+    let events = s
+        .history(Kind::Account, &id, Some("plantier"), 2)
+        .await
+        .unwrap();
+    assert_eq!(events[1].detail.as_deref(), Some("deleted in the CRM"));
+    assert_eq!(events[1].crm_id.as_deref(), Some(id.as_str()));
+    s.close().await;
+}
+
+#[tokio::test]
+async fn retention_deletes_only_expired_events_in_batches() {
+    let t = TestApp::new().await;
+    t.seed(20);
+    t.sync().await;
+    let s = store(&t).await;
+    let total = s.history_count().await.unwrap();
+    assert_eq!(
+        total,
+        20 * 5 * 2,
+        "a detection and a confirmation per value"
+    );
+    // Age the first 150 events by a year.
+    sqlx::query(
+        "UPDATE history SET at = at - 31536000000 WHERE id <= (SELECT min(id) + 149 FROM history)",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let before = pendo_sync::domain::now_ms() - 86_400_000;
+    assert_eq!(s.prune_history(before, 100).await.unwrap(), 100);
+    assert_eq!(s.prune_history(before, 100).await.unwrap(), 50);
+    assert_eq!(s.prune_history(before, 100).await.unwrap(), 0);
+    assert_eq!(s.history_count().await.unwrap(), total - 150);
+    s.close().await;
+    // The app's pruning uses history.retention (90 days by default): nothing else is old.
+    let app = t.app().await;
+    assert_eq!(
+        app.prune_history(&CancellationToken::new()).await.unwrap(),
+        0
+    );
+    app.store.close().await;
+}
