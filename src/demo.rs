@@ -250,7 +250,36 @@ pub async fn demo() -> Result<u8, AppError> {
     let drift = audit.rows.len();
 
     println!(
-        "\n5. `resync sf-accounts` pushes every mapped value whatever the shadow says: the edits are repaired"
+        "\n5. Why does Pendo say Free for {}? `pendo-sync why account {} --live --field plantier`:\n",
+        edited[0], edited[0]
+    );
+    let why = crate::why::explain(
+        &settings,
+        &app.store,
+        Kind::Account,
+        &edited[0],
+        &crate::why::WhyOptions {
+            field: Some("plantier".into()),
+            limit: crate::why::DEFAULT_LIMIT,
+            live: true,
+        },
+        Some(crate::why::LiveSources {
+            connectors: &connectors,
+            pendo: &app.pendo,
+        }),
+    )
+    .await
+    .map_err(|e| AppError::Runtime(e.to_string()))?;
+    for line in crate::why::render_table(&why).lines() {
+        println!("   {line}");
+    }
+    let explained = why
+        .verdict
+        .as_deref()
+        .is_some_and(|v| v.contains("Pendo was edited after pendo-sync confirmed"));
+
+    println!(
+        "\n6. `resync sf-accounts` pushes every mapped value whatever the shadow says: the edits are repaired"
     );
     app.sync(Some("sf-accounts"), Mode::Resync, false, &cancel, &())
         .await?;
@@ -264,7 +293,7 @@ pub async fn demo() -> Result<u8, AppError> {
             .unwrap_or_default()
     );
     println!(
-        "\n6. Someone renames the HubSpot property `lifecyclestage`: HubSpot now omits it, so every contact's stage reads as empty"
+        "\n7. Someone renames the HubSpot property `lifecyclestage`: HubSpot now omits it, so every contact's stage reads as empty"
     );
     sims.hubspot.hide_property("contacts", "lifecyclestage");
     let stages_before = held_stages(&sims);
@@ -310,11 +339,13 @@ pub async fn demo() -> Result<u8, AppError> {
     );
     app.store.close().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if drift == 2 && second.failed.is_empty() && guarded {
-        0
-    } else {
-        1
-    })
+    Ok(
+        if drift == 2 && second.failed.is_empty() && guarded && explained {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 /// Visitors for which Pendo holds a lifecycle stage.

@@ -21,16 +21,20 @@ pub fn diff_record(
     outbox: Option<&HashMap<String, String>>,
     force: bool,
 ) -> Vec<Change> {
-    // The record's context for the history, shared by its changes.
-    let source = Some(Arc::new(Source {
-        crm_id: Some(record.crm_id.clone()),
-        modified_at: record.modified_at,
-        cleared: None,
-    }));
     let mut changes = Vec::new();
+    // The record's context for the history, shared by its changes; built only for a record
+    // that has one (most records a reconcile diffs have none).
+    let mut source: Option<Arc<Source>> = None;
     for (field, value) in mapping.fields.iter().zip(&record.values) {
         let Some(value) = value else { continue };
         if let Some(change) = diff_field(&field.pendo_field, value, shadow, outbox, force) {
+            let source = source.get_or_insert_with(|| {
+                Arc::new(Source {
+                    crm_id: Some(record.crm_id.clone()),
+                    modified_at: record.modified_at,
+                    cleared: None,
+                })
+            });
             changes.push(Change {
                 kind: mapping.kind,
                 pendo_id: record.pendo_id.clone(),
@@ -38,7 +42,7 @@ pub fn diff_record(
                 value: change,
                 mapping: mapping.name.clone(),
                 force,
-                source: source.clone(),
+                source: Some(source.clone()),
             });
         }
     }

@@ -165,48 +165,41 @@ pub struct HoldInfo {
     pub decision_reason: Option<String>,
 }
 
-/// Detections (and clears) of a page's changes, after they were enqueued (so a supersession the
-/// enqueue caused comes first). One statement per chunk, the rows as one JSON array.
+/// A change's detection columns: (event, CRM record id, its modification time, detail).
+pub(super) fn detection(c: &Change) -> (i64, Option<&str>, Option<i64>, Option<&'static str>) {
+    let source = c.source.as_deref();
+    let (event, detail) = match source.and_then(|s| s.cleared) {
+        Some(why) => (Event::Cleared, Some(why)),
+        None => (Event::Detected, None),
+    };
+    (
+        event as i64,
+        source.and_then(|s| s.crm_id.as_deref()),
+        source.and_then(|s| s.modified_at),
+        detail,
+    )
+}
+
+/// Detections (and clears) of a chunk of enqueued changes, after their upsert (so a
+/// supersession it caused comes first). `rows` is the enqueue's JSON array: `[kind, pendo_id,
+/// field, value, mapping, force, event, crm_id, crm_at, detail]` per change.
 pub(super) async fn record_detected(
     tx: &mut Transaction<'_, Sqlite>,
-    changes: &[Change],
+    rows: &str,
     run: Option<i64>,
     now: i64,
 ) -> Result<(), StoreError> {
-    for chunk in changes.chunks(10_000) {
-        let rows: Vec<serde_json::Value> = chunk
-            .iter()
-            .map(|c| {
-                let source = c.source.as_deref();
-                let (event, detail) = match source.and_then(|s| s.cleared) {
-                    Some(why) => (Event::Cleared, Some(why)),
-                    None => (Event::Detected, None),
-                };
-                serde_json::json!([
-                    c.kind.as_str(),
-                    c.pendo_id,
-                    c.field,
-                    c.value,
-                    c.mapping,
-                    event as i64,
-                    source.and_then(|s| s.crm_id.as_deref()),
-                    source.and_then(|s| s.modified_at),
-                    detail,
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
-             SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 5, e.value ->> 3,
-                    e.value ->> 4, ?3, e.value ->> 6, e.value ->> 7, e.value ->> 8
-             FROM json_each(?1) AS e",
-        )
-        .bind(serde_json::Value::Array(rows).to_string())
-        .bind(now)
-        .bind(run)
-        .execute(&mut **tx)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
+                e.value ->> 4, ?3, e.value ->> 7, e.value ->> 8, e.value ->> 9
+         FROM jsonb_each(jsonb(?1)) AS e",
+    )
+    .bind(rows)
+    .bind(now)
+    .bind(run)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

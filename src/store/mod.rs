@@ -374,8 +374,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let state = if page.stage { "staged" } else { "pending" };
-        outbox::enqueue(&mut tx, page.changes, state, now).await?;
-        history::record_detected(&mut tx, page.changes, page.run, now).await?;
+        // The rows and their detections (history) in one pass over the changes.
+        outbox::enqueue(&mut tx, page.changes, state, now, page.run).await?;
         if page.stage && !page.cover.is_empty() {
             sqlx::query(
                 "INSERT INTO staged_cover (mapping, field, covered)

@@ -169,6 +169,7 @@ pub(super) async fn enqueue(
     changes: &[Change],
     state: &str,
     now: i64,
+    run: Option<i64>,
 ) -> Result<(), StoreError> {
     // One statement per chunk: the rows travel as one JSON array (static SQL, one parameter),
     // which is far cheaper than a statement per row through the driver. Rows are applied in
@@ -182,25 +183,33 @@ pub(super) async fn enqueue(
                 .fetch_one(&mut **tx)
                 .await?
                 .get(0);
+        // Each row carries its detection's columns too (see `history::record_detected`): one
+        // serialization serves both statements.
         let rows: Vec<serde_json::Value> = chunk
             .iter()
             .map(|c| {
+                let (event, crm_id, crm_at, detail) = history::detection(c);
                 serde_json::json!([
                     c.kind.as_str(),
                     c.pendo_id,
                     c.field,
                     c.value,
                     c.mapping,
-                    c.force as i64
+                    c.force as i64,
+                    event,
+                    crm_id,
+                    crm_at,
+                    detail
                 ])
             })
             .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
         sqlx::query(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, ?3,
                     e.value ->> 5, ?4, 0, ?2, NULL, ?2, ?2
-             FROM json_each(?1) AS e WHERE true
+             FROM jsonb_each(jsonb(?1)) AS e WHERE true
              ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
                 value = excluded.value, mapping = excluded.mapping,
                 -- A newer value of a held row is staged again (keeping its hold): the guard
@@ -213,12 +222,14 @@ pub(super) async fn enqueue(
              WHERE outbox.value != excluded.value OR excluded.force > outbox.force
                 OR (excluded.force = 1 AND outbox.state != 'pending')",
         )
-        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(&rows)
         .bind(now)
         .bind(state)
         .bind(version)
         .execute(&mut **tx)
         .await?;
+        // After the upsert: a supersession it caused (trigger) comes before the detection.
+        history::record_detected(tx, &rows, run, now).await?;
     }
     Ok(())
 }

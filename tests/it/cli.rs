@@ -103,4 +103,9 @@ fn the_demo_runs_and_finds_the_hand_edits() {
     assert!(stdout.contains("Pendo requests: 0"), "{stdout}");
     assert!(stdout.contains("exactly the two hand edits"), "{stdout}");
     assert!(stdout.contains("plantier \"Growth\""), "{stdout}");
+    // `why --live` names the hand edit with the value it replaced.
+    assert!(
+        stdout.contains("verdict: plantier: Pendo was edited after pendo-sync confirmed"),
+        "{stdout}"
+    );
 }

@@ -1,0 +1,386 @@
+//! Benchmark: the history (DESIGN guarantee 11, issue "Provenance").
+//!
+//! Run: `cargo bench --bench history`. Three measurements, each on a fresh state file in a temp
+//! dir (`BENCH_EVENTS=10000000` sets the size of the second; `BENCH_VALUES=500000` the first):
+//!
+//! 1. **Bytes per confirmed value.** `BENCH_VALUES` values (records × 5 fields, the shapes of a
+//!    real account: a plan tier, an ARR, an owner e-mail, a date, a flag; 18-character CRM ids)
+//!    go the real way: `commit_page` (a detection each, with its CRM record and cycle), then
+//!    `claim_due` → `settle_sent` with one request of 100 records (a confirmation each, and one
+//!    batch row). The state file is vacuumed, its size taken, the history dropped, vacuumed
+//!    again: the difference over the values is what the history costs per confirmed value.
+//! 2. **`why` with `BENCH_EVENTS` events.** The history is filled with that many events over
+//!    1,000,000 accounts (10 per account, interleaved in time as a running service writes them,
+//!    detections pointing at cycles and confirmations at batches), with the accounts' shadow
+//!    rows and claims. Then `why::explain` (no live reads: those are network) for 200 random
+//!    accounts: median, 99th percentile and worst, against the target of 100 ms.
+//! 3. **Pruning 1,000,000 expired events beside a writer.** The events of (2) older than a
+//!    cut-off (1,000,000 of them) are pruned the way a running service does
+//!    (`Store::prune_history` in batches of `app::PRUNE_BATCH`, `app::PRUNE_PAUSE` between them)
+//!    while a writer loop enqueues and settles 500 values at a time; the loop's settle latency
+//!    is reported with and without the pruning next to it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pendo_sync::app::{PRUNE_BATCH, PRUNE_PAUSE};
+use pendo_sync::config::Settings;
+use pendo_sync::domain::{Kind, now_ms};
+use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
+use pendo_sync::store::{Change, OutboxEntry, PageCommit, SentBatch, Settlement, Source, Store};
+use pendo_sync::why::{WhyOptions, explain};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const WHY_TARGET_MS: f64 = 100.0;
+const ACCOUNTS: u64 = 1_000_000;
+
+fn settings() -> Settings {
+    let sf_auth = Auth::new("jwt")
+        .key("client_id", "bench")
+        .key("username", "bench@example.com")
+        .key("private_key", "bench");
+    let toml = SimConfig::new(
+        "/tmp/unused.db",
+        PendoSection::new("bench").max_in_flight(None),
+    )
+    .salesforce(SalesforceSection::new(
+        "https://login.salesforce.com",
+        sf_auth,
+    ))
+    .admin_token("bench")
+    .mapping(MappingSection::sf_accounts("accounts"))
+    .to_toml();
+    Settings::from_toml_with_env(&toml, HashMap::new()).expect("bench config")
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The changes of `records` accounts from `first`, with their CRM records (a detection each).
+fn changes(first: u64, records: u64, round: u64) -> Vec<Change> {
+    let mut out = Vec::with_capacity(records as usize * 5);
+    for i in first..first + records {
+        let source = Some(Arc::new(Source {
+            crm_id: Some(format!("001A{i:014}")),
+            modified_at: Some(1_790_000_000_000 + i as i64),
+            cleared: None,
+        }));
+        let id = format!("acct{i:07}");
+        let values = [
+            (
+                "plantier",
+                format!(
+                    "\"{}\"",
+                    ["Starter", "Growth", "Enterprise"][(i % 3) as usize]
+                ),
+            ),
+            ("arr", format!("{}.5", i * 37 % 1_000_000 + round)),
+            ("owneremail", format!("\"owner{}@example.com\"", i % 997)),
+            (
+                "renewaldate",
+                format!("{}", 1_800_000_000_000 + (i % 365) as i64 * 86_400_000),
+            ),
+            ("isstrategic", (i % 2 == 0).to_string()),
+        ];
+        for (field, value) in values {
+            out.push(Change {
+                kind: Kind::Account,
+                pendo_id: id.clone(),
+                field: field.into(),
+                value,
+                mapping: "accounts".into(),
+                force: false,
+                source: source.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Detect, send and confirm `records` accounts the way a cycle and a writer do. Returns the
+/// settle's seconds.
+async fn detect_and_confirm(store: &Store, first: u64, records: u64, round: u64, run: i64) -> f64 {
+    let c = changes(first, records, round);
+    store
+        .commit_page(&PageCommit {
+            mapping: "accounts",
+            changes: &c,
+            run: Some(run),
+            ..PageCommit::default()
+        })
+        .await
+        .expect("commit");
+    let mut settle_s = 0.0;
+    loop {
+        let claimed: Vec<OutboxEntry> = store
+            .claim_due(Kind::Account, i64::MAX, 100)
+            .await
+            .expect("claim");
+        if claimed.is_empty() {
+            return settle_s;
+        }
+        let now = now_ms();
+        let batch = SentBatch {
+            kind: Kind::Account,
+            sent_at: now - 40,
+            answered_at: now,
+            records: 100,
+            attempts: 1,
+            answer: "2xx for 100 records: 100 updated, 0 missing, 0 with errors".into(),
+        };
+        let outcomes: Vec<(OutboxEntry, Settlement)> = claimed
+            .into_iter()
+            .map(|e| (e, Settlement::Confirmed))
+            .collect();
+        let batch_of = vec![Some(0); outcomes.len()];
+        let at = Instant::now();
+        store
+            .settle_sent(&outcomes, &[batch], &batch_of)
+            .await
+            .expect("settle");
+        settle_s += at.elapsed().as_secs_f64();
+    }
+}
+
+async fn file_bytes(store: &Store) -> i64 {
+    use sqlx::Row;
+    sqlx::query("VACUUM").execute(store.pool()).await.unwrap();
+    let row =
+        sqlx::query("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    row.get(0)
+}
+
+async fn bytes_per_value(dir: &Path) -> serde_json::Value {
+    let values = env_u64("BENCH_VALUES", 500_000);
+    let records = values / 5;
+    let store = Store::open(&dir.join("bytes.db")).await.unwrap();
+    let started = Instant::now();
+    let mut first = 0;
+    while first < records {
+        let n = 10_000.min(records - first);
+        detect_and_confirm(&store, first, n, 0, 1).await;
+        first += n;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let with = file_bytes(&store).await;
+    let events = store.history_count().await.unwrap();
+    sqlx::query("DELETE FROM history")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM history_batches")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let without = file_bytes(&store).await;
+    store.close().await;
+    let per_value = (with - without) as f64 / values as f64;
+    println!(
+        "bytes per confirmed value: {per_value:.1} ({values} values, {events} events; state file {:.1} MB with the history, {:.1} MB without; {elapsed:.1} s to detect and confirm them)",
+        with as f64 / 1048576.0,
+        without as f64 / 1048576.0
+    );
+    serde_json::json!({ "values": values, "events": events, "bytes_per_value": per_value,
+        "with_mb": with as f64 / 1048576.0, "without_mb": without as f64 / 1048576.0 })
+}
+
+/// Fills the history with `events` events over [`ACCOUNTS`] accounts, the oldest
+/// `expired` of them a year old, plus the accounts' shadow rows and claims.
+async fn fill(store: &Store, events: u64, expired: u64) -> f64 {
+    let started = Instant::now();
+    let now = now_ms();
+    let pool = store.pool();
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 9999)
+         INSERT INTO history_batches (id, kind, sent_at, answered_at, records, attempts, answer)
+         SELECT i + 1, 'account', ?1, ?1, 100, 1, '2xx for 100 records: 100 updated' FROM n",
+    )
+    .bind(now)
+    .execute(pool)
+    .await
+    .unwrap();
+    // In chunks: one transaction of ten million rows would hold the whole WAL.
+    let chunk = 1_000_000u64;
+    let mut from = 0u64;
+    while from < events {
+        let to = (from + chunk).min(events);
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?2)
+             INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+             SELECT CASE WHEN i < ?4 THEN ?3 - 31536000000 + i ELSE ?3 - ?5 + i END,
+                    'account', printf('acct%07d', i % ?6),
+                    CASE (i / ?6) % 5 WHEN 0 THEN 'plantier' WHEN 1 THEN 'arr' WHEN 2 THEN 'owneremail'
+                                      WHEN 3 THEN 'renewaldate' ELSE 'isstrategic' END,
+                    CASE (i / ?6) % 2 WHEN 0 THEN 1 ELSE 7 END,
+                    '\"value ' || (i / ?6) || '\"', 'accounts',
+                    CASE (i / ?6) % 2 WHEN 0 THEN i / ?6 + 1 ELSE i % 10000 + 1 END,
+                    CASE (i / ?6) % 2 WHEN 0 THEN printf('001A%014d', i % ?6) END,
+                    CASE (i / ?6) % 2 WHEN 0 THEN ?3 - 86400000 END, NULL
+             FROM n",
+        )
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(now)
+        .bind(expired as i64)
+        .bind(events as i64)
+        .bind(ACCOUNTS as i64)
+        .execute(pool)
+        .await
+        .unwrap();
+        from = to;
+    }
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?2)
+         INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
+         SELECT 'account', printf('acct%07d', i),
+                json_object('plantier', 'Growth', 'arr', 1000.5, 'owneremail', 'o@example.com',
+                            'renewaldate', 1800000000000, 'isstrategic', json('true')), ?1, 0
+         FROM n",
+    )
+    .bind(now)
+    .bind(ACCOUNTS as i64)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1)
+         INSERT INTO claims (mapping, crm_id, pendo_id, digest)
+         SELECT 'accounts', printf('001A%014d', i), printf('acct%07d', i), i FROM n",
+    )
+    .bind(ACCOUNTS as i64)
+    .execute(pool)
+    .await
+    .unwrap();
+    started.elapsed().as_secs_f64()
+}
+
+async fn why_latency(store: &Store, settings: &Settings) -> serde_json::Value {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let options = WhyOptions {
+        field: None,
+        limit: 10,
+        live: false,
+    };
+    let mut ms = Vec::new();
+    for _ in 0..200 {
+        let id = format!("acct{:07}", rng.u64(0..ACCOUNTS));
+        let at = Instant::now();
+        let report = explain(settings, store, Kind::Account, &id, &options, None)
+            .await
+            .expect("why");
+        ms.push(at.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(report.events.len(), 10);
+    }
+    let (p50, p99, max) = (
+        percentile(ms.clone(), 0.5),
+        percentile(ms.clone(), 0.99),
+        percentile(ms, 1.0),
+    );
+    println!(
+        "why (no live reads), 200 random accounts: median {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (target < {WHY_TARGET_MS} ms)"
+    );
+    serde_json::json!({ "median_ms": p50, "p99_ms": p99, "max_ms": max })
+}
+
+/// A writer loop settling 500 values at a time for `rounds` rounds; each settle's ms.
+async fn writer_loop(store: &Store, rounds: u64, base: u64) -> Vec<f64> {
+    let mut out = Vec::new();
+    for r in 0..rounds {
+        let s = detect_and_confirm(store, base + (r % 50) * 100, 100, base + r, 2).await;
+        out.push(s * 1000.0);
+    }
+    out
+}
+
+async fn pruning_beside_a_writer(store: &Store, expired: u64) -> serde_json::Value {
+    let alone = writer_loop(store, 200, 0).await;
+    let before = now_ms() - 86_400_000;
+    let prune = async {
+        let started = Instant::now();
+        let mut total = 0;
+        loop {
+            let n = store.prune_history(before, PRUNE_BATCH).await.unwrap();
+            total += n;
+            if n < u64::from(PRUNE_BATCH) {
+                break;
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+        (total, started.elapsed().as_secs_f64())
+    };
+    let writer = async {
+        let mut all = Vec::new();
+        // Keeps settling while the prune runs (a few rounds past it are harmless).
+        for _ in 0..40 {
+            all.extend(writer_loop(store, 25, 10_000).await);
+        }
+        all
+    };
+    let ((pruned, prune_s), beside) = tokio::join!(prune, writer);
+    assert_eq!(pruned, expired, "every expired event, and only those");
+    let stats = |v: &Vec<f64>| {
+        (
+            percentile(v.clone(), 0.5),
+            percentile(v.clone(), 0.99),
+            percentile(v.clone(), 1.0),
+        )
+    };
+    let (a50, a99, amax) = stats(&alone);
+    let (b50, b99, bmax) = stats(&beside);
+    println!(
+        "pruning {pruned} expired events: {prune_s:.1} s in batches of {PRUNE_BATCH} ({:.0} events/s)",
+        pruned as f64 / prune_s
+    );
+    println!(
+        "writer settle of 100 records (500 values) alone: median {a50:.2} ms, p99 {a99:.2} ms, max {amax:.2} ms"
+    );
+    println!(
+        "writer settle of 100 records (500 values) beside the pruning: median {b50:.2} ms, p99 {b99:.2} ms, max {bmax:.2} ms"
+    );
+    serde_json::json!({ "pruned": pruned, "prune_s": prune_s,
+        "settle_alone_ms": [a50, a99, amax], "settle_beside_ms": [b50, b99, bmax] })
+}
+
+fn main() {
+    // Outside `cargo bench` (e.g. `cargo test --all-targets`) there is nothing to do.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings();
+        bytes_per_value(dir.path()).await;
+        let events = env_u64("BENCH_EVENTS", 10_000_000);
+        let expired = 1_000_000.min(events / 2);
+        let store = Store::open(&dir.path().join("history.db")).await.unwrap();
+        let fill_s = fill(&store, events, expired).await;
+        let size = std::fs::metadata(dir.path().join("history.db")).map_or(0, |m| m.len());
+        println!(
+            "filled {events} events over {ACCOUNTS} accounts in {fill_s:.1} s; state file {:.0} MB",
+            size as f64 / 1048576.0
+        );
+        why_latency(&store, &settings).await;
+        pruning_beside_a_writer(&store, expired).await;
+        store.close().await;
+    });
+}
