@@ -136,6 +136,7 @@ pub struct HistoryEvent {
     pub event: Event,
     /// Canonical stored text of the value (JSON), if the event has one.
     pub value: Option<String>,
+    /// On detections and clears: the mapping.
     pub mapping: Option<String>,
     /// detected/cleared: the cycle; sent answers: the batch; hold events: the hold.
     pub cycle: Option<i64>,
@@ -207,8 +208,8 @@ pub(super) async fn record_detected(
 /// own parameters from `?4` on), before the statement that changes them runs.
 pub(super) fn from_outbox(condition: &str) -> String {
     format!(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, detail)
-         SELECT ?1, kind, pendo_id, field, ?2, value, mapping, ?3, NULL FROM outbox WHERE {condition}"
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, ref)
+         SELECT ?1, kind, pendo_id, field, ?2, value, ?3 FROM outbox WHERE {condition}"
     )
 }
 
@@ -222,8 +223,8 @@ pub(super) async fn record_operator(
     now: i64,
 ) -> Result<u64, StoreError> {
     let sql = format!(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, detail)
-         SELECT ?1, kind, pendo_id, field, ?2, value, mapping, ?3 FROM outbox
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, detail)
+         SELECT ?1, kind, pendo_id, field, ?2, value, ?3 FROM outbox
          WHERE state IN ({states}) AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR kind = ?5)
            AND (?6 IS NULL OR pendo_id = ?6)"
     );
@@ -303,12 +304,12 @@ pub(super) async fn record_answers(
     // A failure that uses up the attempts is the row's death: recorded as such (the settle's
     // own statement makes the same decision from the same numbers).
     sqlx::query(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, detail)
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
          SELECT ?2, o.kind, o.pendo_id, o.field,
                 CASE WHEN e.value ->> 4 = 10 AND o.attempts + (e.value ->> 7) >= (e.value ->> 8)
                      THEN 11 ELSE e.value ->> 4 END,
-                o.value, o.mapping, e.value ->> 5, e.value ->> 6
-         FROM json_each(?1) AS e
+                o.value, e.value ->> 5, e.value ->> 6
+         FROM jsonb_each(jsonb(?1)) AS e
          JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
               AND o.field = e.value ->> 2 AND o.version = e.value ->> 3",
     )
