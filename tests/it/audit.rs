@@ -102,6 +102,10 @@ async fn against_pendo_reports_exactly_the_fields_edited_in_pendo_and_writes_not
     assert_eq!(hacked.shadow.as_deref(), Some("Growth"));
     assert_eq!(hacked.pendo, Some(Some("Hacked".to_owned())));
     assert_eq!(rows(&report, Class::Drift)[2].pendo, Some(None));
+    // Each difference carries its (id, field)'s last event: confirmed, then changed in Pendo.
+    let last = hacked.last_event.as_ref().expect("a last event");
+    assert_eq!(last.event, pendo_sync::store::Event::Confirmed);
+    assert!(last.summary.starts_with("Pendo confirmed \"Growth\""), "{last:?}");
     assert_eq!(report.mappings[0].records, 40);
     assert_eq!(report.mappings[0].pendo_rows, Some(40));
 
@@ -476,4 +480,38 @@ on_delete = "clear"
     );
     let text = format!("{stdout}{}", String::from_utf8_lossy(&drifted.stderr));
     assert!(!text.contains(key) && !text.contains(&sf_config.client_secret));
+}
+
+/// A value that was never sent says so in the report: its last event is its detection, and the
+/// markdown report shows it in the "last event" column.
+#[tokio::test]
+async fn a_queued_value_s_row_says_it_was_detected_and_not_yet_sent() {
+    let t = TestApp::new().await;
+    t.seed(5);
+    t.sync().await;
+    t.crm
+        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Queued"));
+    let app = t.app().await;
+    app.cycle(
+        t.settings.mapping("accounts").unwrap(),
+        Mode::Incremental,
+        false,
+        &(),
+    )
+    .await
+    .unwrap();
+    app.store.close().await;
+    let report = run_audit(&t, Against::Shadow, 5_000).await;
+    let row = report
+        .rows
+        .iter()
+        .find(|r| r.id == account_id(0) && r.field == "plantier")
+        .expect("the queued value differs from the shadow");
+    let last = row.last_event.as_ref().unwrap();
+    assert_eq!(last.event, pendo_sync::store::Event::Detected);
+    let md = audit::render(&report, Format::Markdown);
+    assert!(md.contains("| last event |"), "{md}");
+    assert!(md.contains("detected: detected \"Queued\" in CRM record"), "{md}");
+    let json = audit::render(&report, Format::Json);
+    assert!(json.contains("\"last_event\""), "{json}");
 }
