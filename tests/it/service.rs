@@ -713,6 +713,14 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
         0.0
     );
     assert!(m(r#"pendo_sync_records_pulled_total{mapping="sf-accounts"}"#) >= accounts as f64);
+    // The history's size, as the state file counts it (a detection and an answer per value).
+    let state = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let events = state.history_count().await.unwrap();
+    state.close().await;
+    assert!(events >= 2 * (known + unknown) as i64, "{events}");
+    assert_eq!(m("pendo_sync_history_events"), events as f64);
 
     // /v1/status is the document `status --format json` prints.
     let (_, body) = env.get("/v1/status").await;
