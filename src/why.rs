@@ -223,9 +223,7 @@ pub fn summary(e: &HistoryEvent) -> String {
                 .map_or_else(String::new, |c| format!("CRM record {c} ")),
             e.detail.as_deref().unwrap_or("the record left the CRM")
         ),
-        Event::Superseded => {
-            format!("{value} superseded by a newer CRM value before Pendo confirmed it")
-        }
+        Event::Superseded => format!("{value} replaced in the queue by a newer CRM value"),
         Event::Held => format!("{value} held by the guard ({})", hold(&e.hold)),
         Event::Approved => format!("{value} approved ({})", hold(&e.hold)),
         Event::Rejected => format!("{value} rejected and dropped ({})", hold(&e.hold)),

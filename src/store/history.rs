@@ -18,6 +18,9 @@ use super::outbox::{Change, OutboxEntry, QueueFilter, QueueState, Settlement};
 use super::{Store, StoreError};
 use crate::domain::Kind;
 
+/// How much older than the oldest kept event a batch must be to go (see `prune_history`).
+const BATCH_MARGIN_MS: i64 = 3_600_000;
+
 /// What happened to a value. The number is what the state stores: never renumber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -26,7 +29,7 @@ pub enum Event {
     Detected = 1,
     /// The CRM record was deleted or left the mapping (filter, hard delete): a clear queued.
     Cleared = 2,
-    /// A newer value replaced this one before Pendo confirmed it.
+    /// A newer value replaced this one in the queue (if it was in flight, its answer follows).
     Superseded = 3,
     /// The guard held it (`ref`: the hold).
     Held = 4,
@@ -184,9 +187,14 @@ pub(super) fn detection(c: &Change) -> (i64, Option<&str>, Option<i64>, Option<&
 /// Detections (and clears) of a chunk of enqueued changes, after their upsert (so a
 /// supersession it caused comes first). `rows` is the enqueue's JSON array: `[kind, pendo_id,
 /// field, value, mapping, force, event, crm_id, crm_at, detail]` per change.
+///
+/// Only rows the upsert wrote get one: they carry the chunk's `version`, while a row the upsert
+/// left alone (the same value already queued, e.g. a second resync before the first drained)
+/// keeps its own.
 pub(super) async fn record_detected(
     tx: &mut Transaction<'_, Sqlite>,
     rows: &str,
+    version: i64,
     run: Option<i64>,
     now: i64,
 ) -> Result<(), StoreError> {
@@ -194,11 +202,14 @@ pub(super) async fn record_detected(
         "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
          SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
                 e.value ->> 4, ?3, e.value ->> 7, e.value ->> 8, e.value ->> 9
-         FROM jsonb_each(jsonb(?1)) AS e",
+         FROM jsonb_each(jsonb(?1)) AS e
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = ?4",
     )
     .bind(rows)
     .bind(now)
     .bind(run)
+    .bind(version)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -296,22 +307,28 @@ pub(super) async fn record_answers(
             detail,
             attempts,
             max,
+            entry.value,
         ]));
     }
     if rows.is_empty() {
         return Ok(());
     }
-    // A failure that uses up the attempts is the row's death: recorded as such (the settle's
-    // own statement makes the same decision from the same numbers).
+    // An answer changes the outbox row only while it still holds the version that was sent,
+    // and so gets an event only then, except a confirmation: the settle writes the shadow for
+    // every confirmed value, even one a newer value replaced (or an operator dropped) while it
+    // was in flight, so its event is written whatever the row became. A failure that uses up
+    // the attempts is the row's death: recorded as such (the settle's own statement makes the
+    // same decision from the same numbers).
     sqlx::query(
         "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
-         SELECT ?2, o.kind, o.pendo_id, o.field,
+         SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
                 CASE WHEN e.value ->> 4 = 10 AND o.attempts + (e.value ->> 7) >= (e.value ->> 8)
                      THEN 11 ELSE e.value ->> 4 END,
-                o.value, e.value ->> 5, e.value ->> 6
+                e.value ->> 9, e.value ->> 5, e.value ->> 6
          FROM jsonb_each(jsonb(?1)) AS e
-         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
-              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3",
+         LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3
+         WHERE o.kind IS NOT NULL OR e.value ->> 4 = 7",
     )
     .bind(serde_json::Value::Array(rows).to_string())
     .bind(now)
@@ -487,12 +504,20 @@ impl Store {
         .bind(batch)
         .execute(&mut *tx)
         .await?;
+        // A batch goes once no kept event can point at it: an event is written when its step
+        // settles, at most minutes after its batch was answered, so batches an hour older than
+        // the oldest kept event (read from the front of the table, no scan) are unreferenced.
+        let oldest: Option<i64> = sqlx::query("SELECT at FROM history ORDER BY id LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get(0));
+        let cut = oldest.map_or(before, |at| at.min(before)) - BATCH_MARGIN_MS;
         sqlx::query(
             "DELETE FROM history_batches WHERE id IN
                (SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT ?2)
                 WHERE answered_at < ?1)",
         )
-        .bind(before)
+        .bind(cut)
         .bind(batch)
         .execute(&mut *tx)
         .await?;

@@ -229,7 +229,7 @@ pub(super) async fn enqueue(
         .execute(&mut **tx)
         .await?;
         // After the upsert: a supersession it caused (trigger) comes before the detection.
-        history::record_detected(tx, &rows, run, now).await?;
+        history::record_detected(tx, &rows, version, run, now).await?;
     }
     Ok(())
 }

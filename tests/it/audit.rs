@@ -105,7 +105,10 @@ async fn against_pendo_reports_exactly_the_fields_edited_in_pendo_and_writes_not
     // Each difference carries its (id, field)'s last event: confirmed, then changed in Pendo.
     let last = hacked.last_event.as_ref().expect("a last event");
     assert_eq!(last.event, pendo_sync::store::Event::Confirmed);
-    assert!(last.summary.starts_with("Pendo confirmed \"Growth\""), "{last:?}");
+    assert!(
+        last.summary.starts_with("Pendo confirmed \"Growth\""),
+        "{last:?}"
+    );
     assert_eq!(report.mappings[0].records, 40);
     assert_eq!(report.mappings[0].pendo_rows, Some(40));
 
@@ -511,7 +514,10 @@ async fn a_queued_value_s_row_says_it_was_detected_and_not_yet_sent() {
     assert_eq!(last.event, pendo_sync::store::Event::Detected);
     let md = audit::render(&report, Format::Markdown);
     assert!(md.contains("| last event |"), "{md}");
-    assert!(md.contains("detected: detected \"Queued\" in CRM record"), "{md}");
+    assert!(
+        md.contains("detected: detected \"Queued\" in CRM record"),
+        "{md}"
+    );
     let json = audit::render(&report, Format::Json);
     assert!(json.contains("\"last_event\""), "{json}");
 }

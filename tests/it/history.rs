@@ -4,7 +4,7 @@
 use pendo_sync::domain::Kind;
 use pendo_sync::engine::Mode;
 use pendo_sync::sim::pendo::PendoFaults;
-use pendo_sync::store::{Event, GuardOutcome, QueueFilter, Store};
+use pendo_sync::store::{Event, GuardOutcome, QueueFilter, SentBatch, Settlement, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -344,6 +344,28 @@ async fn retention_deletes_only_expired_events_in_batches() {
     assert_eq!(s.prune_history(before, 100).await.unwrap(), 50);
     assert_eq!(s.prune_history(before, 100).await.unwrap(), 0);
     assert_eq!(s.history_count().await.unwrap(), total - 150);
+    // A batch answered just before the cut-off, whose values settled just after it: the events
+    // stay, and so does the batch they point at.
+    sqlx::query("UPDATE history SET at = ?1 + 60000")
+        .bind(before)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE history_batches SET sent_at = ?1 - 61000, answered_at = ?1 - 60000")
+        .bind(before)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(s.prune_history(before, 100).await.unwrap(), 0);
+    let last = s
+        .history(Kind::Account, &account_id(19), Some("plantier"), 1)
+        .await
+        .unwrap();
+    assert_eq!(last[0].event, Event::Confirmed);
+    assert!(
+        last[0].batch.is_some(),
+        "the batch of a kept confirmation was pruned"
+    );
     s.close().await;
     // The app's pruning uses history.retention (90 days by default): nothing else is old.
     let app = t.app().await;
@@ -352,4 +374,94 @@ async fn retention_deletes_only_expired_events_in_batches() {
         0
     );
     app.store.close().await;
+}
+
+/// A value confirmed by Pendo after a newer CRM value replaced it in the queue (it was in
+/// flight) is in the shadow: its confirmation is an event too, even when the newer value is then
+/// dropped. Made deterministic by doing the writer's steps by hand: lease, a cycle, settle.
+#[tokio::test]
+async fn a_value_confirmed_after_a_newer_one_replaced_it_in_flight_keeps_its_confirmation() {
+    let t = TestApp::new().await;
+    t.seed(1);
+    t.sync().await;
+    let id = account_id(0);
+    plan(&t, 0, "A");
+    cycle_only(&t).await;
+    let s = store(&t).await;
+    let in_flight = s.claim_due(Kind::Account, i64::MAX, 10).await.unwrap();
+    assert_eq!(in_flight.len(), 1);
+    s.close().await;
+    plan(&t, 0, "B");
+    cycle_only(&t).await;
+    let s = store(&t).await;
+    let batch = SentBatch {
+        kind: Kind::Account,
+        sent_at: 1,
+        answered_at: 2,
+        records: 1,
+        attempts: 1,
+        answer: "2xx for 1 records: 1 updated, 0 missing, 0 with errors".into(),
+    };
+    let outcomes: Vec<_> = in_flight
+        .into_iter()
+        .map(|e| (e, Settlement::Confirmed))
+        .collect();
+    s.settle_sent(&outcomes, &[batch], &[Some(0)])
+        .await
+        .unwrap();
+    s.outbox_drop(
+        &QueueFilter {
+            pendo_id: Some(id.clone()),
+            ..QueueFilter::default()
+        },
+        "queue drop by tester",
+    )
+    .await
+    .unwrap();
+    let shadow = s.load_shadow(Kind::Account, &[&id]).await.unwrap();
+    assert_eq!(shadow[&id]["plantier"], json!("A"));
+    s.close().await;
+    assert_eq!(
+        story(&t, &id, "plantier").await,
+        [
+            r#"detected "Starter""#,
+            r#"confirmed "Starter""#,
+            r#"detected "A""#,
+            r#"superseded "A""#,
+            r#"detected "B""#,
+            r#"confirmed "A""#,
+            r#"dropped "B""#,
+        ]
+    );
+}
+
+/// A second resync before the first one's values went out changes no outbox row: no second
+/// detection.
+#[tokio::test]
+async fn a_second_resync_before_the_drain_detects_nothing_new() {
+    let t = TestApp::new().await;
+    t.seed(1);
+    t.sync().await;
+    for _ in 0..2 {
+        let app = t.app().await;
+        app.cycle(
+            t.settings.mapping("accounts").unwrap(),
+            Mode::Resync,
+            false,
+            &(),
+        )
+        .await
+        .unwrap();
+        app.store.close().await;
+    }
+    t.sync().await;
+    assert_eq!(
+        story(&t, &account_id(0), "plantier").await,
+        [
+            r#"detected "Starter""#,
+            r#"confirmed "Starter""#,
+            r#"detected "Starter""#,
+            r#"confirmed "Starter""#,
+        ]
+    );
 }
