@@ -378,6 +378,57 @@ pub async fn healthcheck(settings: &Settings) -> Result<u8, AppError> {
 
 /// `resync` while a service holds the state file: ask it over the admin port, then (unless
 /// `no_wait`) follow the job until it ends. Exit 0 when it is done, 1 when it failed.
+/// `why --live` while a `run` holds the state file: the service reads the CRM and Pendo through
+/// its own clients (its limiters, and its refresh tokens: a second login from the CLI could
+/// rotate a token the service still uses), and answers `GET /v1/why/...?live=true`.
+pub async fn why_via_service(
+    settings: &Settings,
+    kind: Kind,
+    id: &str,
+    options: &crate::why::WhyOptions,
+) -> Result<crate::why::WhyReport, AppError> {
+    let base = admin_url(settings)?;
+    let token = settings.admin.token_source.resolve("admin.token").map_err(|e| {
+        AppError::Runtime(format!(
+            "a pendo-sync run holds the state file, so `why --live` reads through its admin port, which needs the token: {e}"
+        ))
+    })?;
+    let mut query = vec![
+        ("live", "true".to_owned()),
+        ("limit", options.limit.to_string()),
+    ];
+    if let Some(f) = &options.field {
+        query.push(("field", f.clone()));
+    }
+    // The id is a path segment: percent-encoded, whatever characters it holds.
+    let mut url = reqwest::Url::parse(&base)
+        .map_err(|e| AppError::Runtime(format!("admin.listen gives no URL ({base}): {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| AppError::Runtime(format!("admin.listen gives no URL ({base})")))?
+        .extend(["v1", "why", kind.as_str(), id]);
+    let resp = http_client()
+        .get(url)
+        .query(&query)
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(|e| {
+            AppError::Runtime(format!(
+                "a pendo-sync run holds the state file but its admin port {base} does not answer: {e}"
+            ))
+        })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(AppError::Runtime(body["error"].as_str().map_or_else(
+            || format!("the running service answered {status}"),
+            str::to_owned,
+        )));
+    }
+    serde_json::from_value(body)
+        .map_err(|e| AppError::Runtime(format!("the running service's answer: {e}")))
+}
+
 pub async fn hand_off_resync(
     settings: &Settings,
     mapping: Option<&str>,

@@ -532,10 +532,40 @@ async fn why(
     options: &crate::why::WhyOptions,
     format: OutputFormat,
 ) -> Result<u8, AppError> {
-    let store = Store::open_read_only(&settings.state.path).await?;
-    // Live reads go through clients of their own: no state is written (no quota readings).
+    let report = if options.live
+        && let Some(holder) = crate::lock::holder(&settings.state.path)
+        && holder.role.as_deref() == Some("run")
+    {
+        crate::admin::why_via_service(settings, kind, id, options).await?
+    } else {
+        why_here(settings, kind, id, options).await?
+    };
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serializes")
+        ),
+        OutputFormat::Table => print!("{}", crate::why::render_table(&report)),
+    }
+    Ok(if report.live_failed { 1 } else { 0 })
+}
+
+/// `why` in this process. Live reads log in with the state's refresh tokens (and keep a token
+/// a CRM rotates), as `sync` would.
+async fn why_here(
+    settings: &Settings,
+    kind: Kind,
+    id: &str,
+    options: &crate::why::WhyOptions,
+) -> Result<crate::why::WhyReport, AppError> {
+    let store = if options.live {
+        Store::open(&settings.state.path).await?
+    } else {
+        Store::open_read_only(&settings.state.path).await?
+    };
     let live = if options.live {
-        let connectors = crate::connectors::build(settings, None)?;
+        let kv: crate::connectors::SharedKv = Arc::new(store.clone());
+        let connectors = crate::connectors::build(settings, Some(kv))?;
         let key = settings
             .pendo
             .integration_key_source
@@ -552,15 +582,7 @@ async fn why(
         .map(|(connectors, pendo)| crate::why::LiveSources { connectors, pendo });
     let result = crate::why::explain(settings, &store, kind, id, options, sources).await;
     store.close().await;
-    let report = result.map_err(|e| AppError::Runtime(e.to_string()))?;
-    match format {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("the report serializes")
-        ),
-        OutputFormat::Table => print!("{}", crate::why::render_table(&report)),
-    }
-    Ok(if report.live_failed { 1 } else { 0 })
+    result.map_err(|e| AppError::Runtime(e.to_string()))
 }
 
 // ---- holds ---------------------------------------------------------------------------------

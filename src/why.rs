@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::connectors::{Connectors, PullSpec};
@@ -49,7 +49,7 @@ pub enum WhyError {
 }
 
 /// The whole answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WhyReport {
     pub kind: Kind,
     pub id: String,
@@ -57,18 +57,18 @@ pub struct WhyReport {
     /// The last events, newest first.
     pub events: Vec<EventView>,
     /// With `live`: what the reads found, one line per source.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<Vec<String>>,
     /// With `live`: "CRM, pendo-sync and Pendo agree", or what differs.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
     /// With `live`: a read failed, so the verdict is partial.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub live_failed: bool,
 }
 
 /// One field's story.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FieldStory {
     pub field: String,
     /// The mapping that writes it and where its value comes from.
@@ -80,14 +80,14 @@ pub struct FieldStory {
     /// What waits in the outbox.
     pub queued: Option<Queued>,
     /// With `live`: the values now.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveField>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FieldSource {
     pub mapping: String,
-    pub crm: &'static str,
+    pub crm: String,
     pub object: String,
     /// The CRM field path (`Owner.Email`, `hubspot_owner_id`).
     pub from: String,
@@ -95,7 +95,7 @@ pub struct FieldSource {
     pub crm_ids: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mapped {
     pub value: Option<String>,
     pub at: i64,
@@ -105,7 +105,7 @@ pub struct Mapped {
     pub crm_modified_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Confirmed {
     pub value: Option<String>,
     /// When Pendo confirmed it (the confirmation's event; else when the record last changed).
@@ -113,7 +113,7 @@ pub struct Confirmed {
     pub batch: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Queued {
     pub state: crate::store::QueueState,
     pub value: Option<String>,
@@ -123,7 +123,7 @@ pub struct Queued {
     pub enqueued_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveField {
     /// The CRM record's value now, mapped (`None`: empty, or no record).
     pub crm: Option<String>,
@@ -133,7 +133,7 @@ pub struct LiveField {
     pub agree: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventView {
     #[serde(flatten)]
     pub event: HistoryEvent,
@@ -345,7 +345,7 @@ pub async fn explain(
                 let settings = settings.mapping(&m.name).ok()?;
                 Some(FieldSource {
                     mapping: m.name.clone(),
-                    crm: settings.source.as_str(),
+                    crm: settings.source.as_str().to_owned(),
                     object: settings.object.clone(),
                     from: f.from.clone(),
                     crm_ids: claims.get(&m.name).cloned().unwrap_or_default(),
@@ -425,6 +425,16 @@ pub async fn explain(
     Ok(report)
 }
 
+/// What the live CRM read found for one field.
+enum CrmNow {
+    /// Not compared, and why (no claim, a deleted record kept by `on_delete`, re-pointed...).
+    NotRead,
+    /// Two or more records claim the id: nothing is sent until one remains.
+    Ambiguous(String),
+    /// The record's mapped value now (stored text; `None`: empty or cleared).
+    Value(Option<String>),
+}
+
 /// Reads the CRM records and Pendo's values now and judges each field.
 async fn check_live(
     settings: &Settings,
@@ -438,9 +448,7 @@ async fn check_live(
     let kind = report.kind;
     let id = report.id.clone();
     let mut lines = Vec::new();
-    // Field → the CRM's mapped value now (stored text), for the fields a record was read for.
-    let mut crm_now: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut crm_read: BTreeSet<String> = BTreeSet::new();
+    let mut crm_now: BTreeMap<String, CrmNow> = BTreeMap::new();
     for m in mappings {
         let Ok(ms) = settings.mapping(&m.name) else {
             continue;
@@ -454,67 +462,77 @@ async fn check_live(
         if mine.is_empty() {
             continue;
         }
+        let crm = ms.source.as_str();
+        let mut set = |now: &dyn Fn() -> CrmNow| {
+            for f in &mine {
+                crm_now.insert((*f).to_owned(), now());
+            }
+        };
         let Some(crm_ids) = claims.get(&m.name).filter(|c| !c.is_empty()) else {
             lines.push(format!(
-                "{}: no CRM record of mapping {} claims this id",
-                ms.source.as_str(),
+                "{crm}: no CRM record of mapping {} claims this id now: not compared",
                 m.name
             ));
             continue;
         };
+        if crm_ids.len() > 1 {
+            let text = format!(
+                "{} CRM records claim this id ({}): nothing is sent until only one remains",
+                crm_ids.len(),
+                crm_ids.join(", ")
+            );
+            lines.push(format!("{crm}: {text}"));
+            set(&|| CrmNow::Ambiguous(text.clone()));
+            continue;
+        }
         let Some(connector) = sources.connectors.get(&ms.source) else {
             continue;
         };
-        if crm_ids.len() > 1 {
-            lines.push(format!(
-                "{}: {} records claim this id ({}): ambiguous, nothing is sent",
-                ms.source.as_str(),
-                crm_ids.len(),
-                crm_ids.join(", ")
-            ));
-        }
         let spec = PullSpec::for_mapping(ms, None, Duration::ZERO);
         let crm_id = &crm_ids[0];
         match connector.fetch(&spec, crm_id).await {
             Ok(Some(raw)) if !raw.deleted => match m.map(&raw) {
+                Ok(rec) if rec.pendo_id != id => lines.push(format!(
+                    "{crm}: {} {crm_id} now maps to Pendo id {:?}: not compared",
+                    ms.object, rec.pendo_id
+                )),
                 Ok(rec) => {
                     lines.push(format!(
-                        "{}: {} {} read{}",
-                        ms.source.as_str(),
+                        "{crm}: {} {crm_id} read{}",
                         ms.object,
-                        crm_id,
                         raw.modified_at
                             .map_or_else(String::new, |at| format!(", modified {}", when(at)))
                     ));
                     for (f, v) in m.fields.iter().zip(rec.values) {
-                        crm_read.insert(f.pendo_field.clone());
+                        if !mine.contains(&f.pendo_field.as_str()) {
+                            continue;
+                        }
                         // `None` (an empty value under on_null = "keep") leaves Pendo as it is:
-                        // the CRM says nothing about this field.
+                        // the CRM says nothing about this field, so it is not compared.
                         if let Some(v) = v {
                             crm_now.insert(
                                 f.pendo_field.clone(),
-                                (!v.is_null()).then(|| v.to_stored()),
+                                CrmNow::Value((!v.is_null()).then(|| v.to_stored())),
                             );
                         }
                     }
                 }
-                Err(e) => lines.push(format!("{}: {e}", ms.source.as_str())),
+                Err(e) => lines.push(format!("{crm}: {e}")),
             },
+            Ok(_) if m.on_delete == crate::config::OnDelete::Keep => lines.push(format!(
+                "{crm}: {} {crm_id} was deleted; on_delete = \"keep\" leaves Pendo as it is: not compared",
+                ms.object
+            )),
             Ok(_) => {
                 lines.push(format!(
-                    "{}: {} {} no longer exists (deleted or archived)",
-                    ms.source.as_str(),
-                    ms.object,
-                    crm_id
+                    "{crm}: {} {crm_id} no longer exists (deleted or archived): its values are cleared",
+                    ms.object
                 ));
-                for f in &m.fields {
-                    crm_read.insert(f.pendo_field.clone());
-                    crm_now.insert(f.pendo_field.clone(), None);
-                }
+                set(&|| CrmNow::Value(None));
             }
             Err(e) => {
                 report.live_failed = true;
-                lines.push(format!("{}: read failed: {e}", ms.source.as_str()));
+                lines.push(format!("{crm}: read failed: {e}"));
             }
         }
     }
@@ -549,6 +567,7 @@ async fn check_live(
     };
 
     let mut disagreements = Vec::new();
+    let mut all_compared = pendo_now.is_some();
     for story in fields.iter_mut() {
         let f = story.field.as_str();
         let confirmed: Option<String> = shadow
@@ -563,14 +582,13 @@ async fn check_live(
                 None => (!v.is_null()).then(|| v.to_string()),
             }
         });
-        let crm: Option<Option<String>> = if crm_read.contains(f) {
-            Some(crm_now.get(f).cloned().unwrap_or(confirmed.clone()))
-        } else {
-            None
-        };
+        let crm = crm_now.get(f).unwrap_or(&CrmNow::NotRead);
+        if matches!(crm, CrmNow::NotRead) {
+            all_compared = false;
+        }
         let (agree, verdict) = judge(
             f,
-            crm.as_ref().map(Option::as_deref),
+            crm,
             confirmed.as_deref(),
             pendo.as_ref().map(Option::as_deref),
             story,
@@ -579,27 +597,31 @@ async fn check_live(
             disagreements.push(format!("{f}: {verdict}"));
         }
         story.live = Some(LiveField {
-            crm: crm.flatten().as_deref().and_then(|s| shown(Some(s))),
+            crm: match crm {
+                CrmNow::Value(v) => v.as_deref().and_then(|s| shown(Some(s))),
+                _ => None,
+            },
             pendo: pendo.flatten().as_deref().and_then(|s| shown(Some(s))),
             verdict,
             agree,
         });
     }
-    report.verdict = Some(if disagreements.is_empty() && !report.live_failed {
-        "CRM, pendo-sync and Pendo agree".to_owned()
-    } else if disagreements.is_empty() {
-        "what could be read agrees; a live read failed (see above)".to_owned()
-    } else {
+    report.verdict = Some(if !disagreements.is_empty() {
         disagreements.join("; ")
+    } else if all_compared && !report.live_failed {
+        "CRM, pendo-sync and Pendo agree".to_owned()
+    } else {
+        "what could be compared agrees; not every source was read or compared (see above)"
+            .to_owned()
     });
     report.live = Some(lines);
 }
 
-/// One field's verdict from the CRM's value now (`None`: not read), the shadow, and Pendo's
+/// One field's verdict from the CRM's value now, the shadow (what Pendo confirmed), and Pendo's
 /// value now (`None`: not read). Values are stored text; `Some(None)` is "holds nothing".
 fn judge(
     field: &str,
-    crm: Option<Option<&str>>,
+    crm: &CrmNow,
     confirmed: Option<&str>,
     pendo: Option<Option<&str>>,
     story: &FieldStory,
@@ -611,9 +633,37 @@ fn judge(
         .map_or_else(String::new, |c| format!(" on {}", when(c.at)));
     let same =
         |a: Option<&str>, b: Option<&str>| a == b || (stored_is_null(a) && stored_is_null(b));
+    let queued = story.queued.as_ref();
+    let state = |q: &Queued| {
+        format!(
+            "{}, {} attempt(s){}",
+            q.state.as_str(),
+            q.attempts,
+            q.last_error
+                .as_deref()
+                .map_or_else(String::new, |e| format!(", last error: {e}"))
+        )
+    };
+    if let CrmNow::Ambiguous(text) = crm {
+        return (false, text.clone());
+    }
     if let Some(pendo) = pendo
         && !same(pendo, confirmed)
     {
+        // Pendo may hold a value that was sent and applied, but whose answer was lost (a
+        // timeout, a 5xx, a crash before the settle): it is still queued, not an edit.
+        if let Some(q) = queued
+            && shown(pendo) == q.value
+        {
+            return (
+                false,
+                format!(
+                    "Pendo holds the queued {} ({}): sent, but Pendo's confirmation has not been recorded yet",
+                    show(pendo),
+                    state(q)
+                ),
+            );
+        }
         return (
             false,
             match confirmed {
@@ -629,18 +679,15 @@ fn judge(
             },
         );
     }
-    if let Some(crm) = crm
-        && !same(crm, confirmed)
+    if let CrmNow::Value(crm) = crm
+        && !same(crm.as_deref(), confirmed)
     {
-        let queued = story.queued.as_ref();
+        let crm = crm.as_deref();
         let text = match queued {
             Some(q) if shown(crm) == q.value => format!(
                 "the CRM's {} is queued ({}), not yet confirmed by Pendo",
                 show(crm),
-                serde_json::to_value(q.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
+                state(q)
             ),
             _ => format!(
                 "the CRM holds {} now, pendo-sync last confirmed {}: the next cycle picks it up",
@@ -653,18 +700,26 @@ fn judge(
     (true, "agree".to_owned())
 }
 
-/// Replaces control characters (ESC, CR, ...) with escapes: CRM and Pendo values are untrusted
-/// and must not steer the terminal that shows them.
+/// Replaces control and format characters (ESC, CR, bidirectional overrides, zero-width
+/// marks...) with escapes: CRM and Pendo values are untrusted and must neither steer the
+/// terminal that shows them nor reorder the line they are on.
 pub fn printable(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
-            if c.is_control() {
+            if c.is_control() || is_format(c) {
                 c.escape_unicode().collect::<Vec<_>>()
             } else {
                 vec![c]
             }
         })
         .collect()
+}
+
+/// Unicode format characters (category Cf) that change how a line is shown.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// The table form.
@@ -756,5 +811,7 @@ mod tests {
     fn control_characters_are_escaped() {
         assert_eq!(printable("a\u{1b}[2Jb\r\n"), "a\\u{1b}[2Jb\\u{d}\\u{a}");
         assert_eq!(printable("Growth · ü"), "Growth · ü");
+        // A right-to-left override would reorder the rest of the operator's line.
+        assert_eq!(printable("a\u{202E}b\u{200B}"), "a\\u{202e}b\\u{200b}");
     }
 }

@@ -11,7 +11,7 @@
 //! Retention ([`Store::prune_history`]) deletes the oldest events in small batches: rows are
 //! appended in time order, so the oldest are the lowest rowids and no time index is needed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::outbox::{Change, OutboxEntry, QueueFilter, QueueState, Settlement};
@@ -22,7 +22,7 @@ use crate::domain::Kind;
 const BATCH_MARGIN_MS: i64 = 3_600_000;
 
 /// What happened to a value. The number is what the state stores: never renumber.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     /// A cycle found the CRM value differs from what Pendo holds or is queued: queued.
@@ -129,7 +129,7 @@ pub struct SentBatch {
 }
 
 /// One event as `why` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoryEvent {
     pub id: i64,
     pub at: i64,
@@ -152,7 +152,7 @@ pub struct HistoryEvent {
     pub hold: Option<HoldInfo>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchInfo {
     pub id: i64,
     pub sent_at: i64,
@@ -162,7 +162,7 @@ pub struct BatchInfo {
     pub answer: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HoldInfo {
     pub id: i64,
     pub decided_by: Option<String>,

@@ -29,7 +29,9 @@ pub struct Change {
     pub source: Option<std::sync::Arc<super::history::Source>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueState {
     /// Written by a cycle whose pull has not completed (or was interrupted): not sent until

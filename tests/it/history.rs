@@ -465,3 +465,80 @@ async fn a_second_resync_before_the_drain_detects_nothing_new() {
         ]
     );
 }
+
+/// `why --live`'s verdicts where the CRM cannot be compared plainly (through the fixture CRM's
+/// `fetch` and the Pendo simulator): a value sent and applied whose answer was lost is not "an
+/// edit in Pendo"; two records claiming the id are ambiguous, whatever either holds; an id no
+/// CRM record claims any more is not "CRM, pendo-sync and Pendo agree".
+#[tokio::test]
+async fn why_live_does_not_claim_what_it_did_not_compare() {
+    use pendo_sync::app::Connectors;
+    use pendo_sync::config::Source;
+    use pendo_sync::why::{LiveSources, WhyOptions, explain};
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.sync().await;
+    let mut connectors = Connectors::new();
+    connectors.insert(Source::Salesforce, std::sync::Arc::new(t.crm.clone()));
+    let key = t
+        .settings
+        .pendo
+        .integration_key_source
+        .resolve("pendo.integration_key")
+        .unwrap();
+    let pendo = pendo_sync::pendo::PendoClient::new(&t.settings.pendo, key);
+    let options = WhyOptions {
+        field: Some("plantier".into()),
+        limit: 10,
+        live: true,
+    };
+    let verdict = |id: String| {
+        let (t, connectors, pendo, options) = (&t, &connectors, &pendo, &options);
+        async move {
+            let s = store(t).await;
+            let sources = LiveSources { connectors, pendo };
+            let r = explain(&t.settings, &s, Kind::Account, &id, options, Some(sources))
+                .await
+                .unwrap();
+            s.close().await;
+            r.verdict.unwrap()
+        }
+    };
+    assert_eq!(
+        verdict(account_id(0)).await,
+        "CRM, pendo-sync and Pendo agree"
+    );
+
+    // Sent and applied, but the answer never settled: queued, and Pendo holds it.
+    plan(&t, 0, "Sent");
+    cycle_only(&t).await;
+    t.pendo
+        .set_value(Kind::Account, &account_id(0), "plantier", json!("Sent"));
+    let v = verdict(account_id(0)).await;
+    assert!(
+        v.contains("Pendo holds the queued \"Sent\" (pending, 0 attempt(s)): sent, but"),
+        "{v}"
+    );
+
+    // A second CRM record claims account 1's id with other values.
+    let mut twin = crate::helpers::account(1);
+    twin["Plan_Tier__c"] = json!("Other");
+    t.crm.upsert("Account", "001Z000000000001", twin);
+    cycle_only(&t).await;
+    let v = verdict(account_id(1)).await;
+    assert!(
+        v.contains("2 CRM records claim this id") && v.contains("nothing is sent"),
+        "{v}"
+    );
+
+    // No CRM record claims account 2 any more (its claim forgotten): not "agree".
+    let s = store(&t).await;
+    sqlx::query("DELETE FROM claims WHERE pendo_id = ?1")
+        .bind(account_id(2))
+        .execute(s.pool())
+        .await
+        .unwrap();
+    s.close().await;
+    let v = verdict(account_id(2)).await;
+    assert!(v.starts_with("what could be compared agrees"), "{v}");
+}
