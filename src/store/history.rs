@@ -188,28 +188,37 @@ pub(super) fn detection(c: &Change) -> (i64, Option<&str>, Option<i64>, Option<&
 /// supersession it caused comes first). `rows` is the enqueue's JSON array: `[kind, pendo_id,
 /// field, value, mapping, force, event, crm_id, crm_at, detail]` per change.
 ///
-/// Only rows the upsert wrote get one: they carry the chunk's `version`, while a row the upsert
-/// left alone (the same value already queued, e.g. a second resync before the first drained)
-/// keeps its own.
+/// Only rows the upsert wrote get one. When it skipped some (the same value already queued, e.g.
+/// a second resync before the first drained), `skipped_version` is the chunk's version: the
+/// rows it wrote carry it, the others keep their own.
 pub(super) async fn record_detected(
     tx: &mut Transaction<'_, Sqlite>,
     rows: &str,
-    version: i64,
+    skipped_version: Option<i64>,
     run: Option<i64>,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+    // Two statements, not one with `?4 IS NULL OR EXISTS (...)`: SQLite evaluates the
+    // subquery per row either way, which cost the first sync 30 % more.
+    const ALL: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
+                e.value ->> 4, ?3, e.value ->> 7, e.value ->> 8, e.value ->> 9
+         FROM jsonb_each(jsonb(?1)) AS e WHERE ?4 IS NULL";
+    const WRITTEN: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
          SELECT ?2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
                 e.value ->> 4, ?3, e.value ->> 7, e.value ->> 8, e.value ->> 9
          FROM jsonb_each(jsonb(?1)) AS e
          JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
-              AND o.field = e.value ->> 2 AND o.version = ?4",
-    )
+              AND o.field = e.value ->> 2 AND o.version = ?4";
+    sqlx::query(if skipped_version.is_none() {
+        ALL
+    } else {
+        WRITTEN
+    })
     .bind(rows)
     .bind(now)
     .bind(run)
-    .bind(version)
+    .bind(skipped_version)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -206,7 +206,7 @@ pub(super) async fn enqueue(
             })
             .collect();
         let rows = serde_json::Value::Array(rows).to_string();
-        sqlx::query(
+        let written = sqlx::query(
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, ?3,
@@ -229,9 +229,13 @@ pub(super) async fn enqueue(
         .bind(state)
         .bind(version)
         .execute(&mut **tx)
-        .await?;
+        .await?
+        .rows_affected();
         // After the upsert: a supersession it caused (trigger) comes before the detection.
-        history::record_detected(tx, &rows, version, run, now).await?;
+        // When it wrote every row (the usual case), every row is a detection; else only the
+        // rows now carrying this chunk's version are.
+        let skipped = (written < chunk.len() as u64).then_some(version);
+        history::record_detected(tx, &rows, skipped, run, now).await?;
     }
     Ok(())
 }
