@@ -131,47 +131,104 @@ fn shown(stored: Option<&str>) -> String {
 }
 
 /// Prints one hold as `holds show` does. CRM values are shown as text (this is a terminal).
+/// Prints [`hold_text`].
 pub fn print_hold(h: &crate::store::Hold) {
-    println!(
+    print!("{}", hold_text(h));
+}
+
+/// What `holds show` prints for a hold.
+pub fn hold_text(h: &crate::store::Hold) -> String {
+    use std::fmt::Write;
+    // Writing to a String cannot fail.
+    let mut out = String::new();
+    // CRM values and operators' text: escaped for the terminal.
+    let p = crate::why::printable;
+    let _ = writeln!(
+        out,
         "hold {}  mapping {}  {}  {}",
         h.id,
-        h.mapping,
+        p(&h.mapping),
         h.kind,
         h.state.to_uppercase()
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  created   {} ({} cycle(s) joined)",
         iso(h.created_at),
         h.cycles
     );
-    println!("  tripped   {}", h.reason);
-    println!("  values    {}", h.held_values);
-    println!("  per field                sets    clears  overwrites  of covered");
+    let _ = writeln!(out, "  tripped   {}", p(&h.reason));
+    let _ = writeln!(out, "  values    {}", h.held_values);
+    let _ = writeln!(
+        out,
+        "  per field                sets    clears  overwrites  of covered"
+    );
     for (field, c) in &h.counts {
-        println!(
+        let _ = writeln!(
+            out,
             "    {field:<20} {:>8}  {:>8}  {:>10}  {:>10}",
             c.sets, c.clears, c.overwrites, c.covered
         );
     }
-    println!("  sample ({} of the held changes)", h.sample.len());
+    let _ = writeln!(out, "  sample ({} of the held changes)", h.sample.len());
     for c in &h.sample {
-        println!(
+        let _ = writeln!(
+            out,
             "    {:<28} {:<18} {} -> {}",
-            c.id,
-            c.field,
-            shown(c.from.as_deref()),
-            shown(Some(&c.to))
+            p(&c.id),
+            p(&c.field),
+            p(&shown(c.from.as_deref())),
+            p(&shown(Some(&c.to)))
         );
     }
     if let (Some(at), Some(who)) = (h.decided_at, &h.decided_by) {
-        println!(
+        let _ = writeln!(
+            out,
             "  decided   {} by {}{}",
             iso(at),
-            who,
+            p(who),
             h.decision_reason
                 .as_deref()
-                .map(|r| format!(": {r}"))
+                .map(|r| format!(": {}", p(r)))
                 .unwrap_or_default()
         );
+    }
+    out
+}
+
+#[cfg(test)]
+mod hold_text_tests {
+    use super::*;
+
+    /// CRM values in a hold's sample cannot steer the terminal that shows them.
+    #[test]
+    fn a_hold_s_sample_is_escaped() {
+        let hold = crate::store::Hold {
+            id: 1,
+            mapping: "m".into(),
+            kind: crate::domain::Kind::Account,
+            state: "open".into(),
+            created_at: 0,
+            updated_at: 0,
+            reason: "plantier: 3 of 3 overwritten".into(),
+            counts: Default::default(),
+            sample: vec![crate::guard::SampleChange {
+                id: "acct\u{1b}]0;owned\u{7}".into(),
+                field: "plantier".into(),
+                from: Some("\"Growth\"".into()),
+                to: "\"\u{1b}[2JGold\u{202e}\"".into(),
+            }],
+            cycles: 1,
+            held_values: 3,
+            decided_at: Some(0),
+            decided_by: Some("ops".into()),
+            decision_reason: Some("fine\r\n".into()),
+        };
+        let text = hold_text(&hold);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("\\u{1b}[2JGold"), "{text}");
     }
 }
