@@ -562,7 +562,10 @@ impl Store {
     }
 
     /// Deletes matching rows: an operator's decision that these changes should never go out.
+    /// A hold they were held under counts what it still holds; one left holding nothing is
+    /// closed as rejected by `who` (an open hold keeps `sync` exiting 4).
     pub async fn outbox_drop(&self, filter: &QueueFilter, who: &str) -> Result<u64, StoreError> {
+        let now = now_ms();
         let mut tx = self.pool.begin().await?;
         history::record_operator(
             &mut tx,
@@ -570,7 +573,7 @@ impl Store {
             filter,
             "'staged', 'pending', 'held', 'unmatched', 'dead'",
             who,
-            now_ms(),
+            now,
         )
         .await?;
         let done = sqlx::query(
@@ -582,6 +585,28 @@ impl Store {
         .bind(filter.pendo_id.as_deref())
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() > 0 {
+            sqlx::query(
+                "UPDATE holds SET updated_at = ?1,
+                    held_values = (SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = holds.id)
+                 WHERE state = 'open'",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            // Rows a newer CRM value re-staged keep their hold id and rejoin it at the guard:
+            // such a hold is not empty.
+            sqlx::query(
+                "UPDATE holds SET state = 'rejected', decided_at = ?1, decided_by = ?2,
+                    decision_reason = 'every value it held was dropped from the outbox'
+                 WHERE state = 'open'
+                   AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.hold_id = holds.id)",
+            )
+            .bind(now)
+            .bind(who)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(done.rows_affected())
     }

@@ -684,3 +684,54 @@ async fn a_held_full_pull_forgets_no_claims() {
     assert_eq!(app.store.claims_count("accounts").await.unwrap(), before);
     app.store.close().await;
 }
+
+/// `queue drop --state held` takes a hold's values away: a hold left with nothing to send is
+/// closed (as rejected, by whoever dropped them), so `sync` stops exiting 4 for it; a hold that
+/// still holds values stays open and counts what is left.
+#[tokio::test]
+async fn dropping_a_hold_s_values_closes_the_hold_or_recounts_it() {
+    let t = TestApp::with(crate::helpers::Options {
+        extra_mappings: "[guard]\nmin_values = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    t.seed(3);
+    t.sync().await;
+    for i in 0..3 {
+        t.crm
+            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Bulk"));
+    }
+    let hold = held_id(&t.sync().await.cycles[0].guard);
+    let app = t.app().await;
+    let dropped = app
+        .store
+        .outbox_drop(
+            &QueueFilter {
+                state: Some(QueueState::Held),
+                pendo_id: Some(account_id(0)),
+                ..Default::default()
+            },
+            "queue drop by tester",
+        )
+        .await
+        .unwrap();
+    assert_eq!(dropped, 1);
+    let h = app.store.hold(hold).await.unwrap().unwrap();
+    assert_eq!((h.state.as_str(), h.held_values), ("open", 2));
+    app.store
+        .outbox_drop(
+            &QueueFilter {
+                state: Some(QueueState::Held),
+                ..Default::default()
+            },
+            "queue drop by tester",
+        )
+        .await
+        .unwrap();
+    let h = app.store.hold(hold).await.unwrap().unwrap();
+    assert_eq!(h.state, "rejected");
+    assert_eq!(h.held_values, 0);
+    assert_eq!(h.decided_by.as_deref(), Some("queue drop by tester"));
+    assert!(app.store.holds(true).await.unwrap().is_empty());
+    app.store.close().await;
+}
