@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod crm_harness;
 mod digest;
+mod ecosystem;
 mod faults;
 mod guard;
 mod helpers;
