@@ -558,11 +558,13 @@ async fn why_here(
     id: &str,
     options: &crate::why::WhyOptions,
 ) -> Result<crate::why::WhyReport, AppError> {
-    let store = if options.live {
-        Store::open(&settings.state.path).await?
-    } else {
-        Store::open_read_only(&settings.state.path).await?
-    };
+    // Read-only first: a missing or older state file is said so, never created or upgraded.
+    let mut store = Store::open_read_only(&settings.state.path).await?;
+    if options.live {
+        // Writable only for the connectors' rotated tokens and quota readings.
+        store.close().await;
+        store = Store::open(&settings.state.path).await?;
+    }
     let live = if options.live {
         let kv: crate::connectors::SharedKv = Arc::new(store.clone());
         let connectors = crate::connectors::build(settings, Some(kv))?;

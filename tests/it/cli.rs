@@ -109,3 +109,27 @@ fn the_demo_runs_and_finds_the_hand_edits() {
         "{stdout}"
     );
 }
+
+/// `why` reads the state; it never creates one, not even with `--live` (which may keep a
+/// rotated token in an existing one).
+#[test]
+fn why_without_a_state_file_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let text = EXAMPLE.replace("/var/lib/pendo-sync/state.db", state.to_str().unwrap());
+    let config = write_config(dir.path(), &text);
+    for live in [false, true] {
+        let mut cmd = pendo_sync();
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["why", "account", "001A"]);
+        if live {
+            cmd.arg("--live");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("does not exist yet"), "{stderr}");
+        assert!(!state.exists(), "why created the state file (live: {live})");
+    }
+}
