@@ -330,6 +330,10 @@ async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppErro
                 "set aside       {} records (see `queue list --state invalid`)",
                 report.invalid_records
             );
+            println!(
+                "history         {} events, kept {} (`pendo-sync why account|visitor ID`)",
+                report.history.events, report.history.retention
+            );
             if report.outbox["staged"] > 0 || report.outbox["held"] > 0 {
                 println!(
                     "guard           staged {} values  held {} values ({} ids)",

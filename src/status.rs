@@ -24,6 +24,14 @@ pub struct StatusReport {
     /// Holds of the guard waiting for a person (`holds show ID`).
     pub open_holds: Vec<OpenHold>,
     pub quota: serde_json::Map<String, serde_json::Value>,
+    /// The provenance history (`why`): events kept, and for how long.
+    pub history: HistoryStatus,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryStatus {
+    pub events: i64,
+    pub retention: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +125,14 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             })
             .collect(),
         quota,
+        history: HistoryStatus {
+            events: store.history_count().await?,
+            retention: match settings.history.retention.as_secs() {
+                // As it is written in the config (humantime would say "2months 29days 2h…").
+                s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+                _ => humantime::format_duration(settings.history.retention).to_string(),
+            },
+        },
     })
 }
 

@@ -734,9 +734,13 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
         "outbox",
         "oldest_pending_seconds",
         "invalid_records",
+        "history",
     ] {
         assert_eq!(api[key], cli[key], "{key}");
     }
+    // The history's size as the metric says it, kept for the default 90 days.
+    assert_eq!(cli["history"]["events"], json!(events));
+    assert_eq!(cli["history"]["retention"], "90d");
     assert_eq!(api["mappings"][0]["name"], cli["mappings"][0]["name"]);
     assert_eq!(
         api.as_object().unwrap().keys().collect::<Vec<_>>(),
