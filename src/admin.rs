@@ -378,6 +378,21 @@ pub async fn healthcheck(settings: &Settings) -> Result<u8, AppError> {
 
 /// `resync` while a service holds the state file: ask it over the admin port, then (unless
 /// `no_wait`) follow the job until it ends. Exit 0 when it is done, 1 when it failed.
+/// Sends a request to the running service's admin port: its status and JSON body (empty when
+/// it sent none), or the error saying the port does not answer.
+async fn ask_service(
+    request: reqwest::RequestBuilder,
+    base: &str,
+) -> Result<(reqwest::StatusCode, serde_json::Value), AppError> {
+    let resp = request.send().await.map_err(|e| {
+        AppError::Runtime(format!(
+            "a pendo-sync run holds the state file but its admin port {base} does not answer: {e}"
+        ))
+    })?;
+    let status = resp.status();
+    Ok((status, resp.json().await.unwrap_or_default()))
+}
+
 /// `why --live` while a `run` holds the state file: the service reads the CRM and Pendo through
 /// its own clients (its limiters, and its refresh tokens: a second login from the CLI could
 /// rotate a token the service still uses), and answers `GET /v1/why/...?live=true`.
@@ -406,19 +421,14 @@ pub async fn why_via_service(
     url.path_segments_mut()
         .map_err(|()| AppError::Runtime(format!("admin.listen gives no URL ({base})")))?
         .extend(["v1", "why", kind.as_str(), id]);
-    let resp = http_client()
-        .get(url)
-        .query(&query)
-        .bearer_auth(token.expose_secret())
-        .send()
-        .await
-        .map_err(|e| {
-            AppError::Runtime(format!(
-                "a pendo-sync run holds the state file but its admin port {base} does not answer: {e}"
-            ))
-        })?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let (status, body) = ask_service(
+        http_client()
+            .get(url)
+            .query(&query)
+            .bearer_auth(token.expose_secret()),
+        &base,
+    )
+    .await?;
     if !status.is_success() {
         return Err(AppError::Runtime(body["error"].as_str().map_or_else(
             || format!("the running service answered {status}"),
@@ -445,19 +455,14 @@ pub async fn hand_off_resync(
     })?;
     let kind = kind.map(|k| Kind::from(k).as_str());
     let client = http_client();
-    let resp = client
-        .post(format!("{base}/v1/resync"))
-        .bearer_auth(token.expose_secret())
-        .json(&json!({"mapping": mapping, "kind": kind}))
-        .send()
-        .await
-        .map_err(|e| {
-            AppError::Runtime(format!(
-                "a pendo-sync run holds the state file but its admin port {base} does not answer: {e}"
-            ))
-        })?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let (status, body) = ask_service(
+        client
+            .post(format!("{base}/v1/resync"))
+            .bearer_auth(token.expose_secret())
+            .json(&json!({"mapping": mapping, "kind": kind})),
+        &base,
+    )
+    .await?;
     if status != reqwest::StatusCode::ACCEPTED {
         return Err(AppError::Runtime(format!(
             "the running service refused the resync ({status}): {}",

@@ -31,7 +31,7 @@ use serde_json::{Value as Json, json};
 use crate::app::{AppError, Connectors};
 use crate::config::{ConfigError, MappingSettings, OnDelete, Settings};
 use crate::connectors::PullSpec;
-use crate::domain::{FieldType, Kind, Value, iso8601_from_ms, now_ms};
+use crate::domain::{FieldType, Kind, iso8601_from_ms, now_ms};
 use crate::mapping::{Mapping, RecordError};
 use crate::pendo::{PendoClient, PendoError};
 use crate::store::Store;
@@ -429,7 +429,7 @@ fn stored_text(stored: &serde_json::Value) -> Option<String> {
 }
 
 fn display(stored: Option<&str>) -> Option<String> {
-    stored.map(|s| Value::from_stored(s).map_or_else(|_| s.to_owned(), |v| v.display()))
+    stored.map(crate::domain::display_stored)
 }
 
 /// Pendo's value as canonical stored text for the field's type: Pendo may hold a date as epoch

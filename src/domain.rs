@@ -225,6 +225,12 @@ fn number_json(n: f64) -> serde_json::Value {
     }
 }
 
+/// A stored value (the outbox's and shadow's canonical text) as a person reads it; text that
+/// is not a stored value is shown as it is.
+pub fn display_stored(text: &str) -> String {
+    Value::from_stored(text).map_or_else(|_| text.to_owned(), |v| v.display())
+}
+
 pub fn iso8601_from_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))

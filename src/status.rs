@@ -140,9 +140,7 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
 fn shown(stored: Option<&str>) -> String {
     match stored {
         None => "(none)".to_owned(),
-        Some(text) => crate::domain::Value::from_stored(text)
-            .map(|v| v.display())
-            .unwrap_or_else(|_| text.to_owned()),
+        Some(text) => crate::domain::display_stored(text),
     }
 }
 

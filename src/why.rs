@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::connectors::{Connectors, PullSpec};
-use crate::domain::{Kind, Value};
+use crate::domain::Kind;
 use crate::mapping::{Mapping, stored_from_pendo};
 use crate::pendo::PendoClient;
 use crate::store::{Event, HistoryEvent, OutboxEntry, QueueFilter, Store, StoreError};
@@ -143,12 +143,9 @@ pub struct EventView {
 
 /// The human text of a stored value (`None` for null).
 fn shown(stored: Option<&str>) -> Option<String> {
-    let s = stored?;
-    match Value::from_stored(s) {
-        Ok(Value::Null) => None,
-        Ok(v) => Some(v.display()),
-        Err(_) => Some(s.to_owned()),
-    }
+    stored
+        .filter(|s| !stored_is_null(Some(s)))
+        .map(crate::domain::display_stored)
 }
 
 fn stored_is_null(stored: Option<&str>) -> bool {

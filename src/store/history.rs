@@ -225,10 +225,16 @@ pub(super) async fn record_detected(
 }
 
 /// An event for every outbox row matching `condition` (SQL over the outbox's columns, with its
-/// own parameters from `?4` on), before the statement that changes them runs.
+/// own parameters from `?4` on), before the statement that changes them runs: `?1` the time,
+/// `?2` the event, `?3` goes into `ref` (a hold, a cycle).
 pub(super) fn from_outbox(condition: &str) -> String {
+    from_outbox_into("ref", condition)
+}
+
+/// [`from_outbox`] with `?3` going into `column` (`ref` or `detail`).
+fn from_outbox_into(column: &str, condition: &str) -> String {
     format!(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, ref)
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, {column})
          SELECT ?1, kind, pendo_id, field, ?2, value, ?3 FROM outbox WHERE {condition}"
     )
 }
@@ -242,11 +248,12 @@ pub(super) async fn record_operator(
     who: &str,
     now: i64,
 ) -> Result<u64, StoreError> {
-    let sql = format!(
-        "INSERT INTO history (at, kind, pendo_id, field, event, value, detail)
-         SELECT ?1, kind, pendo_id, field, ?2, value, ?3 FROM outbox
-         WHERE state IN ({states}) AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR kind = ?5)
-           AND (?6 IS NULL OR pendo_id = ?6)"
+    let sql = from_outbox_into(
+        "detail",
+        &format!(
+            "state IN ({states}) AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR kind = ?5)
+               AND (?6 IS NULL OR pendo_id = ?6)"
+        ),
     );
     let done = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(now)
@@ -260,8 +267,8 @@ pub(super) async fn record_operator(
     Ok(done.rows_affected())
 }
 
-/// The answers a settle records: one event per row whose version still matches (a superseded
-/// row's answer changes nothing, so it has no event), pointing at its batch.
+/// The answers a settle records, each pointing at its batch: one per row whose version still
+/// matches, and every confirmation (see the statement below).
 pub(super) async fn record_answers(
     tx: &mut Transaction<'_, Sqlite>,
     outcomes: &[(OutboxEntry, Settlement)],
@@ -352,17 +359,14 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<HistoryEvent, StoreEr
     let event = Event::from_code(code)
         .ok_or_else(|| StoreError::Corrupt(format!("history event code {code}")))?;
     let reference: Option<i64> = row.get("ref");
-    let batch = match (event, row.get::<Option<i64>, _>("b_id")) {
-        (_, Some(id)) => Some(BatchInfo {
-            id,
-            sent_at: row.get("b_sent_at"),
-            answered_at: row.get("b_answered_at"),
-            records: row.get("b_records"),
-            attempts: row.get("b_attempts"),
-            answer: row.get("b_answer"),
-        }),
-        _ => None,
-    };
+    let batch = row.get::<Option<i64>, _>("b_id").map(|id| BatchInfo {
+        id,
+        sent_at: row.get("b_sent_at"),
+        answered_at: row.get("b_answered_at"),
+        records: row.get("b_records"),
+        attempts: row.get("b_attempts"),
+        answer: row.get("b_answer"),
+    });
     let hold = match event {
         Event::Held | Event::Approved | Event::Rejected => reference.map(|id| HoldInfo {
             id,
@@ -476,17 +480,6 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Whether the history knows anything of this entity.
-    pub async fn has_history(&self, kind: Kind, pendo_id: &str) -> Result<bool, StoreError> {
-        let row =
-            sqlx::query("SELECT EXISTS (SELECT 1 FROM history WHERE pendo_id = ?1 AND kind = ?2)")
-                .bind(pendo_id)
-                .bind(kind.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(row.get::<i64, _>(0) != 0)
     }
 
     /// Events in the state. Events are only ever deleted from the oldest end, so the rowids

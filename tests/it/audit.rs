@@ -494,16 +494,7 @@ async fn a_queued_value_s_row_says_it_was_detected_and_not_yet_sent() {
     t.sync().await;
     t.crm
         .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Queued"));
-    let app = t.app().await;
-    app.cycle(
-        t.settings.mapping("accounts").unwrap(),
-        Mode::Incremental,
-        false,
-        &(),
-    )
-    .await
-    .unwrap();
-    app.store.close().await;
+    t.cycle(Mode::Incremental).await;
     let report = run_audit(&t, Against::Shadow, 5_000).await;
     let row = report
         .rows

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pendo_sync::app::{App, Connectors};
 use pendo_sync::config::Source;
 use pendo_sync::engine::Mode;
-use pendo_sync::pendo::{FailPoint, PendoClient, Writer, WriterConfig};
+use pendo_sync::pendo::{FailPoint, Writer, WriterConfig};
 use pendo_sync::sim::pendo::PendoFaults;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -15,22 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{TestApp, account_id};
 
 async fn app_failing_at(t: &TestApp, point: FailPoint) -> App {
-    let mut connectors = Connectors::new();
-    connectors.insert(Source::Salesforce, Arc::new(t.crm.clone()));
-    let mut app = App::open(t.settings.clone(), connectors).await.unwrap();
+    let mut app = t.app().await;
     let mut cfg = WriterConfig::from_settings(&t.settings.pendo);
     cfg.fail_point = Some(point);
-    let key = t
-        .settings
-        .pendo
-        .integration_key_source
-        .resolve("pendo.integration_key")
-        .unwrap();
-    app.writer = Writer::new(
-        app.store.clone(),
-        PendoClient::new(&t.settings.pendo, key),
-        cfg,
-    );
+    app.writer = Writer::new(app.store.clone(), t.pendo_client(), cfg);
     app
 }
 

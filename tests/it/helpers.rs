@@ -117,13 +117,41 @@ impl TestApp {
         }
     }
 
-    /// A fresh App on the same state file: what a restart is.
-    pub async fn app(&self) -> App {
+    /// The fixture CRM as the only connector (in the Salesforce seat).
+    pub fn connectors(&self) -> Connectors {
         let mut connectors = Connectors::new();
         connectors.insert(Source::Salesforce, Arc::new(self.crm.clone()));
-        App::open(self.settings.clone(), connectors)
+        connectors
+    }
+
+    /// A Pendo client on the simulator, built as the app builds its own.
+    pub fn pendo_client(&self) -> pendo_sync::pendo::PendoClient {
+        let key = self
+            .settings
+            .pendo
+            .integration_key_source
+            .resolve("pendo.integration_key")
+            .expect("the test key resolves");
+        pendo_sync::pendo::PendoClient::new(&self.settings.pendo, key)
+    }
+
+    /// A fresh App on the same state file: what a restart is.
+    pub async fn app(&self) -> App {
+        App::open(self.settings.clone(), self.connectors())
             .await
             .expect("app opens")
+    }
+
+    /// One cycle of the `accounts` mapping on a fresh App, without a drain (what it queues
+    /// waits in the outbox).
+    pub async fn cycle(&self, mode: Mode) -> pendo_sync::engine::CycleReport {
+        let app = self.app().await;
+        let report = app
+            .cycle(self.settings.mapping("accounts").unwrap(), mode, false, &())
+            .await
+            .expect("the cycle runs");
+        app.store.close().await;
+        report
     }
 
     /// One `sync`: an incremental cycle, then the outbox drained.

@@ -31,16 +31,7 @@ async fn story(t: &TestApp, id: &str, field: &str) -> Vec<String> {
 
 /// One cycle without a drain (the value waits in the outbox).
 async fn cycle_only(t: &TestApp) {
-    let app = t.app().await;
-    app.cycle(
-        t.settings.mapping("accounts").unwrap(),
-        Mode::Incremental,
-        false,
-        &(),
-    )
-    .await
-    .unwrap();
-    app.store.close().await;
+    t.cycle(Mode::Incremental).await;
 }
 
 async fn retry_by_hand(t: &TestApp, id: &str) {
@@ -443,16 +434,7 @@ async fn a_second_resync_before_the_drain_detects_nothing_new() {
     t.seed(1);
     t.sync().await;
     for _ in 0..2 {
-        let app = t.app().await;
-        app.cycle(
-            t.settings.mapping("accounts").unwrap(),
-            Mode::Resync,
-            false,
-            &(),
-        )
-        .await
-        .unwrap();
-        app.store.close().await;
+        t.cycle(Mode::Resync).await;
     }
     t.sync().await;
     assert_eq!(
@@ -472,21 +454,12 @@ async fn a_second_resync_before_the_drain_detects_nothing_new() {
 /// CRM record claims any more is not "CRM, pendo-sync and Pendo agree".
 #[tokio::test]
 async fn why_live_does_not_claim_what_it_did_not_compare() {
-    use pendo_sync::app::Connectors;
-    use pendo_sync::config::Source;
     use pendo_sync::why::{LiveSources, WhyOptions, explain};
     let t = TestApp::new().await;
     t.seed(3);
     t.sync().await;
-    let mut connectors = Connectors::new();
-    connectors.insert(Source::Salesforce, std::sync::Arc::new(t.crm.clone()));
-    let key = t
-        .settings
-        .pendo
-        .integration_key_source
-        .resolve("pendo.integration_key")
-        .unwrap();
-    let pendo = pendo_sync::pendo::PendoClient::new(&t.settings.pendo, key);
+    let connectors = t.connectors();
+    let pendo = t.pendo_client();
     let options = WhyOptions {
         field: Some("plantier".into()),
         limit: 10,
