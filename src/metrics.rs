@@ -18,6 +18,9 @@ pub fn record_request(api: &'static str, status: Option<u16>) {
     metrics::counter!(REQUESTS, "api" => api, "status" => status).increment(1);
 }
 
+/// Gauge: 1 while Pendo refuses the integration key and the writer waits.
+pub const WRITER_PAUSED: &str = "pendo_sync_writer_paused";
+
 /// Gauge: holds of the guard waiting for a person.
 pub const HOLDS_OPEN: &str = "pendo_sync_holds_open";
 /// Gauge: events in the history (`why`), after retention.

@@ -466,6 +466,28 @@ impl Service {
         Ok(hold)
     }
 
+    /// `queue retry` (`retry`) or `queue drop` over the admin port: the hold gauges follow a
+    /// drop (it may close a hold), and a retry wakes the writer for the rows now due.
+    pub async fn queue_action(
+        &self,
+        retry: bool,
+        filter: &crate::store::QueueFilter,
+        who: &str,
+    ) -> Result<u64, crate::store::StoreError> {
+        let n = if retry {
+            self.store.outbox_retry(filter, who).await?
+        } else {
+            self.store.outbox_drop(filter, who).await?
+        };
+        tracing::info!(retry, rows = n, state = ?filter.state, id = ?filter.pendo_id, %who, "Queue action over the admin port.");
+        if retry {
+            self.worker.wake.notify_one();
+        } else {
+            self.refresh_hold_metrics().await;
+        }
+        Ok(n)
+    }
+
     /// `pendo_sync_holds_open` and `pendo_sync_held_values{mapping}` from the state.
     pub async fn refresh_hold_metrics(&self) {
         match (

@@ -9,9 +9,18 @@ use crate::domain::now_ms;
 use crate::pendo::writer::PAUSED_KEY;
 use crate::store::Store;
 
-/// The status document (`status --format json`, `GET /v1/status`).
+/// Cycles listed per mapping (`mappings[].recent_runs`).
+pub const RECENT_RUNS: u32 = 5;
+/// The chart's window and its most bars.
+pub const CHART_WINDOW_MS: i64 = 24 * 3_600 * 1_000;
+pub const CHART_MAX_CYCLES: u32 = 96;
+
+/// The status document (`status --format json`, `GET /v1/status`, the console's overview and the
+/// gauges of `/metrics`).
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
+    /// When these numbers were read.
+    pub generated_at: String,
     pub state_file: String,
     pub writer_paused: Option<String>,
     /// Values (kind, id, field) per outbox state.
@@ -19,13 +28,18 @@ pub struct StatusReport {
     /// Visitors and accounts (kind, id) per outbox state: what an operator counts.
     pub outbox_ids: std::collections::BTreeMap<&'static str, i64>,
     pub oldest_pending_seconds: Option<f64>,
-    pub invalid_records: usize,
+    /// When the oldest pending change was enqueued.
+    pub oldest_pending_at: Option<String>,
+    pub invalid_records: i64,
     pub mappings: Vec<MappingStatus>,
     /// Holds of the guard waiting for a person (`holds show ID`).
     pub open_holds: Vec<OpenHold>,
     pub quota: serde_json::Map<String, serde_json::Value>,
     /// The provenance history (`why`): events kept, and for how long.
     pub history: HistoryStatus,
+    /// The cycles of the last 24 hours (at most 96, oldest first): changes found, and Pendo
+    /// batches sent until the next cycle started.
+    pub cycles: Vec<crate::store::CycleBar>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,10 +51,17 @@ pub struct HistoryStatus {
 #[derive(Debug, Serialize)]
 pub struct MappingStatus {
     pub name: String,
+    pub kind: crate::domain::Kind,
     pub watermark: Option<String>,
     pub watermark_updated_at: Option<String>,
     pub last_run: Option<crate::store::RunRecord>,
     pub last_success_at: Option<String>,
+    /// Seconds since the last successful cycle finished.
+    pub freshness_seconds: Option<f64>,
+    /// Values of this mapping under an open hold.
+    pub held_values: i64,
+    /// The last cycles, newest first.
+    pub recent_runs: Vec<crate::store::RunRecord>,
     /// The last successful reconcile and any failures since.
     pub reconcile: Option<ReconcileStatus>,
 }
@@ -67,13 +88,20 @@ pub fn iso(ms: i64) -> String {
     crate::domain::iso8601_from_ms(ms)
 }
 
+fn seconds_since(now: i64, at: i64) -> f64 {
+    (now - at).max(0) as f64 / 1000.0
+}
+
+/// Builds the status document: the one set of queries every reader shares.
 pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusReport, AppError> {
+    let now = now_ms();
     let watermarks = store.watermarks().await?;
-    let runs = store.last_runs().await?;
+    let held = store.held_values_by_mapping().await?;
     let mut mappings = Vec::new();
     for m in &settings.mappings {
         let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
-        let run = runs.iter().find(|(r, _)| r.mapping == m.name);
+        let recent_runs = store.recent_runs(&m.name, RECENT_RUNS).await?;
+        let last_success = store.last_success_at(&m.name).await?;
         let reconcile = crate::schedule::ReconcileRecord::load(store, &m.name)
             .await?
             .map(|r| ReconcileStatus {
@@ -86,10 +114,14 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
         mappings.push(MappingStatus {
             reconcile,
             name: m.name.clone(),
+            kind: m.kind,
             watermark: wm.map(|(_, w, _)| w.0.clone()),
             watermark_updated_at: wm.map(|(_, _, at)| iso(*at)),
-            last_run: run.map(|(r, _)| r.clone()),
-            last_success_at: run.and_then(|(_, s)| s.map(iso)),
+            last_run: recent_runs.first().cloned(),
+            last_success_at: last_success.map(iso),
+            freshness_seconds: last_success.map(|at| seconds_since(now, at)),
+            held_values: held.get(&m.name).copied().unwrap_or(0),
+            recent_runs,
         });
     }
     let mut quota = serde_json::Map::new();
@@ -98,7 +130,9 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             quota.insert(source.into(), v);
         }
     }
+    let oldest_pending = store.oldest_pending_at().await?;
     Ok(StatusReport {
+        generated_at: iso(now),
         state_file: store.path().display().to_string(),
         writer_paused: store
             .kv_get(PAUSED_KEY)
@@ -106,11 +140,9 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
         outbox: store.outbox_counts().await?,
         outbox_ids: store.outbox_id_counts().await?,
-        oldest_pending_seconds: store
-            .oldest_pending_at()
-            .await?
-            .map(|at| (now_ms() - at).max(0) as f64 / 1000.0),
-        invalid_records: store.invalid_records(None).await?.len(),
+        oldest_pending_seconds: oldest_pending.map(|at| seconds_since(now, at)),
+        oldest_pending_at: oldest_pending.map(iso),
+        invalid_records: store.invalid_count().await?,
         mappings,
         open_holds: store
             .holds(true)
@@ -133,7 +165,30 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
                 _ => humantime::format_duration(settings.history.retention).to_string(),
             },
         },
+        cycles: store
+            .cycle_bars(now - CHART_WINDOW_MS, now, CHART_MAX_CYCLES)
+            .await?,
     })
+}
+
+/// Sets the gauges that describe the state from the status document, so `/metrics`, `status`
+/// and the console never disagree.
+pub fn set_gauges(report: &StatusReport) {
+    use crate::metrics::{HELD_VALUES, HISTORY_EVENTS, HOLDS_OPEN, OLDEST_PENDING, OUTBOX_VALUES};
+    for (state, n) in &report.outbox {
+        metrics::gauge!(OUTBOX_VALUES, "state" => *state).set(*n as f64);
+    }
+    metrics::gauge!(OLDEST_PENDING).set(report.oldest_pending_seconds.unwrap_or(0.0));
+    metrics::gauge!(HOLDS_OPEN).set(report.open_holds.len() as f64);
+    for m in &report.mappings {
+        metrics::gauge!(HELD_VALUES, "mapping" => m.name.clone()).set(m.held_values as f64);
+    }
+    metrics::gauge!(HISTORY_EVENTS).set(report.history.events as f64);
+    metrics::gauge!(crate::metrics::WRITER_PAUSED).set(if report.writer_paused.is_some() {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// A stored JSON value as a person reads it (`(none)` for nothing).

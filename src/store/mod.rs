@@ -20,6 +20,7 @@ mod digest;
 mod history;
 mod holds;
 mod outbox;
+mod pages;
 mod shadow;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub use claims::Claim;
 pub use history::{BatchInfo, Event, HistoryEvent, HoldInfo, SentBatch, Source};
 pub use holds::{GuardOutcome, Hold, HoldError};
 pub use outbox::{Change, OutboxEntry, OutboxKey, QueueFilter, QueueState, Settlement};
+pub use pages::{CycleBar, InvalidCursor, OutboxCursor, Page};
 pub use shadow::ShadowRecord;
 
 use crate::connectors::Watermark;
@@ -565,36 +567,16 @@ impl Store {
         Ok(())
     }
 
-    /// The latest run of each mapping, and the latest successful one.
-    pub async fn last_runs(&self) -> Result<Vec<(RunRecord, Option<i64>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT r.id, r.mapping, r.mode, r.started_at, r.finished_at, r.ok, r.pulled, r.changes, r.invalid, r.error,
-                    (SELECT max(finished_at) FROM runs s WHERE s.mapping = r.mapping AND s.ok = 1)
-             FROM runs r WHERE r.id = (SELECT max(id) FROM runs x WHERE x.mapping = r.mapping)
-             ORDER BY r.mapping",
+    /// When the mapping's latest successful cycle finished. Walks the mapping's runs newest
+    /// first and stops at the first success, so a long history of runs costs nothing.
+    pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT finished_at FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1",
         )
-        .fetch_all(&self.pool)
+        .bind(mapping)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                (
-                    RunRecord {
-                        id: r.get(0),
-                        mapping: r.get(1),
-                        mode: r.get(2),
-                        started_at: r.get(3),
-                        finished_at: r.get(4),
-                        ok: r.get(5),
-                        pulled: r.get(6),
-                        changes: r.get(7),
-                        invalid: r.get(8),
-                        error: r.get(9),
-                    },
-                    r.get(10),
-                )
-            })
-            .collect())
+        Ok(row.and_then(|r| r.get(0)))
     }
 
     // ---- kv ---------------------------------------------------------------------------------
@@ -671,6 +653,23 @@ fn create_owner_only(path: &Path) -> Result<(), StoreError> {
 
 /// Reads a shadow record from its stored JSON text exactly as [`Store::load_shadow`] does (for
 /// tests and tools that build shadows by hand).
+/// A `runs` row whose first ten columns are id, mapping, mode, started_at, finished_at, ok,
+/// pulled, changes, invalid, error.
+fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
+    RunRecord {
+        id: r.get(0),
+        mapping: r.get(1),
+        mode: r.get(2),
+        started_at: r.get(3),
+        finished_at: r.get(4),
+        ok: r.get(5),
+        pulled: r.get(6),
+        changes: r.get(7),
+        invalid: r.get(8),
+        error: r.get(9),
+    }
+}
+
 pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
     shadow::parse_record(crate::domain::Kind::Account, "-", text)
 }

@@ -134,7 +134,7 @@ pub struct QueueFilter {
     pub pendo_id: Option<String>,
 }
 
-fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
+pub(super) fn entry_from_row(row: &SqliteRow) -> Result<OutboxEntry, StoreError> {
     let kind: String = row.get("kind");
     let state: String = row.get("state");
     Ok(OutboxEntry {

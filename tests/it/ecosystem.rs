@@ -20,7 +20,7 @@ fn exported() -> BTreeSet<&'static str> {
         HOLDS_OPEN,
         HELD_VALUES,
         HISTORY_EVENTS,
-        pendo_sync::admin::WRITER_PAUSED,
+        pendo_sync::metrics::WRITER_PAUSED,
         pendo_sync::schedule::RECONCILE_FAILURES,
         pendo_sync::notify::NOTIFICATIONS,
     ]

@@ -4,7 +4,9 @@
 mod answers;
 mod audit;
 mod bad_input;
+mod browser;
 mod cli;
+mod console;
 mod crash;
 mod crm_harness;
 mod digest;

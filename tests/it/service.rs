@@ -19,23 +19,25 @@ use serde_json::{Value, json};
 
 const PENDO_KEY: &str = "service-test-pendo-key";
 const SF_SECRET: &str = "service-test-sf-secret";
-const ADMIN_TOKEN: &str = "service-test-admin-token";
+pub(crate) const ADMIN_TOKEN: &str = "service-test-admin-token";
 const POLL: Duration = Duration::from_secs(1);
 
-struct Options {
-    accounts: usize,
-    batch_size: usize,
-    create_missing: bool,
-    admin_token: bool,
-    sf_page_size: usize,
+pub(crate) struct Options {
+    pub(crate) accounts: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) create_missing: bool,
+    pub(crate) admin_token: bool,
+    pub(crate) sf_page_size: usize,
     /// The integration key comes from this file (`<dir>/pendo_key`) instead of the config.
-    pendo_key_file: Option<&'static str>,
-    reconcile_interval: &'static str,
+    pub(crate) pendo_key_file: Option<&'static str>,
+    pub(crate) reconcile_interval: &'static str,
     /// The guard's default limits (most tests here edit every account at once on purpose and
     /// lift the overwrite limit).
-    default_guard: bool,
+    pub(crate) default_guard: bool,
     /// `[notify] webhook_url`.
-    notify_url: Option<String>,
+    pub(crate) notify_url: Option<String>,
+    /// `schedule.poll_interval` (the console's tests want the state still after the first cycle).
+    pub(crate) poll: &'static str,
 }
 
 impl Default for Options {
@@ -50,24 +52,25 @@ impl Default for Options {
             reconcile_interval: "1h",
             default_guard: false,
             notify_url: None,
+            poll: "1s",
         }
     }
 }
 
 /// The simulators, a state directory and a config pointing at them.
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    admin: String,
-    pendo: PendoSim,
-    sf: SalesforceSim,
+pub(crate) struct Env {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config: PathBuf,
+    pub(crate) admin: String,
+    pub(crate) pendo: PendoSim,
+    pub(crate) sf: SalesforceSim,
     #[allow(dead_code)]
-    servers: Vec<SimServer>,
-    runs: usize,
+    pub(crate) servers: Vec<SimServer>,
+    pub(crate) runs: usize,
 }
 
 /// A `pendo-sync run` child, killed when dropped so a failing test leaves nothing behind.
-struct Service {
+pub(crate) struct Service {
     child: Child,
     log: PathBuf,
 }
@@ -80,15 +83,15 @@ impl Drop for Service {
 }
 
 impl Service {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -97,12 +100,12 @@ impl Service {
     }
 
     /// kill -9.
-    fn crash(&mut self) {
+    pub(crate) fn crash(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -118,7 +121,7 @@ impl Service {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -126,12 +129,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pendo-sync"))
 }
 
 impl Env {
-    async fn new(opts: Options) -> Env {
+    pub(crate) async fn new(opts: Options) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let pendo = PendoSim::new(PendoSimConfig {
             integration_key: PENDO_KEY.into(),
@@ -179,7 +182,7 @@ impl Env {
             .salesforce(
                 SalesforceSection::new(servers[1].url(), sf_auth).requests_per_second(1000.0),
             )
-            .poll_interval("1s")
+            .poll_interval(opts.poll)
             .reconcile_interval(opts.reconcile_interval)
             .overlap("0s")
             .admin_listen(&admin)
@@ -214,13 +217,13 @@ impl Env {
         }
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut c = bin();
         c.arg("--config").arg(&self.config).args(args);
         c
     }
 
-    fn start(&mut self) -> Service {
+    pub(crate) fn start(&mut self) -> Service {
         self.runs += 1;
         let log = self.dir.path().join(format!("run-{}.log", self.runs));
         let child = self
@@ -235,7 +238,7 @@ impl Env {
 
     /// Runs a CLI command to completion without blocking the simulators' threads; one that hangs
     /// (a `run` that should have refused to start) is killed and fails the test.
-    async fn cli(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) async fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut c = tokio::process::Command::from(self.command(args));
         c.kill_on_drop(true)
             .stdin(Stdio::null())
@@ -248,18 +251,18 @@ impl Env {
             .expect("the CLI's output")
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
 
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         match reqwest::get(self.url(path)).await {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(e) => (0, e.to_string()),
         }
     }
 
-    async fn wait_ready(&self, svc: &Service, limit: Duration) {
+    pub(crate) async fn wait_ready(&self, svc: &Service, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let (status, body) = self.get("/readyz").await;
@@ -276,7 +279,7 @@ impl Env {
     }
 
     /// What Pendo should hold: every Salesforce account's mapped fields (numbers as f64).
-    fn expected(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
+    pub(crate) fn expected(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
         self.sf
             .records("Account")
             .into_iter()
@@ -297,7 +300,7 @@ impl Env {
             .collect()
     }
 
-    fn held(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
+    pub(crate) fn held(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
         self.pendo
             .values(Kind::Account)
             .into_iter()
@@ -306,7 +309,7 @@ impl Env {
     }
 
     /// The first few differences between the CRM and Pendo (empty when equal).
-    fn differences(&self) -> Vec<String> {
+    pub(crate) fn differences(&self) -> Vec<String> {
         let (want, have) = (self.expected(), self.held());
         let mut out = Vec::new();
         for (id, fields) in &want {
@@ -321,7 +324,7 @@ impl Env {
         out
     }
 
-    async fn wait_converged(&self, svc: &Service, limit: Duration) {
+    pub(crate) async fn wait_converged(&self, svc: &Service, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let diff = self.differences();
@@ -338,7 +341,7 @@ impl Env {
     }
 
     /// Writes the Pendo simulator answered with 200.
-    fn pendo_200s(&self) -> usize {
+    pub(crate) fn pendo_200s(&self) -> usize {
         self.pendo
             .requests()
             .iter()
@@ -347,7 +350,7 @@ impl Env {
     }
 
     /// The modes of the finished cycles in the state file's run history, oldest first.
-    async fn run_modes(&self) -> Vec<String> {
+    pub(crate) async fn run_modes(&self) -> Vec<String> {
         let Ok(store) =
             pendo_sync::store::Store::open_read_only(&self.dir.path().join("state.db")).await
         else {
@@ -361,7 +364,7 @@ impl Env {
         modes
     }
 
-    fn pendo_writes(&self) -> usize {
+    pub(crate) fn pendo_writes(&self) -> usize {
         self.pendo
             .requests()
             .iter()
@@ -1010,7 +1013,10 @@ async fn sync_dry_run_creates_and_changes_nothing() {
             text.push_str(&format!("{key}={:?}\n", store.kv_get(key).await.unwrap()));
         }
         text.push_str(&format!("{:?}\n", store.watermarks().await.unwrap()));
-        text.push_str(&format!("{:?}\n", store.last_runs().await.unwrap()));
+        text.push_str(&format!(
+            "{:?}\n",
+            store.recent_runs("sf-accounts", 1_000).await.unwrap()
+        ));
         store.close().await;
         text
     };

@@ -13,6 +13,11 @@
 //! | `GET /v1/why/{kind}/{id}` | one id's provenance (`why --format json`); `?live=true` needs the token |
 //! | `GET /v1/holds`, `GET /v1/holds/{id}` | the guard's holds |
 //! | `POST /v1/holds/{id}/approve|reject` | Bearer `admin.token`; `{"reason": "..."}` optional |
+//! | `POST /v1/queue/retry|drop` | Bearer `admin.token`; `{"state", "kind", "id"}` (drop: a state or an id) |
+//! | `GET /`, `/queue/{state}`, `/why/...`, `/holds/...`, `/assets/...` | the console ([`console`]) |
+//!
+//! Every answer carries a strict Content-Security-Policy (scripts and styles from this origin
+//! only, no framing), `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer`.
 //!
 //! Without a configured `admin.token` the POST answers 403: an open port on a shared host must not
 //! let anyone start a full resync. The read-only routes need no token and show no secrets.
@@ -38,12 +43,11 @@ use tokio::net::TcpListener;
 use crate::app::AppError;
 use crate::cli::KindArg;
 use crate::config::{ConfigError, Settings};
-use crate::domain::{Kind, now_ms};
-use crate::metrics::{OLDEST_PENDING, OUTBOX_VALUES};
+use crate::domain::Kind;
 use crate::service::Service;
+use crate::store::{QueueFilter, QueueState};
 
-/// Gauge: 1 while Pendo refuses the integration key and the writer waits.
-pub const WRITER_PAUSED: &str = "pendo_sync_writer_paused";
+mod console;
 
 type Shared = Arc<Service>;
 
@@ -67,7 +71,36 @@ pub fn router(service: Shared) -> Router {
         .route("/v1/holds", get(holds_list))
         .route("/v1/holds/{id}", get(hold_show))
         .route("/v1/holds/{id}/{decision}", post(hold_decide))
+        .route("/v1/queue/{action}", post(queue_action))
+        .merge(console::router())
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(service)
+}
+
+/// The console shows CRM data: no script but ours runs (`script-src 'self'`, no inline), nothing
+/// frames it (clickjacking an approve button), and no URL leaks to another site.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+async fn security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    resp
 }
 
 async fn readyz(State(service): State<Shared>) -> Response {
@@ -89,30 +122,11 @@ async fn metrics(State(service): State<Shared>) -> Response {
         )
             .into_response();
     };
-    // Gauges that describe the state file are read fresh at scrape time.
-    match service.store.outbox_counts().await {
-        Ok(counts) => {
-            for (state, n) in counts {
-                metrics::gauge!(OUTBOX_VALUES, "state" => state).set(n as f64);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "Cannot read outbox counts for /metrics."),
+    // Gauges that describe the state are read fresh at scrape time, from the status model.
+    match crate::status::status_report(&service.settings, &service.store).await {
+        Ok(report) => crate::status::set_gauges(&report),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the status for /metrics."),
     }
-    match service.store.oldest_pending_at().await {
-        Ok(at) => metrics::gauge!(OLDEST_PENDING)
-            .set(at.map_or(0.0, |at| (now_ms() - at).max(0) as f64 / 1000.0)),
-        Err(e) => tracing::warn!(error = %e, "Cannot read the oldest pending change for /metrics."),
-    }
-    service.refresh_hold_metrics().await;
-    match service.store.history_count().await {
-        Ok(n) => metrics::gauge!(crate::metrics::HISTORY_EVENTS).set(n as f64),
-        Err(e) => tracing::warn!(error = %e, "Cannot count the history's events for /metrics."),
-    }
-    metrics::gauge!(WRITER_PAUSED).set(if service.writer_paused().is_some() {
-        1.0
-    } else {
-        0.0
-    });
     handle.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -278,6 +292,101 @@ async fn hold_decide(
         Err(e @ crate::store::HoldError::Decided { .. }) => {
             error(StatusCode::CONFLICT, &e.to_string())
         }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueParams {
+    state: Option<String>,
+    kind: Option<String>,
+    id: Option<String>,
+}
+
+/// `POST /v1/queue/retry|drop` with the admin token: `queue retry|drop` over the admin port.
+/// `state = "invalid"` drops records set aside (by CRM id). A drop names a state or an id: the
+/// whole outbox is not dropped by one click.
+async fn queue_action(
+    State(service): State<Shared>,
+    headers: HeaderMap,
+    Path(action): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refuse_without_token(&service, &headers) {
+        return refused;
+    }
+    let retry = match action.as_str() {
+        "retry" => true,
+        "drop" => false,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "use /v1/queue/retry or /v1/queue/drop",
+            );
+        }
+    };
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        QueueParams::default()
+    } else {
+        match serde_json::from_slice::<QueueParams>(&body) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
+        }
+    };
+    let kind = match params.kind.as_deref() {
+        None => None,
+        Some(k) => match Kind::parse(k) {
+            Some(k) => Some(k),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("kind must be visitor or account, got {k:?}"),
+                );
+            }
+        },
+    };
+    let state = match params.state.as_deref() {
+        None => None,
+        Some("invalid") => {
+            if retry {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "records set aside are not retried: fix them in the CRM, or drop them",
+                );
+            }
+            let n = service.store.drop_invalid(None, params.id.as_deref()).await;
+            return match n {
+                Ok(n) => axum::Json(json!({ "dropped": n })).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            };
+        }
+        Some(s) => match <QueueState as clap::ValueEnum>::from_str(s, false) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "state must be one of staged, pending, held, unmatched, dead, invalid; got {s:?}"
+                    ),
+                );
+            }
+        },
+    };
+    if !retry && state.is_none() && params.id.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name a state or an id: dropping the whole outbox is not offered here",
+        );
+    }
+    let filter = QueueFilter {
+        state,
+        kind,
+        pendo_id: params.id,
+    };
+    match service.queue_action(retry, &filter, "admin-api").await {
+        Ok(n) if retry => axum::Json(json!({ "retried": n })).into_response(),
+        Ok(n) => axum::Json(json!({ "dropped": n })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

@@ -1,0 +1,186 @@
+//! A real headless Chromium for the console's tests, driven over WebDriver (fantoccini) through
+//! Debian's chromedriver on a free loopback port. `.ci/run` installs both; on a machine without
+//! them the browser tests say so and pass only outside CI (under `CI=true` they fail).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+/// A chromedriver child and a browser session on it; both end when dropped.
+pub(crate) struct Browser {
+    pub(crate) client: Client,
+    driver: Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Killing chromedriver takes its Chromium down with it.
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn chromedriver() -> Option<PathBuf> {
+    let path = std::env::var_os("CHROMEDRIVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromedriver"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the console's browser tests need chromedriver at {} (`.ci/run` installs Debian's chromium and chromium-driver)",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: no chromedriver at {} (install Debian's chromium and chromium-driver, or run `bash .ci/run`)",
+        path.display()
+    );
+    None
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium, or `None` outside CI when they are missing.
+    pub(crate) async fn start() -> Option<Browser> {
+        let driver_path = chromedriver()?;
+        let port = crate::service::free_port();
+        let profile = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(profile.path().join("chromedriver.log")).unwrap();
+        let driver = Command::new(driver_path)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("chromedriver starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("{url}/status")).await.is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": binary,
+                "args": [
+                    "--headless=new",
+                    // CI runs as root, where Chromium's sandbox cannot start.
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    // No network but loopback here: nothing may try to reach Google.
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--window-size=1360,1000",
+                    format!("--user-data-dir={}", profile.path().join("profile").display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a Chromium session starts");
+        Some(Browser {
+            client,
+            driver,
+            _profile: profile,
+        })
+    }
+
+    pub(crate) async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("the page loads");
+    }
+
+    /// The text of the first element matching `css`, waiting up to 10 s for it to appear.
+    pub(crate) async fn text(&self, css: &str) -> String {
+        let el = self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css:?} on the page: {e}"));
+        el.text().await.expect("element text")
+    }
+
+    pub(crate) async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css:?} to click: {e}"))
+            .click()
+            .await
+            .expect("click");
+    }
+
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
+        let el = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no field {css:?}: {e}"));
+        el.clear().await.expect("clear");
+        el.send_keys(text).await.expect("typing");
+    }
+
+    /// Runs a script in the page and returns its value.
+    pub(crate) async fn js(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script {script:?} failed: {e}"))
+    }
+
+    /// Waits until `script` returns true (up to 15 s).
+    pub(crate) async fn until(&self, what: &str, script: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.js(script).await == json!(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Accepts the page's `confirm()` once it shows.
+    pub(crate) async fn accept_confirm(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.client.accept_alert().await.is_err() {
+            assert!(Instant::now() < deadline, "no confirm dialog appeared");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Types the admin token into the page's token box.
+    pub(crate) async fn use_token(&self, token: &str) {
+        self.type_into("#token-form input[name=token]", token).await;
+        self.click("#token-form button").await;
+        assert_eq!(self.text("#token-state").await, "token set for this tab");
+    }
+
+    /// A PNG of the window, written to `$PENDO_SYNC_SCREENSHOTS/<name>.png` when that variable
+    /// names a folder (the README's pictures come from here).
+    pub(crate) async fn screenshot(&self, name: &str) {
+        let Some(dir) = std::env::var_os("PENDO_SYNC_SCREENSHOTS") else {
+            return;
+        };
+        let png = self.client.screenshot().await.expect("screenshot");
+        let path = PathBuf::from(dir).join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
