@@ -440,11 +440,12 @@ impl Store {
 
     /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
     pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mapping, count(*) FROM outbox WHERE state = 'held' GROUP BY mapping",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(HELD_PER_MAPPING_SQL)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
+
+pub(super) const HELD_PER_MAPPING_SQL: &str =
+    "SELECT mapping, count(*) FROM outbox WHERE state = 'held' GROUP BY mapping";

@@ -570,12 +570,10 @@ impl Store {
     /// When the mapping's latest successful cycle finished. Walks the mapping's runs newest
     /// first and stops at the first success, so a long history of runs costs nothing.
     pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query(
-            "SELECT finished_at FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1",
-        )
-        .bind(mapping)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(pages::LAST_SUCCESS_SQL)
+            .bind(mapping)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.and_then(|r| r.get(0)))
     }
 
@@ -672,4 +670,72 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
 
 pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
     shadow::parse_record(crate::domain::Kind::Account, "-", text)
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::Store;
+
+    async fn plan(store: &Store, sql: &str) -> String {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .fetch_all(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ")
+    }
+
+    /// The status model is read on every `/metrics` scrape and every console overview: its
+    /// reads must not scan the tables that grow with uptime (history, runs, Pendo batches), and
+    /// its outbox reads must be answered from an index alone (no row lookups per value).
+    #[tokio::test]
+    async fn the_status_model_s_reads_do_not_scan_what_grows_with_uptime() {
+        let store = Store::open_in_memory().await.unwrap();
+        for sql in [super::history::COUNT_SQL, super::pages::LAST_SUCCESS_SQL] {
+            let plan = plan(&store, sql).await;
+            for table in ["history", "runs", "history_batches"] {
+                assert!(
+                    !plan
+                        .split("; ")
+                        .any(|step| step.starts_with(&format!("SCAN {table}"))),
+                    "{sql}\n  scans {table}: {plan}"
+                );
+            }
+        }
+        for sql in [
+            super::outbox::OLDEST_PENDING_SQL,
+            super::outbox::ID_COUNTS_SQL,
+            super::pages::RECENT_RUNS_SQL,
+            super::holds::HELD_PER_MAPPING_SQL,
+        ] {
+            let plan = plan(&store, sql).await;
+            assert!(
+                plan.contains("COVERING INDEX") || plan.contains("SEARCH"),
+                "{sql}\n  plan: {plan}"
+            );
+            assert!(
+                !plan.contains("TEMP B-TREE FOR DISTINCT")
+                    && !plan.contains("SCAN outbox\n")
+                    && !plan.ends_with("SCAN outbox"),
+                "{sql}\n  plan: {plan}"
+            );
+        }
+        // The chart's runs are read newest first with a LIMIT (a scan that stops), and each
+        // cycle's batches are a range on the send-time index.
+        let chart = plan(&store, super::pages::CYCLES_SQL).await;
+        assert!(
+            chart.contains("SEARCH history_batches USING COVERING INDEX history_batches_by_sent"),
+            "{chart}"
+        );
+        for sql in [
+            super::outbox::OLDEST_PENDING_SQL,
+            super::holds::HELD_PER_MAPPING_SQL,
+        ] {
+            let plan = plan(&store, sql).await;
+            assert!(
+                plan.contains("COVERING INDEX"),
+                "looks up every row: {sql}\n  {plan}"
+            );
+        }
+    }
 }

@@ -628,10 +628,7 @@ impl Store {
 
     /// Entities (kind, id) per state: an operator thinks in accounts and visitors.
     pub async fn outbox_id_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
-        self.counts_per_state(
-            "SELECT state, count(*) FROM (SELECT DISTINCT state, kind, pendo_id FROM outbox) GROUP BY state",
-        )
-        .await
+        self.counts_per_state(ID_COUNTS_SQL).await
     }
 
     /// `(state, count)` rows into a map with every state present.
@@ -667,9 +664,13 @@ impl Store {
 
     /// When the oldest pending change was enqueued.
     pub async fn oldest_pending_at(&self) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT min(enqueued_at) FROM outbox WHERE state = 'pending'")
+        let row = sqlx::query(OLDEST_PENDING_SQL)
             .fetch_one(&self.pool)
             .await?;
         Ok(row.get(0))
     }
 }
+
+pub(super) const OLDEST_PENDING_SQL: &str =
+    "SELECT min(enqueued_at) FROM outbox WHERE state = 'pending'";
+pub(super) const ID_COUNTS_SQL: &str = "SELECT state, count(*) FROM (SELECT DISTINCT state, kind, pendo_id FROM outbox) GROUP BY state";

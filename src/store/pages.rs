@@ -196,34 +196,32 @@ impl Store {
         mapping: &str,
         limit: u32,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mapping, mode, started_at, finished_at, ok, pulled, changes, invalid, error
-             FROM runs WHERE mapping = ?1 ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(mapping)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(RECENT_RUNS_SQL)
+            .bind(mapping)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(super::run_from_row).collect())
     }
 
     /// The cycles (all mappings) that started at or after `since`, at most the last `limit`,
     /// oldest first, each with the Pendo batches sent from its start to the next cycle's start
-    /// (the last one: to `now`).
+    /// (the last one: to `now`). One statement: the runs newest first by id (ids follow start
+    /// times, so the scan stops after `limit` rows), each counting its batches on the send-time
+    /// index.
     pub async fn cycle_bars(
         &self,
         since: i64,
         now: i64,
         limit: u32,
     ) -> Result<Vec<CycleBar>, StoreError> {
-        // Newest first by id (ids follow start times), so the scan stops after `limit` rows.
-        let rows = sqlx::query(
-            "SELECT id, mapping, mode, started_at, ok, changes FROM runs ORDER BY id DESC LIMIT ?1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut bars: Vec<CycleBar> = rows
+        let rows = sqlx::query(CYCLES_SQL)
+            .bind(limit)
+            .bind(now)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
             .into_iter()
             .map(|r| CycleBar {
                 id: r.get(0),
@@ -232,27 +230,21 @@ impl Store {
                 started_at: r.get(3),
                 ok: r.get(4),
                 changes: r.get(5),
-                pendo_requests: 0,
+                pendo_requests: r.get(6),
             })
-            .filter(|b| b.started_at >= since)
-            .collect();
-        bars.reverse();
-        let ends: Vec<i64> = bars
-            .iter()
-            .skip(1)
-            .map(|b| b.started_at)
-            .chain(std::iter::once(now))
-            .collect();
-        for (bar, end) in bars.iter_mut().zip(ends) {
-            bar.pendo_requests = sqlx::query(
-                "SELECT count(*) FROM history_batches WHERE sent_at >= ?1 AND sent_at < ?2",
-            )
-            .bind(bar.started_at)
-            .bind(end.max(bar.started_at))
-            .fetch_one(&self.pool)
-            .await?
-            .get(0);
-        }
-        Ok(bars)
+            .collect())
     }
 }
+
+pub(super) const RECENT_RUNS_SQL: &str =
+    "SELECT id, mapping, mode, started_at, finished_at, ok, pulled, changes, invalid, error
+     FROM runs WHERE mapping = ?1 ORDER BY id DESC LIMIT ?2";
+pub(super) const CYCLES_SQL: &str =
+    "WITH last AS (SELECT id, mapping, mode, started_at, ok, changes FROM runs ORDER BY id DESC LIMIT ?1),
+          bars AS (SELECT *, lead(started_at, 1, ?2) OVER (ORDER BY id) AS ends FROM last)
+     SELECT id, mapping, mode, started_at, ok, changes,
+            (SELECT count(*) FROM history_batches
+             WHERE sent_at >= bars.started_at AND sent_at < max(bars.ends, bars.started_at))
+     FROM bars WHERE started_at >= ?3 ORDER BY id";
+pub(super) const LAST_SUCCESS_SQL: &str =
+    "SELECT finished_at FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1";
