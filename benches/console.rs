@@ -215,9 +215,7 @@ async fn run() {
                 );
             }};
         }
-        part!("outbox_counts", st.outbox_counts());
-        part!("outbox_id_counts", st.outbox_id_counts());
-        part!("oldest_pending_at", st.oldest_pending_at());
+        part!("outbox_summary", st.outbox_summary());
         part!("invalid_count", st.invalid_count());
         part!("holds", st.holds(true));
         part!("held_values_by_mapping", st.held_values_by_mapping());

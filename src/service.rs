@@ -433,7 +433,7 @@ impl Service {
                     self.worker.wake.notify_one();
                 }
                 if let Some(crate::store::GuardOutcome::Held { .. }) = &report.guard {
-                    self.refresh_hold_metrics().await;
+                    self.refresh_state_gauges().await;
                 }
             }
             Err(e) => {
@@ -459,15 +459,15 @@ impl Service {
     ) -> Result<crate::store::Hold, crate::store::HoldError> {
         let hold = self.store.decide_hold(id, approve, who, reason).await?;
         tracing::info!(hold = id, mapping = %hold.mapping, state = %hold.state, %who, "A hold was decided.");
-        self.refresh_hold_metrics().await;
+        self.refresh_state_gauges().await;
         if approve {
             self.worker.wake.notify_one();
         }
         Ok(hold)
     }
 
-    /// `queue retry` (`retry`) or `queue drop` over the admin port: the hold gauges follow a
-    /// drop (it may close a hold), and a retry wakes the writer for the rows now due.
+    /// `queue retry` (`retry`) or `queue drop` over the admin port: the gauges follow a drop
+    /// (it may close a hold), and a retry wakes the writer for the rows now due.
     pub async fn queue_action(
         &self,
         retry: bool,
@@ -483,27 +483,17 @@ impl Service {
         if retry {
             self.worker.wake.notify_one();
         } else {
-            self.refresh_hold_metrics().await;
+            self.refresh_state_gauges().await;
         }
         Ok(n)
     }
 
-    /// `pendo_sync_holds_open` and `pendo_sync_held_values{mapping}` from the state.
-    pub async fn refresh_hold_metrics(&self) {
-        match (
-            self.store.holds(true).await,
-            self.store.held_values_by_mapping().await,
-        ) {
-            (Ok(open), Ok(held)) => {
-                metrics::gauge!(crate::metrics::HOLDS_OPEN).set(open.len() as f64);
-                for m in &self.settings.mappings {
-                    metrics::gauge!(crate::metrics::HELD_VALUES, "mapping" => m.name.clone())
-                        .set(held.get(&m.name).copied().unwrap_or(0) as f64);
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "Cannot read the holds for the metrics.")
-            }
+    /// The gauges that describe the state (holds, held values, outbox, ...), refreshed after a
+    /// change a scrape should see at once: from the status model, as `/metrics` does.
+    pub async fn refresh_state_gauges(&self) {
+        match crate::status::status_report(&self.settings, &self.store).await {
+            Ok(report) => crate::status::set_gauges(&report),
+            Err(e) => tracing::warn!(error = %e, "Cannot read the status for the metrics."),
         }
     }
 

@@ -130,7 +130,7 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             quota.insert(source.into(), v);
         }
     }
-    let oldest_pending = store.oldest_pending_at().await?;
+    let outbox = store.outbox_summary().await?;
     Ok(StatusReport {
         generated_at: iso(now),
         state_file: store.path().display().to_string(),
@@ -138,10 +138,10 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             .kv_get(PAUSED_KEY)
             .await?
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
-        outbox: store.outbox_counts().await?,
-        outbox_ids: store.outbox_id_counts().await?,
-        oldest_pending_seconds: oldest_pending.map(|at| seconds_since(now, at)),
-        oldest_pending_at: oldest_pending.map(iso),
+        oldest_pending_seconds: outbox.oldest_pending_at.map(|at| seconds_since(now, at)),
+        oldest_pending_at: outbox.oldest_pending_at.map(iso),
+        outbox: outbox.values,
+        outbox_ids: outbox.ids,
         invalid_records: store.invalid_count().await?,
         mappings,
         open_holds: store

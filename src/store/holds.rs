@@ -447,5 +447,8 @@ impl Store {
     }
 }
 
+/// From the open holds' own counts (kept by `finish_staged` and `outbox_drop`), not from the
+/// outbox: counting held rows per mapping looks up every held row. A held row a newer CRM value
+/// re-staged counts in its hold until that cycle's guard recounts it.
 pub(super) const HELD_PER_MAPPING_SQL: &str =
-    "SELECT mapping, count(*) FROM outbox WHERE state = 'held' GROUP BY mapping";
+    "SELECT mapping, sum(held_values) FROM holds WHERE state = 'open' GROUP BY mapping";

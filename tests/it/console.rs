@@ -311,6 +311,31 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
     let out = env.cli(&["holds", "show", "1"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("price change announced"), "{stdout}");
+
+    // A resync from the overview (the token is still in the tab), followed to its end: every
+    // value goes to Pendo again.
+    let writes_before = env.pendo_writes();
+    browser
+        .client
+        .find(fantoccini::Locator::Css(
+            "#resync-form select[name=mapping] option[value='sf-accounts']",
+        ))
+        .await
+        .expect("the mapping is offered")
+        .click()
+        .await
+        .expect("select");
+    browser.click("#resync-form button").await;
+    browser.accept_confirm().await;
+    browser
+        .until(
+            "the resync to finish",
+            "return /resync .*: done/.test(document.querySelector('#resync-form output').textContent)",
+        )
+        .await;
+    let shown = browser.text("#resync-form output").await;
+    assert!(shown.contains("150 records read"), "{shown}");
+    assert!(env.pendo_writes() > writes_before, "the resync sent again");
 }
 
 /// The headers and refusals, over plain HTTP (no browser needed).
