@@ -3,6 +3,7 @@
 //! them the browser tests say so and pass only outside CI (under `CI=true` they fail).
 
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,11 @@ pub(crate) struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Killing chromedriver takes its Chromium down with it.
-        let _ = self.driver.kill();
+        // Chromium outlives a killed chromedriver (it is reparented, not killed), so the whole
+        // process group chromedriver leads goes, whether the test passed or panicked.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.wait();
     }
 }
@@ -52,6 +56,8 @@ impl Browser {
         let log = std::fs::File::create(profile.path().join("chromedriver.log")).unwrap();
         let driver = Command::new(driver_path)
             .arg(format!("--port={port}"))
+            // Its own process group, which Chromium joins: see `Drop`.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -81,6 +87,9 @@ impl Browser {
                     "--disable-sync",
                     "--disable-quic",
                     "--no-first-run",
+                    // No crash handler: it starts its own session and would outlive the test.
+                    "--disable-crash-reporter",
+                    "--disable-breakpad",
                     "--window-size=1360,1000",
                     format!("--user-data-dir={}", profile.path().join("profile").display()),
                 ],

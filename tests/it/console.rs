@@ -197,7 +197,16 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
         )
         .await;
     browser.use_token(ADMIN_TOKEN).await;
+    // Kept in the tab's sessionStorage: never a cookie, never in the address.
+    assert_eq!(browser.js("return document.cookie").await, json!(""));
+    assert_eq!(
+        browser
+            .js("return sessionStorage.getItem('pendo-sync.admin-token')")
+            .await,
+        json!(ADMIN_TOKEN)
+    );
     browser.click("#check-live").await;
+    assert!(!browser.client.current_url().await.unwrap().as_str().contains(ADMIN_TOKEN));
     let verdict = browser.text("#verdict").await;
     assert!(verdict.contains("agree"), "{verdict}");
     assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
