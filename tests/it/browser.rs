@@ -2,8 +2,8 @@
 //! Debian's chromedriver on a free loopback port. `.ci/run` installs both; on a machine without
 //! them the browser tests say so and pass only outside CI (under `CI=true` they fail).
 
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -191,5 +191,45 @@ impl Browser {
         let png = self.client.screenshot().await.expect("screenshot");
         let path = PathBuf::from(dir).join(format!("{name}.png"));
         std::fs::write(&path, png).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+/// Processes whose command line names `needle` (pgrep -f).
+fn processes_naming(needle: &str) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-f", needle])
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A test that ends, passing or panicking, leaves no Chromium behind: left running they pile up
+/// (nine after three runs here) and steal the benches' CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_browser_leaves_no_process_behind() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let profile = browser._profile.path().display().to_string();
+    browser.goto("about:blank").await;
+    assert!(
+        !processes_naming(&profile).is_empty(),
+        "Chromium runs with the profile {profile}"
+    );
+    drop(browser);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_naming(&profile);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after the drop: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

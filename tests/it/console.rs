@@ -206,7 +206,15 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
         json!(ADMIN_TOKEN)
     );
     browser.click("#check-live").await;
-    assert!(!browser.client.current_url().await.unwrap().as_str().contains(ADMIN_TOKEN));
+    assert!(
+        !browser
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .as_str()
+            .contains(ADMIN_TOKEN)
+    );
     let verdict = browser.text("#verdict").await;
     assert!(verdict.contains("agree"), "{verdict}");
     assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
