@@ -327,11 +327,10 @@ impl App {
         Ok(report)
     }
 
-    /// One pass: a cycle per mapping (a failing mapping does not stop the others), then the
-    /// outbox drained. Dry runs write nothing and send nothing.
     /// Deletes the history's events older than `history.retention`, [`PRUNE_BATCH`] at a time
     /// with a pause between batches, so a writer settling meanwhile waits for one short
-    /// transaction at most. Returns the events deleted. Stops early when `cancel` fires.
+    /// transaction at most; then the cycles (`runs`) as old, but each mapping's last one and
+    /// last successful one. Returns the events deleted. Stops early when `cancel` fires.
     pub async fn prune_history(&self, cancel: &CancellationToken) -> Result<u64, AppError> {
         let retention = self.settings.history.retention.as_millis() as i64;
         let before = crate::domain::now_ms() - retention;
@@ -350,9 +349,24 @@ impl App {
                 "Deleted history events past history.retention."
             );
         }
+        // The cycle log ages out with the history (its detections name their cycle).
+        let mut runs = 0;
+        while !cancel.is_cancelled() {
+            let n = self.store.prune_runs(before, PRUNE_BATCH).await?;
+            runs += n;
+            if n < u64::from(PRUNE_BATCH) {
+                break;
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+        if runs > 0 {
+            tracing::info!(cycles = runs, "Deleted cycles past history.retention.");
+        }
         Ok(total)
     }
 
+    /// One pass: a cycle per mapping (a failing mapping does not stop the others), then the
+    /// outbox drained. Dry runs write nothing and send nothing.
     pub async fn sync(
         &self,
         only: Option<&str>,

@@ -182,6 +182,46 @@ impl Store {
         })
     }
 
+    /// Deletes up to `batch` cycles that started before `before`, oldest first, but never a
+    /// mapping's last cycle nor its last successful one (the status model's freshness and last
+    /// run). One short transaction: call again until it returns less than `batch`.
+    pub async fn prune_runs(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mappings: Vec<String> = sqlx::query_scalar("SELECT DISTINCT mapping FROM runs")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut keep: Vec<i64> = Vec::with_capacity(mappings.len() * 2);
+        for m in &mappings {
+            // Both on `runs_by_mapping`, newest first: a few index steps each.
+            let last: Option<i64> =
+                sqlx::query_scalar("SELECT max(id) FROM runs WHERE mapping = ?1")
+                    .bind(m)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let last_ok: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(m)
+            .fetch_optional(&mut *tx)
+            .await?;
+            keep.extend(last.into_iter().chain(last_ok));
+        }
+        // Ids follow start times: the oldest rows are at the front of the table.
+        let done = sqlx::query(
+            "DELETE FROM runs WHERE id IN (
+                SELECT id FROM runs
+                WHERE started_at < ?1 AND id NOT IN (SELECT value FROM json_each(?2))
+                ORDER BY id LIMIT ?3)",
+        )
+        .bind(before)
+        .bind(serde_json::to_string(&keep).expect("ids serialize"))
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
     /// Records set aside, all mappings.
     pub async fn invalid_count(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query("SELECT count(*) FROM invalid_records")

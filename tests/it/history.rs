@@ -367,6 +367,59 @@ async fn retention_deletes_only_expired_events_in_batches() {
     app.store.close().await;
 }
 
+/// The cycle log (`runs`) grows by a row per cycle per mapping, forever until this: retention
+/// deletes cycles older than `history.retention` too, except each mapping's last cycle and last
+/// successful one (what status, freshness and the console show).
+#[tokio::test]
+async fn retention_deletes_old_cycles_but_keeps_each_mapping_s_last_and_last_success() {
+    let t = TestApp::new().await;
+    t.seed(3);
+    for _ in 0..4 {
+        t.sync().await;
+    }
+    let s = store(&t).await;
+    let runs_of = |s: &Store| {
+        let pool = s.pool().clone();
+        async move {
+            sqlx::query_as::<_, (i64, String, Option<bool>)>(
+                "SELECT id, mapping, ok FROM runs ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let all = runs_of(&s).await;
+    let mapping = all[0].1.clone();
+    let mine: Vec<i64> = all.iter().filter(|r| r.1 == mapping).map(|r| r.0).collect();
+    assert_eq!(mine.len(), 4, "{all:?}");
+    // A year old, all of them; the mapping's last cycle failed.
+    sqlx::query("UPDATE runs SET started_at = started_at - 31536000000, finished_at = finished_at - 31536000000")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET ok = 0, error = 'CRM down' WHERE id = ?1")
+        .bind(mine[3])
+        .execute(s.pool())
+        .await
+        .unwrap();
+    s.close().await;
+    let app = t.app().await;
+    app.prune_history(&CancellationToken::new()).await.unwrap();
+    let left: Vec<i64> = runs_of(&app.store)
+        .await
+        .into_iter()
+        .filter(|r| r.1 == mapping)
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        left,
+        vec![mine[2], mine[3]],
+        "the last success and the last cycle stay"
+    );
+    app.store.close().await;
+}
+
 /// A value confirmed by Pendo after a newer CRM value replaced it in the queue (it was in
 /// flight) is in the shadow: its confirmation is an event too, even when the newer value is then
 /// dropped. Made deterministic by doing the writer's steps by hand: lease, a cycle, settle.
