@@ -223,7 +223,7 @@ async fn run() {
         part!("recent_runs", st.recent_runs("accounts", 5));
         part!("last_success_at", st.last_success_at("accounts"));
         part!("watermarks", st.watermarks());
-        part!("cycle_bars", st.cycle_bars(now - 86_400_000, now, 96));
+        part!("chart", st.chart(now, 900_000, 96));
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

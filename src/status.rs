@@ -11,9 +11,10 @@ use crate::store::Store;
 
 /// Cycles listed per mapping (`mappings[].recent_runs`).
 pub const RECENT_RUNS: u32 = 5;
-/// The chart's window and its most bars.
-pub const CHART_WINDOW_MS: i64 = 24 * 3_600 * 1_000;
-pub const CHART_MAX_CYCLES: u32 = 96;
+/// The chart: the last 24 hours in 96 slots of 15 minutes, aligned to the quarter hour. Per
+/// cycle would be 1,440 bars a day per mapping at the default poll interval.
+pub const CHART_SLOTS: usize = 96;
+pub const CHART_SLOT_MS: i64 = 15 * 60 * 1_000;
 
 /// The status document (`status --format json`, `GET /v1/status`, the console's overview and the
 /// gauges of `/metrics`).
@@ -37,9 +38,9 @@ pub struct StatusReport {
     pub quota: serde_json::Map<String, serde_json::Value>,
     /// The provenance history (`why`): events kept, and for how long.
     pub history: HistoryStatus,
-    /// The cycles of the last 24 hours (at most 96, oldest first): changes found, and Pendo
-    /// batches sent until the next cycle started.
-    pub cycles: Vec<crate::store::CycleBar>,
+    /// The last 24 hours in 15-minute slots, oldest first: the cycles that started in each, how
+    /// many failed, the changes they found, and the Pendo requests sent (retries included).
+    pub chart: Vec<crate::store::ChartSlot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -165,8 +166,13 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
                 _ => humantime::format_duration(settings.history.retention).to_string(),
             },
         },
-        cycles: store
-            .cycle_bars(now - CHART_WINDOW_MS, now, CHART_MAX_CYCLES)
+        chart: store
+            .chart(
+                // The end of the current slot: slots stay put between two reads.
+                (now / CHART_SLOT_MS + 1) * CHART_SLOT_MS,
+                CHART_SLOT_MS,
+                CHART_SLOTS,
+            )
             .await?,
     })
 }

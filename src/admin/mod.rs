@@ -74,7 +74,52 @@ pub fn router(service: Shared) -> Router {
         .route("/v1/queue/{action}", post(queue_action))
         .merge(console::router())
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            loopback_hosts_only,
+        ))
         .with_state(service)
+}
+
+/// On a loopback `admin.listen`, answers only requests addressed to a loopback name: a web page
+/// that points its own host name at 127.0.0.1 (DNS rebinding) would otherwise read the console's
+/// CRM data through a visitor's browser. A port bound to another address is reached by names
+/// this process cannot know, and is the operator's to protect.
+async fn loopback_hosts_only(
+    State(service): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let bound_to_loopback = service
+        .settings
+        .admin
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if bound_to_loopback {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !is_loopback_host(host) {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this admin port answers requests for localhost, 127.0.0.1 or [::1] only",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+/// `localhost`, a 127.x.y.z address or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The console shows CRM data: no script but ours runs (`script-src 'self'`, no inline), nothing
@@ -302,6 +347,9 @@ struct QueueParams {
     state: Option<String>,
     kind: Option<String>,
     id: Option<String>,
+    /// With `state = "invalid"`: the mapping whose record it is (a CRM id can be set aside by
+    /// two mappings of one object).
+    mapping: Option<String>,
 }
 
 /// `POST /v1/queue/retry|drop` with the admin token: `queue retry|drop` over the admin port.
@@ -355,7 +403,10 @@ async fn queue_action(
                     "records set aside are not retried: fix them in the CRM, or drop them",
                 );
             }
-            let n = service.store.drop_invalid(None, params.id.as_deref()).await;
+            let n = service
+                .store
+                .drop_invalid(params.mapping.as_deref(), params.id.as_deref())
+                .await;
             return match n {
                 Ok(n) => axum::Json(json!({ "dropped": n })).into_response(),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -373,6 +424,12 @@ async fn queue_action(
             }
         },
     };
+    if params.mapping.is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "mapping selects records set aside (state \"invalid\") only",
+        );
+    }
     if !retry && state.is_none() && params.id.is_none() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -638,6 +695,31 @@ pub async fn hand_off_resync(
 #[cfg(test)]
 mod tests {
     use super::same_secret;
+
+    #[test]
+    fn loopback_hosts() {
+        use super::is_loopback_host;
+        for ok in [
+            "localhost",
+            "LOCALHOST:9464",
+            "127.0.0.1:9464",
+            "127.1.2.3",
+            "[::1]:9464",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9464",
+            "localhost.evil.example",
+            "10.0.0.1:9464",
+            "[::2]:1",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn secrets_compare_equal_only_when_identical() {

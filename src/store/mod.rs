@@ -37,7 +37,7 @@ pub use holds::{GuardOutcome, Hold, HoldError};
 pub use outbox::{
     Change, OutboxEntry, OutboxKey, OutboxSummary, QueueFilter, QueueState, Settlement,
 };
-pub use pages::{CycleBar, InvalidCursor, OutboxCursor, Page};
+pub use pages::{ChartSlot, InvalidCursor, OutboxCursor, Page};
 pub use shadow::ShadowRecord;
 
 use crate::connectors::Watermark;
@@ -716,12 +716,18 @@ mod plan_tests {
         // Held values per mapping: from the holds (one row per hold), not the held rows.
         let held = plan(&store, super::holds::HELD_PER_MAPPING_SQL).await;
         assert!(!held.contains("outbox"), "{held}");
-        // The chart's runs are read newest first with a LIMIT (a scan that stops), and each
-        // cycle's batches are a range on the send-time index.
-        let chart = plan(&store, super::pages::CYCLES_SQL).await;
+        // The chart: a range of the cycles' start times, and of the requests' send times read
+        // from the index alone.
+        let runs = plan(&store, super::pages::CHART_RUNS_SQL).await;
         assert!(
-            chart.contains("SEARCH history_batches USING COVERING INDEX history_batches_by_sent"),
-            "{chart}"
+            runs.contains("SEARCH runs USING INDEX runs_by_start"),
+            "{runs}"
+        );
+        let requests = plan(&store, super::pages::CHART_REQUESTS_SQL).await;
+        assert!(
+            requests
+                .contains("SEARCH history_batches USING COVERING INDEX history_batches_by_sent"),
+            "{requests}"
         );
     }
 }

@@ -37,15 +37,14 @@ pub struct Page<T, C> {
     pub next: Option<C>,
 }
 
-/// One cycle of the chart: when, which mapping, its changes, and the Pendo batches sent between
-/// its start and the next cycle's.
-#[derive(Debug, Clone, Serialize)]
-pub struct CycleBar {
-    pub id: i64,
-    pub mapping: String,
-    pub mode: String,
-    pub started_at: i64,
-    pub ok: Option<bool>,
+/// One slot of the chart: the cycles that started in [`from`, `to`) (Unix ms), how many failed,
+/// the changes they found, and the Pendo requests (HTTP attempts, retries included) sent in it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChartSlot {
+    pub from: i64,
+    pub to: i64,
+    pub cycles: i64,
+    pub failed: i64,
     pub changes: i64,
     pub pendo_requests: i64,
 }
@@ -244,47 +243,60 @@ impl Store {
         Ok(rows.iter().map(super::run_from_row).collect())
     }
 
-    /// The cycles (all mappings) that started at or after `since`, at most the last `limit`,
-    /// oldest first, each with the Pendo batches sent from its start to the next cycle's start
-    /// (the last one: to `now`). One statement: the runs newest first by id (ids follow start
-    /// times, so the scan stops after `limit` rows), each counting its batches on the send-time
-    /// index.
-    pub async fn cycle_bars(
+    /// `slots` slots of `width` ms ending at `end`, oldest first: two grouped range reads
+    /// (cycles on `runs_by_start`, requests on the covering `history_batches_by_sent`).
+    pub async fn chart(
         &self,
-        since: i64,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<CycleBar>, StoreError> {
-        let rows = sqlx::query(CYCLES_SQL)
-            .bind(limit)
-            .bind(now)
-            .bind(since)
+        end: i64,
+        width: i64,
+        slots: usize,
+    ) -> Result<Vec<ChartSlot>, StoreError> {
+        let start = end - width * slots as i64;
+        let mut out: Vec<ChartSlot> = (0..slots as i64)
+            .map(|i| ChartSlot {
+                from: start + i * width,
+                to: start + (i + 1) * width,
+                ..ChartSlot::default()
+            })
+            .collect();
+        let runs = sqlx::query(CHART_RUNS_SQL)
+            .bind(start)
+            .bind(width)
+            .bind(end)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| CycleBar {
-                id: r.get(0),
-                mapping: r.get(1),
-                mode: r.get(2),
-                started_at: r.get(3),
-                ok: r.get(4),
-                changes: r.get(5),
-                pendo_requests: r.get(6),
-            })
-            .collect())
+        for r in runs {
+            let i: i64 = r.get(0);
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+                slot.cycles = r.get(1);
+                slot.failed = r.get(2);
+                slot.changes = r.get(3);
+            }
+        }
+        let batches = sqlx::query(CHART_REQUESTS_SQL)
+            .bind(start)
+            .bind(width)
+            .bind(end)
+            .fetch_all(&self.pool)
+            .await?;
+        for r in batches {
+            let i: i64 = r.get(0);
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+                slot.pendo_requests = r.get(1);
+            }
+        }
+        Ok(out)
     }
 }
 
 pub(super) const RECENT_RUNS_SQL: &str =
     "SELECT id, mapping, mode, started_at, finished_at, ok, pulled, changes, invalid, error
      FROM runs WHERE mapping = ?1 ORDER BY id DESC LIMIT ?2";
-pub(super) const CYCLES_SQL: &str =
-    "WITH last AS (SELECT id, mapping, mode, started_at, ok, changes FROM runs ORDER BY id DESC LIMIT ?1),
-          bars AS (SELECT *, lead(started_at, 1, ?2) OVER (ORDER BY id) AS ends FROM last)
-     SELECT id, mapping, mode, started_at, ok, changes,
-            (SELECT count(*) FROM history_batches
-             WHERE sent_at >= bars.started_at AND sent_at < max(bars.ends, bars.started_at))
-     FROM bars WHERE started_at >= ?3 ORDER BY id";
+pub(super) const CHART_RUNS_SQL: &str =
+    "SELECT (started_at - ?1) / ?2 AS slot, count(*), coalesce(sum(ok = 0), 0), coalesce(sum(changes), 0)
+     FROM runs WHERE started_at >= ?1 AND started_at < ?3 GROUP BY slot";
+pub(super) const CHART_REQUESTS_SQL: &str =
+    "SELECT (sent_at - ?1) / ?2 AS slot, coalesce(sum(attempts), 0)
+     FROM history_batches WHERE sent_at >= ?1 AND sent_at < ?3 GROUP BY slot";
 pub(super) const LAST_SUCCESS_SQL: &str =
     "SELECT finished_at FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1";

@@ -90,7 +90,7 @@ impl Browser {
                     // No crash handler: it starts its own session and would outlive the test.
                     "--disable-crash-reporter",
                     "--disable-breakpad",
-                    "--window-size=1360,1000",
+                    "--window-size=1360,1700",
                     format!("--user-data-dir={}", profile.path().join("profile").display()),
                 ],
             }),
@@ -177,7 +177,7 @@ impl Browser {
 
     /// Types the admin token into the page's token box.
     pub(crate) async fn use_token(&self, token: &str) {
-        self.type_into("#token-form input[name=token]", token).await;
+        self.type_into("#token-input", token).await;
         self.click("#token-form button").await;
         assert_eq!(self.text("#token-state").await, "token set for this tab");
     }

@@ -18,6 +18,10 @@ use crate::service::{ADMIN_TOKEN, Env, Options};
 const HOSTILE: &str =
     "\"'><img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>&amp;";
 
+/// A Salesforce id (a Pendo id here) that closes an attribute: it lands in links, hidden form
+/// values and titles.
+const HOSTILE_ID: &str = "001\"'><img src=x onerror=window.__pwned=3>";
+
 /// No element the CRM value could have made exists, and nothing it carried has run.
 const NOTHING_INJECTED: &str = "return document.querySelectorAll('img').length === 0
     && document.querySelectorAll('script:not([src])').length === 0
@@ -119,11 +123,15 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
     // A number field holding text: the record is set aside, its detail quoting the value.
     env.sf
         .set_field("Account", &account_id(1), "ARR__c", json!(HOSTILE));
+    // An account Pendo does not know, whose id is hostile: 6 unmatched ids, 18 values.
+    let mut record = env.sf.records("Account")[2].clone();
+    record["Plan_Tier__c"] = json!("Growth");
+    env.sf.upsert("Account", HOSTILE_ID, record);
     let _svc = env.start();
     wait_status(&env, "the first cycle and its push", |s| {
         s["mappings"][0]["last_run"]["ok"] == json!(true)
             && s["outbox"]["pending"] == json!(0)
-            && s["outbox"]["unmatched"] == json!(15)
+            && s["outbox"]["unmatched"] == json!(18)
     })
     .await;
 
@@ -134,26 +142,79 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
         browser
             .text("#outbox tr[data-state=unmatched] td:nth-child(2)")
             .await,
-        "15"
+        "18"
     );
-    let cycles = status["cycles"].as_array().expect("cycles");
-    assert!(!cycles.is_empty(), "{status}");
-    let changes: i64 = cycles.iter().map(|c| c["changes"].as_i64().unwrap()).sum();
-    assert_eq!(browser.text("#chart-changes").await, changes.to_string());
+    // The chart: 96 slots of two bars, each tagged (and so checked above), and the totals.
+    let chart = status["chart"].as_array().expect("chart");
+    assert_eq!(chart.len(), 96, "{status}");
+    let sum = |key: &str| -> i64 { chart.iter().map(|c| c[key].as_i64().unwrap()).sum() };
+    assert!(sum("changes") > 0 && sum("pendo_requests") > 0, "{status}");
+    assert_eq!(
+        browser.text("#chart-changes").await,
+        sum("changes").to_string()
+    );
+    assert_eq!(
+        browser.text("#chart-requests").await,
+        sum("pendo_requests").to_string()
+    );
+    assert_eq!(
+        browser.text("#chart-cycles").await,
+        sum("cycles").to_string()
+    );
     let bars = browser
-        .js("return document.querySelectorAll('#cycle-chart rect').length")
+        .js("return document.querySelectorAll('#cycle-chart rect[data-status]').length")
         .await;
-    assert_eq!(bars, json!(cycles.len() * 2));
+    assert_eq!(bars, json!(96 * 2));
     assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
     browser.screenshot("console-overview").await;
 
     // A list, then one of its ids' provenance.
     browser.click("nav a[href='/queue/unmatched']").await;
-    assert_eq!(browser.text("#list-total").await, "15");
+    assert_eq!(browser.text("#list-total").await, "18");
     let rows = browser
         .js("return document.querySelectorAll('#list tbody tr').length")
         .await;
-    assert_eq!(rows, json!(15));
+    assert_eq!(rows, json!(18));
+    // The hostile id: in links, hidden form values and titles, and nothing of it ran or parsed.
+    assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
+    let hostile_rows = browser
+        .js(&format!(
+            "return Array.from(document.querySelectorAll('#list td.id a')).filter(a => a.textContent === {}).length",
+            json!(HOSTILE_ID)
+        ))
+        .await;
+    assert_eq!(
+        hostile_rows,
+        json!(3),
+        "one row per field, the id shown as text"
+    );
+    let values = browser
+        .js(&format!(
+            "return Array.from(document.querySelectorAll('#list input[name=id]')).filter(i => i.value === {}).length",
+            json!(HOSTILE_ID)
+        ))
+        .await;
+    assert_eq!(values, json!(6), "retry and drop carry the id intact");
+    let mut hostile_link = None;
+    for a in browser
+        .client
+        .find_all(fantoccini::Locator::Css("#list td.id a"))
+        .await
+        .unwrap()
+    {
+        if a.text().await.unwrap() == HOSTILE_ID {
+            hostile_link = Some(a);
+            break;
+        }
+    }
+    hostile_link
+        .expect("the hostile id's link")
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#why-id").await, HOSTILE_ID);
+    assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
+    browser.goto(&env.url("/queue/unmatched")).await;
     let first = browser.text("#list tbody tr td.id a").await;
     browser.click("#list tbody tr td.id a").await;
     assert_eq!(browser.text("#why-id").await, first);
@@ -174,6 +235,14 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
             "return document.getElementById('list-total')?.textContent === '3'",
         )
         .await;
+    let bulk = browser
+        .js("return document.querySelectorAll('.bulk form').length")
+        .await;
+    assert_eq!(
+        bulk,
+        json!(0),
+        "no action on the whole state from a filtered list"
+    );
 
     // The search box, and a hostile value shown as text on the provenance page.
     browser.goto(&env.url("/")).await;
@@ -197,7 +266,7 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
         )
         .await;
     browser.use_token(ADMIN_TOKEN).await;
-    // Kept in the tab's sessionStorage: never a cookie, never in the address.
+    // Kept in the tab's sessionStorage: never a cookie.
     assert_eq!(browser.js("return document.cookie").await, json!(""));
     assert_eq!(
         browser
@@ -247,16 +316,21 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
     browser
         .until(
             "the list after the drop",
-            "return document.getElementById('list-total')?.textContent === '12'",
+            "return document.getElementById('list-total')?.textContent === '15'",
         )
         .await;
-    assert_eq!(status_json(&env).await["outbox"]["unmatched"], json!(12));
+    assert_eq!(status_json(&env).await["outbox"]["unmatched"], json!(15));
+    let other = browser.text("#list tbody tr td.id a").await;
     browser
         .click(".bulk form[data-action='/v1/queue/retry'] button")
         .await;
     browser.accept_confirm().await;
-    let other = browser.text("#list tbody tr td.id a").await;
-    assert_ne!(other, dropped);
+    browser
+        .until(
+            "the retry's answer",
+            "return document.querySelector(\".bulk form[data-action='/v1/queue/retry'] output\")?.textContent === 'done'",
+        )
+        .await;
     browser
         .goto(&env.url(&format!("/why/account/{other}")))
         .await;
@@ -402,6 +476,34 @@ async fn console_pages_carry_a_strict_csp_and_actions_need_the_token() {
         "one script, from /assets: {page}"
     );
     assert!(page.contains("<script src=\"/assets/console.js\" defer></script>"));
+    // Without the script, the token box cannot submit the token anywhere (a GET form would put
+    // it in the URL): no name, and disabled until console.js enables it.
+    let input = page
+        .split("<input")
+        .find(|i| i.contains("id=\"token-input\""))
+        .expect("the token box");
+    let input = &input[..input.find('>').unwrap()];
+    assert!(!input.contains("name="), "{input}");
+    assert!(input.contains("disabled"), "{input}");
+
+    // A page of another site pointing its name at 127.0.0.1 (DNS rebinding) is not answered.
+    let r = client
+        .get(env.url("/"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    let r = client
+        .get(env.url("/v1/status"))
+        .header(
+            "host",
+            format!("localhost:{}", env.admin.rsplit(':').next().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     let post = |path: &str, token: Option<&str>, body: Value| {
         let mut r = client.post(env.url(path)).json(&body);
@@ -443,6 +545,38 @@ async fn console_pages_carry_a_strict_csp_and_actions_need_the_token() {
     .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"retried": 0}));
+    // Dropping a record set aside drops it from the named mapping only.
+    {
+        let store = pendo_sync::store::Store::open(&env.dir.path().join("state.db"))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO invalid_records (mapping, crm_id, pendo_id, reason, detail, seen_at)
+             VALUES ('sf-accounts', 'BAD1', NULL, 'bad_value', 'x', 0),
+                    ('sf-other', 'BAD1', NULL, 'bad_value', 'x', 0)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        store.close().await;
+    }
+    let r = post(
+        "/v1/queue/drop",
+        Some(ADMIN_TOKEN),
+        json!({"state": "invalid", "mapping": "sf-accounts", "id": "BAD1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"dropped": 1}));
+    let r = post(
+        "/v1/queue/drop",
+        Some(ADMIN_TOKEN),
+        json!({"state": "pending", "mapping": "sf-accounts"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400, "mapping selects records set aside only");
+
     let (code, _) = env
         .get(&format!("/why/account/{}/live", account_id(0)))
         .await;

@@ -159,6 +159,24 @@ async fn first_sync_change_supersession_429_retry_400_dead_and_a_retry_by_hand()
     assert!(d.cycle.is_some());
     s.close().await;
     t.assert_converged();
+
+    // The status model's chart (the console's) counts every HTTP request Pendo saw, the 429s
+    // retried in-process included, and every cycle.
+    let s = store(&t).await;
+    let report = pendo_sync::status::status_report(&t.settings, &s)
+        .await
+        .unwrap();
+    assert_eq!(report.chart.len(), 96);
+    let charted: i64 = report.chart.iter().map(|c| c.pendo_requests).sum();
+    let busy: Vec<_> = report.chart.iter().filter(|c| c.cycles > 0).collect();
+    assert_eq!(charted as usize, t.writes().len(), "{busy:?}");
+    let cycles: i64 = report.chart.iter().map(|c| c.cycles).sum();
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(cycles, runs);
+    s.close().await;
 }
 
 #[tokio::test]

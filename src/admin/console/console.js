@@ -74,9 +74,11 @@
   document.addEventListener('DOMContentLoaded', () => {
     const tokenForm = document.getElementById('token-form');
     if (tokenForm) {
+      // Disabled in the HTML: usable only with this handler, which keeps it out of any URL.
+      tokenForm.querySelectorAll('input, button').forEach((el) => { el.disabled = false; });
       tokenForm.addEventListener('submit', (e) => {
         e.preventDefault();
-        const input = tokenForm.querySelector('input[name=token]');
+        const input = document.getElementById('token-input');
         const value = input.value.trim();
         if (value) sessionStorage.setItem(TOKEN, value); else sessionStorage.removeItem(TOKEN);
         input.value = '';

@@ -12,7 +12,7 @@ use maud::{DOCTYPE, Markup, html};
 use crate::domain::Kind;
 use crate::status::StatusReport;
 use crate::store::{
-    CycleBar, Hold, InvalidCursor, InvalidRecord, OutboxCursor, OutboxEntry, Page, RunRecord,
+    ChartSlot, Hold, InvalidCursor, InvalidRecord, OutboxCursor, OutboxEntry, Page, RunRecord,
 };
 use crate::why::{FieldStory, WhyReport};
 
@@ -53,14 +53,21 @@ fn value(stored: Option<&str>) -> String {
     }
 }
 
-/// `/why/{kind}/{id}`, the id percent-encoded as a path segment.
+/// `/why/{kind}/{id}`, the id percent-encoded as one path segment: everything but unreserved
+/// characters is encoded, and an id of dots (`.`, `..`) too, which a URL library would read as
+/// a relative step and drop.
 pub fn why_href(kind: Kind, id: &str) -> String {
-    let mut url = url::Url::parse("http://console/").expect("a fixed URL parses");
-    url.path_segments_mut()
-        .expect("an http URL has segments")
-        .clear()
-        .extend(["why", kind.as_str(), id]);
-    url.path().to_owned()
+    let dots_only = !id.is_empty() && id.bytes().all(|b| b == b'.');
+    let mut out = format!("/why/{}/", kind.as_str());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') || (b == b'.' && !dots_only)
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `path?k=v&...`, the values form-encoded; pairs with an empty value are left out.
@@ -107,9 +114,11 @@ fn layout(title: &str, active: &str, now: i64, body: Markup) -> Markup {
                         input type="search" name="id" placeholder="Pendo id" aria-label="Pendo id" required;
                         button type="submit" { "Why?" }
                     }
+                    // No `name`, and disabled until console.js enables it: without the script a
+                    // submit must not put the token in a URL (`?token=...`).
                     form #token-form {
-                        input type="password" name="token" autocomplete="off" placeholder="admin token" aria-label="admin token";
-                        button type="submit" { "Use" }
+                        input #token-input type="password" autocomplete="off" placeholder="admin token" aria-label="admin token" disabled;
+                        button type="submit" disabled { "Use" }
                         span #token-state {}
                     }
                 }
@@ -119,6 +128,11 @@ fn layout(title: &str, active: &str, now: i64, body: Markup) -> Markup {
             }
         }
     }
+}
+
+/// A key as one JSON-pointer token (RFC 6901: `~` and `/` escaped).
+fn pointer_token(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// A count from the status document, tagged with its JSON pointer.
@@ -184,6 +198,10 @@ pub fn overview(report: &StatusReport, now: i64) -> Markup {
                     dd { (stat("/history/events", report.history.events)) " kept " (report.history.retention) }
                 }
             }
+        }
+        section #chart {
+            h2 { "Changes and Pendo requests, last 24 h" }
+            (chart(&report.chart))
         }
         section #mappings {
             h2 { "Mappings" }
@@ -261,10 +279,6 @@ pub fn overview(report: &StatusReport, now: i64) -> Markup {
                 }
             }
         }
-        section #chart {
-            h2 { "Changes and Pendo requests per cycle, last 24 h" }
-            (chart(&report.cycles))
-        }
         section #quota {
             h2 { "CRM quota" }
             @if report.quota.is_empty() { p.muted { "no reading yet" } }
@@ -275,7 +289,14 @@ pub fn overview(report: &StatusReport, now: i64) -> Markup {
                             dt { (source) }
                             dd {
                                 @match reading.as_object() {
-                                    Some(o) => @for (k, v) in o { span.kv { (k) ": " (v.as_str().map_or_else(|| v.to_string(), str::to_owned)) } " " },
+                                    Some(o) => @for (k, v) in o {
+                                        @let raw = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                                        @let text = match (k.strip_suffix("_ms"), v.as_i64()) {
+                                            (Some(name), Some(ms)) => format!("{name}: {}", when(ms)),
+                                            _ => format!("{k}: {raw}"),
+                                        };
+                                        span.kv data-status={ "/quota/" (pointer_token(source)) "/" (pointer_token(k)) } data-value=(raw) { (text) } " "
+                                    },
                                     None => (reading.to_string()),
                                 }
                             }
@@ -308,47 +329,57 @@ pub fn overview(report: &StatusReport, now: i64) -> Markup {
     layout("overview", "overview", now, body)
 }
 
-/// Changes (left bar) and Pendo batches (right bar) per cycle, as inline SVG: presentation
-/// attributes and classes only, which a strict CSP allows.
-fn chart(cycles: &[CycleBar]) -> Markup {
+/// Changes found (left bar) and Pendo requests (right bar) per slot of the last 24 hours, as
+/// inline SVG: presentation attributes and classes only, which a strict CSP allows. Each bar
+/// carries its status pointer, like every number of the overview.
+fn chart(slots: &[ChartSlot]) -> Markup {
     const W: f64 = 960.0;
     const H: f64 = 160.0;
     const TOP: f64 = 14.0;
     const BOTTOM: f64 = 18.0;
-    if cycles.is_empty() {
-        return html! { p.muted { "no cycle in the last 24 hours" } };
+    if slots.is_empty() {
+        return html! { p.muted { "no chart" } };
     }
-    let max = cycles
+    let max = slots
         .iter()
         .map(|c| c.changes.max(c.pendo_requests))
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let slot = W / cycles.len() as f64;
+    let slot = W / slots.len() as f64;
     let bar = (slot / 2.0 - 1.0).clamp(0.5, 24.0);
     let scale = |n: i64| (n as f64 / max) * (H - TOP - BOTTOM);
-    let total_changes: i64 = cycles.iter().map(|c| c.changes).sum();
-    let total_requests: i64 = cycles.iter().map(|c| c.pendo_requests).sum();
+    let total_changes: i64 = slots.iter().map(|c| c.changes).sum();
+    let total_requests: i64 = slots.iter().map(|c| c.pendo_requests).sum();
+    let cycles: i64 = slots.iter().map(|c| c.cycles).sum();
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|d| d.format("%H:%M").to_string())
+            .unwrap_or_default()
+    };
     html! {
         p.legend {
             span.key.changes {} " changes found: " span #chart-changes { (total_changes) }
             "  "
             span.key.requests {} " Pendo requests: " span #chart-requests { (total_requests) }
-            "  over " (cycles.len()) " cycle(s)"
+            "  in " span #chart-cycles { (cycles) } " cycle(s); one pair of bars per "
+            ((slots[0].to - slots[0].from) / 60_000) " minutes (UTC)"
         }
-        svg #cycle-chart viewBox={ "0 0 " (W) " " (H) } width="100%" height=(H) role="img" aria-label="changes and Pendo requests per cycle" xmlns="http://www.w3.org/2000/svg" {
+        svg #cycle-chart viewBox={ "0 0 " (W) " " (H) } width="100%" role="img" aria-label="changes found and Pendo requests over the last 24 hours" xmlns="http://www.w3.org/2000/svg" {
             text x="0" y="10" class="axis" { "max " (max) }
             line x1="0" y1=(H - BOTTOM) x2=(W) y2=(H - BOTTOM) class="base" {}
-            @for (i, c) in cycles.iter().enumerate() {
+            @for (i, c) in slots.iter().enumerate() {
                 @let x = i as f64 * slot;
-                g class=[(c.ok == Some(false)).then_some("failed")] {
-                    title { "cycle #" (c.id) " (" (c.mapping) ", " (c.mode) ") at " (when(c.started_at)) ": " (c.changes) " change(s), " (c.pendo_requests) " Pendo request(s)" }
-                    rect class="changes" x=(x) y=(H - BOTTOM - scale(c.changes)) width=(bar) height=(scale(c.changes)) {}
-                    rect class="requests" x=(x + bar + 1.0) y=(H - BOTTOM - scale(c.pendo_requests)) width=(bar) height=(scale(c.pendo_requests)) {}
+                g class=[(c.failed > 0).then_some("failed")] {
+                    title { (time(c.from)) "–" (time(c.to)) ": " (c.cycles) " cycle(s)"
+                        @if c.failed > 0 { " (" (c.failed) " failed)" }
+                        ", " (c.changes) " change(s), " (c.pendo_requests) " Pendo request(s)" }
+                    rect class="changes" data-status={ "/chart/" (i) "/changes" } data-value=(c.changes) x=(x) y=(H - BOTTOM - scale(c.changes)) width=(bar) height=(scale(c.changes)) {}
+                    rect class="requests" data-status={ "/chart/" (i) "/pendo_requests" } data-value=(c.pendo_requests) x=(x + bar + 1.0) y=(H - BOTTOM - scale(c.pendo_requests)) width=(bar) height=(scale(c.pendo_requests)) {}
                 }
             }
-            text x="0" y=(H - 4.0) class="axis" { (when(cycles[0].started_at)) }
-            text x=(W) y=(H - 4.0) class="axis end" { (when(cycles[cycles.len() - 1].started_at)) }
+            text x="0" y=(H - 4.0) class="axis" { (when(slots[0].from)) }
+            text x=(W) y=(H - 4.0) class="axis end" { (when(slots[slots.len() - 1].to)) }
         }
     }
 }
@@ -400,12 +431,14 @@ pub fn outbox_list(
         .map(|c| serde_json::to_string(c).expect("a cursor serializes"));
     let body = html! {
         (list_head(state, label, page.total, id))
-        @if page.total > 0 {
+        // The bulk actions act on the whole state: offered on the unfiltered list only, where
+        // the count they name is the count they act on.
+        @if page.total > 0 && id.is_empty() {
             div.bulk {
                 @if retryable {
-                    (action("/v1/queue/retry", &format!("retry all {state}"), &[("state", state)], Some(&format!("Make every {state} value due now?"))))
+                    (action("/v1/queue/retry", &format!("retry all {state}"), &[("state", state)], Some(&format!("Make all {} {state} values due now?", page.total))))
                 }
-                (action("/v1/queue/drop", &format!("drop all {state}"), &[("state", state)], Some(&format!("Drop every {state} value? They will not be sent."))))
+                (action("/v1/queue/drop", &format!("drop all {state}"), &[("state", state)], Some(&format!("Drop all {} {state} values? They will not be sent.", page.total))))
             }
         }
         table #list {
@@ -468,7 +501,7 @@ pub fn invalid_list(
                         td { (r.reason) }
                         td.error { (r.detail) }
                         td title=(when(r.seen_at)) { (ago(now, r.seen_at)) }
-                        td.actions { (action("/v1/queue/drop", "drop", &[("state", "invalid"), ("id", &r.crm_id)], Some("Forget this record? It is listed again if the next pull still cannot map it."))) }
+                        td.actions { (action("/v1/queue/drop", "drop", &[("state", "invalid"), ("mapping", &r.mapping), ("id", &r.crm_id)], Some("Forget this record? It is listed again if the next pull still cannot map it."))) }
                     }
                 }
             }
@@ -671,6 +704,13 @@ mod tests {
             why_href(Kind::Account, "a/b?c#d e"),
             "/why/account/a%2Fb%3Fc%23d%20e"
         );
+        assert_eq!(why_href(Kind::Account, ".."), "/why/account/%2E%2E");
+        assert_eq!(why_href(Kind::Account, "."), "/why/account/%2E");
+        assert_eq!(
+            why_href(Kind::Visitor, "a.b@x.io"),
+            "/why/visitor/a.b%40x.io"
+        );
+        assert_eq!(why_href(Kind::Account, "é"), "/why/account/%C3%A9");
     }
 
     #[test]
