@@ -154,9 +154,36 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script {script:?} failed: {e}"))
     }
 
+    /// What the page's Content-Security-Policy blocked since it loaded (`directive blocked-url`),
+    /// read through a buffered ReportingObserver: a style attribute or an inline script added
+    /// to a template would break the page silently under the CSP, and shows here.
+    pub(crate) async fn csp_violations(&self) -> Vec<String> {
+        let v = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const seen = [];
+                 const observer = new ReportingObserver(
+                   (reports) => reports.forEach((r) => seen.push(r.body.effectiveDirective + ' ' + r.body.blockedURL)),
+                   { types: ['csp-violation'], buffered: true });
+                 observer.observe();
+                 setTimeout(() => { observer.takeRecords().forEach((r) => seen.push(r.body.effectiveDirective + ' ' + r.body.blockedURL)); done(seen); }, 200);",
+                vec![],
+            )
+            .await
+            .expect("the CSP reports");
+        serde_json::from_value(v).expect("strings")
+    }
+
     /// Waits until `script` returns true (up to 15 s).
     pub(crate) async fn until(&self, what: &str, script: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.until_within(what, script, Duration::from_secs(15))
+            .await;
+    }
+
+    /// Waits until `script` returns true, up to `limit`.
+    pub(crate) async fn until_within(&self, what: &str, script: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
         loop {
             if self.js(script).await == json!(true) {
                 return;

@@ -166,6 +166,7 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
         .await;
     assert_eq!(bars, json!(96 * 2));
     assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
+    assert_eq!(browser.csp_violations().await, Vec::<String>::new());
     browser.screenshot("console-overview").await;
 
     // A list, then one of its ids' provenance.
@@ -287,6 +288,7 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
     let verdict = browser.text("#verdict").await;
     assert!(verdict.contains("agree"), "{verdict}");
     assert_eq!(browser.js(NOTHING_INJECTED).await, json!(true));
+    assert_eq!(browser.csp_violations().await, Vec::<String>::new());
 
     // The record set aside: listed with its hostile detail as text.
     browser.click("nav a[href='/queue/invalid']").await;
@@ -371,6 +373,7 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
     browser.click("#holds a[href='/holds/1']").await;
     assert_eq!(browser.text("#hold-state").await, "open");
     assert_eq!(browser.text("#hold-values").await, "150");
+    assert_eq!(browser.csp_violations().await, Vec::<String>::new());
 
     // Without the token: refused, and the hold stays open.
     browser.click("#approve-form button").await;
@@ -427,6 +430,18 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
     let shown = browser.text("#resync-form output").await;
     assert!(shown.contains("150 records read"), "{shown}");
     assert!(env.pendo_writes() > writes_before, "the resync sent again");
+
+    // Auto-refresh: the overview reloads itself every 10 s once asked to, and remembers it.
+    browser.goto(&env.url("/")).await;
+    browser.click("#auto-refresh").await;
+    browser.js("window.__before_reload = 1; return true").await;
+    browser
+        .until_within(
+            "the overview to reload itself",
+            "return window.__before_reload === undefined && document.getElementById('auto-refresh')?.checked === true",
+            Duration::from_secs(30),
+        )
+        .await;
 }
 
 /// The headers and refusals, over plain HTTP (no browser needed).
