@@ -54,6 +54,17 @@ impl ReconcileRecord {
             .and_then(|v| serde_json::from_value(v).ok()))
     }
 
+    /// [`ReconcileRecord::load`] through a snapshot (the status model).
+    pub async fn load_in(
+        snapshot: &mut crate::store::Snapshot,
+        mapping: &str,
+    ) -> Result<Option<ReconcileRecord>, StoreError> {
+        Ok(snapshot
+            .kv_get(&key(mapping))
+            .await?
+            .and_then(|v| serde_json::from_value(v).ok()))
+    }
+
     pub async fn save(&self, store: &Store, mapping: &str) -> Result<(), StoreError> {
         store
             .kv_set(

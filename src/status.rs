@@ -95,15 +95,17 @@ fn seconds_since(now: i64, at: i64) -> f64 {
 
 /// Builds the status document: the one set of queries every reader shares.
 pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusReport, AppError> {
+    // One read transaction: the numbers agree with each other, whatever commits meanwhile.
+    let mut snap = store.snapshot().await?;
     let now = now_ms();
-    let watermarks = store.watermarks().await?;
-    let held = store.held_values_by_mapping().await?;
+    let watermarks = snap.watermarks().await?;
+    let held = snap.held_values_by_mapping().await?;
     let mut mappings = Vec::new();
     for m in &settings.mappings {
         let wm = watermarks.iter().find(|(name, _, _)| *name == m.name);
-        let recent_runs = store.recent_runs(&m.name, RECENT_RUNS).await?;
-        let last_success = store.last_success_at(&m.name).await?;
-        let reconcile = crate::schedule::ReconcileRecord::load(store, &m.name)
+        let recent_runs = snap.recent_runs(&m.name, RECENT_RUNS).await?;
+        let last_success = snap.last_success_at(&m.name).await?;
+        let reconcile = crate::schedule::ReconcileRecord::load_in(&mut snap, &m.name)
             .await?
             .map(|r| ReconcileStatus {
                 last_success_at: r.at_ms.map(iso),
@@ -127,15 +129,15 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
     }
     let mut quota = serde_json::Map::new();
     for source in ["salesforce", "hubspot"] {
-        if let Some(v) = store.kv_get(&format!("quota.{source}")).await? {
+        if let Some(v) = snap.kv_get(&format!("quota.{source}")).await? {
             quota.insert(source.into(), v);
         }
     }
-    let outbox = store.outbox_summary().await?;
-    Ok(StatusReport {
+    let outbox = snap.outbox_summary().await?;
+    let report = StatusReport {
         generated_at: iso(now),
         state_file: store.path().display().to_string(),
-        writer_paused: store
+        writer_paused: snap
             .kv_get(PAUSED_KEY)
             .await?
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
@@ -143,9 +145,9 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
         oldest_pending_at: outbox.oldest_pending_at.map(iso),
         outbox: outbox.values,
         outbox_ids: outbox.ids,
-        invalid_records: store.invalid_count().await?,
+        invalid_records: snap.invalid_count().await?,
         mappings,
-        open_holds: store
+        open_holds: snap
             .holds(true)
             .await?
             .into_iter()
@@ -159,14 +161,14 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
             .collect(),
         quota,
         history: HistoryStatus {
-            events: store.history_count().await?,
+            events: snap.history_count().await?,
             retention: match settings.history.retention.as_secs() {
                 // As it is written in the config (humantime would say "2months 29days 2h…").
                 s if s % 86_400 == 0 => format!("{}d", s / 86_400),
                 _ => humantime::format_duration(settings.history.retention).to_string(),
             },
         },
-        chart: store
+        chart: snap
             .chart(
                 // The end of the current slot: slots stay put between two reads.
                 (now / CHART_SLOT_MS + 1) * CHART_SLOT_MS,
@@ -174,7 +176,9 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
                 CHART_SLOTS,
             )
             .await?,
-    })
+    };
+    snap.close().await?;
+    Ok(report)
 }
 
 /// Sets the gauges that describe the state from the status document, so `/metrics`, `status`

@@ -485,8 +485,8 @@ impl Store {
     /// Events in the state. Events are only ever deleted from the oldest end, so the rowids
     /// are contiguous and this is exact without counting ten million rows.
     pub async fn history_count(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query(COUNT_SQL).fetch_one(&self.pool).await?;
-        Ok(row.get(0))
+        let mut conn = self.pool.acquire().await?;
+        history_count_in(&mut conn).await
     }
 
     /// Deletes up to `batch` events older than `before` (Unix ms), oldest first, and the
@@ -531,3 +531,9 @@ impl Store {
 /// `max(id) - min(id)` in one query scans it (10M events: every `/metrics` scrape).
 pub(super) const COUNT_SQL: &str =
     "SELECT coalesce((SELECT max(id) FROM history) - (SELECT min(id) FROM history) + 1, 0)";
+
+/// [`Store::history_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn history_count_in(conn: &mut sqlx::SqliteConnection) -> Result<i64, StoreError> {
+    let row = sqlx::query(COUNT_SQL).fetch_one(&mut *conn).await?;
+    Ok(row.get(0))
+}

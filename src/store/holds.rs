@@ -345,13 +345,8 @@ impl Store {
 
     /// Holds, newest first; only the open ones with `open_only`.
     pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM holds WHERE (?1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200",
-        )
-        .bind(open_only as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(hold_from_row).collect()
+        let mut conn = self.pool.acquire().await?;
+        holds_in(&mut conn, open_only).await
     }
 
     pub async fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
@@ -440,10 +435,8 @@ impl Store {
 
     /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
     pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        let rows = sqlx::query(HELD_PER_MAPPING_SQL)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        let mut conn = self.pool.acquire().await?;
+        held_values_by_mapping_in(&mut conn).await
     }
 }
 
@@ -452,3 +445,27 @@ impl Store {
 /// re-staged counts in its hold until that cycle's guard recounts it.
 pub(super) const HELD_PER_MAPPING_SQL: &str =
     "SELECT mapping, sum(held_values) FROM holds WHERE state = 'open' GROUP BY mapping";
+
+/// [`Store::held_values_by_mapping`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn held_values_by_mapping_in(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    let rows = sqlx::query(HELD_PER_MAPPING_SQL)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// [`Store::holds`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn holds_in(
+    conn: &mut sqlx::SqliteConnection,
+    open_only: bool,
+) -> Result<Vec<Hold>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT * FROM holds WHERE (?1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200",
+    )
+    .bind(open_only as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(hold_from_row).collect()
+}

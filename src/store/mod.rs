@@ -362,14 +362,8 @@ impl Store {
     }
 
     pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get(0), Watermark(r.get(1)), r.get(2)))
-            .collect())
+        let mut conn = self.pool.acquire().await?;
+        watermarks_in(&mut conn).await
     }
 
     /// Writes one page's outcome atomically: outbox changes (latest wins), set-aside records, and
@@ -572,25 +566,15 @@ impl Store {
     /// When the mapping's latest successful cycle finished. Walks the mapping's runs newest
     /// first and stops at the first success, so a long history of runs costs nothing.
     pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query(pages::LAST_SUCCESS_SQL)
-            .bind(mapping)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.and_then(|r| r.get(0)))
+        let mut conn = self.pool.acquire().await?;
+        last_success_at_in(&mut conn, mapping).await
     }
 
     // ---- kv ---------------------------------------------------------------------------------
 
     pub async fn kv_get(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let row = sqlx::query("SELECT value FROM kv WHERE key = ?1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            let text: String = r.get(0);
-            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("kv {key}: {e}")))
-        })
-        .transpose()
+        let mut conn = self.pool.acquire().await?;
+        kv_get_in(&mut conn, key).await
     }
 
     pub async fn kv_set(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
@@ -653,6 +637,82 @@ fn create_owner_only(path: &Path) -> Result<(), StoreError> {
 
 /// Reads a shadow record from its stored JSON text exactly as [`Store::load_shadow`] does (for
 /// tests and tools that build shadows by hand).
+/// One consistent read of the state: every read through it sees the same committed moment (a
+/// read transaction: SQLite's WAL keeps that moment for it while writers go on). The status
+/// model reads through one, so its numbers agree with each other.
+pub struct Snapshot {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+}
+
+impl Store {
+    /// A [`Snapshot`]: its moment is fixed by its first read.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            tx: self.pool.begin().await?,
+        })
+    }
+}
+
+/// The reads of the status model, each the same code as the [`Store`] method of that name.
+impl Snapshot {
+    pub async fn watermarks(&mut self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
+        watermarks_in(&mut self.tx).await
+    }
+
+    pub async fn last_success_at(&mut self, mapping: &str) -> Result<Option<i64>, StoreError> {
+        last_success_at_in(&mut self.tx, mapping).await
+    }
+
+    pub async fn kv_get(&mut self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        kv_get_in(&mut self.tx, key).await
+    }
+
+    pub async fn held_values_by_mapping(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        holds::held_values_by_mapping_in(&mut self.tx).await
+    }
+
+    pub async fn holds(&mut self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+        holds::holds_in(&mut self.tx, open_only).await
+    }
+
+    pub async fn history_count(&mut self) -> Result<i64, StoreError> {
+        history::history_count_in(&mut self.tx).await
+    }
+
+    pub async fn outbox_summary(&mut self) -> Result<OutboxSummary, StoreError> {
+        outbox::outbox_summary_in(&mut self.tx).await
+    }
+
+    pub async fn invalid_count(&mut self) -> Result<i64, StoreError> {
+        pages::invalid_count_in(&mut self.tx).await
+    }
+
+    pub async fn recent_runs(
+        &mut self,
+        mapping: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        pages::recent_runs_in(&mut self.tx, mapping, limit).await
+    }
+
+    pub async fn chart(
+        &mut self,
+        end: i64,
+        width: i64,
+        slots: usize,
+    ) -> Result<Vec<ChartSlot>, StoreError> {
+        pages::chart_in(&mut self.tx, end, width, slots).await
+    }
+
+    /// Ends the read (it wrote nothing).
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
+
 /// A `runs` row whose first ten columns are id, mapping, mode, started_at, finished_at, ok,
 /// pulled, changes, invalid, error.
 fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
@@ -674,6 +734,47 @@ pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
     shadow::parse_record(crate::domain::Kind::Account, "-", text)
 }
 
+/// [`Store::watermarks`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn watermarks_in(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
+    let rows = sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), Watermark(r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// [`Store::last_success_at`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn last_success_at_in(
+    conn: &mut sqlx::SqliteConnection,
+    mapping: &str,
+) -> Result<Option<i64>, StoreError> {
+    let row = sqlx::query(pages::LAST_SUCCESS_SQL)
+        .bind(mapping)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// [`Store::kv_get`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn kv_get_in(
+    conn: &mut sqlx::SqliteConnection,
+    key: &str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    let row = sqlx::query("SELECT value FROM kv WHERE key = ?1")
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| {
+        let text: String = r.get(0);
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("kv {key}: {e}")))
+    })
+    .transpose()
+}
+
 #[cfg(test)]
 mod plan_tests {
     use super::Store;
@@ -685,6 +786,35 @@ mod plan_tests {
                 .await
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
         rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ")
+    }
+
+    /// The status model reads through a snapshot: a write committed between two of its reads
+    /// is not half seen.
+    #[tokio::test]
+    async fn a_snapshot_reads_one_moment_while_writers_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+        store.kv_set("k", &serde_json::json!(1)).await.unwrap();
+        let mut snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.kv_get("k").await.unwrap(), Some(serde_json::json!(1)));
+        store.kv_set("k", &serde_json::json!(2)).await.unwrap();
+        sqlx::query(
+            "INSERT INTO invalid_records (mapping, crm_id, reason, detail, seen_at)
+             VALUES ('m', 'x', 'bad_value', 'd', 0)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            snap.kv_get("k").await.unwrap(),
+            Some(serde_json::json!(1)),
+            "the snapshot keeps its moment"
+        );
+        assert_eq!(snap.invalid_count().await.unwrap(), 0);
+        snap.close().await.unwrap();
+        assert_eq!(store.kv_get("k").await.unwrap(), Some(serde_json::json!(2)));
+        assert_eq!(store.invalid_count().await.unwrap(), 1);
+        store.close().await;
     }
 
     /// The status model is read on every `/metrics` scrape and every console overview: its

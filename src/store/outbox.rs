@@ -666,14 +666,8 @@ impl Store {
     /// needs no index beyond the writer's: every index on the state is rewritten by each
     /// staged → pending → confirmed step of the hot path.
     pub async fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
-        let row = sqlx::query(SUMMARY_SQL).fetch_one(&self.pool).await?;
-        let mut summary = OutboxSummary::default();
-        for (i, state) in STATES.iter().enumerate() {
-            summary.values.insert(state, row.get(i));
-            summary.ids.insert(state, row.get(i + STATES.len()));
-        }
-        summary.oldest_pending_at = row.get(2 * STATES.len());
-        Ok(summary)
+        let mut conn = self.pool.acquire().await?;
+        outbox_summary_in(&mut conn).await
     }
 }
 
@@ -701,3 +695,17 @@ pub(super) const SUMMARY_SQL: &str = "
                  sum(state = 'dead') AS nd,
                  min(CASE WHEN state = 'pending' THEN enqueued_at END) AS op
           FROM outbox GROUP BY kind, pendo_id)";
+
+/// [`Store::outbox_summary`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn outbox_summary_in(
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<OutboxSummary, StoreError> {
+    let row = sqlx::query(SUMMARY_SQL).fetch_one(&mut *conn).await?;
+    let mut summary = OutboxSummary::default();
+    for (i, state) in STATES.iter().enumerate() {
+        summary.values.insert(state, row.get(i));
+        summary.ids.insert(state, row.get(i + STATES.len()));
+    }
+    summary.oldest_pending_at = row.get(2 * STATES.len());
+    Ok(summary)
+}

@@ -223,10 +223,8 @@ impl Store {
 
     /// Records set aside, all mappings.
     pub async fn invalid_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT count(*) FROM invalid_records")
-            .fetch_one(&self.pool)
-            .await?
-            .get(0))
+        let mut conn = self.pool.acquire().await?;
+        invalid_count_in(&mut conn).await
     }
 
     /// A mapping's last `limit` cycles, newest first.
@@ -235,12 +233,8 @@ impl Store {
         mapping: &str,
         limit: u32,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        let rows = sqlx::query(RECENT_RUNS_SQL)
-            .bind(mapping)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(super::run_from_row).collect())
+        let mut conn = self.pool.acquire().await?;
+        recent_runs_in(&mut conn, mapping, limit).await
     }
 
     /// `slots` slots of `width` ms ending at `end`, oldest first: two grouped range reads
@@ -251,41 +245,8 @@ impl Store {
         width: i64,
         slots: usize,
     ) -> Result<Vec<ChartSlot>, StoreError> {
-        let start = end - width * slots as i64;
-        let mut out: Vec<ChartSlot> = (0..slots as i64)
-            .map(|i| ChartSlot {
-                from: start + i * width,
-                to: start + (i + 1) * width,
-                ..ChartSlot::default()
-            })
-            .collect();
-        let runs = sqlx::query(CHART_RUNS_SQL)
-            .bind(start)
-            .bind(width)
-            .bind(end)
-            .fetch_all(&self.pool)
-            .await?;
-        for r in runs {
-            let i: i64 = r.get(0);
-            if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
-                slot.cycles = r.get(1);
-                slot.failed = r.get(2);
-                slot.changes = r.get(3);
-            }
-        }
-        let batches = sqlx::query(CHART_REQUESTS_SQL)
-            .bind(start)
-            .bind(width)
-            .bind(end)
-            .fetch_all(&self.pool)
-            .await?;
-        for r in batches {
-            let i: i64 = r.get(0);
-            if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
-                slot.pendo_requests = r.get(1);
-            }
-        }
-        Ok(out)
+        let mut conn = self.pool.acquire().await?;
+        chart_in(&mut conn, end, width, slots).await
     }
 }
 
@@ -300,3 +261,69 @@ pub(super) const CHART_REQUESTS_SQL: &str =
      FROM history_batches WHERE sent_at >= ?1 AND sent_at < ?3 GROUP BY slot";
 pub(super) const LAST_SUCCESS_SQL: &str =
     "SELECT finished_at FROM runs WHERE mapping = ?1 AND ok = 1 ORDER BY id DESC LIMIT 1";
+
+/// [`Store::invalid_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn invalid_count_in(conn: &mut sqlx::SqliteConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query("SELECT count(*) FROM invalid_records")
+        .fetch_one(&mut *conn)
+        .await?
+        .get(0))
+}
+
+/// [`Store::recent_runs`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn recent_runs_in(
+    conn: &mut sqlx::SqliteConnection,
+    mapping: &str,
+    limit: u32,
+) -> Result<Vec<RunRecord>, StoreError> {
+    let rows = sqlx::query(RECENT_RUNS_SQL)
+        .bind(mapping)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.iter().map(super::run_from_row).collect())
+}
+
+/// [`Store::chart`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn chart_in(
+    conn: &mut sqlx::SqliteConnection,
+    end: i64,
+    width: i64,
+    slots: usize,
+) -> Result<Vec<ChartSlot>, StoreError> {
+    let start = end - width * slots as i64;
+    let mut out: Vec<ChartSlot> = (0..slots as i64)
+        .map(|i| ChartSlot {
+            from: start + i * width,
+            to: start + (i + 1) * width,
+            ..ChartSlot::default()
+        })
+        .collect();
+    let runs = sqlx::query(CHART_RUNS_SQL)
+        .bind(start)
+        .bind(width)
+        .bind(end)
+        .fetch_all(&mut *conn)
+        .await?;
+    for r in runs {
+        let i: i64 = r.get(0);
+        if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+            slot.cycles = r.get(1);
+            slot.failed = r.get(2);
+            slot.changes = r.get(3);
+        }
+    }
+    let batches = sqlx::query(CHART_REQUESTS_SQL)
+        .bind(start)
+        .bind(width)
+        .bind(end)
+        .fetch_all(&mut *conn)
+        .await?;
+    for r in batches {
+        let i: i64 = r.get(0);
+        if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+            slot.pendo_requests = r.get(1);
+        }
+    }
+    Ok(out)
+}
