@@ -334,15 +334,7 @@ impl App {
     pub async fn prune_history(&self, cancel: &CancellationToken) -> Result<u64, AppError> {
         let retention = self.settings.history.retention.as_millis() as i64;
         let before = crate::domain::now_ms() - retention;
-        let mut total = 0;
-        while !cancel.is_cancelled() {
-            let n = self.store.prune_history(before, PRUNE_BATCH).await?;
-            total += n;
-            if n < u64::from(PRUNE_BATCH) {
-                break;
-            }
-            tokio::time::sleep(PRUNE_PAUSE).await;
-        }
+        let total = in_batches(cancel, || self.store.prune_history(before, PRUNE_BATCH)).await?;
         if total > 0 {
             tracing::info!(
                 events = total,
@@ -350,15 +342,7 @@ impl App {
             );
         }
         // The cycle log ages out with the history (its detections name their cycle).
-        let mut runs = 0;
-        while !cancel.is_cancelled() {
-            let n = self.store.prune_runs(before, PRUNE_BATCH).await?;
-            runs += n;
-            if n < u64::from(PRUNE_BATCH) {
-                break;
-            }
-            tokio::time::sleep(PRUNE_PAUSE).await;
-        }
+        let runs = in_batches(cancel, || self.store.prune_runs(before, PRUNE_BATCH)).await?;
         if runs > 0 {
             tracing::info!(cycles = runs, "Deleted cycles past history.retention.");
         }
@@ -432,4 +416,23 @@ impl App {
         self.notify_after_drain(&report, dead_before, dead_after);
         Ok(report)
     }
+}
+
+/// Runs one batch of a pruning (it returns how many rows it deleted) until a batch comes back
+/// short of [`PRUNE_BATCH`], [`PRUNE_PAUSE`] apart, or `cancel` fires; the rows deleted in all.
+async fn in_batches<F, Fut>(cancel: &CancellationToken, mut batch: F) -> Result<u64, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
+    let mut total = 0;
+    while !cancel.is_cancelled() {
+        let n = batch().await?;
+        total += n;
+        if n < u64::from(PRUNE_BATCH) {
+            break;
+        }
+        tokio::time::sleep(PRUNE_PAUSE).await;
+    }
+    Ok(total)
 }

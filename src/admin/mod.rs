@@ -168,10 +168,7 @@ async fn metrics(State(service): State<Shared>) -> Response {
             .into_response();
     };
     // Gauges that describe the state are read fresh at scrape time, from the status model.
-    match crate::status::status_report(&service.settings, &service.store).await {
-        Ok(report) => crate::status::set_gauges(&report),
-        Err(e) => tracing::warn!(error = %e, "Cannot read the status for /metrics."),
-    }
+    service.refresh_state_gauges().await;
     handle.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -212,6 +209,26 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
+}
+
+/// A POST's optional JSON body: `empty()` when it sent none, else the body parsed; the error
+/// is the 400's message.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &Bytes,
+    empty: impl FnOnce() -> T,
+) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(empty());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))
+}
+
+/// An optional `kind` parameter; the error is the 400's message.
+fn kind_param(kind: Option<&str>) -> Result<Option<Kind>, String> {
+    kind.map(|k| {
+        Kind::parse(k).ok_or_else(|| format!("kind must be visitor or account, got {k:?}"))
+    })
+    .transpose()
 }
 
 /// `None` if the request carries the admin token, else the answer to give.
@@ -318,13 +335,9 @@ async fn hold_decide(
         "reject" => false,
         _ => return error(StatusCode::NOT_FOUND, "use /approve or /reject"),
     };
-    let params = if body.iter().all(u8::is_ascii_whitespace) {
-        DecisionBody::default()
-    } else {
-        match serde_json::from_slice::<DecisionBody>(&body) {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
-        }
+    let params = match json_body(&body, DecisionBody::default) {
+        Ok(p) => p,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     match service
         .decide_hold(id, approve, "admin-api", params.reason.as_deref())
@@ -374,25 +387,13 @@ async fn queue_action(
             );
         }
     };
-    let params = if body.iter().all(u8::is_ascii_whitespace) {
-        QueueParams::default()
-    } else {
-        match serde_json::from_slice::<QueueParams>(&body) {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
-        }
+    let params = match json_body(&body, QueueParams::default) {
+        Ok(p) => p,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    let kind = match params.kind.as_deref() {
-        None => None,
-        Some(k) => match Kind::parse(k) {
-            Some(k) => Some(k),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("kind must be visitor or account, got {k:?}"),
-                );
-            }
-        },
+    let kind = match kind_param(params.kind.as_deref()) {
+        Ok(k) => k,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     let state = match params.state.as_deref() {
         None => None,
@@ -457,24 +458,13 @@ async fn resync(
     if let Some(refused) = refuse_without_token(&service, &headers) {
         return refused;
     }
-    let params = if body.iter().all(u8::is_ascii_whitespace) {
-        query
-    } else {
-        match serde_json::from_slice::<ResyncParams>(&body) {
-            Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad JSON body: {e}")),
-        }
+    let params = match json_body(&body, || query) {
+        Ok(p) => p,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    let kind = match params.kind.as_deref() {
-        None => None,
-        Some("visitor") => Some(Kind::Visitor),
-        Some("account") => Some(Kind::Account),
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("kind must be visitor or account, got {other:?}"),
-            );
-        }
+    let kind = match kind_param(params.kind.as_deref()) {
+        Ok(k) => k,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     match service.request_resync(params.mapping.as_deref(), kind) {
         Ok(status) => (

@@ -488,17 +488,7 @@ impl Store {
         .bind(mapping)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| InvalidRecord {
-                mapping: r.get(0),
-                crm_id: r.get(1),
-                pendo_id: r.get(2),
-                reason: r.get(3),
-                detail: r.get(4),
-                seen_at: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(invalid_from_row).collect())
     }
 
     /// Whether any record of `mapping` is set aside (lets a clean pull skip clearing them).
@@ -710,6 +700,18 @@ impl Snapshot {
     pub async fn close(self) -> Result<(), StoreError> {
         self.tx.rollback().await?;
         Ok(())
+    }
+}
+
+/// An `invalid_records` row read as mapping, crm_id, pendo_id, reason, detail, seen_at.
+fn invalid_from_row(r: &sqlx::sqlite::SqliteRow) -> InvalidRecord {
+    InvalidRecord {
+        mapping: r.get(0),
+        crm_id: r.get(1),
+        pendo_id: r.get(2),
+        reason: r.get(3),
+        detail: r.get(4),
+        seen_at: r.get(5),
     }
 }
 

@@ -49,6 +49,16 @@ pub struct ChartSlot {
     pub pendo_requests: i64,
 }
 
+/// A list read `limit + 1` rows: the page, and the cursor after its last row if there is more.
+fn split_page<T, C>(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> C) -> (Vec<T>, Option<C>) {
+    if rows.len() <= limit as usize {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(cursor);
+    (rows, next)
+}
+
 /// The end of the range of ids starting with a prefix: ids are compared as text, and no
 /// character sorts after U+10FFFF.
 const PREFIX_END: &str = "\u{10FFFF}";
@@ -86,21 +96,18 @@ impl Store {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut entries = rows
-            .iter()
-            .map(super::outbox::entry_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = if entries.len() > limit as usize {
-            entries.truncate(limit as usize);
-            entries.last().map(|e| OutboxCursor {
+        let (entries, next) = split_page(
+            rows.iter()
+                .map(super::outbox::entry_from_row)
+                .collect::<Result<Vec<_>, _>>()?,
+            limit,
+            |e: &OutboxEntry| OutboxCursor {
                 kind: e.kind,
                 next_attempt_at: e.next_attempt_at,
                 pendo_id: e.pendo_id.clone(),
                 field: e.field.clone(),
-            })
-        } else {
-            None
-        };
+            },
+        );
         let total: i64 = sqlx::query(
             "SELECT count(*) FROM outbox
              WHERE state = ?1 AND (?2 IS NULL OR (pendo_id >= ?2 AND pendo_id < ?3))",
@@ -146,26 +153,14 @@ impl Store {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut records: Vec<InvalidRecord> = rows
-            .into_iter()
-            .map(|r| InvalidRecord {
-                mapping: r.get(0),
-                crm_id: r.get(1),
-                pendo_id: r.get(2),
-                reason: r.get(3),
-                detail: r.get(4),
-                seen_at: r.get(5),
-            })
-            .collect();
-        let next = if records.len() > limit as usize {
-            records.truncate(limit as usize);
-            records.last().map(|r| InvalidCursor {
+        let (records, next) = split_page(
+            rows.iter().map(super::invalid_from_row).collect(),
+            limit,
+            |r: &InvalidRecord| InvalidCursor {
                 mapping: r.mapping.clone(),
                 crm_id: r.crm_id.clone(),
-            })
-        } else {
-            None
-        };
+            },
+        );
         let total: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM invalid_records WHERE {MATCH}"
         )))
@@ -299,31 +294,36 @@ pub(super) async fn chart_in(
             ..ChartSlot::default()
         })
         .collect();
-    let runs = sqlx::query(CHART_RUNS_SQL)
-        .bind(start)
-        .bind(width)
-        .bind(end)
-        .fetch_all(&mut *conn)
-        .await?;
-    for r in runs {
-        let i: i64 = r.get(0);
-        if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
-            slot.cycles = r.get(1);
-            slot.failed = r.get(2);
-            slot.changes = r.get(3);
-        }
-    }
-    let batches = sqlx::query(CHART_REQUESTS_SQL)
-        .bind(start)
-        .bind(width)
-        .bind(end)
-        .fetch_all(&mut *conn)
-        .await?;
-    for r in batches {
-        let i: i64 = r.get(0);
-        if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
-            slot.pendo_requests = r.get(1);
+    // Each statement answers (slot index, its figures...) for the slots that have any.
+    for (sql, fill) in [
+        (
+            CHART_RUNS_SQL,
+            fill_cycles as fn(&mut ChartSlot, &sqlx::sqlite::SqliteRow),
+        ),
+        (CHART_REQUESTS_SQL, fill_requests),
+    ] {
+        let rows = sqlx::query(sql)
+            .bind(start)
+            .bind(width)
+            .bind(end)
+            .fetch_all(&mut *conn)
+            .await?;
+        for r in &rows {
+            let i: i64 = r.get(0);
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+                fill(slot, r);
+            }
         }
     }
     Ok(out)
+}
+
+fn fill_cycles(slot: &mut ChartSlot, r: &sqlx::sqlite::SqliteRow) {
+    slot.cycles = r.get(1);
+    slot.failed = r.get(2);
+    slot.changes = r.get(3);
+}
+
+fn fill_requests(slot: &mut ChartSlot, r: &sqlx::sqlite::SqliteRow) {
+    slot.pendo_requests = r.get(1);
 }

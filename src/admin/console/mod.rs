@@ -117,14 +117,8 @@ async fn list(
         )
     };
     if *state == "invalid" {
-        let after = match params
-            .after
-            .as_deref()
-            .map(serde_json::from_str::<InvalidCursor>)
-        {
-            None => None,
-            Some(Ok(c)) => Some(c),
-            Some(Err(_)) => return bad_cursor(),
+        let Ok(after) = cursor::<InvalidCursor>(params.after.as_deref()) else {
+            return bad_cursor();
         };
         return match service
             .store
@@ -148,14 +142,8 @@ async fn list(
         "unmatched" => QueueState::Unmatched,
         _ => QueueState::Dead,
     };
-    let after = match params
-        .after
-        .as_deref()
-        .map(serde_json::from_str::<OutboxCursor>)
-    {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(_)) => return bad_cursor(),
+    let Ok(after) = cursor::<OutboxCursor>(params.after.as_deref()) else {
+        return bad_cursor();
     };
     match service
         .store
@@ -172,6 +160,13 @@ async fn list(
         )),
         Err(e) => failed(e),
     }
+}
+
+/// The `after` parameter of a "next page" link: none, or a cursor of this list.
+fn cursor<C: serde::de::DeserializeOwned>(after: Option<&str>) -> Result<Option<C>, ()> {
+    after
+        .map(|a| serde_json::from_str(a).map_err(|_| ()))
+        .transpose()
 }
 
 #[derive(Debug, Default, Deserialize)]
