@@ -108,14 +108,14 @@ impl App {
     /// Opens the state file and builds the Pendo side. `connectors` come from
     /// [`crate::connectors::build`] (or a test's fixtures).
     pub async fn open(settings: Arc<Settings>, connectors: Connectors) -> Result<App, AppError> {
-        let store = Store::open(&settings.state.path).await?;
+        let store = Store::open_settings(&settings.state).await?;
         App::with_store(settings, store, connectors)
     }
 
     /// Opens the state file and the configured connectors, as the binary does: the connectors
     /// keep their durable facts (rotated tokens, quota readings) in the state file.
     pub async fn open_configured(settings: Arc<Settings>) -> Result<App, AppError> {
-        let store = Store::open(&settings.state.path).await?;
+        let store = Store::open_settings(&settings.state).await?;
         let connectors = crate::connectors::build(&settings, Some(Arc::new(store.clone())))?;
         App::with_store(settings, store, connectors)
     }
@@ -124,8 +124,8 @@ impl App {
     /// read-only, or an empty state in memory when there is none yet (a dry run on a fresh
     /// machine creates no file); connectors keep rotated tokens and quota readings in memory.
     pub async fn open_dry_run(settings: Arc<Settings>) -> Result<App, AppError> {
-        let store = if settings.state.path.exists() {
-            Store::open_read_only(&settings.state.path).await?
+        let store = if settings.state.is_postgres() || settings.state.path.exists() {
+            Store::open_settings_read_only(&settings.state).await?
         } else {
             Store::open_in_memory().await?
         };
@@ -173,8 +173,9 @@ impl App {
         if let Some(held) = self.lock.lock().expect("lock slot").clone() {
             return Ok(held);
         }
-        let lock = InstanceLock::acquire_waiting(&self.settings.state.path, "sync", self.lock_wait)
-            .await?;
+        let lock =
+            InstanceLock::acquire_for(&self.store, &self.settings.state, "sync", self.lock_wait)
+                .await?;
         Ok(Arc::new(lock))
     }
 

@@ -116,14 +116,16 @@ async fn sync(
         settings.mapping(name)?;
     }
     // One writer per outbox, for the whole run (cycles and drain). A dry run writes nothing.
-    let lock = if dry_run {
+    let role = if mode == Mode::Resync {
+        "resync"
+    } else {
+        "sync"
+    };
+    // A SQLite file's lock is taken before the file is opened (a second writer is told so
+    // before it touches the file); PostgreSQL's lease is a row in the database it opens.
+    let lock = if dry_run || settings.state.is_postgres() {
         None
     } else {
-        let role = if mode == Mode::Resync {
-            "resync"
-        } else {
-            "sync"
-        };
         Some(
             crate::lock::InstanceLock::acquire_waiting(&settings.state.path, role, wait_lock)
                 .await?,
@@ -133,6 +135,14 @@ async fn sync(
         App::open_dry_run(settings.clone()).await?
     } else {
         App::open_configured(settings.clone()).await?
+    };
+    let lock = match lock {
+        Some(lock) => Some(lock),
+        None if !dry_run => Some(
+            crate::lock::InstanceLock::acquire_for(&app.store, &settings.state, role, wait_lock)
+                .await?,
+        ),
+        None => None,
     };
     if let Some(lock) = lock {
         app.hold_lock(lock);
@@ -297,7 +307,7 @@ fn print_sync_report(report: &SyncReport, dry_run: bool) {
 use crate::status::{iso, print_hold, status_report};
 
 async fn status(settings: &Settings, format: OutputFormat) -> Result<u8, AppError> {
-    let store = Store::open_read_only(&settings.state.path).await?;
+    let store = Store::open_settings_read_only(&settings.state).await?;
     let report = status_report(settings, &store).await?;
     match format {
         OutputFormat::Json => println!(
@@ -422,7 +432,7 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             limit,
             format,
         } => {
-            let store = Store::open_read_only(&settings.state.path).await?;
+            let store = Store::open_settings_read_only(&settings.state).await?;
             let show_outbox = select.state != Some(QueueStateArg::Invalid);
             let show_invalid = matches!(select.state, None | Some(QueueStateArg::Invalid));
             let (rows, outbox_total) = if show_outbox {
@@ -504,7 +514,7 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             store.close().await;
         }
         QueueAction::Retry { select } => {
-            let store = Store::open(&settings.state.path).await?;
+            let store = Store::open_settings(&settings.state).await?;
             let n = store
                 .outbox_retry(&filter(&select), &format!("queue retry by {}", os_user()))
                 .await?;
@@ -512,7 +522,7 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
             store.close().await;
         }
         QueueAction::Drop { select } => {
-            let store = Store::open(&settings.state.path).await?;
+            let store = Store::open_settings(&settings.state).await?;
             let n = if select.state == Some(QueueStateArg::Invalid) {
                 store.drop_invalid(None, select.id.as_deref()).await?
             } else {
@@ -563,11 +573,11 @@ async fn why_here(
     options: &crate::why::WhyOptions,
 ) -> Result<crate::why::WhyReport, AppError> {
     // Read-only first: a missing or older state file is said so, never created or upgraded.
-    let mut store = Store::open_read_only(&settings.state.path).await?;
+    let mut store = Store::open_settings_read_only(&settings.state).await?;
     if options.live {
         // Writable only for the connectors' rotated tokens and quota readings.
         store.close().await;
-        store = Store::open(&settings.state.path).await?;
+        store = Store::open_settings(&settings.state).await?;
     }
     let live = if options.live {
         let kv: crate::connectors::SharedKv = Arc::new(store.clone());
@@ -603,7 +613,7 @@ fn os_user() -> String {
 async fn holds(settings: &Settings, action: HoldsAction) -> Result<u8, AppError> {
     match action {
         HoldsAction::List { format } => {
-            let store = Store::open_read_only(&settings.state.path).await?;
+            let store = Store::open_settings_read_only(&settings.state).await?;
             let holds = store.holds(false).await?;
             match format {
                 OutputFormat::Json => println!(
@@ -632,7 +642,7 @@ async fn holds(settings: &Settings, action: HoldsAction) -> Result<u8, AppError>
             Ok(0)
         }
         HoldsAction::Show { id, format } => {
-            let store = Store::open_read_only(&settings.state.path).await?;
+            let store = Store::open_settings_read_only(&settings.state).await?;
             let hold = store.hold(id).await?;
             store.close().await;
             let Some(h) = hold else {
@@ -666,7 +676,7 @@ async fn decide(
             settings.state.path.display()
         )));
     }
-    let store = Store::open(&settings.state.path).await?;
+    let store = Store::open_settings(&settings.state).await?;
     let result = store
         .decide_hold(id, approve, &os_user(), reason.as_deref())
         .await;

@@ -154,11 +154,109 @@ impl Default for NotifySettings {
     }
 }
 
+/// `[state]`: where the shadow, outbox, watermarks and history live. Exactly one of `path`
+/// (a SQLite file: the default, one host) and `url` (a PostgreSQL database: stateless
+/// containers, standby replicas).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
-    /// The SQLite file holding shadow, outbox, watermarks and run history.
+    /// The SQLite file. Empty when `url` is set.
+    #[serde(default)]
     pub path: PathBuf,
+    /// `postgres://user@host:5432/db?sslmode=require`. A secret: it may carry a password.
+    #[serde(default)]
+    url: Option<SecretString>,
+    #[serde(default)]
+    password: Option<SecretString>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    /// Filled in by validation from the two keys above (or the URL's own password).
+    #[serde(skip, default)]
+    pub password_source: SecretSource,
+    /// How long a leader that stopped renewing keeps the lease (PostgreSQL).
+    #[serde(default = "defaults::lease_ttl", with = "duration")]
+    pub lease_ttl: Duration,
+}
+
+/// Which back-end a [`StateSettings`] names.
+#[derive(Debug, Clone, Copy)]
+pub enum StateBackend<'a> {
+    Sqlite(&'a Path),
+    Postgres(&'a StateSettings),
+}
+
+impl StateSettings {
+    /// A SQLite state at `path`.
+    pub fn sqlite(path: impl Into<PathBuf>) -> StateSettings {
+        StateSettings {
+            path: path.into(),
+            url: None,
+            password: None,
+            password_file: None,
+            password_source: SecretSource::None,
+            lease_ttl: defaults::lease_ttl(),
+        }
+    }
+
+    pub fn backend(&self) -> StateBackend<'_> {
+        match &self.url {
+            Some(_) => StateBackend::Postgres(self),
+            None => StateBackend::Sqlite(&self.path),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// The PostgreSQL URL, secret (it may hold a password).
+    pub fn url(&self) -> Option<&SecretString> {
+        self.url.as_ref()
+    }
+
+    /// The state for messages: the file, or the URL with any password replaced by `***`.
+    pub fn display(&self) -> String {
+        match &self.url {
+            None => self.path.display().to_string(),
+            Some(url) => redact_url(url.expose_secret()),
+        }
+    }
+}
+
+/// A database URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".into();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            // Query parameters may carry a password too (`?password=`).
+            let tail = if tail.contains("password") {
+                tail.split('?').next().unwrap_or("")
+            } else {
+                tail
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
+        }
+        None => {
+            let tail = if tail.contains("password") {
+                tail.split('?').next().unwrap_or("")
+            } else {
+                tail
+            };
+            format!("{scheme}://{authority}{tail}")
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -706,6 +804,70 @@ fn accepted_values(field: &str) -> Option<&'static str> {
     })
 }
 
+fn validate_state(mut state: StateSettings) -> Result<StateSettings, ConfigError> {
+    let has_path = !state.path.as_os_str().is_empty();
+    match (&state.url, has_path) {
+        (Some(_), true) => {
+            return Err(ConfigError::new(
+                "state.path",
+                "state.path and state.url are both set; give one: state.path for a SQLite file, state.url for PostgreSQL",
+            ));
+        }
+        (None, false) => {
+            return Err(ConfigError::new(
+                "state.path",
+                "missing: set state.path (a SQLite file) or state.url (a PostgreSQL database)",
+            ));
+        }
+        (None, true) => {
+            if state.password.is_some() || state.password_file.is_some() {
+                let key = if state.password.is_some() {
+                    "state.password"
+                } else {
+                    "state.password_file"
+                };
+                return Err(ConfigError::new(
+                    key,
+                    "is for state.url (PostgreSQL); a SQLite state.path has no password",
+                ));
+            }
+        }
+        (Some(url), false) => {
+            let text = url.expose_secret();
+            if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+                return Err(ConfigError::new(
+                    "state.url",
+                    format!(
+                        "must be a PostgreSQL URL (postgres://user@host:5432/database); got {}",
+                        redact_url(text)
+                    ),
+                ));
+            }
+            if std::env::var_os("PENDO_SYNC_POSTGRES_PREVIEW").is_none() {
+                return Err(ConfigError::new(
+                    "state.url",
+                    "the PostgreSQL back-end is not complete in this build (its statements are being ported); use state.path (SQLite) for now",
+                ));
+            }
+            state.password_source = secret_pair(
+                "state.password",
+                state.password.take(),
+                state.password_file.take(),
+            )?;
+        }
+    }
+    if state.lease_ttl < Duration::from_secs(3) || state.lease_ttl > Duration::from_secs(600) {
+        return Err(ConfigError::new(
+            "state.lease_ttl",
+            format!(
+                "{} is out of range; write between \"3s\" and \"10m\" (default \"15s\")",
+                humantime::format_duration(state.lease_ttl)
+            ),
+        ));
+    }
+    Ok(state)
+}
+
 fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
     let RawSettings {
         state,
@@ -729,9 +891,7 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         ));
     }
 
-    if state.path.as_os_str().is_empty() {
-        return Err(ConfigError::new("state.path", "must not be empty"));
-    }
+    let state = validate_state(state)?;
 
     // Pendo
     if pendo.base_url.is_none() && region_host(&pendo.region).is_none() {
@@ -1238,6 +1398,9 @@ mod defaults {
     }
     pub fn min_values() -> u64 {
         100
+    }
+    pub fn lease_ttl() -> Duration {
+        Duration::from_secs(15)
     }
     pub fn retention() -> Duration {
         Duration::from_secs(90 * 86_400)

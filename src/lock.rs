@@ -10,6 +10,11 @@
 //! The lock is an OS file lock (`flock`): the OS drops it when the process ends, kill -9
 //! included, so a stale file never blocks a restart. Two handles in one process exclude each
 //! other too (the lock belongs to the open file), which the tests use.
+//!
+//! On PostgreSQL (`state.url`) there is no file to lock: the same guard is the leader lease
+//! (`store/pg`), taken with [`InstanceLock::acquire_for`] and renewed every `lease_ttl / 3` by
+//! a task it owns. The store's writes are fenced with it, so a holder that stalls past its lease
+//! commits nothing; the holder learns it lost the lease through [`InstanceLock::lost`].
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -33,6 +38,8 @@ pub fn lock_path(state: &Path) -> PathBuf {
 /// Who holds a lock, as the holder wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
+    /// The host (PostgreSQL leases: replicas run on different hosts).
+    pub host: Option<String>,
     pub pid: Option<u32>,
     /// The command that holds it: `run`, `sync`, `resync`.
     pub role: Option<String>,
@@ -43,9 +50,14 @@ impl std::fmt::Display for Holder {
         let pid = self
             .pid
             .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let host = self
+            .host
+            .as_deref()
+            .map(|h| format!(" on {h}"))
+            .unwrap_or_default();
         match &self.role {
-            Some(role) => write!(f, "pendo-sync {role} (pid {pid})"),
-            None => write!(f, "a pendo-sync process (pid {pid})"),
+            Some(role) => write!(f, "pendo-sync {role} (pid {pid}{host})"),
+            None => write!(f, "a pendo-sync process (pid {pid}{host})"),
         }
     }
 }
@@ -74,7 +86,51 @@ pub enum LockError {
 /// The exclusive lock, held until dropped (or the process ends).
 #[derive(Debug)]
 pub struct InstanceLock {
-    _file: File,
+    _file: Option<File>,
+    lease: Option<Lease>,
+}
+
+/// A held leader lease and the task renewing it.
+#[derive(Debug)]
+struct Lease {
+    store: crate::store::pg::Backend,
+    renewer: tokio::task::JoinHandle<()>,
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        // Hand the lease over at once rather than at expiry (best effort: a process that
+        // ends before this runs leaves it to expire).
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.release_lease().await {
+                    tracing::warn!(error = %e, "Could not hand the leader lease over; it expires by itself.");
+                }
+            });
+        }
+    }
+}
+
+/// `host pid role`: who holds a lease, as the lease row stores it.
+fn lease_holder_id(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains(' '))
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host} {} {role}", std::process::id())
+}
+
+fn parse_lease_holder(text: &str) -> Holder {
+    let mut words = text.split_whitespace();
+    Holder {
+        host: words.next().map(str::to_owned),
+        pid: words.next().and_then(|p| p.parse().ok()),
+        role: words.next().map(str::to_owned),
+    }
 }
 
 impl InstanceLock {
@@ -118,7 +174,79 @@ impl InstanceLock {
         };
         write(&mut file)
             .map_err(|e| LockError::Io(format!("cannot write {}: {e}", path.display())))?;
-        Ok(InstanceLock { _file: file })
+        Ok(InstanceLock {
+            _file: Some(file),
+            lease: None,
+        })
+    }
+
+    /// The one-writer guard of `store`: the file lock beside a SQLite state, or the leader lease
+    /// of a PostgreSQL one, waiting up to `wait` for its holder to let go.
+    pub async fn acquire_for(
+        store: &crate::store::Store,
+        state: &crate::config::StateSettings,
+        role: &str,
+        wait: Duration,
+    ) -> Result<InstanceLock, LockError> {
+        let Some(pg) = store.postgres() else {
+            return InstanceLock::acquire_waiting(&state.path, role, wait).await;
+        };
+        let ttl = state.lease_ttl;
+        let me = lease_holder_id(role);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut logged = false;
+        loop {
+            let taken = pg
+                .try_take_lease(&me, ttl)
+                .await
+                .map_err(|e| LockError::Io(format!("cannot take the leader lease: {e}")))?;
+            if let Some(epoch) = taken {
+                tracing::info!(epoch, holder = %me, "Took the leader lease.");
+                let lost = tokio_util::sync::CancellationToken::new();
+                let renewer = tokio::spawn(renew(pg.clone(), ttl, lost.clone()));
+                return Ok(InstanceLock {
+                    _file: None,
+                    lease: Some(Lease {
+                        store: pg.clone(),
+                        renewer,
+                        lost,
+                    }),
+                });
+            }
+            let holder = pg
+                .lease_holder()
+                .await
+                .ok()
+                .flatten()
+                .map(|h| parse_lease_holder(&h.holder))
+                .unwrap_or(Holder {
+                    host: None,
+                    pid: None,
+                    role: None,
+                });
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LockError::Held {
+                    path: PathBuf::from(format!("the leader lease of {}", state.display())),
+                    holder,
+                    waited: (!wait.is_zero()).then_some(wait),
+                });
+            }
+            if !std::mem::replace(&mut logged, true) {
+                tracing::info!(%holder, wait = %humantime::format_duration(wait), "Waiting for the leader lease.");
+            }
+            let poll = (ttl / 3).min(Duration::from_secs(1));
+            tokio::time::sleep(poll.min(deadline - tokio::time::Instant::now())).await;
+        }
+    }
+
+    /// Cancelled when this process lost the leader lease (it expired before a renewal got
+    /// through, or another replica took it): stop, nothing more will commit. Never cancelled
+    /// for a file lock.
+    pub fn lost(&self) -> tokio_util::sync::CancellationToken {
+        self.lease
+            .as_ref()
+            .map(|l| l.lost.clone())
+            .unwrap_or_default()
     }
 
     /// Takes the lock, waiting up to `wait` for its holder to let go (tokio time, so tests run
@@ -152,6 +280,36 @@ impl InstanceLock {
     }
 }
 
+/// Renews the lease every `ttl / 3` until it is lost. A renewal that fails (the database is
+/// unreachable) is retried at the same pace; once a whole `ttl` passed without one, the lease
+/// is gone whatever the database says, and `lost` is cancelled.
+async fn renew(
+    store: crate::store::pg::Backend,
+    ttl: Duration,
+    lost: tokio_util::sync::CancellationToken,
+) {
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match store.renew_lease(ttl).await {
+            Ok(true) => renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                tracing::error!(
+                    "Lost the leader lease (it expired or another replica took it); this process stops writing."
+                );
+                break;
+            }
+            Err(e) if renewed.elapsed() >= ttl => {
+                tracing::error!(error = %e, "Could not renew the leader lease for a whole lease_ttl; this process stops writing.");
+                store.fence.lost();
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not renew the leader lease; trying again."),
+        }
+    }
+    lost.cancel();
+}
+
 fn read_holder(file: &mut File) -> Holder {
     let mut text = String::new();
     let read = file
@@ -159,12 +317,14 @@ fn read_holder(file: &mut File) -> Holder {
         .and_then(|_| file.read_to_string(&mut text));
     if read.is_err() {
         return Holder {
+            host: None,
             pid: None,
             role: None,
         };
     }
     let mut words = text.split_whitespace();
     Holder {
+        host: None,
         pid: words.next().and_then(|p| p.parse().ok()),
         role: words.next().map(str::to_owned),
     }

@@ -20,6 +20,10 @@ use crate::service::Service;
 /// Extra time given to in-flight requests at shutdown, beyond `pendo.timeout`.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(15);
 
+/// How long `run` waits for the instance lock (or the lease): `resync` and `healthcheck` look at
+/// the lock by taking it for an instant.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// Installs the Prometheus recorder as the process's global recorder (first call wins).
 fn install_metrics() -> Option<PrometheusHandle> {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -39,12 +43,15 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     let cancel = crate::shutdown::shutdown_token();
     // The lock next: a second instance must say so, not fail later on the admin port.
     // A short wait: `resync` and `healthcheck` look at the lock by taking it for an instant.
-    let lock = crate::lock::InstanceLock::acquire_waiting(
-        &settings.state.path,
-        "run",
-        std::time::Duration::from_secs(2),
-    )
-    .await?;
+    // (PostgreSQL: the lease, a row in the database, once it is open.)
+    let file_lock = if settings.state.is_postgres() {
+        None
+    } else {
+        Some(
+            crate::lock::InstanceLock::acquire_waiting(&settings.state.path, "run", LOCK_WAIT)
+                .await?,
+        )
+    };
     let metrics = install_metrics();
     let admin_token = if settings.admin.token_source.is_set() {
         Some(settings.admin.token_source.resolve("admin.token")?)
@@ -52,6 +59,24 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         None
     };
     let app = App::open_configured(settings.clone()).await?;
+    let lock = match file_lock {
+        Some(lock) => lock,
+        None => {
+            crate::lock::InstanceLock::acquire_for(&app.store, &settings.state, "run", LOCK_WAIT)
+                .await?
+        }
+    };
+    // A leader that lost its lease commits nothing more: it stops, and its supervisor starts
+    // it again (to wait for the lease).
+    let lost = lock.lost();
+    {
+        let cancel = cancel.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            cancel.cancel();
+        });
+    }
     // Once per process: releases leases a crashed predecessor left, lifts an old pause.
     app.writer.start(&lock).await?;
     let listen = settings.admin.listen.clone();
@@ -103,6 +128,13 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     if admin_failed.load(Ordering::SeqCst) {
         return Ok(1);
     }
+    if lost.is_cancelled() {
+        tracing::error!(
+            "Stopped after losing the leader lease; what Pendo confirmed before is committed."
+        );
+        return Ok(1);
+    }
+    drop(lock);
     tracing::info!("Stopped; what Pendo confirmed is committed, the rest waits in the outbox.");
     Ok(0)
 }

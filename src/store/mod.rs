@@ -1,7 +1,10 @@
-//! The state file: one SQLite database (WAL) holding the shadow copy, the outbox, watermarks,
-//! records set aside, run history and a few durable facts.
+//! The state: the shadow copy, the outbox, watermarks, records set aside, run history and a few
+//! durable facts, in one SQLite file (WAL; the default) or one PostgreSQL database (`state.url`).
 //!
-//! The store owns every SQL statement. Two rules it enforces for the rest of the crate:
+//! The store owns every SQL statement, and [`Store`] is the one narrow interface to it: the
+//! engine, writer, audit, guard and history code do not know which back-end they use. The
+//! statements live in `store/sql/`, compiled once per back-end (`sqlite/`, `pg/`). The rules it
+//! enforces for the rest of the crate:
 //!
 //! - **The shadow is what Pendo confirmed.** Only [`Store::settle`] with [`Settlement::Confirmed`]
 //!   writes to it, and the writer calls that only for ids Pendo answered 2xx for and did not list
@@ -9,27 +12,26 @@
 //! - **No change is lost.** [`Store::commit_page`] writes a page's changes to the outbox and moves
 //!   the mapping's watermark in one transaction; a crash before commit re-reads the page, a crash
 //!   after it finds the changes in the outbox.
-//! - **A value digest never outlives what it summarised** (see `digest.rs`): triggers delete an
-//!   entity's digests whenever its shadow row or outbox rows change.
+//! - **A value digest never outlives what it summarised** (see `sql/digest.rs`): triggers delete
+//!   an entity's digests whenever its shadow row or outbox rows change.
+//! - **A leader that lost its lease commits nothing** (PostgreSQL, see [`Fence`]): every
+//!   transaction that changes the state checks the lease first, in the same transaction.
 //!
-//! The file is created readable and writable by its owner only: it holds the CRM data we sync and,
-//! for OAuth flows, rotated refresh tokens.
+//! A SQLite file is created readable and writable by its owner only: it holds the CRM data we
+//! sync and, for OAuth flows, rotated refresh tokens.
 
 mod claims;
-mod digest;
 mod history;
 mod holds;
-mod outbox;
+pub(crate) mod outbox;
 mod pages;
-mod shadow;
+pub mod pg;
+pub(crate) mod shadow;
+pub mod sqlite;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
 
 pub use claims::Claim;
 pub use history::{BatchInfo, Event, HistoryEvent, HoldInfo, SentBatch, Source};
@@ -40,10 +42,10 @@ pub use outbox::{
 pub use pages::{ChartSlot, InvalidCursor, OutboxCursor, Page};
 pub use shadow::ShadowRecord;
 
+use crate::config::GuardSettings;
 use crate::connectors::Watermark;
-use crate::domain::now_ms;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+use crate::digest::IdMap;
+use crate::domain::Kind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,21 +63,563 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("state file holds an unreadable value: {0}")]
     Corrupt(String),
+    /// This process wrote under a lease (epoch) that expired or another replica took: the
+    /// transaction was not committed, and this process must stop writing.
+    #[error(
+        "this replica lost the leader lease (epoch {epoch}) and no longer writes; nothing was committed"
+    )]
+    LostLease { epoch: i64 },
 }
 
-/// A handle on the state file. Cheap to clone (a pool inside).
+/// The lease a process writes under (PostgreSQL): who it is and the epoch it took. Shared by a
+/// store handle and its clones. A process that never took a lease (a CLI command, a standby)
+/// writes unfenced, as on SQLite; one that took a lease and lost it writes nothing more.
+#[derive(Debug, Clone, Default)]
+pub struct Fence {
+    inner: Arc<Mutex<FenceState>>,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    lease: Lease,
+    /// The lease's length, in milliseconds.
+    ttl_ms: i64,
+}
+
+#[derive(Debug, Default, Clone)]
+enum Lease {
+    #[default]
+    None,
+    Held(String, i64),
+    Lost(i64),
+}
+
+/// What a write must do about the lease (see `Backend::begin_write`).
+pub(crate) enum FenceCheck {
+    Unfenced,
+    Check(String, i64),
+    Refuse(i64),
+}
+
+impl Fence {
+    /// The (holder, epoch) every write checks, if this process holds the lease.
+    pub fn current(&self) -> Option<(String, i64)> {
+        match &self.inner.lock().expect("fence lock").lease {
+            Lease::Held(holder, epoch) => Some((holder.clone(), *epoch)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn check(&self) -> FenceCheck {
+        match &self.inner.lock().expect("fence lock").lease {
+            Lease::None => FenceCheck::Unfenced,
+            Lease::Held(holder, epoch) => FenceCheck::Check(holder.clone(), *epoch),
+            Lease::Lost(epoch) => FenceCheck::Refuse(*epoch),
+        }
+    }
+
+    pub(crate) fn hold(&self, holder: String, epoch: i64, ttl: std::time::Duration) {
+        let mut state = self.inner.lock().expect("fence lock");
+        state.lease = Lease::Held(holder, epoch);
+        state.ttl_ms = ttl.as_millis() as i64;
+    }
+
+    /// The lease is gone (expired, taken, or given up): every later write is refused.
+    pub fn lost(&self) {
+        let mut state = self.inner.lock().expect("fence lock");
+        if let Lease::Held(_, epoch) = state.lease {
+            state.lease = Lease::Lost(epoch);
+        }
+    }
+
+    pub(crate) fn ttl_ms(&self) -> i64 {
+        self.inner.lock().expect("fence lock").ttl_ms
+    }
+
+    /// Whether this process held a lease and lost it.
+    pub fn was_lost(&self) -> bool {
+        matches!(self.inner.lock().expect("fence lock").lease, Lease::Lost(_))
+    }
+}
+
+/// A handle on the state. Cheap to clone (a pool inside).
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    path: PathBuf,
-    pause: Arc<Mutex<Option<PauseHook>>>,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Sqlite(sqlite::Backend),
+    Pg(pg::Backend),
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
+            .field("path", &self.path())
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs the same call on whichever back-end the handle holds.
+macro_rules! on {
+    ($self:expr, $b:ident => $e:expr) => {
+        match &$self.inner {
+            Inner::Sqlite($b) => $e,
+            Inner::Pg($b) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the state `settings` name: the SQLite file of
+    /// `state.path`, or the PostgreSQL database of `state.url`.
+    pub async fn open_settings(
+        settings: &crate::config::StateSettings,
+    ) -> Result<Store, StoreError> {
+        match settings.backend() {
+            crate::config::StateBackend::Sqlite(path) => Store::open(path).await,
+            crate::config::StateBackend::Postgres(pg) => Ok(Store {
+                inner: Inner::Pg(pg::Backend::open(pg).await?),
+            }),
+        }
+    }
+
+    /// Opens the state `settings` name without writing to it (audits, dry runs, status).
+    pub async fn open_settings_read_only(
+        settings: &crate::config::StateSettings,
+    ) -> Result<Store, StoreError> {
+        match settings.backend() {
+            crate::config::StateBackend::Sqlite(path) => Store::open_read_only(path).await,
+            crate::config::StateBackend::Postgres(pg) => Ok(Store {
+                inner: Inner::Pg(pg::Backend::open_read_only(pg).await?),
+            }),
+        }
+    }
+
+    /// Opens (creating if needed, owner-only) a SQLite state file and applies migrations.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            inner: Inner::Sqlite(sqlite::Backend::open(path).await?),
+        })
+    }
+
+    /// Opens an existing SQLite state file without writing to it. Fails if the file does not
+    /// exist rather than creating one.
+    pub async fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            inner: Inner::Sqlite(sqlite::Backend::open_read_only(path).await?),
+        })
+    }
+
+    /// An empty state in memory, migrated (a dry run with no state yet).
+    pub async fn open_in_memory() -> Result<Store, StoreError> {
+        Ok(Store {
+            inner: Inner::Sqlite(sqlite::Backend::open_in_memory().await?),
+        })
+    }
+
+    /// Whether the state is in PostgreSQL (leases, standbys) rather than a SQLite file.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.inner, Inner::Pg(_))
+    }
+
+    /// The PostgreSQL back-end, for the leader lease.
+    pub fn postgres(&self) -> Option<&pg::Backend> {
+        match &self.inner {
+            Inner::Pg(b) => Some(b),
+            Inner::Sqlite(_) => None,
+        }
+    }
+
+    /// The lease this handle writes under (always empty on SQLite, whose file lock excludes
+    /// a second writer instead).
+    pub fn fence(&self) -> &Fence {
+        on!(self, b => &b.fence)
+    }
+
+    /// The state file, or (PostgreSQL) the database URL without its password.
+    pub fn path(&self) -> &Path {
+        on!(self, b => b.path())
+    }
+
+    /// Installs (or removes) a test's pause hook on this handle and its clones.
+    pub fn set_pause_hook(&self, hook: Option<PauseHook>) {
+        on!(self, b => b.set_pause_hook(hook))
+    }
+
+    /// The SQLite pool, for tests and benches that read or write the file directly.
+    ///
+    /// # Panics
+    /// On a PostgreSQL store.
+    pub fn pool(&self) -> &sqlx::SqlitePool {
+        match &self.inner {
+            Inner::Sqlite(b) => b.pool(),
+            Inner::Pg(_) => panic!("Store::pool is the SQLite pool; this store is PostgreSQL"),
+        }
+    }
+
+    /// Closes the pool (SQLite: checkpointing the WAL).
+    pub async fn close(&self) {
+        on!(self, b => b.close().await)
+    }
+
+    /// A [`Snapshot`]: one committed moment for every read through it.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(match &self.inner {
+            Inner::Sqlite(b) => Snapshot::Sqlite(b.snapshot().await?),
+            Inner::Pg(b) => Snapshot::Pg(b.snapshot().await?),
+        })
+    }
+}
+
+/// Each method's contract is documented on its code in `store/sql/`, shared by both back-ends.
+impl Store {
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on!(self, b => b.ping().await)
+    }
+    pub async fn load_diff_state(
+        &self,
+        kind: crate::domain::Kind,
+        ids: &[&str],
+    ) -> Result<DiffState, StoreError> {
+        on!(self, b => b.load_diff_state(kind, ids).await)
+    }
+    pub async fn shadow_seq(&self) -> Result<i64, StoreError> {
+        on!(self, b => b.shadow_seq().await)
+    }
+    pub async fn watermark(&self, mapping: &str) -> Result<Option<Watermark>, StoreError> {
+        on!(self, b => b.watermark(mapping).await)
+    }
+    pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
+        on!(self, b => b.watermarks().await)
+    }
+    pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {
+        on!(self, b => b.commit_page(page).await)
+    }
+    pub async fn invalid_records(
+        &self,
+        mapping: Option<&str>,
+    ) -> Result<Vec<InvalidRecord>, StoreError> {
+        on!(self, b => b.invalid_records(mapping).await)
+    }
+    pub async fn has_invalid_records(&self, mapping: &str) -> Result<bool, StoreError> {
+        on!(self, b => b.has_invalid_records(mapping).await)
+    }
+    pub async fn drop_invalid(
+        &self,
+        mapping: Option<&str>,
+        crm_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        on!(self, b => b.drop_invalid(mapping, crm_id).await)
+    }
+    pub async fn start_run(&self, mapping: &str, mode: &str) -> Result<i64, StoreError> {
+        on!(self, b => b.start_run(mapping, mode).await)
+    }
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        pulled: u64,
+        changes: u64,
+        invalid: u64,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        on!(self, b => b.finish_run(id, pulled, changes, invalid, error).await)
+    }
+    pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
+        on!(self, b => b.last_success_at(mapping).await)
+    }
+    pub async fn kv_get(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        on!(self, b => b.kv_get(key).await)
+    }
+    pub async fn kv_set(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        on!(self, b => b.kv_set(key, value).await)
+    }
+    pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
+        on!(self, b => b.kv_delete(key).await)
+    }
+    pub async fn load_shadow(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
+        on!(self, b => b.load_shadow(kind, ids).await)
+    }
+    pub async fn shadow_entry(
+        &self,
+        kind: Kind,
+        id: &str,
+    ) -> Result<Option<(ShadowRecord, i64)>, StoreError> {
+        on!(self, b => b.shadow_entry(kind, id).await)
+    }
+    pub async fn shadow_page(
+        &self,
+        kind: Kind,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, ShadowRecord)>, StoreError> {
+        on!(self, b => b.shadow_page(kind, after, limit).await)
+    }
+    pub async fn shadow_count(&self, kind: Kind) -> Result<i64, StoreError> {
+        on!(self, b => b.shadow_count(kind).await)
+    }
+    pub async fn load_outbox_values(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+        on!(self, b => b.load_outbox_values(kind, ids).await)
+    }
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        on!(self, b => b.release_leases().await)
+    }
+    pub async fn claim_due(
+        &self,
+        kind: Kind,
+        now: i64,
+        max_records: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        on!(self, b => b.claim_due(kind, now, max_records).await)
+    }
+    pub async fn next_due_at(&self, kind: Option<Kind>) -> Result<Option<i64>, StoreError> {
+        on!(self, b => b.next_due_at(kind).await)
+    }
+    pub async fn settle(&self, outcomes: &[(OutboxEntry, Settlement)]) -> Result<(), StoreError> {
+        on!(self, b => b.settle(outcomes).await)
+    }
+    pub async fn settle_sent(
+        &self,
+        outcomes: &[(OutboxEntry, Settlement)],
+        batches: &[SentBatch],
+        batch_of: &[Option<usize>],
+    ) -> Result<(), StoreError> {
+        on!(self, b => b.settle_sent(outcomes, batches, batch_of).await)
+    }
+    pub async fn settle_uncommitted(
+        &self,
+        outcomes: &[(OutboxEntry, Settlement)],
+        batches: &[SentBatch],
+        batch_of: &[Option<usize>],
+    ) -> Result<(), StoreError> {
+        on!(self, b => b.settle_uncommitted(outcomes, batches, batch_of).await)
+    }
+    pub async fn outbox_list(
+        &self,
+        filter: &QueueFilter,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        on!(self, b => b.outbox_list(filter, limit).await)
+    }
+    pub async fn outbox_retry(&self, filter: &QueueFilter, who: &str) -> Result<u64, StoreError> {
+        on!(self, b => b.outbox_retry(filter, who).await)
+    }
+    pub async fn outbox_drop(&self, filter: &QueueFilter, who: &str) -> Result<u64, StoreError> {
+        on!(self, b => b.outbox_drop(filter, who).await)
+    }
+    pub async fn outbox_counts(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        on!(self, b => b.outbox_counts().await)
+    }
+    pub async fn dead_count(&self) -> Result<i64, StoreError> {
+        on!(self, b => b.dead_count().await)
+    }
+    pub async fn outbox_count(&self, filter: &QueueFilter) -> Result<i64, StoreError> {
+        on!(self, b => b.outbox_count(filter).await)
+    }
+    pub async fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
+        on!(self, b => b.outbox_summary().await)
+    }
+    pub async fn load_claims(
+        &self,
+        mapping: &str,
+        pendo_ids: &[&str],
+    ) -> Result<HashMap<String, Vec<(String, u64)>>, StoreError> {
+        on!(self, b => b.load_claims(mapping, pendo_ids).await)
+    }
+    pub async fn claims_count(&self, mapping: &str) -> Result<i64, StoreError> {
+        on!(self, b => b.claims_count(mapping).await)
+    }
+    pub async fn claim_crm_ids(
+        &self,
+        mapping: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        on!(self, b => b.claim_crm_ids(mapping, after, limit).await)
+    }
+    pub async fn forget_records(
+        &self,
+        kind: crate::domain::Kind,
+        mapping: &str,
+        crm_ids: &[String],
+    ) -> Result<(), StoreError> {
+        on!(self, b => b.forget_records(kind, mapping, crm_ids).await)
+    }
+    pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
+        on!(self, b => b.load_digests(kind, mapping).await)
+    }
+    pub async fn digest_count(&self, mapping: &str) -> Result<i64, StoreError> {
+        on!(self, b => b.digest_count(mapping).await)
+    }
+    pub async fn finish_staged(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        limits: &GuardSettings,
+    ) -> Result<GuardOutcome, StoreError> {
+        on!(self, b => b.finish_staged(mapping, kind, limits).await)
+    }
+    pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+        on!(self, b => b.holds(open_only).await)
+    }
+    pub async fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
+        on!(self, b => b.hold(id).await)
+    }
+    pub async fn decide_hold(
+        &self,
+        id: i64,
+        approve: bool,
+        who: &str,
+        reason: Option<&str>,
+    ) -> Result<Hold, HoldError> {
+        on!(self, b => b.decide_hold(id, approve, who, reason).await)
+    }
+    pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        on!(self, b => b.held_values_by_mapping().await)
+    }
+    pub async fn history(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        field: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        on!(self, b => b.history(kind, pendo_id, field, limit).await)
+    }
+    pub async fn last_events(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        events: &[Event],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        on!(self, b => b.last_events(kind, pendo_id, events).await)
+    }
+    pub async fn last_event_per_field(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        on!(self, b => b.last_event_per_field(kind, ids).await)
+    }
+    pub async fn history_count(&self) -> Result<i64, StoreError> {
+        on!(self, b => b.history_count().await)
+    }
+    pub async fn prune_history(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        on!(self, b => b.prune_history(before, batch).await)
+    }
+    pub async fn outbox_page(
+        &self,
+        state: QueueState,
+        id_prefix: Option<&str>,
+        after: Option<&OutboxCursor>,
+        limit: u32,
+    ) -> Result<Page<OutboxEntry, OutboxCursor>, StoreError> {
+        on!(self, b => b.outbox_page(state, id_prefix, after, limit).await)
+    }
+    pub async fn invalid_page(
+        &self,
+        id_prefix: Option<&str>,
+        after: Option<&InvalidCursor>,
+        limit: u32,
+    ) -> Result<Page<InvalidRecord, InvalidCursor>, StoreError> {
+        on!(self, b => b.invalid_page(id_prefix, after, limit).await)
+    }
+    pub async fn prune_runs(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        on!(self, b => b.prune_runs(before, batch).await)
+    }
+    pub async fn invalid_count(&self) -> Result<i64, StoreError> {
+        on!(self, b => b.invalid_count().await)
+    }
+    pub async fn recent_runs(
+        &self,
+        mapping: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        on!(self, b => b.recent_runs(mapping, limit).await)
+    }
+    pub async fn chart(
+        &self,
+        end: i64,
+        width: i64,
+        slots: usize,
+    ) -> Result<Vec<ChartSlot>, StoreError> {
+        on!(self, b => b.chart(end, width, slots).await)
+    }
+}
+
+/// One consistent read of the state: every read through it sees the same committed moment
+/// (SQLite: a WAL read transaction; PostgreSQL: a repeatable-read transaction). The status
+/// model reads through one, so its numbers agree with each other.
+pub enum Snapshot {
+    Sqlite(sqlite::Snapshot),
+    Pg(pg::Snapshot),
+}
+
+macro_rules! on_snapshot {
+    ($self:expr, $b:ident => $e:expr) => {
+        match $self {
+            Snapshot::Sqlite($b) => $e,
+            Snapshot::Pg($b) => $e,
+        }
+    };
+}
+
+/// The reads of the status model, each the same code as the [`Store`] method of that name.
+impl Snapshot {
+    pub async fn watermarks(&mut self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
+        on_snapshot!(self, b => b.watermarks().await)
+    }
+    pub async fn last_success_at(&mut self, mapping: &str) -> Result<Option<i64>, StoreError> {
+        on_snapshot!(self, b => b.last_success_at(mapping).await)
+    }
+    pub async fn kv_get(&mut self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        on_snapshot!(self, b => b.kv_get(key).await)
+    }
+    pub async fn held_values_by_mapping(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        on_snapshot!(self, b => b.held_values_by_mapping().await)
+    }
+    pub async fn holds(&mut self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+        on_snapshot!(self, b => b.holds(open_only).await)
+    }
+    pub async fn history_count(&mut self) -> Result<i64, StoreError> {
+        on_snapshot!(self, b => b.history_count().await)
+    }
+    pub async fn outbox_summary(&mut self) -> Result<OutboxSummary, StoreError> {
+        on_snapshot!(self, b => b.outbox_summary().await)
+    }
+    pub async fn invalid_count(&mut self) -> Result<i64, StoreError> {
+        on_snapshot!(self, b => b.invalid_count().await)
+    }
+    pub async fn recent_runs(
+        &mut self,
+        mapping: &str,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        on_snapshot!(self, b => b.recent_runs(mapping, limit).await)
+    }
+    pub async fn chart(
+        &mut self,
+        end: i64,
+        width: i64,
+        slots: usize,
+    ) -> Result<Vec<ChartSlot>, StoreError> {
+        on_snapshot!(self, b => b.chart(end, width, slots).await)
+    }
+    /// Ends the read (it wrote nothing).
+    pub async fn close(self) -> Result<(), StoreError> {
+        on_snapshot!(self, b => b.close().await)
     }
 }
 
@@ -116,13 +660,6 @@ pub struct DiffState {
     pub outbox: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
     /// The shadow sequence number of the snapshot.
     pub shadow_seq: i64,
-}
-
-async fn shadow_seq(conn: &mut sqlx::SqliteConnection) -> Result<i64, StoreError> {
-    let row = sqlx::query("SELECT seq FROM shadow_seq WHERE id = 1")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(row.get(0))
 }
 
 /// One row of run history.
@@ -177,418 +714,6 @@ pub struct PageCommit<'a> {
     pub run: Option<i64>,
 }
 
-impl Store {
-    /// Opens (creating if needed, owner-only) the state file and applies migrations.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
-                path: path.to_owned(),
-                message: format!("cannot create directory {}: {e}", dir.display()),
-            })?;
-        }
-        create_owner_only(path)?;
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL in WAL mode survives a process crash (kill -9) with every committed
-            // transaction intact; only a power cut can drop the last few, which costs a resend.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Store {
-            pool,
-            path: path.to_owned(),
-            pause: Arc::default(),
-        })
-    }
-
-    /// Opens an existing state file without writing to it (audits, dry runs, status). Fails if
-    /// the file does not exist rather than creating one.
-    pub async fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        if !path.exists() {
-            return Err(StoreError::Io {
-                path: path.to_owned(),
-                message: "does not exist yet (run `pendo-sync sync` first)".into(),
-            });
-        }
-        // `filename`, not a URL: a path with `?`, `#` or `%` in it is still the path.
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        // Read-only means no migration: a state file written by an older version is said so,
-        // instead of failing later on a missing table.
-        let applied: Option<i64> =
-            sqlx::query("SELECT max(version) FROM _sqlx_migrations WHERE success = 1")
-                .fetch_one(&pool)
-                .await
-                .ok()
-                .and_then(|r| r.get(0));
-        let latest = MIGRATOR.iter().map(|m| m.version).max();
-        if applied < latest {
-            pool.close().await;
-            return Err(StoreError::Io {
-                path: path.to_owned(),
-                message: "was written by an older pendo-sync: run `pendo-sync sync` (or `run`) once to upgrade it; read-only commands do not change it".into(),
-            });
-        }
-        Ok(Store {
-            pool,
-            path: path.to_owned(),
-            pause: Arc::default(),
-        })
-    }
-
-    /// An empty state in memory, migrated (a dry run with no state file yet). One connection:
-    /// each SQLite connection to `:memory:` is a database of its own.
-    pub async fn open_in_memory() -> Result<Store, StoreError> {
-        let path = PathBuf::from(":memory:");
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Store {
-            pool,
-            path,
-            pause: Arc::default(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Installs (or removes) a test's pause hook on this handle and its clones.
-    pub fn set_pause_hook(&self, hook: Option<PauseHook>) {
-        *self.pause.lock().expect("pause hook lock") = hook;
-    }
-
-    async fn pause_at(&self, point: PausePoint) {
-        let hook = self.pause.lock().expect("pause hook lock").clone();
-        if let Some(hook) = hook {
-            hook(point).await;
-        }
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Closes the pool, checkpointing the WAL.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// A trivial query: is the state file usable (for `/readyz`).
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    /// What a page's diff compares against: the confirmed shadow and the queued outbox values of
-    /// `ids`.
-    ///
-    /// Both are read in one read transaction, so they are one snapshot: a writer settling
-    /// between two separate reads (shadow A → B, its outbox row deleted) would otherwise show the
-    /// diff "shadow A, nothing queued". The snapshot's shadow sequence number goes with it, so
-    /// a digest computed from it is only written if the shadow rows did not change since (see
-    /// [`PageCommit::digests`]).
-    pub async fn load_diff_state(
-        &self,
-        kind: crate::domain::Kind,
-        ids: &[&str],
-    ) -> Result<DiffState, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // The first read starts the snapshot (WAL): the sequence number is read inside it.
-        let seq = shadow_seq(&mut tx).await?;
-        let shadow = shadow::load_records(&mut tx, kind, ids).await?;
-        self.pause_at(PausePoint::BetweenDiffReads).await;
-        let outbox = outbox::load_values(&mut tx, kind, ids).await?;
-        tx.commit().await?;
-        Ok(DiffState {
-            shadow,
-            outbox,
-            shadow_seq: seq,
-        })
-    }
-
-    /// The shadow's sequence number now: every settle that writes shadow rows takes the next one
-    /// and stamps them with it.
-    pub async fn shadow_seq(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        shadow_seq(&mut conn).await
-    }
-
-    // ---- watermarks -------------------------------------------------------------------------
-
-    pub async fn watermark(&self, mapping: &str) -> Result<Option<Watermark>, StoreError> {
-        let row = sqlx::query("SELECT value FROM watermarks WHERE mapping = ?1")
-            .bind(mapping)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| Watermark(r.get::<String, _>(0))))
-    }
-
-    pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        watermarks_in(&mut conn).await
-    }
-
-    /// Writes one page's outcome atomically: outbox changes (latest wins), set-aside records, and
-    /// the watermark. This is guarantee 2's transaction.
-    pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let state = if page.stage { "staged" } else { "pending" };
-        // The rows and their detections (history) in one pass over the changes.
-        outbox::enqueue(&mut tx, page.changes, state, now, page.run).await?;
-        if page.stage && !page.cover.is_empty() {
-            sqlx::query(
-                "INSERT INTO staged_cover (mapping, field, covered)
-                 SELECT ?1, e.value ->> 0, e.value ->> 1 FROM json_each(?2) AS e WHERE true
-                 ON CONFLICT (mapping, field) DO UPDATE SET covered = covered + excluded.covered",
-            )
-            .bind(page.mapping)
-            .bind(serde_json::to_string(page.cover).expect("cover serializes"))
-            .execute(&mut *tx)
-            .await?;
-        }
-        let withdraw =
-            history::from_outbox("kind = ?4 AND pendo_id = ?5 AND field = ?6 AND leased = 0");
-        for c in page.unqueue {
-            sqlx::query(sqlx::AssertSqlSafe(withdraw.as_str()))
-                .bind(now)
-                .bind(Event::Withdrawn as i64)
-                .bind(page.run)
-                .bind(c.kind.as_str())
-                .bind(&c.pendo_id)
-                .bind(&c.field)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM outbox WHERE kind = ?1 AND pendo_id = ?2 AND field = ?3 AND leased = 0")
-                .bind(c.kind.as_str())
-                .bind(&c.pendo_id)
-                .bind(&c.field)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !page.valid_crm_ids.is_empty() {
-            let ids = serde_json::to_string(page.valid_crm_ids).expect("strings serialize");
-            sqlx::query(
-                "DELETE FROM invalid_records WHERE mapping = ?1 AND crm_id IN (SELECT value FROM json_each(?2))",
-            )
-            .bind(page.mapping)
-            .bind(ids)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for r in page.invalid {
-            sqlx::query(
-                "INSERT INTO invalid_records (mapping, crm_id, pendo_id, reason, detail, seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (mapping, crm_id) DO UPDATE SET pendo_id = excluded.pendo_id,
-                   reason = excluded.reason, detail = excluded.detail, seen_at = excluded.seen_at",
-            )
-            .bind(&r.mapping)
-            .bind(&r.crm_id)
-            .bind(&r.pendo_id)
-            .bind(&r.reason)
-            .bind(&r.detail)
-            .bind(r.seen_at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        // The connector contract says watermarks never move backward; a mark behind the stored
-        // one (a connector bug, a clock step) is not stored, so no change before it is re-read
-        // forever or skipped.
-        let stored = match page.watermark {
-            Some(_) => sqlx::query("SELECT value FROM watermarks WHERE mapping = ?1")
-                .bind(page.mapping)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| Watermark(r.get::<String, _>(0))),
-            None => None,
-        };
-        let behind = match (page.watermark, &stored) {
-            (Some(w), Some(s)) => w.is_behind(s),
-            _ => false,
-        };
-        if behind {
-            // A full pull may end on a mark with the same time and a smaller id (HubSpot's full
-            // pulls restart the id): not news, but never stored.
-            tracing::debug!(
-                mapping = page.mapping,
-                new = %page.watermark.map(|w| w.0.as_str()).unwrap_or(""),
-                stored = %stored.as_ref().map(|w| w.0.as_str()).unwrap_or(""),
-                "A pull returned a watermark behind the stored one; keeping the stored one."
-            );
-        }
-        if let Some(w) = page.watermark.filter(|_| !behind) {
-            sqlx::query(
-                "INSERT INTO watermarks (mapping, value, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (mapping) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            )
-            .bind(page.mapping)
-            .bind(&w.0)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        claims::write(&mut tx, page.mapping, page.claims).await?;
-        claims::forget(&mut tx, page.kind, page.mapping, page.forget).await?;
-        if let Some((kind, digests, seq)) = page.digests {
-            digest::write_digests(&mut tx, kind, page.mapping, digests, seq).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    // ---- invalid records ----------------------------------------------------------------------
-
-    pub async fn invalid_records(
-        &self,
-        mapping: Option<&str>,
-    ) -> Result<Vec<InvalidRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mapping, crm_id, pendo_id, reason, detail, seen_at FROM invalid_records
-             WHERE (?1 IS NULL OR mapping = ?1) ORDER BY mapping, crm_id",
-        )
-        .bind(mapping)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(invalid_from_row).collect())
-    }
-
-    /// Whether any record of `mapping` is set aside (lets a clean pull skip clearing them).
-    pub async fn has_invalid_records(&self, mapping: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM invalid_records WHERE mapping = ?1)")
-            .bind(mapping)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.get::<i64, _>(0) != 0)
-    }
-
-    pub async fn drop_invalid(
-        &self,
-        mapping: Option<&str>,
-        crm_id: Option<&str>,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "DELETE FROM invalid_records WHERE (?1 IS NULL OR mapping = ?1) AND (?2 IS NULL OR crm_id = ?2)",
-        )
-        .bind(mapping)
-        .bind(crm_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    // ---- runs -------------------------------------------------------------------------------
-
-    pub async fn start_run(&self, mapping: &str, mode: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO runs (mapping, mode, started_at) VALUES (?1, ?2, ?3) RETURNING id",
-        )
-        .bind(mapping)
-        .bind(mode)
-        .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.get(0))
-    }
-
-    pub async fn finish_run(
-        &self,
-        id: i64,
-        pulled: u64,
-        changes: u64,
-        invalid: u64,
-        error: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE runs SET finished_at = ?2, ok = ?3, pulled = ?4, changes = ?5, invalid = ?6, error = ?7
-             WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(now_ms())
-        .bind(error.is_none())
-        .bind(pulled as i64)
-        .bind(changes as i64)
-        .bind(invalid as i64)
-        .bind(error)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// When the mapping's latest successful cycle finished. Walks the mapping's runs newest
-    /// first and stops at the first success, so a long history of runs costs nothing.
-    pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        last_success_at_in(&mut conn, mapping).await
-    }
-
-    // ---- kv ---------------------------------------------------------------------------------
-
-    pub async fn kv_get(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        kv_get_in(&mut conn, key).await
-    }
-
-    pub async fn kv_set(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        )
-        .bind(key)
-        .bind(value.to_string())
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM kv WHERE key = ?1")
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-}
-
 impl crate::connectors::StateKv for Store {
     fn get<'a>(
         &'a self,
@@ -608,7 +733,7 @@ impl crate::connectors::StateKv for Store {
 
 /// Creates the file with mode 0600 if it does not exist, so the database is never world-readable,
 /// not even for the moment before a chmod.
-fn create_owner_only(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn create_owner_only(path: &Path) -> Result<(), StoreError> {
     if path.exists() {
         return Ok(());
     }
@@ -627,239 +752,6 @@ fn create_owner_only(path: &Path) -> Result<(), StoreError> {
 
 /// Reads a shadow record from its stored JSON text exactly as [`Store::load_shadow`] does (for
 /// tests and tools that build shadows by hand).
-/// One consistent read of the state: every read through it sees the same committed moment (a
-/// read transaction: SQLite's WAL keeps that moment for it while writers go on). The status
-/// model reads through one, so its numbers agree with each other.
-pub struct Snapshot {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-}
-
-impl Store {
-    /// A [`Snapshot`]: its moment is fixed by its first read.
-    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot {
-            tx: self.pool.begin().await?,
-        })
-    }
-}
-
-/// The reads of the status model, each the same code as the [`Store`] method of that name.
-impl Snapshot {
-    pub async fn watermarks(&mut self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-        watermarks_in(&mut self.tx).await
-    }
-
-    pub async fn last_success_at(&mut self, mapping: &str) -> Result<Option<i64>, StoreError> {
-        last_success_at_in(&mut self.tx, mapping).await
-    }
-
-    pub async fn kv_get(&mut self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        kv_get_in(&mut self.tx, key).await
-    }
-
-    pub async fn held_values_by_mapping(
-        &mut self,
-    ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
-        holds::held_values_by_mapping_in(&mut self.tx).await
-    }
-
-    pub async fn holds(&mut self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
-        holds::holds_in(&mut self.tx, open_only).await
-    }
-
-    pub async fn history_count(&mut self) -> Result<i64, StoreError> {
-        history::history_count_in(&mut self.tx).await
-    }
-
-    pub async fn outbox_summary(&mut self) -> Result<OutboxSummary, StoreError> {
-        outbox::outbox_summary_in(&mut self.tx).await
-    }
-
-    pub async fn invalid_count(&mut self) -> Result<i64, StoreError> {
-        pages::invalid_count_in(&mut self.tx).await
-    }
-
-    pub async fn recent_runs(
-        &mut self,
-        mapping: &str,
-        limit: u32,
-    ) -> Result<Vec<RunRecord>, StoreError> {
-        pages::recent_runs_in(&mut self.tx, mapping, limit).await
-    }
-
-    pub async fn chart(
-        &mut self,
-        end: i64,
-        width: i64,
-        slots: usize,
-    ) -> Result<Vec<ChartSlot>, StoreError> {
-        pages::chart_in(&mut self.tx, end, width, slots).await
-    }
-
-    /// Ends the read (it wrote nothing).
-    pub async fn close(self) -> Result<(), StoreError> {
-        self.tx.rollback().await?;
-        Ok(())
-    }
-}
-
-/// An `invalid_records` row read as mapping, crm_id, pendo_id, reason, detail, seen_at.
-fn invalid_from_row(r: &sqlx::sqlite::SqliteRow) -> InvalidRecord {
-    InvalidRecord {
-        mapping: r.get(0),
-        crm_id: r.get(1),
-        pendo_id: r.get(2),
-        reason: r.get(3),
-        detail: r.get(4),
-        seen_at: r.get(5),
-    }
-}
-
-/// A `runs` row whose first ten columns are id, mapping, mode, started_at, finished_at, ok,
-/// pulled, changes, invalid, error.
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
-    RunRecord {
-        id: r.get(0),
-        mapping: r.get(1),
-        mode: r.get(2),
-        started_at: r.get(3),
-        finished_at: r.get(4),
-        ok: r.get(5),
-        pulled: r.get(6),
-        changes: r.get(7),
-        invalid: r.get(8),
-        error: r.get(9),
-    }
-}
-
 pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
     shadow::parse_record(crate::domain::Kind::Account, "-", text)
-}
-
-/// [`Store::watermarks`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
-pub(super) async fn watermarks_in(
-    conn: &mut sqlx::SqliteConnection,
-) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-    let rows = sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.get(0), Watermark(r.get(1)), r.get(2)))
-        .collect())
-}
-
-/// [`Store::last_success_at`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
-pub(super) async fn last_success_at_in(
-    conn: &mut sqlx::SqliteConnection,
-    mapping: &str,
-) -> Result<Option<i64>, StoreError> {
-    let row = sqlx::query(pages::LAST_SUCCESS_SQL)
-        .bind(mapping)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(row.and_then(|r| r.get(0)))
-}
-
-/// [`Store::kv_get`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
-pub(super) async fn kv_get_in(
-    conn: &mut sqlx::SqliteConnection,
-    key: &str,
-) -> Result<Option<serde_json::Value>, StoreError> {
-    let row = sqlx::query("SELECT value FROM kv WHERE key = ?1")
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.map(|r| {
-        let text: String = r.get(0);
-        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("kv {key}: {e}")))
-    })
-    .transpose()
-}
-
-#[cfg(test)]
-mod plan_tests {
-    use super::Store;
-
-    async fn plan(store: &Store, sql: &str) -> String {
-        let rows: Vec<(i64, i64, i64, String)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
-                .fetch_all(store.pool())
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ")
-    }
-
-    /// The status model reads through a snapshot: a write committed between two of its reads
-    /// is not half seen.
-    #[tokio::test]
-    async fn a_snapshot_reads_one_moment_while_writers_go_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).await.unwrap();
-        store.kv_set("k", &serde_json::json!(1)).await.unwrap();
-        let mut snap = store.snapshot().await.unwrap();
-        assert_eq!(snap.kv_get("k").await.unwrap(), Some(serde_json::json!(1)));
-        store.kv_set("k", &serde_json::json!(2)).await.unwrap();
-        sqlx::query(
-            "INSERT INTO invalid_records (mapping, crm_id, reason, detail, seen_at)
-             VALUES ('m', 'x', 'bad_value', 'd', 0)",
-        )
-        .execute(store.pool())
-        .await
-        .unwrap();
-        assert_eq!(
-            snap.kv_get("k").await.unwrap(),
-            Some(serde_json::json!(1)),
-            "the snapshot keeps its moment"
-        );
-        assert_eq!(snap.invalid_count().await.unwrap(), 0);
-        snap.close().await.unwrap();
-        assert_eq!(store.kv_get("k").await.unwrap(), Some(serde_json::json!(2)));
-        assert_eq!(store.invalid_count().await.unwrap(), 1);
-        store.close().await;
-    }
-
-    /// The status model is read on every `/metrics` scrape and every console overview: its
-    /// reads must not scan the tables that grow with uptime (history, runs, Pendo batches), and
-    /// must read the outbox once, without sorting it.
-    #[tokio::test]
-    async fn the_status_model_s_reads_do_not_scan_what_grows_with_uptime() {
-        let store = Store::open_in_memory().await.unwrap();
-        for sql in [super::history::COUNT_SQL, super::pages::LAST_SUCCESS_SQL] {
-            let plan = plan(&store, sql).await;
-            for table in ["history", "runs", "history_batches"] {
-                assert!(
-                    !plan
-                        .split("; ")
-                        .any(|step| step.starts_with(&format!("SCAN {table}"))),
-                    "{sql}\n  scans {table}: {plan}"
-                );
-            }
-        }
-        // The outbox in one pass in key order: no sort of its rows into a temporary b-tree.
-        let summary = plan(&store, super::outbox::SUMMARY_SQL).await;
-        assert!(!summary.contains("TEMP B-TREE"), "{summary}");
-        // A mapping's last runs: a range of its index, newest first.
-        let runs = plan(&store, super::pages::RECENT_RUNS_SQL).await;
-        assert!(
-            runs.contains("SEARCH runs USING INDEX runs_by_mapping"),
-            "{runs}"
-        );
-        // Held values per mapping: from the holds (one row per hold), not the held rows.
-        let held = plan(&store, super::holds::HELD_PER_MAPPING_SQL).await;
-        assert!(!held.contains("outbox"), "{held}");
-        // The chart: a range of the cycles' start times, and of the requests' send times read
-        // from the index alone.
-        let runs = plan(&store, super::pages::CHART_RUNS_SQL).await;
-        assert!(
-            runs.contains("SEARCH runs USING INDEX runs_by_start"),
-            "{runs}"
-        );
-        let requests = plan(&store, super::pages::CHART_REQUESTS_SQL).await;
-        assert!(
-            requests
-                .contains("SEARCH history_batches USING COVERING INDEX history_batches_by_sent"),
-            "{requests}"
-        );
-    }
 }

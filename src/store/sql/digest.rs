@@ -16,15 +16,16 @@
 
 use sqlx::Row;
 
-use super::{Store, StoreError};
+use super::{Backend, Conn};
 use crate::digest::{IdMap, id_hash};
 use crate::domain::Kind;
+use crate::store::*;
 
 /// Stored digests per page of [`Store::load_digests`]: big enough that the per-statement cost
 /// vanishes, small enough that one page's text stays a few MB.
 const LOAD_PAGE: i64 = 50_000;
 
-impl Store {
+impl Backend {
     /// Every digest kept for `mapping`, keyed by [`id_hash`] of the Pendo id, except those of
     /// entities with outbox rows (their diff must see the queued values). A reconcile loads them
     /// once: a lookup per record through SQLite would cost more than the diff it saves.
@@ -32,10 +33,10 @@ impl Store {
     /// The digests and the outbox ids are read in one read transaction (one snapshot): read
     /// apart, a writer confirming a queued value in between would leave a stale digest in.
     pub async fn load_digests(&self, kind: Kind, mapping: &str) -> Result<IdMap<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read().await?;
         // Sized once: growing a million-entry map rehashes it several times.
         let total: i64 =
-            sqlx::query("SELECT count(*) FROM shadow_digest WHERE kind = ?1 AND mapping = ?2")
+            sqlx::query("SELECT count(*) FROM shadow_digest WHERE kind = $1 AND mapping = $2")
                 .bind(kind.as_str())
                 .bind(mapping)
                 .fetch_one(&mut *tx)
@@ -50,8 +51,8 @@ impl Store {
             let row = sqlx::query(
                 "SELECT CAST(group_concat(entry, '') AS BLOB), max(pendo_id), count(*)
                  FROM (SELECT pendo_id, entry FROM shadow_digest
-                       WHERE kind = ?1 AND pendo_id > ?2 AND mapping = ?3
-                       ORDER BY pendo_id LIMIT ?4)",
+                       WHERE kind = $1 AND pendo_id > $2 AND mapping = $3
+                       ORDER BY pendo_id LIMIT $4)",
             )
             .bind(kind.as_str())
             .bind(&after)
@@ -82,9 +83,9 @@ impl Store {
                 break;
             }
         }
-        self.pause_at(super::PausePoint::BetweenDigestReads).await;
+        self.pause_at(PausePoint::BetweenDigestReads).await;
         // The outbox is small in steady state; when it is large (a first push), few digests exist.
-        let queued = sqlx::query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = ?1")
+        let queued = sqlx::query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = $1")
             .bind(kind.as_str())
             .fetch_all(&mut *tx)
             .await?;
@@ -97,7 +98,7 @@ impl Store {
 
     /// Number of stored digests for `mapping` (status and tests).
     pub async fn digest_count(&self, mapping: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT count(*) FROM shadow_digest WHERE mapping = ?1")
+        let row = sqlx::query("SELECT count(*) FROM shadow_digest WHERE mapping = $1")
             .bind(mapping)
             .fetch_one(&self.pool)
             .await?;
@@ -135,7 +136,7 @@ fn digest_list(records: &[(String, u64)]) -> String {
 /// outbox rows now, or whose shadow row was written after the snapshot (`read_seq`) the diff
 /// read: something changed since its diff, and the next reconcile diffs it again.
 pub(super) async fn write_digests(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut Conn,
     kind: Kind,
     mapping: &str,
     digests: &[(String, u64)],
@@ -147,10 +148,10 @@ pub(super) async fn write_digests(
     for chunk in digests.chunks(5_000) {
         sqlx::query(
             "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
-             SELECT ?1, j.value ->> 0, ?2, unhex(j.value ->> 1) FROM json_each(?3) AS j
-             WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = ?1 AND o.pendo_id = j.value ->> 0)
+             SELECT $1, j.value ->> 0, $2, unhex(j.value ->> 1) FROM json_each($3) AS j
+             WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = $1 AND o.pendo_id = j.value ->> 0)
                AND NOT EXISTS (SELECT 1 FROM shadow AS s
-                               WHERE s.kind = ?1 AND s.pendo_id = j.value ->> 0 AND s.rev > ?4)
+                               WHERE s.kind = $1 AND s.pendo_id = j.value ->> 0 AND s.rev > $4)
              ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry",
         )
         .bind(kind.as_str())

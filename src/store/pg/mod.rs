@@ -1,0 +1,242 @@
+//! The PostgreSQL back-end (`state.url`): the same statements as SQLite's where the SQL agrees,
+//! their PostgreSQL form where it does not (`store/sql/`), and the leader lease.
+//!
+//! **The lease.** One row (`leader_lease`: holder, epoch, expiry by the database's clock), taken
+//! and renewed with plain transactions: no session advisory lock, which a pooler in transaction
+//! mode (PgBouncer) would strand on a server connection another client then gets. Taking an
+//! expired (or absent) lease bumps the epoch. While a process holds it, every transaction that
+//! changes the state starts by checking it (`Backend::begin_write`): same holder, same epoch,
+//! not expired, share-locking the row until commit, so a takeover waits for that transaction
+//! and a leader that stalled past its expiry commits nothing.
+//!
+//! Session settings are not used either (a pooler would lose or leak them): the timeouts a
+//! fenced transaction needs are set per transaction (`set_config(.., true)`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::StateSettings;
+use crate::store::{Fence, StoreError};
+
+pub type Db = sqlx::Postgres;
+pub type Conn = sqlx::PgConnection;
+pub type DbRow = sqlx::postgres::PgRow;
+pub const PG: bool = true;
+
+// Each file of `sql/` is compiled once per back-end, on purpose (see `sql/base.rs`).
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/base.rs"]
+mod base;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/claims.rs"]
+mod claims;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/digest.rs"]
+mod digest;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/history.rs"]
+mod history;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/holds.rs"]
+mod holds;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/outbox.rs"]
+mod outbox;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/pages.rs"]
+mod pages;
+#[allow(clippy::duplicate_mod)]
+#[path = "../sql/shadow.rs"]
+mod shadow;
+
+pub use base::{Backend, Snapshot};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Who holds the lease, as [`Backend::lease_holder`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub holder: String,
+    pub epoch: i64,
+    /// Milliseconds until it expires (negative: expired).
+    pub expires_in_ms: i64,
+}
+
+fn connect_options(state: &StateSettings) -> Result<(PgConnectOptions, PathBuf), StoreError> {
+    let url = state.url().expect("a PostgreSQL state has a URL");
+    let label = PathBuf::from(state.display());
+    let mut options = PgConnectOptions::from_str(url.expose_secret()).map_err(|e| {
+        StoreError::Io {
+            path: label.clone(),
+            // sqlx's message names the part it could not read, never the password.
+            message: format!("state.url is not a usable PostgreSQL URL: {e}"),
+        }
+    })?;
+    if state.password_source.is_set() {
+        let password = state
+            .password_source
+            .resolve("state.password")
+            .map_err(|e| StoreError::Io {
+                path: label.clone(),
+                message: e.to_string(),
+            })?;
+        options = options.password(password.expose_secret());
+    }
+    Ok((options.application_name("pendo-sync"), label))
+}
+
+impl Backend {
+    /// Connects to `state.url` and applies the migrations (sqlx serialises concurrent
+    /// migrators, so replicas starting together apply them once).
+    pub async fn open(state: &StateSettings) -> Result<Backend, StoreError> {
+        let backend = Backend::connect(state, 8).await?;
+        MIGRATOR.run(&backend.pool).await?;
+        Ok(backend)
+    }
+
+    /// Connects without migrating or writing; a database an older pendo-sync wrote is refused
+    /// with a message, as for SQLite.
+    pub async fn open_read_only(state: &StateSettings) -> Result<Backend, StoreError> {
+        let backend = Backend::connect(state, 2).await?;
+        let applied: Option<i64> =
+            sqlx::query("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&backend.pool)
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
+        let latest = MIGRATOR.iter().map(|m| m.version).max();
+        if applied < latest {
+            backend.pool.close().await;
+            return Err(StoreError::Io {
+                path: backend.path,
+                message: match applied {
+                    None => "holds no pendo-sync state yet (run `pendo-sync sync` first)".into(),
+                    Some(_) => "was written by an older pendo-sync: run `pendo-sync sync` (or `run`) once to upgrade it; read-only commands do not change it".into(),
+                },
+            });
+        }
+        Ok(backend)
+    }
+
+    async fn connect(state: &StateSettings, max: u32) -> Result<Backend, StoreError> {
+        let (options, path) = connect_options(state)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Backend {
+            pool,
+            path,
+            pause: Arc::default(),
+            fence: Fence::default(),
+        })
+    }
+
+    /// Takes the lease for `holder` if it is free or expired (a new epoch), and starts fencing
+    /// this handle's writes with it. `None`: another holder's lease is live.
+    pub async fn try_take_lease(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A stalled leader's transaction may hold the row (share lock): wait a little, not
+        // for ever; the next poll tries again.
+        sqlx::query("SELECT set_config('lock_timeout', '2000', true)")
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "INSERT INTO leader_lease (id, holder, epoch, expires_at, renewed_at)
+             VALUES (1, $1, 1, clock_timestamp() + $2 * interval '1 millisecond', clock_timestamp())
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,
+                 epoch = leader_lease.epoch + 1, expires_at = excluded.expires_at,
+                 renewed_at = excluded.renewed_at
+             WHERE leader_lease.expires_at <= clock_timestamp()
+             RETURNING epoch",
+        )
+        .bind(holder)
+        .bind(ttl.as_millis() as i64)
+        .fetch_optional(&mut *tx)
+        .await;
+        let row = match row {
+            Ok(row) => row,
+            // 55P03: lock_not_available (the lock timeout above).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => None,
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        let epoch = row.map(|r| r.get::<i64, _>(0));
+        if let Some(epoch) = epoch {
+            self.fence.hold(holder.to_owned(), epoch, ttl);
+        }
+        Ok(epoch)
+    }
+
+    /// Extends this process's lease by `ttl` from now. `false`: it expired or was taken, and
+    /// this handle stops fencing with it (its writes then fail with
+    /// [`StoreError::LostLease`]).
+    pub async fn renew_lease(&self, ttl: Duration) -> Result<bool, StoreError> {
+        let Some((holder, epoch)) = self.fence.current() else {
+            return Ok(false);
+        };
+        let row = sqlx::query(
+            "UPDATE leader_lease
+             SET expires_at = clock_timestamp() + $3 * interval '1 millisecond',
+                 renewed_at = clock_timestamp()
+             WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()
+             RETURNING epoch",
+        )
+        .bind(&holder)
+        .bind(epoch)
+        .bind(ttl.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        if row.is_none() {
+            self.fence.lost();
+        }
+        Ok(row.is_some())
+    }
+
+    /// Gives the lease up at once (a clean shutdown), so a standby need not wait for expiry.
+    pub async fn release_lease(&self) -> Result<(), StoreError> {
+        if let Some((holder, epoch)) = self.fence.current() {
+            self.fence.lost();
+            sqlx::query(
+                "UPDATE leader_lease SET expires_at = clock_timestamp()
+                 WHERE id = 1 AND holder = $1 AND epoch = $2",
+            )
+            .bind(&holder)
+            .bind(epoch)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Who holds the lease now, if anyone ever took it.
+    pub async fn lease_holder(&self) -> Result<Option<LeaseHolder>, StoreError> {
+        let row = sqlx::query(
+            "SELECT holder, epoch,
+                    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
+             FROM leader_lease WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| LeaseHolder {
+            holder: r.get(0),
+            epoch: r.get(1),
+            expires_in_ms: r.get(2),
+        }))
+    }
+}

@@ -1,0 +1,377 @@
+use sqlx::{Row, Transaction};
+
+use super::{Backend, Conn, Db, DbRow};
+use crate::domain::Kind;
+use crate::store::*;
+
+/// How much older than the oldest kept event a batch must be to go (see `prune_history`).
+const BATCH_MARGIN_MS: i64 = 3_600_000;
+
+/// A change's detection columns: (event, CRM record id, its modification time, detail).
+pub(super) fn detection(c: &Change) -> (i64, Option<&str>, Option<i64>, Option<&'static str>) {
+    let source = c.source.as_deref();
+    let (event, detail) = match source.and_then(|s| s.cleared) {
+        Some(why) => (Event::Cleared, Some(why)),
+        None => (Event::Detected, None),
+    };
+    (
+        event as i64,
+        source.and_then(|s| s.crm_id.as_deref()),
+        source.and_then(|s| s.modified_at),
+        detail,
+    )
+}
+
+/// Detections (and clears) of a chunk of enqueued changes, after their upsert (so a
+/// supersession it caused comes first). `rows` is the enqueue's JSON array: `[kind, pendo_id,
+/// field, value, mapping, force, event, crm_id, crm_at, detail]` per change.
+///
+/// Only rows the upsert wrote get one. When it skipped some (the same value already queued, e.g.
+/// a second resync before the first drained), `skipped_version` is the chunk's version: the
+/// rows it wrote carry it, the others keep their own.
+pub(super) async fn record_detected(
+    tx: &mut Transaction<'_, Db>,
+    rows: &str,
+    skipped_version: Option<i64>,
+    run: Option<i64>,
+    now: i64,
+) -> Result<(), StoreError> {
+    // Two statements, not one with `$4 IS NULL OR EXISTS (...)`: SQLite evaluates the
+    // subquery per row either way, which cost the first sync 30 % more.
+    const ALL: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
+                e.value ->> 4, $3, e.value ->> 7, e.value ->> 8, e.value ->> 9
+         FROM jsonb_each(jsonb($1)) AS e WHERE $4 IS NULL";
+    const WRITTEN: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
+                e.value ->> 4, $3, e.value ->> 7, e.value ->> 8, e.value ->> 9
+         FROM jsonb_each(jsonb($1)) AS e
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = $4";
+    sqlx::query(if skipped_version.is_none() {
+        ALL
+    } else {
+        WRITTEN
+    })
+    .bind(rows)
+    .bind(now)
+    .bind(run)
+    .bind(skipped_version)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// An event for every outbox row matching `condition` (SQL over the outbox's columns, with its
+/// own parameters from `$4` on), before the statement that changes them runs: `$1` the time,
+/// `$2` the event, `$3` goes into `ref` (a hold, a cycle).
+pub(super) fn from_outbox(condition: &str) -> String {
+    from_outbox_into("ref", condition)
+}
+
+/// [`from_outbox`] with `$3` going into `column` (`ref` or `detail`).
+fn from_outbox_into(column: &str, condition: &str) -> String {
+    format!(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, {column})
+         SELECT $1, kind, pendo_id, field, $2, value, $3 FROM outbox WHERE {condition}"
+    )
+}
+
+/// Events for an operator's `queue retry|drop` over `filter`, with who asked in the detail.
+pub(super) async fn record_operator(
+    tx: &mut Transaction<'_, Db>,
+    event: Event,
+    filter: &QueueFilter,
+    states: &str,
+    who: &str,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let sql = from_outbox_into(
+        "detail",
+        &format!(
+            "state IN ({states}) AND ($4 IS NULL OR state = $4) AND ($5 IS NULL OR kind = $5)
+               AND ($6 IS NULL OR pendo_id = $6)"
+        ),
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(event as i64)
+        .bind(who)
+        .bind(filter.state.map(QueueState::as_str))
+        .bind(filter.kind.map(Kind::as_str))
+        .bind(filter.pendo_id.as_deref())
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// The answers a settle records, each pointing at its batch: one per row whose version still
+/// matches, and every confirmation (see the statement below).
+pub(super) async fn record_answers(
+    tx: &mut Transaction<'_, Db>,
+    outcomes: &[(OutboxEntry, Settlement)],
+    batches: &[SentBatch],
+    batch_of: &[Option<usize>],
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut ids = Vec::with_capacity(batches.len());
+    for b in batches {
+        let id: i64 = sqlx::query(
+            "INSERT INTO history_batches (kind, sent_at, answered_at, records, attempts, answer)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(b.kind.as_str())
+        .bind(b.sent_at)
+        .bind(b.answered_at)
+        .bind(b.records as i64)
+        .bind(b.attempts as i64)
+        .bind(&b.answer)
+        .fetch_one(&mut **tx)
+        .await?
+        .get(0);
+        ids.push(id);
+    }
+    let mut rows: Vec<serde_json::Value> = Vec::with_capacity(outcomes.len());
+    for (i, (entry, settlement)) in outcomes.iter().enumerate() {
+        let batch = batch_of.get(i).copied().flatten();
+        let batch_answer = batch.map(|b| batches[b].answer.as_str());
+        // Text the batch's answer does not already say.
+        let own = |text: &str| (Some(text) != batch_answer).then(|| text.to_owned());
+        // (event, detail, attempts this failure adds, max attempts before dead)
+        let (event, detail, attempts, max) = match settlement {
+            Settlement::Confirmed => (Event::Confirmed, None, 0, 0),
+            Settlement::AlreadyConfirmed => (Event::AlreadyConfirmed, None, 0, 0),
+            Settlement::Unmatched { .. } => (Event::Missing, None, 0, 0),
+            Settlement::Retry {
+                error,
+                max_attempts,
+                attempts,
+                ..
+            } => (Event::Failed, own(error), *attempts, *max_attempts),
+            Settlement::Dead { error } => (Event::Dead, own(error), 0, 0),
+            Settlement::Release => continue,
+        };
+        rows.push(serde_json::json!([
+            entry.kind.as_str(),
+            entry.pendo_id,
+            entry.field,
+            entry.version,
+            event as i64,
+            batch.map(|b| ids[b]),
+            detail,
+            attempts,
+            max,
+            entry.value,
+        ]));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // An answer changes the outbox row only while it still holds the version that was sent,
+    // and so gets an event only then, except a confirmation: the settle writes the shadow for
+    // every confirmed value, even one a newer value replaced (or an operator dropped) while it
+    // was in flight, so its event is written whatever the row became. A failure that uses up
+    // the attempts is the row's death: recorded as such (the settle's own statement makes the
+    // same decision from the same numbers).
+    sqlx::query(
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
+                CASE WHEN e.value ->> 4 = 10 AND o.attempts + (e.value ->> 7) >= (e.value ->> 8)
+                     THEN 11 ELSE e.value ->> 4 END,
+                e.value ->> 9, e.value ->> 5, e.value ->> 6
+         FROM jsonb_each(jsonb($1)) AS e
+         LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3
+         WHERE o.kind IS NOT NULL OR e.value ->> 4 = 7",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn event_from_row(row: &DbRow) -> Result<HistoryEvent, StoreError> {
+    let kind: String = row.get("kind");
+    let code: i64 = row.get("event");
+    let event = Event::from_code(code)
+        .ok_or_else(|| StoreError::Corrupt(format!("history event code {code}")))?;
+    let reference: Option<i64> = row.get("ref");
+    let batch = row.get::<Option<i64>, _>("b_id").map(|id| BatchInfo {
+        id,
+        sent_at: row.get("b_sent_at"),
+        answered_at: row.get("b_answered_at"),
+        records: row.get("b_records"),
+        attempts: row.get("b_attempts"),
+        answer: row.get("b_answer"),
+    });
+    let hold = match event {
+        Event::Held | Event::Approved | Event::Rejected => reference.map(|id| HoldInfo {
+            id,
+            decided_by: row.get("h_by"),
+            decision_reason: row.get("h_reason"),
+        }),
+        _ => None,
+    };
+    let cycle = match event {
+        Event::Detected | Event::Cleared | Event::Withdrawn => reference,
+        _ => None,
+    };
+    Ok(HistoryEvent {
+        id: row.get("id"),
+        at: row.get("at"),
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("history kind {kind:?}")))?,
+        pendo_id: row.get("pendo_id"),
+        field: row.get("field"),
+        event,
+        value: row.get("value"),
+        mapping: row.get("mapping"),
+        cycle,
+        crm_id: row.get("crm_id"),
+        crm_modified_at: row.get("crm_at"),
+        detail: row.get("detail"),
+        batch,
+        hold,
+    })
+}
+
+/// The columns [`event_from_row`] reads, joined to their batch and hold.
+const SELECT_EVENTS: &str = "SELECT h.id, h.at, h.kind, h.pendo_id, h.field, h.event, h.value,
+        h.mapping, h.ref, h.crm_id, h.crm_at, h.detail,
+        b.id AS b_id, b.sent_at AS b_sent_at, b.answered_at AS b_answered_at,
+        b.records AS b_records, b.attempts AS b_attempts, b.answer AS b_answer,
+        d.decided_by AS h_by, d.decision_reason AS h_reason
+     FROM history AS h
+     LEFT JOIN history_batches AS b ON h.event IN (7, 9, 10, 11) AND b.id = h.ref
+     LEFT JOIN holds AS d ON h.event IN (4, 5, 6) AND d.id = h.ref";
+
+impl Backend {
+    /// The events of one entity (of one field, with `field`), newest first, at most `limit`.
+    pub async fn history(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        field: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EVENTS}
+             WHERE h.pendo_id = $1 AND h.kind = $2 AND ($3 IS NULL OR h.field = $3)
+             ORDER BY h.id DESC LIMIT $4"
+        )))
+        .bind(pendo_id)
+        .bind(kind.as_str())
+        .bind(field)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The latest event of `event` kinds per field of one entity (e.g. the last detection and
+    /// the last confirmation of each field), whatever the limit on the listing.
+    pub async fn last_events(
+        &self,
+        kind: Kind,
+        pendo_id: &str,
+        events: &[Event],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let codes = serde_json::to_string(&events.iter().map(|e| *e as i64).collect::<Vec<_>>())
+            .expect("codes serialize");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EVENTS}
+             WHERE h.id IN (SELECT max(id) FROM history
+                            WHERE pendo_id = $1 AND kind = $2
+                              AND event IN (SELECT value FROM json_each($3))
+                            GROUP BY field, event)
+             ORDER BY h.id"
+        )))
+        .bind(pendo_id)
+        .bind(kind.as_str())
+        .bind(codes)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The last event of each (id, field) among `ids` (for the audit's report).
+    pub async fn last_event_per_field(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<Vec<HistoryEvent>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(2_000) {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{SELECT_EVENTS}
+                 WHERE h.id IN (SELECT max(id) FROM history
+                                WHERE pendo_id IN (SELECT value FROM json_each($1)) AND kind = $2
+                                GROUP BY pendo_id, field)"
+            )))
+            .bind(serde_json::to_string(chunk).expect("strings serialize"))
+            .bind(kind.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                out.push(event_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events in the state. Events are only ever deleted from the oldest end, so the rowids
+    /// are contiguous and this is exact without counting ten million rows.
+    pub async fn history_count(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        history_count_in(&mut conn).await
+    }
+
+    /// Deletes up to `batch` events older than `before` (Unix ms), oldest first, and the
+    /// batches no kept event refers to; one short transaction, so a writer waits at most for
+    /// one batch. Returns the events deleted: call again until it returns less than `batch`.
+    pub async fn prune_history(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        // Rowids follow time: of the oldest `batch` rows, those outside retention. Never a scan
+        // past them (a `WHERE at < ?` search would read every kept row to find none).
+        let done = sqlx::query(
+            "DELETE FROM history WHERE id IN
+               (SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) WHERE at < $1)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await?;
+        // A batch goes once no kept event can point at it: an event is written when its step
+        // settles, at most minutes after its batch was answered, so batches an hour older than
+        // the oldest kept event (read from the front of the table, no scan) are unreferenced.
+        let oldest: Option<i64> = sqlx::query("SELECT at FROM history ORDER BY id LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get(0));
+        let cut = oldest.map_or(before, |at| at.min(before)) - BATCH_MARGIN_MS;
+        sqlx::query(
+            "DELETE FROM history_batches WHERE id IN
+               (SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT $2)
+                WHERE answered_at < $1)",
+        )
+        .bind(cut)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Events kept: rowids are dense (pruning deletes from the front), so the span of the ids.
+/// Two subqueries: SQLite answers a lone `max(id)` or `min(id)` from the end of the table, but
+/// `max(id) - min(id)` in one query scans it (10M events: every `/metrics` scrape).
+pub(super) const COUNT_SQL: &str =
+    "SELECT coalesce((SELECT max(id) FROM history) - (SELECT min(id) FROM history) + 1, 0)";
+
+/// [`Store::history_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn history_count_in(conn: &mut Conn) -> Result<i64, StoreError> {
+    let row = sqlx::query(COUNT_SQL).fetch_one(&mut *conn).await?;
+    Ok(row.get(0))
+}

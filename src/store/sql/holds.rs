@@ -1,0 +1,406 @@
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use super::history;
+use super::{Backend, Conn, DbRow};
+use crate::config::GuardSettings;
+use crate::domain::{Kind, now_ms};
+use crate::guard::{FieldCounts, SampleChange};
+use crate::store::*;
+
+/// How many changes a hold shows.
+const SAMPLE: i64 = 20;
+
+/// Which rows a count covers.
+enum Scope {
+    Staged,
+    Hold(i64),
+}
+
+impl Scope {
+    fn condition(&self) -> (&'static str, i64) {
+        match self {
+            Scope::Staged => ("o.state = 'staged' AND $2 = $2", 0),
+            Scope::Hold(id) => ("o.state = 'held' AND o.hold_id = $2", *id),
+        }
+    }
+}
+
+/// Per field: sets (first fills), clears and overwrites among `scope`'s rows of `mapping`,
+/// judged against the shadow. Values compare as stored JSON text (both sides are canonical).
+async fn counts(
+    conn: &mut Conn,
+    mapping: &str,
+    scope: &Scope,
+) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
+    let (condition, param) = scope.condition();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT field,
+                sum(value = 'null' AND held IS NOT NULL),
+                sum(value != 'null' AND held IS NOT NULL AND held != value),
+                sum(value != 'null' AND held IS NULL)
+         FROM (SELECT o.field, o.value,
+                      nullif(s.vals -> ('$.\"' || o.field || '\"'), 'null') AS held
+               FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+               WHERE o.mapping = $1 AND {condition})
+         GROUP BY field"
+    )))
+    .bind(mapping)
+    .bind(param)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let n = |i: usize| r.get::<Option<i64>, _>(i).unwrap_or(0).max(0) as u64;
+            (
+                r.get::<String, _>(0),
+                FieldCounts {
+                    clears: n(1),
+                    overwrites: n(2),
+                    sets: n(3),
+                    covered: 0,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Up to [`SAMPLE`] of `scope`'s changes, clears and overwrites first.
+async fn sample(
+    conn: &mut Conn,
+    mapping: &str,
+    scope: &Scope,
+) -> Result<Vec<SampleChange>, StoreError> {
+    let (condition, param) = scope.condition();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pendo_id, field, held, value FROM
+           (SELECT o.pendo_id, o.field, o.value,
+                   nullif(s.vals -> ('$.\"' || o.field || '\"'), 'null') AS held
+            FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+            WHERE o.mapping = $1 AND {condition})
+         ORDER BY held IS NULL, value != 'null', pendo_id, field LIMIT {SAMPLE}"
+    )))
+    .bind(mapping)
+    .bind(param)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SampleChange {
+            id: r.get(0),
+            field: r.get(1),
+            from: r.get(2),
+            to: r.get(3),
+        })
+        .collect())
+}
+
+fn hold_from_row(r: &DbRow) -> Result<Hold, StoreError> {
+    let kind: String = r.get("kind");
+    let counts: String = r.get("counts");
+    let sample: String = r.get("sample");
+    Ok(Hold {
+        id: r.get("id"),
+        mapping: r.get("mapping"),
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("hold kind {kind:?}")))?,
+        state: r.get("state"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        reason: r.get("reason"),
+        counts: serde_json::from_str(&counts)
+            .map_err(|e| StoreError::Corrupt(format!("hold counts: {e}")))?,
+        sample: serde_json::from_str(&sample)
+            .map_err(|e| StoreError::Corrupt(format!("hold sample: {e}")))?,
+        cycles: r.get("cycles"),
+        held_values: r.get("held_values"),
+        decided_at: r.get("decided_at"),
+        decided_by: r.get("decided_by"),
+        decision_reason: r.get("decision_reason"),
+    })
+}
+
+impl Backend {
+    /// The end of a cycle whose pull completed: the guard decides over every staged row of
+    /// `mapping` (an interrupted cycle's included), against the coverage the pages that staged
+    /// them recorded (`staged_cover`), which it then clears. One transaction.
+    pub async fn finish_staged(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        limits: &GuardSettings,
+    ) -> Result<GuardOutcome, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        // Take the write lock first: nothing may stage or decide between the count and the move.
+        sqlx::query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let covered: BTreeMap<String, u64> =
+            sqlx::query("SELECT field, covered FROM staged_cover WHERE mapping = $1")
+                .bind(mapping)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1).max(0) as u64))
+                .collect();
+        sqlx::query("DELETE FROM staged_cover WHERE mapping = $1")
+            .bind(mapping)
+            .execute(&mut *tx)
+            .await?;
+        let mut by_field = counts(&mut tx, mapping, &Scope::Staged).await?;
+        let total: i64 =
+            sqlx::query("SELECT count(*) FROM outbox WHERE state = 'staged' AND mapping = $1")
+                .bind(mapping)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        if total == 0 {
+            tx.commit().await?;
+            return Ok(GuardOutcome::Nothing);
+        }
+        for (field, c) in by_field.iter_mut() {
+            c.covered = covered.get(field).copied().unwrap_or(0);
+        }
+        let open: Option<i64> = sqlx::query(
+            "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1",
+        )
+        .bind(mapping)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get(0));
+        let trip = crate::guard::evaluate(limits, kind, &by_field);
+        let outcome = match (open, trip) {
+            (None, None) => {
+                sqlx::query(
+                    "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = $2, updated_at = $2
+                     WHERE state = 'staged' AND mapping = $1",
+                )
+                .bind(mapping)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                GuardOutcome::Passed {
+                    values: total as u64,
+                }
+            }
+            (open, trip) => {
+                let new = open.is_none();
+                let reason = match (&trip, open) {
+                    (Some(t), _) => t.summary(),
+                    (None, Some(_)) => "joined the mapping's open hold".to_owned(),
+                    (None, None) => unreachable!("handled above"),
+                };
+                let staged_sample = if new {
+                    sample(&mut tx, mapping, &Scope::Staged).await?
+                } else {
+                    Vec::new()
+                };
+                let hold_id = match open {
+                    Some(id) => id,
+                    None => sqlx::query(
+                        "INSERT INTO holds (mapping, kind, created_at, updated_at, reason, counts, sample, cycles)
+                         VALUES ($1, $2, $3, $3, $4, '{}', '[]', 0) RETURNING id",
+                    )
+                    .bind(mapping)
+                    .bind(kind.as_str())
+                    .bind(now)
+                    .bind(&reason)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0),
+                };
+                sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+                    "state = 'staged' AND mapping = $4",
+                )))
+                .bind(now)
+                .bind(Event::Held as i64)
+                .bind(hold_id)
+                .bind(mapping)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE outbox SET state = 'held', hold_id = $2, updated_at = $3
+                     WHERE state = 'staged' AND mapping = $1",
+                )
+                .bind(mapping)
+                .bind(hold_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                // The hold shows what it holds now (latest wins inside it). A new hold holds
+                // exactly the staged rows just counted; a joined one is counted again.
+                let (held, shown, values) = if new {
+                    (by_field.clone(), staged_sample, total)
+                } else {
+                    let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                    for (field, c) in held.iter_mut() {
+                        c.covered = covered.get(field).copied().unwrap_or(0);
+                    }
+                    let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
+                    let values: i64 = sqlx::query(
+                        "SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = $1",
+                    )
+                    .bind(hold_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
+                    (held, shown, values)
+                };
+                // A joining cycle that trips the limits itself says so in the hold's reason.
+                if let (false, Some(t)) = (new, &trip) {
+                    sqlx::query("UPDATE holds SET reason = $2 WHERE id = $1")
+                        .bind(hold_id)
+                        .bind(t.summary())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "UPDATE holds SET counts = $2, sample = $3, cycles = cycles + 1, held_values = $4,
+                        updated_at = $5
+                     WHERE id = $1",
+                )
+                .bind(hold_id)
+                .bind(serde_json::to_string(&held).expect("counts serialize"))
+                .bind(serde_json::to_string(&shown).expect("sample serializes"))
+                .bind(values)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                GuardOutcome::Held {
+                    hold_id,
+                    new,
+                    reason,
+                    values: values as u64,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Holds, newest first; only the open ones with `open_only`.
+    pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        holds_in(&mut conn, open_only).await
+    }
+
+    pub async fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
+        let row = sqlx::query("SELECT * FROM holds WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(hold_from_row).transpose()
+    }
+
+    /// Approves (its rows become pending, sent by the next writer pass) or rejects (its rows
+    /// are dropped) an open hold, recording who, when and why.
+    pub async fn decide_hold(
+        &self,
+        id: i64,
+        approve: bool,
+        who: &str,
+        reason: Option<&str>,
+    ) -> Result<Hold, HoldError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        // Write first, so the transaction holds the write lock before it reads (a deferred
+        // read-then-write could fail with SQLITE_BUSY beside a committing service).
+        sqlx::query("UPDATE holds SET updated_at = updated_at WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let state: Option<String> = sqlx::query("SELECT state FROM holds WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get(0));
+        match state.as_deref() {
+            None => return Err(HoldError::Unknown(id)),
+            Some("open") => {}
+            Some(other) => {
+                return Err(HoldError::Decided {
+                    id,
+                    state: other.to_owned(),
+                });
+            }
+        }
+        sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+            "state = 'held' AND hold_id = $4",
+        )))
+        .bind(now)
+        .bind(if approve {
+            Event::Approved
+        } else {
+            Event::Rejected
+        } as i64)
+        .bind(id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if approve {
+            sqlx::query(
+                "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = $2, updated_at = $2
+                 WHERE state = 'held' AND hold_id = $1",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM outbox WHERE state = 'held' AND hold_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE holds SET state = $2, decided_at = $3, decided_by = $4, decision_reason = $5,
+                updated_at = $3
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(if approve { "approved" } else { "rejected" })
+        .bind(now)
+        .bind(who)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.hold(id).await?.ok_or(HoldError::Unknown(id))
+    }
+
+    /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
+    pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        held_values_by_mapping_in(&mut conn).await
+    }
+}
+
+/// From the open holds' own counts (kept by `finish_staged` and `outbox_drop`), not from the
+/// outbox: counting held rows per mapping looks up every held row. A held row a newer CRM value
+/// re-staged counts in its hold until that cycle's guard recounts it.
+pub(super) const HELD_PER_MAPPING_SQL: &str =
+    "SELECT mapping, sum(held_values) FROM holds WHERE state = 'open' GROUP BY mapping";
+
+/// [`Store::held_values_by_mapping`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn held_values_by_mapping_in(
+    conn: &mut Conn,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    let rows = sqlx::query(HELD_PER_MAPPING_SQL)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// [`Store::holds`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
+pub(super) async fn holds_in(conn: &mut Conn, open_only: bool) -> Result<Vec<Hold>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT * FROM holds WHERE ($1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200",
+    )
+    .bind(open_only as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(hold_from_row).collect()
+}

@@ -1,0 +1,111 @@
+use std::collections::HashMap;
+
+use sqlx::Row;
+
+use super::{Backend, Conn};
+use crate::domain::Kind;
+use crate::store::shadow::parse_record;
+use crate::store::*;
+
+/// The confirmed records among `ids`, read on `conn` (so a caller can read them inside its own
+/// transaction, beside the outbox).
+pub(super) async fn load_records(
+    conn: &mut Conn,
+    kind: Kind,
+    ids: &[&str],
+) -> Result<HashMap<String, ShadowRecord>, StoreError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    // One statement and one result row per chunk: SQLite looks the ids up (json_each keeps
+    // the statement static) and folds the records into a single JSON object, which costs far
+    // less than handing thousands of rows one by one through the driver.
+    for chunk in ids.chunks(5_000) {
+        let list = serde_json::to_string(chunk).expect("strings serialize");
+        let row = sqlx::query(
+            // `vals` is already JSON text: concatenating skips SQLite re-parsing it.
+            "SELECT '{' || coalesce(group_concat(json_quote(pendo_id) || ':' || vals, ','), '') || '}'
+             FROM shadow WHERE kind = $1 AND pendo_id IN (SELECT value FROM json_each($2))",
+        )
+        .bind(kind.as_str())
+        .bind(list)
+        .fetch_one(&mut *conn)
+        .await?;
+        let text: String = row.get(0);
+        // Parsing a page of records is CPU work: off the async threads, so it overlaps the
+        // engine's other stages.
+        let records: HashMap<String, ShadowRecord> =
+            tokio::task::spawn_blocking(move || serde_json::from_str(&text))
+                .await
+                .expect("parsing does not panic")
+                .map_err(|e| StoreError::Corrupt(format!("shadow {kind}: {e}")))?;
+        out.extend(
+            records
+                .into_iter()
+                .map(|(id, r)| (id, crate::store::shadow::without_nulls(r))),
+        );
+    }
+    Ok(out)
+}
+
+impl Backend {
+    /// The confirmed records among `ids` (ids without a record are absent from the map).
+    pub async fn load_shadow(
+        &self,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load_records(&mut conn, kind, ids).await
+    }
+
+    /// One entity's shadow record and when Pendo last confirmed a value of it.
+    pub async fn shadow_entry(
+        &self,
+        kind: Kind,
+        id: &str,
+    ) -> Result<Option<(ShadowRecord, i64)>, StoreError> {
+        let row =
+            sqlx::query("SELECT vals, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2")
+                .bind(kind.as_str())
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| Ok((parse_record(kind, id, &r.get::<String, _>(0))?, r.get(1))))
+            .transpose()
+    }
+
+    /// Up to `limit` shadow records of `kind` with ids after `after`, in id order: for audits
+    /// and reconciles that walk the whole shadow without holding it in memory.
+    pub async fn shadow_page(
+        &self,
+        kind: Kind,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, ShadowRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT pendo_id, vals FROM shadow WHERE kind = $1 AND ($2 IS NULL OR pendo_id > $2)
+             ORDER BY pendo_id LIMIT $3",
+        )
+        .bind(kind.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                let vals: String = row.get(1);
+                let record = parse_record(kind, &id, &vals)?;
+                Ok((id, record))
+            })
+            .collect()
+    }
+
+    /// Number of shadow records per kind.
+    pub async fn shadow_count(&self, kind: Kind) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT count(*) FROM shadow WHERE kind = $1")
+            .bind(kind.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+}
