@@ -843,12 +843,6 @@ fn validate_state(mut state: StateSettings) -> Result<StateSettings, ConfigError
                     ),
                 ));
             }
-            if std::env::var_os("PENDO_SYNC_POSTGRES_PREVIEW").is_none() {
-                return Err(ConfigError::new(
-                    "state.url",
-                    "the PostgreSQL back-end is not complete in this build (its statements are being ported); use state.path (SQLite) for now",
-                ));
-            }
             state.password_source = secret_pair(
                 "state.password",
                 state.password.take(),

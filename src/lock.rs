@@ -94,6 +94,8 @@ pub struct InstanceLock {
 #[derive(Debug)]
 struct Lease {
     store: crate::store::pg::Backend,
+    holder: String,
+    epoch: i64,
     renewer: tokio::task::JoinHandle<()>,
     lost: tokio_util::sync::CancellationToken,
 }
@@ -104,9 +106,10 @@ impl Drop for Lease {
         // Hand the lease over at once rather than at expiry (best effort: a process that
         // ends before this runs leaves it to expire).
         let store = self.store.clone();
+        let (holder, epoch) = (std::mem::take(&mut self.holder), self.epoch);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = store.release_lease().await {
+                if let Err(e) = store.release_lease(&holder, epoch).await {
                     tracing::warn!(error = %e, "Could not hand the leader lease over; it expires by itself.");
                 }
             });
@@ -208,6 +211,8 @@ impl InstanceLock {
                     _file: None,
                     lease: Some(Lease {
                         store: pg.clone(),
+                        holder: me.clone(),
+                        epoch,
                         renewer,
                         lost,
                     }),

@@ -106,6 +106,8 @@ macro_rules! setters {
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub state_path: String,
+    /// `[state] url` (PostgreSQL) instead of `path`.
+    pub state_url: Option<String>,
     pub pendo: PendoSection,
     pub salesforce: Option<SalesforceSection>,
     pub hubspot: Option<HubspotSection>,
@@ -194,6 +196,7 @@ impl SimConfig {
     pub fn new(state_path: impl AsRef<Path>, pendo: PendoSection) -> SimConfig {
         SimConfig {
             state_path: state_path.as_ref().display().to_string(),
+            state_url: None,
             pendo,
             salesforce: None,
             hubspot: None,
@@ -205,6 +208,12 @@ impl SimConfig {
             mappings: Vec::new(),
             tail: String::new(),
         }
+    }
+
+    /// The state in PostgreSQL at `url` instead of the SQLite file.
+    pub fn state_url(mut self, url: Option<String>) -> Self {
+        self.state_url = url;
+        self
     }
 
     pub fn salesforce(mut self, section: SalesforceSection) -> Self {
@@ -236,7 +245,13 @@ impl SimConfig {
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         header(&mut out, "[state]");
-        kv_str(&mut out, "path", &self.state_path);
+        match &self.state_url {
+            Some(url) => {
+                kv_str(&mut out, "url", url);
+                kv_str(&mut out, "lease_ttl", "3s");
+            }
+            None => kv_str(&mut out, "path", &self.state_path),
+        }
 
         let p = &self.pendo;
         header(&mut out, "[pendo]");

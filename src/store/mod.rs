@@ -132,6 +132,14 @@ impl Fence {
         }
     }
 
+    /// The lease of `epoch` was given up: writes go unfenced again (if no newer lease was taken).
+    pub(crate) fn release(&self, epoch: i64) {
+        let mut state = self.inner.lock().expect("fence lock");
+        if matches!(state.lease, Lease::Held(_, e) if e == epoch) {
+            state.lease = Lease::None;
+        }
+    }
+
     pub(crate) fn ttl_ms(&self) -> i64 {
         self.inner.lock().expect("fence lock").ttl_ms
     }

@@ -48,6 +48,8 @@ pub struct Options {
     pub errors_as_strings: bool,
     /// TOML appended after the `accounts` mapping (more mappings).
     pub extra_mappings: String,
+    /// The state in this PostgreSQL database instead of a SQLite file.
+    pub state_url: Option<String>,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             schema: ACCOUNT_FIELDS.to_vec(),
             errors_as_strings: false,
             extra_mappings: String::new(),
+            state_url: None,
         }
     }
 }
@@ -67,6 +70,18 @@ impl Default for Options {
 impl TestApp {
     pub async fn new() -> TestApp {
         Self::with(Options::default()).await
+    }
+
+    /// A test app on `backend`'s state; `None` where PostgreSQL is not available (skipped).
+    pub async fn on(backend: crate::pg::Backend) -> Option<TestApp> {
+        let state_url = backend.state_url().await.ok()?;
+        Some(
+            Self::with(Options {
+                state_url,
+                ..Options::default()
+            })
+            .await,
+        )
     }
 
     pub async fn with(opts: Options) -> TestApp {
@@ -98,6 +113,7 @@ impl TestApp {
             .retry_max("40ms")
             .extra(opts.extra_pendo);
         let toml = SimConfig::new(dir.path().join("state.db"), pendo_section)
+            .state_url(opts.state_url)
             .salesforce(SalesforceSection::new(
                 "http://127.0.0.1:9",
                 Auth::client_credentials("test", "canary-sf-secret-55"),

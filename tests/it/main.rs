@@ -15,6 +15,7 @@ mod faults;
 mod guard;
 mod helpers;
 mod history;
+mod pg;
 mod races;
 mod secrets;
 mod security;

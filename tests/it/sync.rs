@@ -6,60 +6,66 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, account_id};
 
-#[tokio::test]
-async fn first_sync_puts_exactly_the_crm_values_into_pendo() {
-    let t = TestApp::new().await;
-    t.seed(120);
-    let report = t.sync().await;
-    assert_eq!(report.cycles[0].pulled, 120);
-    t.assert_converged();
-    // 120 records at batch size 50: three requests, no more.
-    assert_eq!(t.writes().len(), 3);
-    // The wire format: numbers as numbers, dates as epoch ms, booleans as booleans.
-    let id = account_id(3);
-    assert_eq!(
-        t.pendo.value(Kind::Account, &id, "arr"),
-        Some(json!(3000.5))
-    );
-    assert_eq!(
-        t.pendo.value(Kind::Account, &id, "isstrategic"),
-        Some(json!(false))
-    );
-    assert_eq!(
-        t.pendo.value(Kind::Account, &id, "renewaldate"),
-        Some(json!(1_806_796_800_000i64))
-    );
+crate::on_both_backends! {
+    async fn first_sync_puts_exactly_the_crm_values_into_pendo(backend: Backend) {
+        let Some(t) = TestApp::on(backend).await else {
+            return;
+        };
+        t.seed(120);
+        let report = t.sync().await;
+        assert_eq!(report.cycles[0].pulled, 120);
+        t.assert_converged();
+        // 120 records at batch size 50: three requests, no more.
+        assert_eq!(t.writes().len(), 3);
+        // The wire format: numbers as numbers, dates as epoch ms, booleans as booleans.
+        let id = account_id(3);
+        assert_eq!(
+            t.pendo.value(Kind::Account, &id, "arr"),
+            Some(json!(3000.5))
+        );
+        assert_eq!(
+            t.pendo.value(Kind::Account, &id, "isstrategic"),
+            Some(json!(false))
+        );
+        assert_eq!(
+            t.pendo.value(Kind::Account, &id, "renewaldate"),
+            Some(json!(1_806_796_800_000i64))
+        );
+    }
 }
 
-#[tokio::test]
-async fn a_cycle_with_no_change_sends_nothing_and_one_field_sends_one_field() {
-    let t = TestApp::new().await;
-    t.seed(80);
-    t.sync().await;
-    t.pendo.reset_requests();
+crate::on_both_backends! {
+    async fn a_cycle_with_no_change_sends_nothing_and_one_field_sends_one_field(backend: Backend) {
+        let Some(t) = TestApp::on(backend).await else {
+            return;
+        };
+        t.seed(80);
+        t.sync().await;
+        t.pendo.reset_requests();
 
-    // Nothing changed: zero Pendo requests, even on a full reconcile that re-reads everything.
-    t.sync().await;
-    t.sync_mode(Mode::Reconcile).await;
-    assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
+        // Nothing changed: zero Pendo requests, even on a full reconcile that re-reads everything.
+        t.sync().await;
+        t.sync_mode(Mode::Reconcile).await;
+        assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
 
-    // The same value in another representation is not a change either.
-    t.crm
-        .set_field("Account", &account_id(5), "ARR__c", json!("5000.50"));
-    t.sync().await;
-    assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
+        // The same value in another representation is not a change either.
+        t.crm
+            .set_field("Account", &account_id(5), "ARR__c", json!("5000.50"));
+        t.sync().await;
+        assert!(t.pendo.requests().is_empty(), "{:?}", t.pendo.requests());
 
-    // One field of one record: one request carrying only that field.
-    t.crm
-        .set_field("Account", &account_id(7), "Plan_Tier__c", json!("Platinum"));
-    t.sync().await;
-    let writes = t.writes();
-    assert_eq!(writes.len(), 1);
-    assert_eq!(
-        writes[0].body,
-        Some(json!([{"accountId": account_id(7), "values": {"plantier": "Platinum"}}]))
-    );
-    t.assert_converged();
+        // One field of one record: one request carrying only that field.
+        t.crm
+            .set_field("Account", &account_id(7), "Plan_Tier__c", json!("Platinum"));
+        t.sync().await;
+        let writes = t.writes();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(
+            writes[0].body,
+            Some(json!([{"accountId": account_id(7), "values": {"plantier": "Platinum"}}]))
+        );
+        t.assert_converged();
+    }
 }
 
 #[tokio::test]
@@ -155,37 +161,40 @@ async fn bad_records_are_set_aside_and_the_rest_of_the_page_goes_on() {
     );
 }
 
-#[tokio::test]
-async fn latest_value_wins_while_a_change_waits_in_the_outbox() {
-    let t = TestApp::new().await;
-    t.seed(3);
-    t.sync().await;
-    let app = t.app().await;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    // Two cycles without a drain: A → B → A must leave A (the outbox holds one row per field).
-    t.crm
-        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("B"));
-    app.sync(None, Mode::Incremental, false, &cancel, &())
-        .await
-        .unwrap();
-    t.pendo.reset_requests();
-    t.crm
-        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("C"));
-    t.crm
-        .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Starter"));
-    app.cycle(&t.settings.mappings[0], Mode::Incremental, false, &())
-        .await
-        .unwrap();
-    let rows = app
-        .store
-        .outbox_list(&Default::default(), 10)
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    app.drain(&cancel, std::time::Duration::from_secs(1))
-        .await
-        .unwrap();
-    t.assert_converged();
+crate::on_both_backends! {
+    async fn latest_value_wins_while_a_change_waits_in_the_outbox(backend: Backend) {
+        let Some(t) = TestApp::on(backend).await else {
+            return;
+        };
+        t.seed(3);
+        t.sync().await;
+        let app = t.app().await;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        // Two cycles without a drain: A → B → A must leave A (the outbox holds one row per field).
+        t.crm
+            .set_field("Account", &account_id(0), "Plan_Tier__c", json!("B"));
+        app.sync(None, Mode::Incremental, false, &cancel, &())
+            .await
+            .unwrap();
+        t.pendo.reset_requests();
+        t.crm
+            .set_field("Account", &account_id(0), "Plan_Tier__c", json!("C"));
+        t.crm
+            .set_field("Account", &account_id(0), "Plan_Tier__c", json!("Starter"));
+        app.cycle(&t.settings.mappings[0], Mode::Incremental, false, &())
+            .await
+            .unwrap();
+        let rows = app
+            .store
+            .outbox_list(&Default::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        app.drain(&cancel, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        t.assert_converged();
+    }
 }
 
 #[tokio::test]

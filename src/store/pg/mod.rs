@@ -208,19 +208,19 @@ impl Backend {
         Ok(row.is_some())
     }
 
-    /// Gives the lease up at once (a clean shutdown), so a standby need not wait for expiry.
-    pub async fn release_lease(&self) -> Result<(), StoreError> {
-        if let Some((holder, epoch)) = self.fence.current() {
-            self.fence.lost();
-            sqlx::query(
-                "UPDATE leader_lease SET expires_at = clock_timestamp()
-                 WHERE id = 1 AND holder = $1 AND epoch = $2",
-            )
-            .bind(&holder)
-            .bind(epoch)
-            .execute(&self.pool)
-            .await?;
-        }
+    /// Gives the lease (`holder`, `epoch`) up at once (the end of a run or a `sync`), so a
+    /// standby need not wait for expiry. This handle then writes unfenced again, unless it has
+    /// taken a newer lease meanwhile.
+    pub async fn release_lease(&self, holder: &str, epoch: i64) -> Result<(), StoreError> {
+        self.fence.release(epoch);
+        sqlx::query(
+            "UPDATE leader_lease SET expires_at = clock_timestamp()
+             WHERE id = 1 AND holder = $1 AND epoch = $2",
+        )
+        .bind(holder)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -179,15 +179,32 @@ impl Backend {
     pub async fn commit_page(&self, page: &PageCommit<'_>) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
+        if PG && page.digests.is_some() {
+            // A settle's `UPDATE shadow_seq` holds this row until it commits: waiting for it
+            // first orders this page's digests after any settle in flight (they then see its
+            // shadow rows), and taking it before any outbox row avoids a lock cycle with one.
+            sqlx::query("SELECT seq FROM shadow_seq WHERE id = 1 FOR SHARE")
+                .execute(&mut *tx)
+                .await?;
+        }
         let state = if page.stage { "staged" } else { "pending" };
         // The rows and their detections (history) in one pass over the changes.
         outbox::enqueue(&mut tx, page.changes, state, now, page.run).await?;
         if page.stage && !page.cover.is_empty() {
-            sqlx::query(
+            // `WHERE true`: SQLite's parser needs it before an upsert's ON CONFLICT. PostgreSQL
+            // walks the array with `jsonb_array_elements`, casts the count (`->>` gives text) and
+            // needs the table's name on `covered` in the SET (unqualified, it is ambiguous).
+            sqlx::query(if PG {
+                "INSERT INTO staged_cover (mapping, field, covered)
+                 SELECT $1, e.value ->> 0, (e.value ->> 1)::bigint
+                 FROM jsonb_array_elements($2::jsonb) AS e(value)
+                 ON CONFLICT (mapping, field)
+                 DO UPDATE SET covered = staged_cover.covered + excluded.covered"
+            } else {
                 "INSERT INTO staged_cover (mapping, field, covered)
                  SELECT $1, e.value ->> 0, e.value ->> 1 FROM json_each($2) AS e WHERE true
-                 ON CONFLICT (mapping, field) DO UPDATE SET covered = covered + excluded.covered",
-            )
+                 ON CONFLICT (mapping, field) DO UPDATE SET covered = covered + excluded.covered"
+            })
             .bind(page.mapping)
             .bind(serde_json::to_string(page.cover).expect("cover serializes"))
             .execute(&mut *tx)
@@ -214,9 +231,12 @@ impl Backend {
         }
         if !page.valid_crm_ids.is_empty() {
             let ids = serde_json::to_string(page.valid_crm_ids).expect("strings serialize");
-            sqlx::query(
-                "DELETE FROM invalid_records WHERE mapping = $1 AND crm_id IN (SELECT value FROM json_each($2))",
-            )
+            sqlx::query(if PG {
+                "DELETE FROM invalid_records
+                 WHERE mapping = $1 AND crm_id IN (SELECT jsonb_array_elements_text($2::jsonb))"
+            } else {
+                "DELETE FROM invalid_records WHERE mapping = $1 AND crm_id IN (SELECT value FROM json_each($2))"
+            })
             .bind(page.mapping)
             .bind(ids)
             .execute(&mut *tx)
@@ -305,7 +325,8 @@ impl Backend {
             .bind(mapping)
             .fetch_one(&self.pool)
             .await?;
-        Ok(row.get::<i64, _>(0) != 0)
+        // A boolean on PostgreSQL, an integer on SQLite (which decodes as `bool` too).
+        Ok(row.get::<bool, _>(0))
     }
 
     pub async fn drop_invalid(
@@ -530,10 +551,14 @@ pub(super) async fn last_success_at_in(
     conn: &mut Conn,
     mapping: &str,
 ) -> Result<Option<i64>, StoreError> {
-    let row = sqlx::query(pages::LAST_SUCCESS_SQL)
-        .bind(mapping)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query(if PG {
+        pages::PG_LAST_SUCCESS_SQL
+    } else {
+        pages::LAST_SUCCESS_SQL
+    })
+    .bind(mapping)
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(row.and_then(|r| r.get(0)))
 }
 

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{Backend, Conn};
+use super::{Backend, Conn, PG};
 use crate::store::*;
 
 impl Backend {
@@ -14,12 +14,18 @@ impl Backend {
     ) -> Result<HashMap<String, Vec<(String, u64)>>, StoreError> {
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for chunk in pendo_ids.chunks(5_000) {
-            let rows = sqlx::query(
+            let rows = sqlx::query(if PG {
+                // PostgreSQL's planner drives it from the id list unhinted (index-only scan of
+                // claims_by_pendo_id per id).
+                "SELECT c.pendo_id, c.crm_id, c.digest
+                 FROM jsonb_array_elements_text($2::jsonb) AS j(id)
+                 JOIN claims AS c ON c.mapping = $1 AND c.pendo_id = j.id"
+            } else {
                 // Driven from the id list (CROSS JOIN fixes the loop order): the planner
                 // would otherwise walk the mapping's whole primary-key range per page.
                 "SELECT c.pendo_id, c.crm_id, c.digest FROM json_each($2) AS j
-                 CROSS JOIN claims AS c ON c.mapping = $1 AND c.pendo_id = j.value",
-            )
+                 CROSS JOIN claims AS c ON c.mapping = $1 AND c.pendo_id = j.value"
+            })
             .bind(mapping)
             .bind(serde_json::to_string(chunk).expect("strings serialize"))
             .fetch_all(&self.pool)
@@ -85,12 +91,23 @@ pub(super) async fn write(
             .iter()
             .map(|(crm, pendo, d)| (crm.as_str(), pendo.as_str(), *d as i64))
             .collect();
-        sqlx::query(
+        // SQLite applies a crm_id repeated in the chunk row by row, so its last row stands;
+        // PostgreSQL refuses an upsert that meets one key twice, so there only each crm_id's
+        // last row goes in (the same end state).
+        sqlx::query(if PG {
+            "INSERT INTO claims (mapping, crm_id, pendo_id, digest)
+             SELECT DISTINCT ON ((e.value ->> 0) COLLATE \"C\")
+                    $1, e.value ->> 0, e.value ->> 1, (e.value ->> 2)::bigint
+             FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS e(value, n)
+             ORDER BY (e.value ->> 0) COLLATE \"C\", e.n DESC
+             ON CONFLICT (mapping, crm_id) DO UPDATE SET pendo_id = excluded.pendo_id, digest = excluded.digest
+             WHERE claims.pendo_id <> excluded.pendo_id OR claims.digest <> excluded.digest"
+        } else {
             "INSERT INTO claims (mapping, crm_id, pendo_id, digest)
              SELECT $1, e.value ->> 0, e.value ->> 1, e.value ->> 2 FROM json_each($2) AS e WHERE true
              ON CONFLICT (mapping, crm_id) DO UPDATE SET pendo_id = excluded.pendo_id, digest = excluded.digest
-             WHERE claims.pendo_id != excluded.pendo_id OR claims.digest != excluded.digest",
-        )
+             WHERE claims.pendo_id != excluded.pendo_id OR claims.digest != excluded.digest"
+        })
         .bind(mapping)
         .bind(serde_json::to_string(&rows).expect("rows serialize"))
         .execute(&mut *tx)
@@ -110,20 +127,29 @@ pub(super) async fn forget(
         // The digests of the Pendo ids they claimed go too: a record skipped by its digest
         // writes no claim, so a forgotten claim must not leave a digest that skips it.
         if let Some(kind) = kind {
-            sqlx::query(
+            sqlx::query(if PG {
+                "DELETE FROM shadow_digest WHERE kind = $1 AND mapping = $2 AND pendo_id IN
+                   (SELECT c.pendo_id FROM jsonb_array_elements_text($3::jsonb) AS j(id)
+                    JOIN claims AS c ON c.mapping = $2 AND c.crm_id = j.id)"
+            } else {
                 "DELETE FROM shadow_digest WHERE kind = $1 AND mapping = $2 AND pendo_id IN
                    (SELECT c.pendo_id FROM json_each($3) AS j
-                    CROSS JOIN claims AS c ON c.mapping = $2 AND c.crm_id = j.value)",
-            )
+                    CROSS JOIN claims AS c ON c.mapping = $2 AND c.crm_id = j.value)"
+            })
             .bind(kind.as_str())
             .bind(mapping)
             .bind(&list)
             .execute(&mut *tx)
             .await?;
         }
+        let ids = if PG {
+            "SELECT jsonb_array_elements_text($2::jsonb)"
+        } else {
+            "SELECT value FROM json_each($2)"
+        };
         for table in ["claims", "invalid_records"] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE mapping = $1 AND crm_id IN (SELECT value FROM json_each($2))"
+                "DELETE FROM {table} WHERE mapping = $1 AND crm_id IN ({ids})"
             )))
             .bind(mapping)
             .bind(&list)

@@ -16,7 +16,7 @@
 
 use sqlx::Row;
 
-use super::{Backend, Conn};
+use super::{Backend, Conn, PG};
 use crate::digest::{IdMap, id_hash};
 use crate::domain::Kind;
 use crate::store::*;
@@ -48,12 +48,18 @@ impl Backend {
             // One row per page (keyset paging on the primary key): the entries concatenated
             // into one blob, which costs far less than a driver row per digest. group_concat
             // appends each blob's bytes as they are; the cast hands them back as a blob.
-            let row = sqlx::query(
+            // PostgreSQL's string_agg over bytea gives a bytea; both decode as `Vec<u8>`.
+            let row = sqlx::query(if PG {
+                "SELECT string_agg(entry, ''::bytea), max(pendo_id), count(*)
+                 FROM (SELECT pendo_id, entry FROM shadow_digest
+                       WHERE kind = $1 AND pendo_id > $2 AND mapping = $3
+                       ORDER BY pendo_id LIMIT $4) AS page"
+            } else {
                 "SELECT CAST(group_concat(entry, '') AS BLOB), max(pendo_id), count(*)
                  FROM (SELECT pendo_id, entry FROM shadow_digest
                        WHERE kind = $1 AND pendo_id > $2 AND mapping = $3
-                       ORDER BY pendo_id LIMIT $4)",
-            )
+                       ORDER BY pendo_id LIMIT $4)"
+            })
             .bind(kind.as_str())
             .bind(&after)
             .bind(mapping)
@@ -109,7 +115,8 @@ impl Backend {
 /// Bytes per stored entry: id hash, then digest.
 const ENTRY_LEN: usize = 16;
 
-/// The stored entry, in hex (the form JSON can carry; SQLite's `unhex` turns it into the blob).
+/// The stored entry, in hex (the form JSON can carry; SQLite's `unhex`, PostgreSQL's
+/// `decode(.., 'hex')`, turns it into the blob).
 fn entry_hex(id: &str, digest: u64) -> String {
     let mut bytes = [0u8; ENTRY_LEN];
     bytes[..8].copy_from_slice(&id_hash(id).to_le_bytes());
@@ -123,7 +130,7 @@ fn entry_hex(id: &str, digest: u64) -> String {
     text
 }
 
-/// `[[pendo_id, entry hex], ...]`, the form `write_digests` passes to SQLite.
+/// `[[pendo_id, entry hex], ...]`, the form `write_digests` passes to the database.
 fn digest_list(records: &[(String, u64)]) -> String {
     let rows: Vec<(&str, String)> = records
         .iter()
@@ -145,15 +152,29 @@ pub(super) async fn write_digests(
     if digests.is_empty() {
         return Ok(());
     }
+    // (PostgreSQL: the page's transaction share-locked `shadow_seq` first; see `commit_page`.)
     for chunk in digests.chunks(5_000) {
-        sqlx::query(
+        // PostgreSQL refuses an upsert that meets one key twice (two claimants of one Pendo id
+        // can each push a digest): there only each id's last row goes in, as SQLite's in-order
+        // application leaves it.
+        sqlx::query(if PG {
+            "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
+             SELECT DISTINCT ON ((j.value ->> 0) COLLATE \"C\")
+                    $1, j.value ->> 0, $2, decode(j.value ->> 1, 'hex')
+             FROM jsonb_array_elements($3::jsonb) WITH ORDINALITY AS j(value, n)
+             WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = $1 AND o.pendo_id = j.value ->> 0)
+               AND NOT EXISTS (SELECT 1 FROM shadow AS s
+                               WHERE s.kind = $1 AND s.pendo_id = j.value ->> 0 AND s.rev > $4)
+             ORDER BY (j.value ->> 0) COLLATE \"C\", j.n DESC
+             ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry"
+        } else {
             "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
              SELECT $1, j.value ->> 0, $2, unhex(j.value ->> 1) FROM json_each($3) AS j
              WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.kind = $1 AND o.pendo_id = j.value ->> 0)
                AND NOT EXISTS (SELECT 1 FROM shadow AS s
                                WHERE s.kind = $1 AND s.pendo_id = j.value ->> 0 AND s.rev > $4)
-             ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry",
-        )
+             ON CONFLICT (kind, pendo_id, mapping) DO UPDATE SET entry = excluded.entry"
+        })
         .bind(kind.as_str())
         .bind(mapping)
         .bind(digest_list(chunk))

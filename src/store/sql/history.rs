@@ -1,6 +1,6 @@
 use sqlx::{Row, Transaction};
 
-use super::{Backend, Conn, Db, DbRow};
+use super::{Backend, Conn, Db, DbRow, PG};
 use crate::domain::Kind;
 use crate::store::*;
 
@@ -37,17 +37,35 @@ pub(super) async fn record_detected(
     now: i64,
 ) -> Result<(), StoreError> {
     // Two statements, not one with `$4 IS NULL OR EXISTS (...)`: SQLite evaluates the
-    // subquery per row either way, which cost the first sync 30 % more.
-    const ALL: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+    // subquery per row either way, which cost the first sync 30 % more. PostgreSQL walks the
+    // array with `jsonb_array_elements` (its `jsonb_each` takes an object) and its `->>` always
+    // gives text, so the integer columns are cast.
+    const ALL: &str = if PG {
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, (e.value ->> 6)::bigint, e.value ->> 3,
+                e.value ->> 4, $3, e.value ->> 7, (e.value ->> 8)::bigint, e.value ->> 9
+         FROM jsonb_array_elements($1::jsonb) AS e(value) WHERE $4::bigint IS NULL"
+    } else {
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
                 e.value ->> 4, $3, e.value ->> 7, e.value ->> 8, e.value ->> 9
-         FROM jsonb_each(jsonb($1)) AS e WHERE $4 IS NULL";
-    const WRITTEN: &str = "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         FROM jsonb_each(jsonb($1)) AS e WHERE $4 IS NULL"
+    };
+    const WRITTEN: &str = if PG {
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, (e.value ->> 6)::bigint, e.value ->> 3,
+                e.value ->> 4, $3, e.value ->> 7, (e.value ->> 8)::bigint, e.value ->> 9
+         FROM jsonb_array_elements($1::jsonb) AS e(value)
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = $4"
+    } else {
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, mapping, ref, crm_id, crm_at, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 6, e.value ->> 3,
                 e.value ->> 4, $3, e.value ->> 7, e.value ->> 8, e.value ->> 9
          FROM jsonb_each(jsonb($1)) AS e
          JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
-              AND o.field = e.value ->> 2 AND o.version = $4";
+              AND o.field = e.value ->> 2 AND o.version = $4"
+    };
     sqlx::query(if skipped_version.is_none() {
         ALL
     } else {
@@ -172,8 +190,19 @@ pub(super) async fn record_answers(
     // every confirmed value, even one a newer value replaced (or an operator dropped) while it
     // was in flight, so its event is written whatever the row became. A failure that uses up
     // the attempts is the row's death: recorded as such (the settle's own statement makes the
-    // same decision from the same numbers).
-    sqlx::query(
+    // same decision from the same numbers). PostgreSQL's `->>` gives text: the numbers are cast.
+    sqlx::query(if PG {
+        "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
+         SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
+                CASE WHEN (e.value ->> 4)::bigint = 10
+                          AND o.attempts + (e.value ->> 7)::bigint >= (e.value ->> 8)::bigint
+                     THEN 11 ELSE (e.value ->> 4)::bigint END,
+                e.value ->> 9, (e.value ->> 5)::bigint, e.value ->> 6
+         FROM jsonb_array_elements($1::jsonb) AS e(value)
+         LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = (e.value ->> 3)::bigint
+         WHERE o.kind IS NOT NULL OR (e.value ->> 4)::bigint = 7"
+    } else {
         "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
                 CASE WHEN e.value ->> 4 = 10 AND o.attempts + (e.value ->> 7) >= (e.value ->> 8)
@@ -182,8 +211,8 @@ pub(super) async fn record_answers(
          FROM jsonb_each(jsonb($1)) AS e
          LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
               AND o.field = e.value ->> 2 AND o.version = e.value ->> 3
-         WHERE o.kind IS NOT NULL OR e.value ->> 4 = 7",
-    )
+         WHERE o.kind IS NOT NULL OR e.value ->> 4 = 7"
+    })
     .bind(serde_json::Value::Array(rows).to_string())
     .bind(now)
     .execute(&mut **tx)
@@ -279,14 +308,26 @@ impl Backend {
     ) -> Result<Vec<HistoryEvent>, StoreError> {
         let codes = serde_json::to_string(&events.iter().map(|e| *e as i64).collect::<Vec<_>>())
             .expect("codes serialize");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENTS}
+        let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+            format!(
+                "{SELECT_EVENTS}
+                 WHERE h.id IN (SELECT max(id) FROM history
+                                WHERE pendo_id = $1 AND kind = $2
+                                  AND event IN (SELECT value::bigint
+                                                FROM jsonb_array_elements_text($3::jsonb))
+                                GROUP BY field, event)
+                 ORDER BY h.id"
+            )
+        } else {
+            format!(
+                "{SELECT_EVENTS}
              WHERE h.id IN (SELECT max(id) FROM history
                             WHERE pendo_id = $1 AND kind = $2
                               AND event IN (SELECT value FROM json_each($3))
                             GROUP BY field, event)
              ORDER BY h.id"
-        )))
+            )
+        }))
         .bind(pendo_id)
         .bind(kind.as_str())
         .bind(codes)
@@ -303,12 +344,22 @@ impl Backend {
     ) -> Result<Vec<HistoryEvent>, StoreError> {
         let mut out = Vec::new();
         for chunk in ids.chunks(2_000) {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "{SELECT_EVENTS}
+            let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+                format!(
+                    "{SELECT_EVENTS}
+                     WHERE h.id IN (SELECT max(id) FROM history
+                                    WHERE pendo_id IN (SELECT jsonb_array_elements_text($1::jsonb))
+                                      AND kind = $2
+                                    GROUP BY pendo_id, field)"
+                )
+            } else {
+                format!(
+                    "{SELECT_EVENTS}
                  WHERE h.id IN (SELECT max(id) FROM history
                                 WHERE pendo_id IN (SELECT value FROM json_each($1)) AND kind = $2
                                 GROUP BY pendo_id, field)"
-            )))
+                )
+            }))
             .bind(serde_json::to_string(chunk).expect("strings serialize"))
             .bind(kind.as_str())
             .fetch_all(&self.pool)
@@ -321,7 +372,8 @@ impl Backend {
     }
 
     /// Events in the state. Events are only ever deleted from the oldest end, so the rowids
-    /// are contiguous and this is exact without counting ten million rows.
+    /// are contiguous and this is exact without counting ten million rows. On PostgreSQL it is
+    /// an upper bound: identity values are not rolled back, so ids can have gaps.
     pub async fn history_count(&self) -> Result<i64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         history_count_in(&mut conn).await
@@ -333,11 +385,17 @@ impl Backend {
     pub async fn prune_history(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
         // Rowids follow time: of the oldest `batch` rows, those outside retention. Never a scan
-        // past them (a `WHERE at < ?` search would read every kept row to find none).
-        let done = sqlx::query(
+        // past them (a `WHERE at < ?` search would read every kept row to find none). On
+        // PostgreSQL `= ANY (ARRAY(..))`, not `IN`: with `IN` a generic plan hash-joins a scan of
+        // the whole table; this reads the front once and deletes by the primary key.
+        let done = sqlx::query(if PG {
+            "DELETE FROM history WHERE id = ANY (ARRAY(
+               SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) AS oldest
+               WHERE at < $1))"
+        } else {
             "DELETE FROM history WHERE id IN
-               (SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) WHERE at < $1)",
-        )
+               (SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) WHERE at < $1)"
+        })
         .bind(before)
         .bind(i64::from(batch))
         .execute(&mut *tx)
@@ -350,11 +408,16 @@ impl Backend {
             .await?
             .map(|r| r.get(0));
         let cut = oldest.map_or(before, |at| at.min(before)) - BATCH_MARGIN_MS;
-        sqlx::query(
+        sqlx::query(if PG {
+            "DELETE FROM history_batches WHERE id = ANY (ARRAY(
+               SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT $2)
+                 AS oldest
+               WHERE answered_at < $1))"
+        } else {
             "DELETE FROM history_batches WHERE id IN
                (SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT $2)
-                WHERE answered_at < $1)",
-        )
+                WHERE answered_at < $1)"
+        })
         .bind(cut)
         .bind(i64::from(batch))
         .execute(&mut *tx)
@@ -366,7 +429,9 @@ impl Backend {
 
 /// Events kept: rowids are dense (pruning deletes from the front), so the span of the ids.
 /// Two subqueries: SQLite answers a lone `max(id)` or `min(id)` from the end of the table, but
-/// `max(id) - min(id)` in one query scans it (10M events: every `/metrics` scrape).
+/// `max(id) - min(id)` in one query scans it (10M events: every `/metrics` scrape). The same
+/// text on PostgreSQL (both ends from `history_pkey`), where it is an upper bound: an identity
+/// sequence is not rolled back, so a failed transaction leaves a gap in the ids.
 pub(super) const COUNT_SQL: &str =
     "SELECT coalesce((SELECT max(id) FROM history) - (SELECT min(id) FROM history) + 1, 0)";
 

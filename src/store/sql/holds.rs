@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use sqlx::Row;
 
 use super::history;
-use super::{Backend, Conn, DbRow};
+use super::{Backend, Conn, DbRow, PG};
 use crate::config::GuardSettings;
 use crate::domain::{Kind, now_ms};
 use crate::guard::{FieldCounts, SampleChange};
@@ -29,14 +29,31 @@ impl Scope {
 
 /// Per field: sets (first fills), clears and overwrites among `scope`'s rows of `mapping`,
 /// judged against the shadow. Values compare as stored JSON text (both sides are canonical).
+/// On PostgreSQL they compare as jsonb (`shadow.vals` is JSONB, whose text form is not the
+/// canonical one), the field is looked up by key, and `count(*) FILTER` counts (no
+/// `sum(boolean)`).
 async fn counts(
     conn: &mut Conn,
     mapping: &str,
     scope: &Scope,
 ) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
     let (condition, param) = scope.condition();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT field,
+    let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+        format!(
+            "SELECT field,
+                    count(*) FILTER (WHERE value = 'null' AND held IS NOT NULL),
+                    count(*) FILTER (WHERE value <> 'null' AND held IS NOT NULL
+                                     AND held <> value::jsonb),
+                    count(*) FILTER (WHERE value <> 'null' AND held IS NULL)
+             FROM (SELECT o.field, o.value,
+                          nullif(s.vals -> o.field, 'null'::jsonb) AS held
+                   FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+                   WHERE o.mapping = $1 AND {condition}) AS c
+             GROUP BY field"
+        )
+    } else {
+        format!(
+            "SELECT field,
                 sum(value = 'null' AND held IS NOT NULL),
                 sum(value != 'null' AND held IS NOT NULL AND held != value),
                 sum(value != 'null' AND held IS NULL)
@@ -45,7 +62,8 @@ async fn counts(
                FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
                WHERE o.mapping = $1 AND {condition})
          GROUP BY field"
-    )))
+        )
+    }))
     .bind(mapping)
     .bind(param)
     .fetch_all(&mut *conn)
@@ -67,21 +85,33 @@ async fn counts(
         .collect())
 }
 
-/// Up to [`SAMPLE`] of `scope`'s changes, clears and overwrites first.
+/// Up to [`SAMPLE`] of `scope`'s changes, clears and overwrites first. On PostgreSQL the held
+/// value is jsonb's text (`{"date": 123}`, with a space), which reads back as the same value.
 async fn sample(
     conn: &mut Conn,
     mapping: &str,
     scope: &Scope,
 ) -> Result<Vec<SampleChange>, StoreError> {
     let (condition, param) = scope.condition();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT pendo_id, field, held, value FROM
+    let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+        format!(
+            "SELECT pendo_id, field, held::text, value FROM
+               (SELECT o.pendo_id, o.field, o.value,
+                       nullif(s.vals -> o.field, 'null'::jsonb) AS held
+                FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
+                WHERE o.mapping = $1 AND {condition}) AS c
+             ORDER BY c.held IS NULL, c.value <> 'null', pendo_id, field LIMIT {SAMPLE}"
+        )
+    } else {
+        format!(
+            "SELECT pendo_id, field, held, value FROM
            (SELECT o.pendo_id, o.field, o.value,
                    nullif(s.vals -> ('$.\"' || o.field || '\"'), 'null') AS held
             FROM outbox AS o LEFT JOIN shadow AS s ON s.kind = o.kind AND s.pendo_id = o.pendo_id
             WHERE o.mapping = $1 AND {condition})
          ORDER BY held IS NULL, value != 'null', pendo_id, field LIMIT {SAMPLE}"
-    )))
+        )
+    }))
     .bind(mapping)
     .bind(param)
     .fetch_all(&mut *conn)
@@ -135,6 +165,8 @@ impl Backend {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         // Take the write lock first: nothing may stage or decide between the count and the move.
+        // On PostgreSQL this locks only that row (settles and other `finish_staged` wait); the
+        // open hold is read `FOR UPDATE` below, against `decide_hold`.
         sqlx::query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
             .execute(&mut *tx)
             .await?;
@@ -164,9 +196,14 @@ impl Backend {
         for (field, c) in by_field.iter_mut() {
             c.covered = covered.get(field).copied().unwrap_or(0);
         }
-        let open: Option<i64> = sqlx::query(
-            "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1",
-        )
+        // PostgreSQL: `FOR UPDATE` waits for a `decide_hold` in progress (it row-locks the hold
+        // first) and then skips the hold if it is no longer open, so no row is moved into a
+        // decided hold; `decide_hold` in turn waits for this transaction.
+        let open: Option<i64> = sqlx::query(if PG {
+            "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1 FOR UPDATE"
+        } else {
+            "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1"
+        })
         .bind(mapping)
         .fetch_optional(&mut *tx)
         .await?
@@ -307,7 +344,8 @@ impl Backend {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         // Write first, so the transaction holds the write lock before it reads (a deferred
-        // read-then-write could fail with SQLITE_BUSY beside a committing service).
+        // read-then-write could fail with SQLITE_BUSY beside a committing service). On
+        // PostgreSQL it row-locks the hold, which `finish_staged`'s `FOR UPDATE` read waits on.
         sqlx::query("UPDATE holds SET updated_at = updated_at WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -383,14 +421,21 @@ impl Backend {
 /// re-staged counts in its hold until that cycle's guard recounts it.
 pub(super) const HELD_PER_MAPPING_SQL: &str =
     "SELECT mapping, sum(held_values) FROM holds WHERE state = 'open' GROUP BY mapping";
+/// [`HELD_PER_MAPPING_SQL`] on PostgreSQL: `sum(bigint)` is numeric, cast back for the i64.
+pub(super) const PG_HELD_PER_MAPPING_SQL: &str =
+    "SELECT mapping, sum(held_values)::bigint FROM holds WHERE state = 'open' GROUP BY mapping";
 
 /// [`Store::held_values_by_mapping`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn held_values_by_mapping_in(
     conn: &mut Conn,
 ) -> Result<BTreeMap<String, i64>, StoreError> {
-    let rows = sqlx::query(HELD_PER_MAPPING_SQL)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query(if PG {
+        PG_HELD_PER_MAPPING_SQL
+    } else {
+        HELD_PER_MAPPING_SQL
+    })
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 

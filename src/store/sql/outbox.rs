@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::history;
-use super::{Backend, Conn, Db, DbRow};
+use super::{Backend, Conn, Db, DbRow, PG};
 use crate::store::*;
 use sqlx::{Row, Transaction};
 
@@ -57,7 +57,10 @@ pub(super) async fn enqueue(
 ) -> Result<(), StoreError> {
     // One statement per chunk: the rows travel as one JSON array (static SQL, one parameter),
     // which is far cheaper than a statement per row through the driver. Rows are applied in
-    // order, so a later change to the same field in one chunk still wins.
+    // order, so a later change to the same field in one chunk still wins. (PostgreSQL refuses
+    // an upsert that meets one key twice, so there the statement keeps only each key's last
+    // row, which ends in the same state whenever such duplicates are identical, the only kind
+    // the engine produces.)
     for chunk in changes.chunks(10_000) {
         // Versions are never reused (one counter for the whole outbox): a late settle of a row
         // that was deleted and written again must match nothing. One number per chunk, not per
@@ -88,7 +91,26 @@ pub(super) async fn enqueue(
             })
             .collect();
         let rows = serde_json::Value::Array(rows).to_string();
-        let written = sqlx::query(
+        let written = sqlx::query(if PG {
+            "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
+                                 next_attempt_at, last_error, enqueued_at, updated_at)
+             SELECT DISTINCT ON ((e.value ->> 0) COLLATE \"C\", (e.value ->> 1) COLLATE \"C\", (e.value ->> 2) COLLATE \"C\")
+                    e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, $3,
+                    (e.value ->> 5)::bigint, $4, 0, $2, NULL, $2, $2
+             FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(value, n)
+             ORDER BY (e.value ->> 0) COLLATE \"C\", (e.value ->> 1) COLLATE \"C\", (e.value ->> 2) COLLATE \"C\", e.n DESC
+             ON CONFLICT (kind, pendo_id, field) DO UPDATE SET
+                value = excluded.value, mapping = excluded.mapping,
+                -- A newer value of a held row is staged again (keeping its hold): the guard
+                -- counts it, and it rejoins the hold if that is still open. An approval never
+                -- sends a value the guard did not judge.
+                state = CASE WHEN outbox.state = 'held' THEN 'staged' ELSE excluded.state END,
+                force = greatest(outbox.force, excluded.force), version = excluded.version, attempts = 0,
+                next_attempt_at = excluded.next_attempt_at, last_error = NULL,
+                enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
+             WHERE outbox.value <> excluded.value OR excluded.force > outbox.force
+                OR (excluded.force = 1 AND outbox.state <> 'pending')"
+        } else {
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4, $3,
@@ -104,8 +126,8 @@ pub(super) async fn enqueue(
                 next_attempt_at = excluded.next_attempt_at, last_error = NULL,
                 enqueued_at = excluded.enqueued_at, updated_at = excluded.updated_at
              WHERE outbox.value != excluded.value OR excluded.force > outbox.force
-                OR (excluded.force = 1 AND outbox.state != 'pending')",
-        )
+                OR (excluded.force = 1 AND outbox.state != 'pending')"
+        })
         .bind(&rows)
         .bind(now)
         .bind(state)
@@ -131,10 +153,13 @@ pub(super) async fn load_values(
     let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
     for chunk in ids.chunks(5_000) {
         let list = serde_json::to_string(chunk).expect("strings serialize");
-        let rows = sqlx::query(
+        let rows = sqlx::query(if PG {
             "SELECT pendo_id, field, value FROM outbox
-             WHERE kind = $1 AND pendo_id IN (SELECT value FROM json_each($2))",
-        )
+             WHERE kind = $1 AND pendo_id IN (SELECT jsonb_array_elements_text($2::jsonb))"
+        } else {
+            "SELECT pendo_id, field, value FROM outbox
+             WHERE kind = $1 AND pendo_id IN (SELECT value FROM json_each($2))"
+        })
         .bind(kind.as_str())
         .bind(list)
         .fetch_all(&mut *conn)
@@ -272,7 +297,9 @@ impl Backend {
         }
         // All of a batch's shadow patches in one statement. json_patch (RFC 7396) removes keys
         // patched to null, so a cleared field leaves an existing record; a new record may keep a
-        // null, which every reader treats as absent.
+        // null, which every reader treats as absent. PostgreSQL has no json_patch: `||` then
+        // jsonb_strip_nulls is the same for these records (scalars or a one-key `{"date": n}`,
+        // replaced whole), except that it also drops nulls already stored, which no reader sees.
         if !patches.is_empty() {
             let rows: Vec<serde_json::Value> = patches
                 .into_iter()
@@ -285,13 +312,20 @@ impl Backend {
                     .fetch_one(&mut *tx)
                     .await?
                     .get(0);
-            sqlx::query(
+            sqlx::query(if PG {
+                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
+                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3
+                 FROM jsonb_array_elements($1::jsonb) AS e(value)
+                 ON CONFLICT (kind, pendo_id) DO UPDATE
+                 SET vals = jsonb_strip_nulls(shadow.vals || excluded.vals),
+                     confirmed_at = excluded.confirmed_at, rev = excluded.rev"
+            } else {
                 "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
                  SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3 FROM json_each($1) AS e WHERE true
                  ON CONFLICT (kind, pendo_id) DO UPDATE
                  SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at,
-                     rev = excluded.rev",
-            )
+                     rev = excluded.rev"
+            })
             .bind(serde_json::Value::Array(rows).to_string())
             .bind(now)
             .bind(rev)
@@ -329,23 +363,28 @@ impl Backend {
                 .or_default()
                 .push(entry.pendo_id.as_str());
         }
-        const KEYS: &str = "kind = $1 AND field = $2 AND version = $3
-             AND pendo_id IN (SELECT value FROM json_each($4))";
+        let keys = if PG {
+            "kind = $1 AND field = $2 AND version = $3
+             AND pendo_id IN (SELECT jsonb_array_elements_text($4::jsonb))"
+        } else {
+            "kind = $1 AND field = $2 AND version = $3
+             AND pendo_id IN (SELECT value FROM json_each($4))"
+        };
         for ((group, kind, field, version), ids) in groups {
             let sql = match &group {
-                GroupKey::Delete => format!("DELETE FROM outbox WHERE {KEYS}"),
+                GroupKey::Delete => format!("DELETE FROM outbox WHERE {keys}"),
                 GroupKey::Unmatched(..) => format!(
                     "UPDATE outbox SET state = 'unmatched', next_attempt_at = $5, last_error = $6, updated_at = $7
-                     WHERE {KEYS}"
+                     WHERE {keys}"
                 ),
                 GroupKey::Retry(..) => format!(
                     "UPDATE outbox SET attempts = attempts + $9, next_attempt_at = $5, last_error = $6,
                         updated_at = $7, state = CASE WHEN attempts + $9 >= $8 THEN 'dead' ELSE state END
-                     WHERE {KEYS}"
+                     WHERE {keys}"
                 ),
                 GroupKey::Dead(..) => format!(
                     "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = $5, updated_at = $6
-                     WHERE {KEYS}"
+                     WHERE {keys}"
                 ),
             };
             // Arguments bind in order: the keys are $1..$4, the statement's own values follow.
@@ -376,10 +415,13 @@ impl Backend {
                 .push(e.pendo_id.as_str());
         }
         for ((kind, field), ids) in held {
-            sqlx::query(
+            sqlx::query(if PG {
                 "UPDATE outbox SET leased = 0
-                 WHERE kind = $1 AND field = $2 AND pendo_id IN (SELECT value FROM json_each($3))",
-            )
+                 WHERE kind = $1 AND field = $2 AND pendo_id IN (SELECT jsonb_array_elements_text($3::jsonb))"
+            } else {
+                "UPDATE outbox SET leased = 0
+                 WHERE kind = $1 AND field = $2 AND pendo_id IN (SELECT value FROM json_each($3))"
+            })
             .bind(kind)
             .bind(field)
             .bind(serde_json::to_string(&ids).expect("strings serialize"))
@@ -571,9 +613,27 @@ pub(super) const SUMMARY_SQL: &str = "
                  min(CASE WHEN state = 'pending' THEN enqueued_at END) AS op
           FROM outbox GROUP BY kind, pendo_id)";
 
+/// [`SUMMARY_SQL`] for PostgreSQL: no sum of booleans (`count(*) FILTER` instead), an outer
+/// `sum(bigint)` is numeric (cast back to bigint), and the derived table needs an alias.
+pub(super) const PG_SUMMARY_SQL: &str = "
+    SELECT coalesce(sum(ns), 0)::bigint, coalesce(sum(np), 0)::bigint, coalesce(sum(nh), 0)::bigint,
+           coalesce(sum(nu), 0)::bigint, coalesce(sum(nd), 0)::bigint,
+           count(*) FILTER (WHERE ns > 0), count(*) FILTER (WHERE np > 0), count(*) FILTER (WHERE nh > 0),
+           count(*) FILTER (WHERE nu > 0), count(*) FILTER (WHERE nd > 0),
+           min(op)
+    FROM (SELECT count(*) FILTER (WHERE state = 'staged') AS ns,
+                 count(*) FILTER (WHERE state = 'pending') AS np,
+                 count(*) FILTER (WHERE state = 'held') AS nh,
+                 count(*) FILTER (WHERE state = 'unmatched') AS nu,
+                 count(*) FILTER (WHERE state = 'dead') AS nd,
+                 min(enqueued_at) FILTER (WHERE state = 'pending') AS op
+          FROM outbox GROUP BY kind, pendo_id) AS per_entity";
+
 /// [`Store::outbox_summary`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn outbox_summary_in(conn: &mut Conn) -> Result<OutboxSummary, StoreError> {
-    let row = sqlx::query(SUMMARY_SQL).fetch_one(&mut *conn).await?;
+    let row = sqlx::query(if PG { PG_SUMMARY_SQL } else { SUMMARY_SQL })
+        .fetch_one(&mut *conn)
+        .await?;
     let mut summary = OutboxSummary::default();
     for (i, state) in crate::store::outbox::STATES.iter().enumerate() {
         summary.values.insert(state, row.get(i));

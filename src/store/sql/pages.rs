@@ -1,6 +1,6 @@
 use sqlx::Row;
 
-use super::{Backend, Conn, DbRow};
+use super::{Backend, Conn, DbRow, PG};
 use crate::store::*;
 
 /// A list read `limit + 1` rows: the page, and the cursor after its last row if there is more.
@@ -30,16 +30,25 @@ impl Backend {
         let prefix_end = id_prefix.map(|p| format!("{p}{PREFIX_END}"));
         // The cursor's condition is left out on the first page rather than made `$4 IS NULL OR`,
         // so that on later pages it bounds the index range instead of filtering a scan.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT * FROM outbox INDEXED BY outbox_due
-             WHERE state = $1 AND ($2 IS NULL OR (pendo_id >= $2 AND pendo_id < $3)) {}
-             ORDER BY kind, next_attempt_at, pendo_id, field LIMIT $8",
-            if after.is_some() {
-                "AND (kind, next_attempt_at, pendo_id, field) > ($4, $5, $6, $7)"
-            } else {
-                "AND $4 IS NULL AND $5 IS NULL AND $6 IS NULL AND $7 IS NULL"
-            }
-        )))
+        // PostgreSQL has no `INDEXED BY`: its planner takes `outbox_due` for this order itself.
+        let cursor = if after.is_some() {
+            "AND (kind, next_attempt_at, pendo_id, field) > ($4, $5, $6, $7)"
+        } else {
+            "AND $4 IS NULL AND $5 IS NULL AND $6 IS NULL AND $7 IS NULL"
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+            format!(
+                "SELECT * FROM outbox
+                 WHERE state = $1 AND ($2 IS NULL OR (pendo_id >= $2 AND pendo_id < $3)) {cursor}
+                 ORDER BY kind, next_attempt_at, pendo_id, field LIMIT $8"
+            )
+        } else {
+            format!(
+                "SELECT * FROM outbox INDEXED BY outbox_due
+             WHERE state = $1 AND ($2 IS NULL OR (pendo_id >= $2 AND pendo_id < $3)) {cursor}
+             ORDER BY kind, next_attempt_at, pendo_id, field LIMIT $8"
+            )
+        }))
         .bind(state.as_str())
         .bind(id_prefix)
         .bind(prefix_end.as_deref())
@@ -140,27 +149,38 @@ impl Backend {
             .await?;
         let mut keep: Vec<i64> = Vec::with_capacity(mappings.len() * 2);
         for m in &mappings {
-            // Both on `runs_by_mapping`, newest first: a few index steps each.
+            // Both on `runs_by_mapping`, newest first: a few index steps each. On PostgreSQL
+            // the last success is asked as a range of the mapping (see `PG_LAST_SUCCESS_SQL`).
             let last: Option<i64> =
                 sqlx::query_scalar("SELECT max(id) FROM runs WHERE mapping = $1")
                     .bind(m)
                     .fetch_one(&mut *tx)
                     .await?;
-            let last_ok: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM runs WHERE mapping = $1 AND ok = 1 ORDER BY id DESC LIMIT 1",
-            )
+            let last_ok: Option<i64> = sqlx::query_scalar(if PG {
+                "SELECT id FROM runs WHERE mapping >= $1 AND mapping <= $1 AND ok
+                 ORDER BY mapping DESC, id DESC LIMIT 1"
+            } else {
+                "SELECT id FROM runs WHERE mapping = $1 AND ok = 1 ORDER BY id DESC LIMIT 1"
+            })
             .bind(m)
             .fetch_optional(&mut *tx)
             .await?;
             keep.extend(last.into_iter().chain(last_ok));
         }
-        // Ids follow start times: the oldest rows are at the front of the table.
-        let done = sqlx::query(
+        // Ids follow start times: the oldest rows are at the front of the table. On PostgreSQL
+        // `= ANY (ARRAY(..))`, not `IN`, so the delete goes by `runs_pkey` in every plan.
+        let done = sqlx::query(if PG {
+            "DELETE FROM runs WHERE id = ANY (ARRAY(
+                SELECT id FROM runs
+                WHERE started_at < $1
+                  AND id NOT IN (SELECT value::bigint FROM jsonb_array_elements_text($2::jsonb))
+                ORDER BY id LIMIT $3))"
+        } else {
             "DELETE FROM runs WHERE id IN (
                 SELECT id FROM runs
                 WHERE started_at < $1 AND id NOT IN (SELECT value FROM json_each($2))
-                ORDER BY id LIMIT $3)",
-        )
+                ORDER BY id LIMIT $3)"
+        })
         .bind(before)
         .bind(serde_json::to_string(&keep).expect("ids serialize"))
         .bind(i64::from(batch))
@@ -199,17 +219,34 @@ impl Backend {
     }
 }
 
+// Each with its PostgreSQL text beside it (`PG_`). There `mapping >= $1 AND mapping <= $1`
+// stands for `mapping = $1` on purpose: with `=` the planner drops the mapping from the order
+// and may walk the whole primary key instead of `runs_by_mapping` (every run, for a mapping that
+// never succeeded); `ok` is BOOLEAN and `sum(bigint)` numeric (cast back for the i64).
 pub(super) const RECENT_RUNS_SQL: &str =
     "SELECT id, mapping, mode, started_at, finished_at, ok, pulled, changes, invalid, error
      FROM runs WHERE mapping = $1 ORDER BY id DESC LIMIT $2";
+pub(super) const PG_RECENT_RUNS_SQL: &str =
+    "SELECT id, mapping, mode, started_at, finished_at, ok, pulled, changes, invalid, error
+     FROM runs WHERE mapping >= $1 AND mapping <= $1 ORDER BY mapping DESC, id DESC LIMIT $2";
 pub(super) const CHART_RUNS_SQL: &str =
     "SELECT (started_at - $1) / $2 AS slot, count(*), coalesce(sum(ok = 0), 0), coalesce(sum(changes), 0)
+     FROM runs WHERE started_at >= $1 AND started_at < $3 GROUP BY slot";
+pub(super) const PG_CHART_RUNS_SQL: &str =
+    "SELECT (started_at - $1) / $2 AS slot, count(*), count(*) FILTER (WHERE NOT ok),
+            coalesce(sum(changes), 0)::bigint
      FROM runs WHERE started_at >= $1 AND started_at < $3 GROUP BY slot";
 pub(super) const CHART_REQUESTS_SQL: &str =
     "SELECT (sent_at - $1) / $2 AS slot, coalesce(sum(attempts), 0)
      FROM history_batches WHERE sent_at >= $1 AND sent_at < $3 GROUP BY slot";
+pub(super) const PG_CHART_REQUESTS_SQL: &str =
+    "SELECT (sent_at - $1) / $2 AS slot, coalesce(sum(attempts), 0)::bigint
+     FROM history_batches WHERE sent_at >= $1 AND sent_at < $3 GROUP BY slot";
 pub(super) const LAST_SUCCESS_SQL: &str =
     "SELECT finished_at FROM runs WHERE mapping = $1 AND ok = 1 ORDER BY id DESC LIMIT 1";
+pub(super) const PG_LAST_SUCCESS_SQL: &str =
+    "SELECT finished_at FROM runs WHERE mapping >= $1 AND mapping <= $1 AND ok
+     ORDER BY mapping DESC, id DESC LIMIT 1";
 
 /// [`Store::invalid_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn invalid_count_in(conn: &mut Conn) -> Result<i64, StoreError> {
@@ -225,11 +262,15 @@ pub(super) async fn recent_runs_in(
     mapping: &str,
     limit: u32,
 ) -> Result<Vec<RunRecord>, StoreError> {
-    let rows = sqlx::query(RECENT_RUNS_SQL)
-        .bind(mapping)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query(if PG {
+        PG_RECENT_RUNS_SQL
+    } else {
+        RECENT_RUNS_SQL
+    })
+    .bind(mapping)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(rows.iter().map(super::base::run_from_row).collect())
 }
 
@@ -249,9 +290,14 @@ pub(super) async fn chart_in(
         })
         .collect();
     // Each statement answers (slot index, its figures...) for the slots that have any.
+    let (runs, requests) = if PG {
+        (PG_CHART_RUNS_SQL, PG_CHART_REQUESTS_SQL)
+    } else {
+        (CHART_RUNS_SQL, CHART_REQUESTS_SQL)
+    };
     for (sql, fill) in [
-        (CHART_RUNS_SQL, fill_cycles as fn(&mut ChartSlot, &DbRow)),
-        (CHART_REQUESTS_SQL, fill_requests),
+        (runs, fill_cycles as fn(&mut ChartSlot, &DbRow)),
+        (requests, fill_requests),
     ] {
         let rows = sqlx::query(sql)
             .bind(start)

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use super::{Backend, Conn};
+use super::{Backend, Conn, PG};
 use crate::domain::Kind;
 use crate::store::shadow::parse_record;
 use crate::store::*;
@@ -17,14 +17,20 @@ pub(super) async fn load_records(
     let mut out = HashMap::with_capacity(ids.len());
     // One statement and one result row per chunk: SQLite looks the ids up (json_each keeps
     // the statement static) and folds the records into a single JSON object, which costs far
-    // less than handing thousands of rows one by one through the driver.
+    // less than handing thousands of rows one by one through the driver. PostgreSQL does the
+    // same with jsonb_array_elements_text and json_object_agg (one text row too).
     for chunk in ids.chunks(5_000) {
         let list = serde_json::to_string(chunk).expect("strings serialize");
-        let row = sqlx::query(
+        let row = sqlx::query(if PG {
+            // json_object_agg (json, not jsonb) only concatenates: no re-sorting, no
+            // deduplication; its spacing (`{ "id" : {...} }`) is still JSON.
+            "SELECT coalesce(json_object_agg(pendo_id, vals)::text, '{}')
+             FROM shadow WHERE kind = $1 AND pendo_id IN (SELECT jsonb_array_elements_text($2::jsonb))"
+        } else {
             // `vals` is already JSON text: concatenating skips SQLite re-parsing it.
             "SELECT '{' || coalesce(group_concat(json_quote(pendo_id) || ':' || vals, ','), '') || '}'
-             FROM shadow WHERE kind = $1 AND pendo_id IN (SELECT value FROM json_each($2))",
-        )
+             FROM shadow WHERE kind = $1 AND pendo_id IN (SELECT value FROM json_each($2))"
+        })
         .bind(kind.as_str())
         .bind(list)
         .fetch_one(&mut *conn)
@@ -63,12 +69,16 @@ impl Backend {
         kind: Kind,
         id: &str,
     ) -> Result<Option<(ShadowRecord, i64)>, StoreError> {
-        let row =
-            sqlx::query("SELECT vals, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2")
-                .bind(kind.as_str())
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        // `vals` is JSONB on PostgreSQL: read as text, as SQLite stores it.
+        let row = sqlx::query(if PG {
+            "SELECT vals::text, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2"
+        } else {
+            "SELECT vals, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2"
+        })
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| Ok((parse_record(kind, id, &r.get::<String, _>(0))?, r.get(1))))
             .transpose()
     }
@@ -81,10 +91,18 @@ impl Backend {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, ShadowRecord)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(if PG {
+            // `vals::text` as in `shadow_entry`. `pendo_id >= coalesce($2, '')` only gives the
+            // index scan a lower bound a generic (cached) plan can use too, which the `IS NULL OR`
+            // alone cannot: `($2 IS NULL OR pendo_id > $2)` still decides, so the rows are the
+            // same (strictly after `after`).
+            "SELECT pendo_id, vals::text FROM shadow
+             WHERE kind = $1 AND pendo_id >= coalesce($2, '') AND ($2 IS NULL OR pendo_id > $2)
+             ORDER BY pendo_id LIMIT $3"
+        } else {
             "SELECT pendo_id, vals FROM shadow WHERE kind = $1 AND ($2 IS NULL OR pendo_id > $2)
-             ORDER BY pendo_id LIMIT $3",
-        )
+             ORDER BY pendo_id LIMIT $3"
+        })
         .bind(kind.as_str())
         .bind(after)
         .bind(i64::from(limit))
