@@ -66,6 +66,29 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
                 )
                 .await;
             }
+            // On PostgreSQL a leader `run` (on any host) is found by its lease, and the request
+            // goes through the state: the leader carries it out.
+            if !dry_run && settings.state.is_postgres() {
+                let store = Store::open_settings(&settings.state).await?;
+                let leader = match store.postgres() {
+                    Some(pg) => pg.lease_holder().await?,
+                    None => None,
+                };
+                if let Some(holder) = leader.filter(|h| {
+                    h.expires_in_ms > 0 && h.holder.split_whitespace().nth(2) == Some("run")
+                }) {
+                    return resync_through_state(
+                        &settings,
+                        &store,
+                        mapping.as_deref(),
+                        kind,
+                        no_wait,
+                        &holder.holder,
+                    )
+                    .await;
+                }
+                store.close().await;
+            }
             sync(
                 settings,
                 mapping.as_deref(),
@@ -535,6 +558,35 @@ async fn queue(settings: &Settings, action: QueueAction) -> Result<u8, AppError>
         }
     }
     Ok(0)
+}
+
+/// Queues a resync in the state for the leader `holder` to carry out, and follows it there.
+async fn resync_through_state(
+    settings: &Settings,
+    store: &Store,
+    mapping: Option<&str>,
+    kind: Option<KindArg>,
+    no_wait: bool,
+    holder: &str,
+) -> Result<u8, AppError> {
+    let seq = std::sync::atomic::AtomicU64::new(0);
+    let job = crate::service::new_resync(settings, mapping, kind.map(Kind::from), &seq)
+        .map_err(AppError::Runtime)?;
+    store.save_resync(&job).await?;
+    let id = job.id.clone();
+    println!("resync {id} queued for the leader (pendo-sync {holder})");
+    if no_wait {
+        println!("follow it with: GET /v1/resync/{id} on any replica's admin port");
+        return Ok(0);
+    }
+    crate::admin::follow_resync(&id, || async {
+        match store.resync(&id).await {
+            Ok(Some(job)) => Ok(serde_json::to_value(&job).expect("a job serializes")),
+            Ok(None) => Err("the job is no longer in the state".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
 }
 
 // ---- why -----------------------------------------------------------------------------------

@@ -27,3 +27,5 @@ pub const HOLDS_OPEN: &str = "pendo_sync_holds_open";
 pub const HISTORY_EVENTS: &str = "pendo_sync_history_events";
 /// Gauge: values held by the guard, per mapping.
 pub const HELD_VALUES: &str = "pendo_sync_held_values";
+/// Gauge: 1 while this process writes (holds the file lock or the leader lease), 0 on a standby.
+pub const LEADER: &str = "pendo_sync_leader";

@@ -59,26 +59,6 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         None
     };
     let app = App::open_configured(settings.clone()).await?;
-    let lock = match file_lock {
-        Some(lock) => lock,
-        None => {
-            crate::lock::InstanceLock::acquire_for(&app.store, &settings.state, "run", LOCK_WAIT)
-                .await?
-        }
-    };
-    // A leader that lost its lease commits nothing more: it stops, and its supervisor starts
-    // it again (to wait for the lease).
-    let lost = lock.lost();
-    {
-        let cancel = cancel.clone();
-        let lost = lost.clone();
-        tokio::spawn(async move {
-            lost.cancelled().await;
-            cancel.cancel();
-        });
-    }
-    // Once per process: releases leases a crashed predecessor left, lifts an old pause.
-    app.writer.start(&lock).await?;
     let listen = settings.admin.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -94,6 +74,8 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         tracker.clone(),
     );
 
+    // The admin port first: a standby serves it (health, metrics, status, the console, and
+    // requests the leader carries out) while it waits for the lease.
     let admin_failed = Arc::new(AtomicBool::new(false));
     {
         let service = service.clone();
@@ -106,6 +88,28 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
             }
         });
     }
+    service.set_leader(false);
+    let lock = match file_lock {
+        Some(lock) => lock,
+        None => match wait_for_lease(&service, &settings).await? {
+            Some(lock) => lock,
+            // Stopped while a standby.
+            None => return finish(&service, &tracker, &settings, &admin_failed, None).await,
+        },
+    };
+    // A leader that lost its lease commits nothing more: it stops, and its supervisor starts
+    // it again (as a standby, until the lease is free).
+    let lost = lock.lost();
+    {
+        let cancel = cancel.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            cancel.cancel();
+        });
+    }
+    // Once per leadership: releases leases a crashed predecessor left, lifts an old pause.
+    service.start_writer(&lock).await?;
     service.spawn_tasks();
     tracing::info!(
         mappings = settings.mappings.len(),
@@ -116,6 +120,45 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     );
 
     cancel.cancelled().await;
+    let code = finish(&service, &tracker, &settings, &admin_failed, Some(&lost)).await;
+    drop(lock);
+    code
+}
+
+/// Waits as a standby until this process takes the leader lease; `None` if it is stopped
+/// first.
+async fn wait_for_lease(
+    service: &Arc<Service>,
+    settings: &Settings,
+) -> Result<Option<crate::lock::InstanceLock>, AppError> {
+    tracing::info!("Standing by: the admin port serves, the leader lease is polled.");
+    loop {
+        let attempt = crate::lock::InstanceLock::acquire_for(
+            &service.store,
+            &settings.state,
+            "run",
+            Duration::from_secs(3600),
+        );
+        tokio::select! {
+            _ = service.cancel.cancelled() => return Ok(None),
+            taken = attempt => match taken {
+                Ok(lock) => return Ok(Some(lock)),
+                // An hour as a standby: keep waiting.
+                Err(crate::lock::LockError::Held { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+}
+
+/// The end of a run: tasks finished (or given up on), state closed, the exit code.
+async fn finish(
+    service: &Arc<Service>,
+    tracker: &TaskTracker,
+    settings: &Settings,
+    admin_failed: &AtomicBool,
+    lost: Option<&tokio_util::sync::CancellationToken>,
+) -> Result<u8, AppError> {
     tracker.close();
     let grace = settings.pendo.timeout + SHUTDOWN_SLACK;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -128,13 +171,12 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     if admin_failed.load(Ordering::SeqCst) {
         return Ok(1);
     }
-    if lost.is_cancelled() {
+    if lost.is_some_and(|l| l.is_cancelled()) {
         tracing::error!(
             "Stopped after losing the leader lease; what Pendo confirmed before is committed."
         );
         return Ok(1);
     }
-    drop(lock);
     tracing::info!("Stopped; what Pendo confirmed is committed, the rest waits in the outbox.");
     Ok(0)
 }

@@ -23,7 +23,7 @@
 //! writer. So a key fixed in Pendo (write access enabled) or rotated on disk needs no restart, and a
 //! refused key costs one cheap GET per poll interval.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use crate::engine::{CycleReport, Mode, Progress};
 use crate::pendo::writer::PAUSED_KEY;
 use crate::pendo::{Writer, WriterConfig};
 use crate::schedule::{RECONCILE_FAILURES, ReconcileRecord, ReconcileSchedule};
-use crate::store::Store;
+use crate::store::{ResyncRecord, Store};
 
 /// How often a running service deletes the history's expired events.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -69,7 +69,7 @@ struct MappingHealth {
 pub struct ResyncStatus {
     pub id: String,
     /// queued | running | done | failed
-    pub state: &'static str,
+    pub state: String,
     pub mappings: Vec<String>,
     pub kind: Option<String>,
     pub records_read: u64,
@@ -85,6 +85,26 @@ pub struct ResyncStatus {
     pub requested_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+}
+
+impl ResyncStatus {
+    fn from_record(r: &ResyncRecord) -> ResyncStatus {
+        ResyncStatus {
+            id: r.id.clone(),
+            state: r.state.clone(),
+            mappings: r.mappings.clone(),
+            kind: r.kind.clone(),
+            records_read: r.records_read,
+            changes: r.changes,
+            pushed: r.pushed,
+            outbox_pending: None,
+            held: r.held.clone(),
+            error: r.error.clone(),
+            requested_at: iso8601_from_ms(r.requested_at),
+            started_at: r.started_at.map(iso8601_from_ms),
+            finished_at: r.finished_at.map(iso8601_from_ms),
+        }
+    }
 }
 
 /// The handshake between the outbox worker and those who wait for it (resync jobs).
@@ -114,10 +134,15 @@ pub struct Service {
     cycle_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     writer_paused: Mutex<Option<String>>,
     worker: WorkerSignals,
-    resyncs: Mutex<BTreeMap<String, ResyncStatus>>,
+    /// The resync this process is running, with its live counters (the state holds every
+    /// job; this one's row is written at each step).
+    running_resync: Mutex<Option<ResyncRecord>>,
     resync_seq: AtomicU64,
-    /// Resyncs run one at a time, in the order requested.
-    resync_gate: tokio::sync::Mutex<()>,
+    /// Wakes the resync runner (a job was queued here).
+    resync_wake: Notify,
+    /// Whether this process holds the writer's role: always on SQLite (the file lock was taken
+    /// before the service started); on PostgreSQL once it took the lease (a standby until then).
+    leader: AtomicBool,
 }
 
 impl Service {
@@ -187,100 +212,106 @@ impl Service {
         self.writer_paused.lock().expect("pause lock").clone()
     }
 
-    /// Validates a resync request and queues it; returns its id. Errors are for the caller (400).
-    pub fn request_resync(
-        self: &Arc<Self>,
+    /// Validates a resync request and queues it in the state (any replica may; the writer
+    /// carries it out); returns its document. Validation errors are for the caller (400).
+    pub async fn request_resync(
+        &self,
         mapping: Option<&str>,
         kind: Option<Kind>,
-    ) -> Result<ResyncStatus, String> {
-        let selected: Vec<String> = match mapping {
-            Some(name) => vec![
-                self.settings
-                    .mapping(name)
-                    .map_err(|e| e.to_string())?
-                    .name
-                    .clone(),
-            ],
-            None => self
-                .settings
-                .mappings
-                .iter()
-                .map(|m| m.name.clone())
-                .collect(),
-        };
-        let selected: Vec<String> = selected
-            .into_iter()
-            .filter(|name| {
-                kind.is_none_or(|k| self.settings.mapping(name).is_ok_and(|m| m.kind == k))
-            })
-            .collect();
-        if selected.is_empty() {
-            return Err("no mapping matches the requested mapping and kind".into());
-        }
-        let seq = self.resync_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let status = ResyncStatus {
-            // The start time keeps ids unique across restarts, so a client polling an old id
-            // after a restart gets a 404, not someone else's job.
-            id: format!("{}-{seq}", now_ms()),
-            state: "queued",
-            mappings: selected,
-            kind: kind.map(|k| k.as_str().to_owned()),
-            records_read: 0,
-            changes: 0,
-            pushed: 0,
-            outbox_pending: None,
-            held: Vec::new(),
-            error: None,
-            requested_at: iso8601_from_ms(now_ms()),
-            started_at: None,
-            finished_at: None,
-        };
-        self.resyncs
-            .lock()
-            .expect("resync lock")
-            .insert(status.id.clone(), status.clone());
-        let service = self.clone();
-        let id = status.id.clone();
-        self.tracker
-            .spawn(async move { service.run_resync(&id).await });
-        tracing::info!(id = %status.id, mappings = ?status.mappings, "Resync requested.");
-        Ok(status)
+    ) -> Result<ResyncStatus, ResyncRequestError> {
+        let job = new_resync(&self.settings, mapping, kind, &self.resync_seq)
+            .map_err(ResyncRequestError::Invalid)?;
+        self.store
+            .save_resync(&job)
+            .await
+            .map_err(ResyncRequestError::Store)?;
+        self.resync_wake.notify_one();
+        tracing::info!(id = %job.id, mappings = ?job.mappings, "Resync requested.");
+        Ok(ResyncStatus::from_record(&job))
     }
 
-    /// A resync's progress, with the outbox's current pending count.
+    /// A resync's progress (live, if this process runs it), with the outbox's current pending
+    /// count. `None`: no such job.
     pub async fn resync_status(&self, id: &str) -> Option<ResyncStatus> {
-        let mut status = self.resyncs.lock().expect("resync lock").get(id).cloned()?;
+        let live = self
+            .running_resync
+            .lock()
+            .expect("resync lock")
+            .clone()
+            .filter(|r| r.id == id);
+        let record = match live {
+            Some(r) => r,
+            None => self.store.resync(id).await.ok()??,
+        };
+        let mut status = ResyncStatus::from_record(&record);
         if let Ok(counts) = self.store.outbox_counts().await {
             status.outbox_pending = counts.get("pending").copied();
         }
         Some(status)
     }
 
-    fn update_resync(&self, id: &str, f: impl FnOnce(&mut ResyncStatus)) {
-        if let Some(s) = self.resyncs.lock().expect("resync lock").get_mut(id) {
-            f(s);
+    fn update_resync(&self, id: &str, f: impl FnOnce(&mut ResyncRecord)) {
+        if let Some(r) = self
+            .running_resync
+            .lock()
+            .expect("resync lock")
+            .as_mut()
+            .filter(|r| r.id == id)
+        {
+            f(r);
+        }
+    }
+
+    /// Writes the running job's row as it stands.
+    async fn save_running_resync(&self) {
+        let job = self.running_resync.lock().expect("resync lock").clone();
+        if let Some(job) = job
+            && let Err(e) = self.store.save_resync(&job).await
+        {
+            tracing::warn!(id = %job.id, error = %e, "Cannot record the resync's progress.");
+        }
+    }
+
+    /// Runs the queued resyncs one at a time, oldest first: those queued here (woken at once)
+    /// and those another replica or the CLI queued in the state (polled each second). Jobs a
+    /// dead predecessor left running are queued again first.
+    async fn resync_runner(self: Arc<Self>) {
+        match self.store.requeue_resyncs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                jobs = n,
+                "Resyncs left running by an earlier process are queued again."
+            ),
+            Err(e) => tracing::warn!(error = %e, "Cannot requeue resyncs left running."),
+        }
+        loop {
+            match self.store.claim_resync(now_ms()).await {
+                Ok(Some(job)) => {
+                    let id = job.id.clone();
+                    *self.running_resync.lock().expect("resync lock") = Some(job);
+                    self.clone().run_resync(&id).await;
+                    *self.running_resync.lock().expect("resync lock") = None;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "Cannot read the queued resyncs."),
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.resync_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 
     async fn run_resync(self: Arc<Self>, id: &str) {
-        let _gate = tokio::select! {
-            _ = self.cancel.cancelled() => {
-                self.finish_resync(id, Err("the service stopped before the resync started".into()));
-                return;
-            }
-            g = self.resync_gate.lock() => g,
-        };
         let mappings = self
-            .resyncs
+            .running_resync
             .lock()
             .expect("resync lock")
-            .get(id)
+            .as_ref()
             .map(|s| s.mappings.clone())
             .unwrap_or_default();
-        self.update_resync(id, |s| {
-            s.state = "running";
-            s.started_at = Some(iso8601_from_ms(now_ms()));
-        });
         let confirmed_before = self.worker.confirmed.load(Ordering::SeqCst);
         let mut errors = Vec::new();
         for name in &mappings {
@@ -288,10 +319,10 @@ impl Service {
                 continue;
             };
             let (read, changes) = self
-                .resyncs
+                .running_resync
                 .lock()
                 .expect("resync lock")
-                .get(id)
+                .as_ref()
                 .map_or((0, 0), |s| (s.records_read, s.changes));
             let progress = JobProgress {
                 service: &self,
@@ -311,10 +342,11 @@ impl Service {
                 }
                 Some(Err(e)) => errors.push(e),
                 None => {
-                    self.finish_resync(id, Err("the service stopped during the resync".into()));
+                    self.stopped_during_resync(id).await;
                     return;
                 }
             }
+            self.save_running_resync().await;
         }
         // The worker sends what the resync queued; the resync is done when a pass that started
         // after its last cycle has finished (a paused writer is tried again at once), and the
@@ -323,7 +355,7 @@ impl Service {
         let deadline = now_ms() + crate::engine::SYNC_RETRY_WAIT.as_millis() as i64;
         loop {
             if !self.worker_pass().await {
-                self.finish_resync(id, Err("the service stopped during the resync".into()));
+                self.stopped_during_resync(id).await;
                 return;
             }
             if self.writer_paused().is_some() {
@@ -354,24 +386,32 @@ impl Service {
         } else {
             Err(errors.join("; "))
         };
-        self.finish_resync(id, result);
+        self.finish_resync(id, result).await;
     }
 
-    fn finish_resync(&self, id: &str, result: Result<(), String>) {
+    /// The service stopped mid-job: the job stays `running` in the state, and whoever writes
+    /// next (this process restarted, or a standby) queues it again.
+    async fn stopped_during_resync(&self, id: &str) {
+        tracing::info!(%id, "Stopping during a resync; it runs again at the next start.");
+        self.save_running_resync().await;
+    }
+
+    async fn finish_resync(&self, id: &str, result: Result<(), String>) {
         match &result {
             Ok(()) => tracing::info!(%id, "Resync done."),
             Err(e) => tracing::error!(%id, error = %e, "Resync failed."),
         }
         self.update_resync(id, |s| {
-            s.finished_at = Some(iso8601_from_ms(now_ms()));
+            s.finished_at = Some(now_ms());
             match result {
-                Ok(()) => s.state = "done",
+                Ok(()) => s.state = "done".into(),
                 Err(e) => {
-                    s.state = "failed";
+                    s.state = "failed".into();
                     s.error = Some(e);
                 }
             }
         });
+        self.save_running_resync().await;
     }
 
     /// Asks the worker for a pass and waits until one that started after this call finished.
@@ -685,6 +725,61 @@ impl Service {
     }
 }
 
+/// Why a resync request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncRequestError {
+    /// The request names no mapping that exists (a 400).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(crate::store::StoreError),
+}
+
+/// A new queued resync of the mappings `mapping` and `kind` select, or why none matches.
+/// `seq` keeps ids unique within a process; the start time and pid across processes.
+pub fn new_resync(
+    settings: &Settings,
+    mapping: Option<&str>,
+    kind: Option<Kind>,
+    seq: &AtomicU64,
+) -> Result<ResyncRecord, String> {
+    let selected: Vec<String> = match mapping {
+        Some(name) => vec![
+            settings
+                .mapping(name)
+                .map_err(|e| e.to_string())?
+                .name
+                .clone(),
+        ],
+        None => settings.mappings.iter().map(|m| m.name.clone()).collect(),
+    };
+    let selected: Vec<String> = selected
+        .into_iter()
+        .filter(|name| kind.is_none_or(|k| settings.mapping(name).is_ok_and(|m| m.kind == k)))
+        .collect();
+    if selected.is_empty() {
+        return Err("no mapping matches the requested mapping and kind".into());
+    }
+    let now = now_ms();
+    let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+    Ok(ResyncRecord {
+        // Unique across restarts and replicas: a client polling an old id never gets someone
+        // else's job.
+        id: format!("{now}-{}-{n}", std::process::id()),
+        mappings: selected,
+        kind: kind.map(|k| k.as_str().to_owned()),
+        state: "queued".into(),
+        records_read: 0,
+        changes: 0,
+        pushed: 0,
+        held: Vec::new(),
+        error: None,
+        requested_at: now,
+        started_at: None,
+        finished_at: None,
+    })
+}
+
 /// Feeds a resync job's counters from the engine's page callbacks.
 struct JobProgress<'a> {
     service: &'a Service,
@@ -729,9 +824,10 @@ impl Service {
                 confirmed: AtomicU64::new(0),
                 probe_now: AtomicBool::new(false),
             },
-            resyncs: Mutex::new(BTreeMap::new()),
+            running_resync: Mutex::new(None),
             resync_seq: AtomicU64::new(0),
-            resync_gate: tokio::sync::Mutex::new(()),
+            resync_wake: Notify::new(),
+            leader: AtomicBool::new(false),
             metrics,
             admin_token,
             cancel,
@@ -741,11 +837,32 @@ impl Service {
         })
     }
 
-    /// Spawns the outbox worker (the only sender, with `writer`), a loop per mapping and the
-    /// metrics upkeep on the service's tracker.
+    /// Prepares the writer once this process holds `lock` (see [`Writer::start`]).
+    pub async fn start_writer(
+        &self,
+        lock: &crate::lock::InstanceLock,
+    ) -> Result<(), crate::pendo::WriterError> {
+        self.app.writer.start(lock).await
+    }
+
+    /// Whether this process writes (the leader), or waits as a standby (PostgreSQL).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Records the role, and the `pendo_sync_leader` gauge.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::SeqCst);
+        metrics::gauge!(crate::metrics::LEADER).set(if leader { 1.0 } else { 0.0 });
+    }
+
+    /// Spawns the outbox worker (the only sender, with `writer`), a loop per mapping, the resync
+    /// runner and the metrics upkeep on the service's tracker: the leader's work.
     pub fn spawn_tasks(self: &Arc<Self>) {
+        self.set_leader(true);
         let writer = self.app.writer.clone();
         self.tracker.spawn(self.clone().outbox_worker(writer));
+        self.tracker.spawn(self.clone().resync_runner());
         for m in &self.settings.mappings {
             self.tracker
                 .spawn(self.clone().mapping_loop(m.name.clone()));

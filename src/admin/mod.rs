@@ -149,8 +149,27 @@ async fn security_headers(mut resp: Response) -> Response {
 }
 
 async fn readyz(State(service): State<Shared>) -> Response {
+    // A standby is ready to take over when it can read the state: its work is waiting.
+    if !service.is_leader() {
+        return match service.store.ping().await {
+            Ok(()) => (
+                StatusCode::OK,
+                axum::Json(json!({"ready": true, "role": "standby"})),
+            )
+                .into_response(),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"ready": false, "role": "standby", "reasons": [format!("state not usable: {e}")]})),
+            )
+                .into_response(),
+        };
+    }
     match service.readiness().await {
-        Ok(()) => (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(json!({"ready": true, "role": "leader"})),
+        )
+            .into_response(),
         Err(reasons) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"ready": false, "reasons": reasons})),
@@ -466,14 +485,18 @@ async fn resync(
         Ok(k) => k,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    match service.request_resync(params.mapping.as_deref(), kind) {
+    match service
+        .request_resync(params.mapping.as_deref(), kind)
+        .await
+    {
         Ok(status) => (
             StatusCode::ACCEPTED,
             [(header::LOCATION, format!("/v1/resync/{}", status.id))],
             axum::Json(status),
         )
             .into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        Err(crate::service::ResyncRequestError::Invalid(e)) => error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 
@@ -631,22 +654,33 @@ pub async fn hand_off_resync(
         println!("follow it with: GET {base}/v1/resync/{id}");
         return Ok(0);
     }
+    follow_resync(&id, || async {
+        match client.get(format!("{base}/v1/resync/{id}")).send().await {
+            Ok(r) if r.status().is_success() => Ok(r.json().await.unwrap_or_default()),
+            Ok(r) => Err(format!(
+                "the service answered {} (was it restarted?)",
+                r.status()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Prints a resync's progress as it changes until it ends: exit 0 when done, 4 when done with
+/// changes held by the guard (as an in-process resync), 1 when it failed. `fetch` reads the
+/// job's document (the admin port's, or the state's row).
+pub async fn follow_resync<F, Fut>(id: &str, mut fetch: F) -> Result<u8, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, String>>,
+{
     let mut last = String::new();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let job: serde_json::Value = match client.get(format!("{base}/v1/resync/{id}")).send().await
-        {
-            Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
-            Ok(r) => {
-                return Err(AppError::Runtime(format!(
-                    "lost track of resync {id}: the service answered {} (was it restarted?)",
-                    r.status()
-                )));
-            }
-            Err(e) => {
-                return Err(AppError::Runtime(format!("lost track of resync {id}: {e}")));
-            }
-        };
+        let job = fetch()
+            .await
+            .map_err(|e| AppError::Runtime(format!("lost track of resync {id}: {e}")))?;
         let state = job["state"].as_str().unwrap_or("unknown");
         let line = format!(
             "resync {id}: {state}, {} records read, {} changes, {} pushed",
@@ -658,7 +692,6 @@ pub async fn hand_off_resync(
         }
         match state {
             "done" => {
-                // Exit 4, as an in-process resync would: changes wait for a person.
                 let held: Vec<&str> = job["held"]
                     .as_array()
                     .into_iter()

@@ -26,6 +26,7 @@ mod holds;
 pub(crate) mod outbox;
 mod pages;
 pub mod pg;
+mod requests;
 pub(crate) mod shadow;
 pub mod sqlite;
 
@@ -40,6 +41,7 @@ pub use outbox::{
     Change, OutboxEntry, OutboxKey, OutboxSummary, QueueFilter, QueueState, Settlement,
 };
 pub use pages::{ChartSlot, InvalidCursor, OutboxCursor, Page};
+pub use requests::ResyncRecord;
 pub use shadow::ShadowRecord;
 
 use crate::config::GuardSettings;
@@ -284,6 +286,21 @@ impl Store {
 
 /// Each method's contract is documented on its code in `store/sql/`, shared by both back-ends.
 impl Store {
+    pub async fn save_resync(&self, job: &ResyncRecord) -> Result<(), StoreError> {
+        on!(self, b => b.save_resync(job).await)
+    }
+    pub async fn resync(&self, id: &str) -> Result<Option<ResyncRecord>, StoreError> {
+        on!(self, b => b.resync(id).await)
+    }
+    pub async fn claim_resync(&self, now: i64) -> Result<Option<ResyncRecord>, StoreError> {
+        on!(self, b => b.claim_resync(now).await)
+    }
+    pub async fn requeue_resyncs(&self) -> Result<u64, StoreError> {
+        on!(self, b => b.requeue_resyncs().await)
+    }
+    pub async fn prune_resyncs(&self, before: i64) -> Result<u64, StoreError> {
+        on!(self, b => b.prune_resyncs(before).await)
+    }
     pub async fn ping(&self) -> Result<(), StoreError> {
         on!(self, b => b.ping().await)
     }

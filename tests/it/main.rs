@@ -17,6 +17,7 @@ mod helpers;
 mod history;
 mod pg;
 mod races;
+mod replicas;
 mod secrets;
 mod security;
 mod service;

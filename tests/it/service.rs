@@ -38,6 +38,8 @@ pub(crate) struct Options {
     pub(crate) notify_url: Option<String>,
     /// `schedule.poll_interval` (the console's tests want the state still after the first cycle).
     pub(crate) poll: &'static str,
+    /// `[state] url`: the state in this PostgreSQL database (lease_ttl 3s).
+    pub(crate) state_url: Option<String>,
 }
 
 impl Default for Options {
@@ -53,6 +55,7 @@ impl Default for Options {
             default_guard: false,
             notify_url: None,
             poll: "1s",
+            state_url: None,
         }
     }
 }
@@ -179,6 +182,7 @@ impl Env {
         let sf_auth = Auth::client_credentials(SalesforceSimConfig::default().client_id, SF_SECRET);
         let fields = ["plantier", "arr", "isstrategic"];
         let mut sim_config = SimConfig::new(dir.path().join("state.db"), pendo_section)
+            .state_url(opts.state_url.clone())
             .salesforce(
                 SalesforceSection::new(servers[1].url(), sf_auth).requests_per_second(1000.0),
             )
@@ -224,10 +228,17 @@ impl Env {
     }
 
     pub(crate) fn start(&mut self) -> Service {
+        let admin = self.admin.clone();
+        self.start_on(&admin)
+    }
+
+    /// `run` with its admin port on `admin` (replicas on one state need one each).
+    pub(crate) fn start_on(&mut self, admin: &str) -> Service {
         self.runs += 1;
         let log = self.dir.path().join(format!("run-{}.log", self.runs));
         let child = self
             .command(&["run"])
+            .env("PENDO_SYNC__ADMIN__LISTEN", admin)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -256,12 +267,19 @@ impl Env {
     }
 
     pub(crate) async fn get(&self, path: &str) -> (u16, String) {
-        match reqwest::get(self.url(path)).await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        }
+        get_at(&self.admin, path).await
     }
+}
 
+/// GET `path` on the admin port at `admin`: status and body (status 0: no answer).
+pub(crate) async fn get_at(admin: &str, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://{admin}{path}")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+impl Env {
     pub(crate) async fn wait_ready(&self, svc: &Service, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {

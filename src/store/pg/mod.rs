@@ -52,6 +52,9 @@ mod outbox;
 #[path = "../sql/pages.rs"]
 mod pages;
 #[allow(clippy::duplicate_mod)]
+#[path = "../sql/requests.rs"]
+mod requests;
+#[allow(clippy::duplicate_mod)]
 #[path = "../sql/shadow.rs"]
 mod shadow;
 

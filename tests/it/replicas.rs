@@ -1,0 +1,292 @@
+//! More than one `run` on one PostgreSQL state: one leader, standbys that serve the admin port
+//! and take over, fencing of a leader that stalled. Real binaries, a real PostgreSQL
+//! (`pg.rs`), the simulators over loopback; `lease_ttl` is 3 s in these configs.
+
+use std::time::{Duration, Instant};
+
+use pendo_sync::sim::pendo::PendoFaults;
+use pendo_sync::sim::salesforce::account_id;
+use serde_json::{Value, json};
+
+use crate::service::{ADMIN_TOKEN, Env, Options, Service, free_port, get_at};
+
+/// Twice the test configs' `lease_ttl`: the longest a standby may take to write after the
+/// leader died.
+const TAKEOVER: Duration = Duration::from_secs(6);
+
+async fn env(accounts: usize, batch_size: usize) -> Option<Env> {
+    let Some(url) = crate::pg::database().await else {
+        eprintln!("SKIPPED: PostgreSQL is not installed");
+        return None;
+    };
+    Some(
+        Env::new(Options {
+            accounts,
+            batch_size,
+            state_url: Some(url),
+            ..Options::default()
+        })
+        .await,
+    )
+}
+
+/// Waits until the replica at `admin` answers `/readyz` 200 with `role`.
+async fn wait_role(admin: &str, role: &str, svc: &Service, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, body) = get_at(admin, "/readyz").await;
+        let doc: Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 && doc["role"] == json!(role) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{admin} is not {role} after {limit:?}: {status} {body}; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn leader_gauge(metrics: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("pendo_sync_leader "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn last_write_ms(env: &Env) -> i64 {
+    env.pendo
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.at_ms)
+        .max()
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    pendo_sync::domain::now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_the_admin_port_carries_requests_to_the_leader_and_takes_over() {
+    let Some(mut env) = env(30, 50).await else {
+        return;
+    };
+    let (a_admin, b_admin) = (env.admin.clone(), format!("127.0.0.1:{}", free_port()));
+    let mut a = env.start_on(&a_admin);
+    wait_role(&a_admin, "leader", &a, Duration::from_secs(20)).await;
+    env.wait_converged(&a, Duration::from_secs(30)).await;
+    let b = env.start_on(&b_admin);
+    wait_role(&b_admin, "standby", &b, Duration::from_secs(20)).await;
+
+    // The standby's admin port: metrics say so, status and the console read the shared state.
+    let (_, metrics) = get_at(&b_admin, "/metrics").await;
+    assert_eq!(leader_gauge(&metrics), Some(0.0), "{metrics}");
+    let (_, metrics) = get_at(&a_admin, "/metrics").await;
+    assert_eq!(leader_gauge(&metrics), Some(1.0), "{metrics}");
+    let (code, body) = get_at(&b_admin, "/v1/status").await;
+    assert_eq!(code, 200, "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["outbox"]["pending"], json!(0), "{body}");
+    assert_eq!(get_at(&b_admin, "/").await.0, 200);
+
+    // A resync asked of the standby is carried out by the leader, and followed on the standby.
+    let writes = env.pendo_writes();
+    let answer = reqwest::Client::new()
+        .post(format!("http://{b_admin}/v1/resync"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let id = answer.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = get_at(&b_admin, &format!("/v1/resync/{id}")).await;
+        let job: Value = serde_json::from_str(&body).unwrap_or_default();
+        if job["state"] == json!("done") {
+            assert_eq!(job["records_read"], json!(30), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{body}; leader log:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(env.pendo_writes() > writes, "the resync sent nothing");
+    assert!(
+        b.log().lines().all(|l| !l.contains("Cycle")),
+        "the standby ran a cycle:\n{}",
+        b.log()
+    );
+
+    // The CLI finds the leader by its lease and queues through the state.
+    let out = env.cli(&["resync", "--mapping", "sf-accounts"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("queued for the leader"), "{stdout}");
+    assert!(stdout.contains(": done,"), "{stdout}");
+
+    // The leader stops cleanly: the standby takes over at once (the lease was handed over)
+    // and syncs the next change.
+    a.sigterm();
+    assert!(a.exit_within(Duration::from_secs(20)).await.success());
+    wait_role(&b_admin, "leader", &b, TAKEOVER).await;
+    env.sf
+        .set_field("Account", &account_id(3), "ARR__c", json!(31337.0));
+    env.wait_converged(&b, Duration::from_secs(20)).await;
+    let (_, metrics) = get_at(&b_admin, "/metrics").await;
+    assert_eq!(leader_gauge(&metrics), Some(1.0), "{metrics}");
+}
+
+/// Two replicas; the leader is killed (-9) while it pushes, 20 times, and restarted as the
+/// standby each time. The standby's first Pendo write comes within 2 × lease_ttl of the kill,
+/// and Pendo ends equal to the CRM. Prints the takeover times (BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_during_a_push_20_times_a_standby_takes_over_and_nothing_is_lost() {
+    let Some(mut env) = env(300, 10).await else {
+        return;
+    };
+    let admins = [env.admin.clone(), format!("127.0.0.1:{}", free_port())];
+    let mut leader = env.start_on(&admins[0]);
+    wait_role(&admins[0], "leader", &leader, Duration::from_secs(20)).await;
+    env.wait_converged(&leader, Duration::from_secs(60)).await;
+    let mut standby = env.start_on(&admins[1]);
+    wait_role(&admins[1], "standby", &standby, Duration::from_secs(20)).await;
+    // Pushes long enough to be cut: 10 values a request, 20 ms each.
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(20),
+        ..PendoFaults::default()
+    });
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut takeovers = Vec::new();
+    let mut which = 0;
+    for round in 0..20 {
+        for _ in 0..120 {
+            let i = rng.usize(0..300);
+            env.sf.set_field(
+                "Account",
+                &account_id(i),
+                "ARR__c",
+                json!((round * 1000 + i) as f64),
+            );
+        }
+        let writes = env.pendo_writes();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.pendo_writes() == writes {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no push began; log:\n{}",
+                leader.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..100))).await;
+        let killed_at = now_ms();
+        leader.crash();
+        // One more change, so the new leader has something to send whatever the old one did.
+        env.sf.set_field(
+            "Account",
+            &account_id(round),
+            "Plan_Tier__c",
+            json!(format!("Tier {round}")),
+        );
+        let deadline = Instant::now() + TAKEOVER + Duration::from_secs(10);
+        while last_write_ms(&env) <= killed_at {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no Pendo write after the kill; standby log:\n{}",
+                standby.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = env
+            .pendo
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.at_ms > killed_at)
+            .map(|r| r.at_ms)
+            .min()
+            .unwrap();
+        takeovers.push(first - killed_at);
+        // The killed one comes back as the standby.
+        let restarted = env.start_on(&admins[which]);
+        which = 1 - which;
+        leader = std::mem::replace(&mut standby, restarted);
+    }
+    env.pendo.set_faults(PendoFaults::default());
+    env.wait_converged(&leader, Duration::from_secs(60)).await;
+    let mut sorted = takeovers.clone();
+    sorted.sort_unstable();
+    eprintln!(
+        "takeover (kill -9 to the new leader's first Pendo write), 20 kills: median {} ms, max {} ms",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    for (round, ms) in takeovers.iter().enumerate() {
+        assert!(
+            *ms <= TAKEOVER.as_millis() as i64,
+            "round {round}: the standby's first write came {ms} ms after the kill (takeovers: {takeovers:?})"
+        );
+    }
+}
+
+/// A leader stopped (SIGSTOP) past its lease: the standby takes over; resumed, the old leader
+/// commits nothing (its writes are fenced) and steps down (exits 1, to come back as a standby).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_past_its_lease_commits_nothing_when_resumed_and_steps_down() {
+    let Some(mut env) = env(40, 50).await else {
+        return;
+    };
+    let (a_admin, b_admin) = (env.admin.clone(), format!("127.0.0.1:{}", free_port()));
+    let mut a = env.start_on(&a_admin);
+    wait_role(&a_admin, "leader", &a, Duration::from_secs(20)).await;
+    env.wait_converged(&a, Duration::from_secs(30)).await;
+    let b = env.start_on(&b_admin);
+    wait_role(&b_admin, "standby", &b, Duration::from_secs(20)).await;
+
+    signal(&a, "STOP");
+    wait_role(&b_admin, "leader", &b, TAKEOVER + Duration::from_secs(2)).await;
+    env.sf
+        .set_field("Account", &account_id(1), "ARR__c", json!(4242.0));
+    env.wait_converged(&b, Duration::from_secs(20)).await;
+    let writes = env.pendo_writes();
+
+    signal(&a, "CONT");
+    let status = a.exit_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(1), "log:\n{}", a.log());
+    let log = a.log();
+    assert!(
+        log.to_lowercase().contains("lost the leader lease"),
+        "{log}"
+    );
+    // B is still the leader and everything still agrees; A sent nothing after it resumed.
+    wait_role(&b_admin, "leader", &b, Duration::from_secs(2)).await;
+    assert_eq!(
+        env.pendo_writes(),
+        writes,
+        "the stale leader wrote to Pendo"
+    );
+    assert!(env.differences().is_empty(), "{:?}", env.differences());
+}
+
+fn signal(svc: &Service, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &svc.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{name}");
+}
