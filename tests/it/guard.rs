@@ -735,3 +735,76 @@ async fn dropping_a_hold_s_values_closes_the_hold_or_recounts_it() {
     assert!(app.store.holds(true).await.unwrap().is_empty());
     app.store.close().await;
 }
+
+/// Found by the kill -9 test on PostgreSQL: a value Pendo confirms between a cycle's diff and
+/// its guard (an older queued value of a record the diff saw with no shadow, in flight when
+/// the cycle restaged it) turns the cycle's first fill into an overwrite of a value the pages
+/// never counted as covered. The guard then saw more overwrites than covered values ("204 of
+/// 176") and held a cycle nothing was wrong with. A value the guard counts as overwritten or
+/// cleared was held, so it is covered.
+#[tokio::test]
+async fn a_value_confirmed_between_the_diff_and_the_guard_counts_as_covered() {
+    use pendo_sync::config::GuardSettings;
+    use pendo_sync::store::{Change, PageCommit, Settlement, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let change = |id: &str, value: &str| Change {
+        kind: Kind::Account,
+        pendo_id: id.into(),
+        field: "arr".into(),
+        value: value.into(),
+        mapping: "accounts".into(),
+        force: false,
+        source: None,
+    };
+    // Ten records Pendo confirmed (covered by the cycle below, unchanged), eleven in flight.
+    let confirmed: Vec<Change> = (0..10).map(|i| change(&format!("c{i}"), "1")).collect();
+    let in_flight: Vec<Change> = (0..11).map(|i| change(&format!("r{i:02}"), "1")).collect();
+    for changes in [&confirmed, &in_flight] {
+        store
+            .commit_page(&PageCommit {
+                mapping: "accounts",
+                changes,
+                ..PageCommit::default()
+            })
+            .await
+            .unwrap();
+    }
+    let claimed = store.claim_due(Kind::Account, i64::MAX, 100).await.unwrap();
+    assert_eq!(claimed.len(), 21);
+    let (done, sent): (Vec<_>, Vec<_>) = claimed
+        .into_iter()
+        .partition(|e| e.pendo_id.starts_with('c'));
+    let confirm = |rows: Vec<pendo_sync::store::OutboxEntry>| {
+        rows.into_iter()
+            .map(|e| (e, Settlement::Confirmed))
+            .collect::<Vec<_>>()
+    };
+    store.settle(&confirm(done)).await.unwrap();
+    // The cycle: its diff saw the eleven with no shadow (first fills of "2"); it covered the
+    // ten confirmed values.
+    let restaged: Vec<Change> = (0..11).map(|i| change(&format!("r{i:02}"), "2")).collect();
+    store
+        .commit_page(&PageCommit {
+            mapping: "accounts",
+            changes: &restaged,
+            kind: Some(Kind::Account),
+            stage: true,
+            cover: &[("arr".to_owned(), 10)],
+            ..PageCommit::default()
+        })
+        .await
+        .unwrap();
+    // Pendo confirms the eleven older values before the guard runs.
+    store.settle(&confirm(sent)).await.unwrap();
+    let limits = GuardSettings {
+        max_overwrite_percent: 100.0,
+        min_values: 1,
+        ..GuardSettings::default()
+    };
+    let outcome = store
+        .finish_staged("accounts", Kind::Account, &limits)
+        .await
+        .unwrap();
+    assert_eq!(outcome, GuardOutcome::Passed { values: 11 });
+}

@@ -32,6 +32,18 @@ impl Scope {
 /// On PostgreSQL they compare as jsonb (`shadow.vals` is JSONB, whose text form is not the
 /// canonical one), the field is looked up by key, and `count(*) FILTER` counts (no
 /// `sum(boolean)`).
+/// The values of `field` the guard judges against: what the pages covered, and at least every
+/// value it counts as cleared or overwritten (the shadow held those). A value Pendo confirmed
+/// between a page's diff and the guard (an older queued value in flight while the cycle
+/// restaged the row) is one the page could not count as covered.
+fn covered_at_guard(covered: &BTreeMap<String, u64>, field: &str, c: &FieldCounts) -> u64 {
+    covered
+        .get(field)
+        .copied()
+        .unwrap_or(0)
+        .max(c.clears + c.overwrites)
+}
+
 async fn counts(
     conn: &mut Conn,
     mapping: &str,
@@ -194,7 +206,7 @@ impl Backend {
             return Ok(GuardOutcome::Nothing);
         }
         for (field, c) in by_field.iter_mut() {
-            c.covered = covered.get(field).copied().unwrap_or(0);
+            c.covered = covered_at_guard(&covered, field, c);
         }
         // PostgreSQL: `FOR UPDATE` waits for a `decide_hold` in progress (it row-locks the hold
         // first) and then skips the hold if it is no longer open, so no row is moved into a
@@ -274,7 +286,7 @@ impl Backend {
                 } else {
                     let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
                     for (field, c) in held.iter_mut() {
-                        c.covered = covered.get(field).copied().unwrap_or(0);
+                        c.covered = covered_at_guard(&covered, field, c);
                     }
                     let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
                     let values: i64 = sqlx::query(
