@@ -198,6 +198,14 @@ impl StateSettings {
         }
     }
 
+    /// A PostgreSQL state at `url` (tools and tests; the config file is validated instead).
+    pub fn postgres(url: &str) -> StateSettings {
+        StateSettings {
+            url: Some(SecretString::from(url.to_owned())),
+            ..StateSettings::sqlite("")
+        }
+    }
+
     pub fn backend(&self) -> StateBackend<'_> {
         match &self.url {
             Some(_) => StateBackend::Postgres(self),

@@ -196,25 +196,58 @@ impl Backend {
     }
 }
 
-/// Runs one test body on SQLite and on PostgreSQL, as two tests: `name::sqlite`, `name::postgres`.
+/// Runs one test body on SQLite and on PostgreSQL, as two tests: `name::sqlite`,
+/// `name::postgres`. `multi_thread:` first runs them on two worker threads (tests that drive
+/// child processes and serve simulators at once).
 #[macro_export]
 macro_rules! on_both_backends {
+    (multi_thread: $(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
+        $crate::on_both_backends!(@emit [flavor = "multi_thread", worker_threads = 2] $(#[$meta])* $name $backend $body);
+    };
     ($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
+        $crate::on_both_backends!(@emit [] $(#[$meta])* $name $backend $body);
+    };
+    (@emit [$($flavor:tt)*] $(#[$meta:meta])* $name:ident $backend:ident $body:block) => {
         $(#[$meta])*
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             async fn body($backend: $crate::pg::Backend) $body
-            #[tokio::test]
+            #[tokio::test($($flavor)*)]
             async fn sqlite() {
                 body($crate::pg::Backend::Sqlite).await
             }
-            #[tokio::test]
+            #[tokio::test($($flavor)*)]
             async fn postgres() {
                 body($crate::pg::Backend::Postgres).await
             }
         }
     };
+}
+
+/// Every row of every table of the database at `url`, hashed: equal before and after means
+/// nothing was written (the dry-run guarantee on PostgreSQL, where there is no file to compare).
+pub async fn fingerprint(url: &str) -> String {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .expect("connect");
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("tables");
+    let mut out = String::new();
+    for (table,) in tables {
+        let (digest,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM \"{table}\" AS t"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .expect("table digest");
+        out.push_str(&format!("{table}:{}\n", digest.unwrap_or_default()));
+    }
+    out
 }
 
 /// Fencing: a leader whose lease expired and was taken commits nothing more, and learns so.

@@ -70,6 +70,8 @@ pub(crate) struct Env {
     #[allow(dead_code)]
     pub(crate) servers: Vec<SimServer>,
     pub(crate) runs: usize,
+    /// The PostgreSQL state, if not the SQLite file `<dir>/state.db`.
+    pub(crate) state_url: Option<String>,
 }
 
 /// A `pendo-sync run` child, killed when dropped so a failing test leaves nothing behind.
@@ -218,7 +220,19 @@ impl Env {
             sf,
             servers,
             runs: 0,
+            state_url: opts.state_url,
         }
+    }
+
+    /// The state, read-only (the SQLite file or the PostgreSQL database).
+    pub(crate) async fn open_state(&self) -> pendo_sync::store::Store {
+        let state = match &self.state_url {
+            Some(url) => pendo_sync::config::StateSettings::postgres(url),
+            None => pendo_sync::config::StateSettings::sqlite(self.dir.path().join("state.db")),
+        };
+        pendo_sync::store::Store::open_settings_read_only(&state)
+            .await
+            .expect("the state opens")
     }
 
     pub(crate) fn command(&self, args: &[&str]) -> Command {
@@ -542,11 +556,13 @@ async fn killed_at_random_moments(
     changes_per_round: usize,
     max_kill_ms: u64,
     seed: u64,
+    state_url: Option<String>,
 ) {
     let mut env = Env::new(Options {
         accounts,
         batch_size: 25,
         sf_page_size: 100,
+        state_url,
         ..Options::default()
     })
     .await;
@@ -604,9 +620,7 @@ async fn killed_at_random_moments(
 /// absent from the shadow. A settle or a page commit that wrote its change and not its event
 /// (or the reverse) before a kill leaves a field whose history ends on another value.
 async fn history_matches_state(env: &Env) {
-    let store = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
-        .await
-        .unwrap();
+    let store = env.open_state().await;
     use pendo_sync::store::Event;
     let parse = |v: &Option<String>| -> Value {
         v.as_deref()
@@ -668,13 +682,23 @@ async fn history_matches_state(env: &Env) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_20_random_moments_then_a_restart_converges() {
-    killed_at_random_moments(1_500, 20, 300, 1_500, 11).await;
+    killed_at_random_moments(1_500, 20, 300, 1_500, 11, None).await;
+}
+
+/// The same 20 kills with the state in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_20_random_moments_on_postgres_then_a_restart_converges() {
+    let Some(url) = crate::pg::database().await else {
+        eprintln!("SKIPPED: PostgreSQL is not installed");
+        return;
+    };
+    killed_at_random_moments(1_500, 20, 300, 1_500, 11, Some(url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 100 kills over 5,000 accounts"]
 async fn kill_9_at_100_random_moments_then_a_restart_converges() {
-    killed_at_random_moments(5_000, 100, 200, 4_000, 23).await;
+    killed_at_random_moments(5_000, 100, 200, 4_000, 23, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -949,55 +973,61 @@ async fn an_admin_port_in_use_fails_start_up_naming_admin_listen() {
     );
 }
 
-/// Two cron `sync`s started together: the second waits for the first (one writer per outbox),
-/// so Pendo converges and no value is sent twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_syncs_started_together_send_each_value_once() {
-    let env = Env::new(Options {
-        accounts: 120,
-        batch_size: 20,
-        ..Options::default()
-    })
-    .await;
-    // Slow answers keep the first sync's batches in flight while the second starts.
-    env.pendo.set_faults(PendoFaults {
-        latency: Duration::from_millis(150),
-        ..PendoFaults::default()
-    });
-    let (a, b) = tokio::join!(
-        env.cli(&["sync", "--wait-lock", "60s"]),
-        env.cli(&["sync", "--wait-lock", "60s"])
-    );
-    for out in [&a, &b] {
-        assert_eq!(out.status.code(), Some(0), "{out:?}");
-    }
-    assert_eq!(env.differences(), Vec::<String>::new());
-    let mut sent: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for r in env.pendo.requests().iter().filter(|r| r.status == 200) {
-        for (id, field, _) in r.written_values() {
-            *sent.entry((id, field)).or_default() += 1;
+crate::on_both_backends! {
+    multi_thread:
+    /// Two cron `sync`s started together: the second waits for the first (one writer per
+    /// outbox: the file lock, or the lease), so Pendo converges and no value is sent twice.
+    async fn two_syncs_started_together_send_each_value_once(backend: Backend) {
+        let Ok(state_url) = backend.state_url().await else {
+            return;
+        };
+        let env = Env::new(Options {
+            accounts: 120,
+            batch_size: 20,
+            state_url,
+            ..Options::default()
+        })
+        .await;
+        // Slow answers keep the first sync's batches in flight while the second starts.
+        env.pendo.set_faults(PendoFaults {
+            latency: Duration::from_millis(150),
+            ..PendoFaults::default()
+        });
+        let (a, b) = tokio::join!(
+            env.cli(&["sync", "--wait-lock", "60s"]),
+            env.cli(&["sync", "--wait-lock", "60s"])
+        );
+        for out in [&a, &b] {
+            assert_eq!(out.status.code(), Some(0), "{out:?}");
         }
-    }
-    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+        assert_eq!(env.differences(), Vec::<String>::new());
+        let mut sent: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for r in env.pendo.requests().iter().filter(|r| r.status == 200) {
+            for (id, field, _) in r.written_values() {
+                *sent.entry((id, field)).or_default() += 1;
+            }
+        }
+        let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "sent more than once: {twice:?}");
 
-    // A short wait beside a slow holder exits 1 naming it.
-    env.pendo.set_faults(PendoFaults {
-        latency: Duration::from_millis(300),
-        ..PendoFaults::default()
-    });
-    for i in 0..120 {
-        env.sf
-            .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Changed"));
+        // A short wait beside a slow holder exits 1 naming it.
+        env.pendo.set_faults(PendoFaults {
+            latency: Duration::from_millis(300),
+            ..PendoFaults::default()
+        });
+        for i in 0..120 {
+            env.sf
+                .set_field("Account", &account_id(i), "Plan_Tier__c", json!("Changed"));
+        }
+        let (a, b) = tokio::join!(env.cli(&["sync", "--wait-lock", "60s"]), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            env.cli(&["sync", "--wait-lock", "100ms"]).await
+        });
+        assert_eq!(a.status.code(), Some(0), "{a:?}");
+        assert_eq!(b.status.code(), Some(1), "{b:?}");
+        let stderr = String::from_utf8_lossy(&b.stderr);
+        assert!(stderr.contains("pendo-sync sync (pid"), "{stderr}");
     }
-    let (a, b) = tokio::join!(env.cli(&["sync", "--wait-lock", "60s"]), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        env.cli(&["sync", "--wait-lock", "100ms"]).await
-    });
-    assert_eq!(a.status.code(), Some(0), "{a:?}");
-    assert_eq!(b.status.code(), Some(1), "{b:?}");
-    let stderr = String::from_utf8_lossy(&b.stderr);
-    assert!(stderr.contains("pendo-sync sync (pid"), "{stderr}");
 }
 
 /// Guarantee 6 for the command users run: `sync --dry-run` on a fresh machine creates no state

@@ -197,39 +197,52 @@ crate::on_both_backends! {
     }
 }
 
-#[tokio::test]
-async fn dry_run_writes_nothing_anywhere() {
-    let t = TestApp::new().await;
-    t.seed(5);
-    let app = t.app().await;
-    app.store.close().await; // checkpoint: the file is now what a fresh state file holds
-    let before = std::fs::read(t.dir.path().join("state.db")).unwrap();
-    let app = t.app().await;
-    let report = app
-        .sync(
-            None,
-            Mode::Incremental,
-            true,
-            &tokio_util::sync::CancellationToken::new(),
-            &(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(report.cycles[0].dry_run_changes.len(), 25);
-    assert!(t.pendo.requests().is_empty());
-    assert!(app.store.watermark("accounts").await.unwrap().is_none());
-    assert!(
-        app.store
-            .outbox_list(&Default::default(), 10)
+/// The whole state as bytes: the SQLite file, or every PostgreSQL table hashed.
+async fn state_now(t: &TestApp) -> Vec<u8> {
+    match t.settings.state.url() {
+        Some(url) => {
+            use secrecy::ExposeSecret;
+            crate::pg::fingerprint(url.expose_secret())
+                .await
+                .into_bytes()
+        }
+        None => std::fs::read(t.dir.path().join("state.db")).unwrap(),
+    }
+}
+
+crate::on_both_backends! {
+    async fn dry_run_writes_nothing_anywhere(backend: Backend) {
+        let Some(t) = TestApp::on(backend).await else {
+            return;
+        };
+        t.seed(5);
+        let app = t.app().await;
+        app.store.close().await; // checkpoint: the state is now what a fresh state holds
+        let before = state_now(&t).await;
+        let app = t.app().await;
+        let report = app
+            .sync(
+                None,
+                Mode::Incremental,
+                true,
+                &tokio_util::sync::CancellationToken::new(),
+                &(),
+            )
             .await
-            .unwrap()
-            .is_empty()
-    );
-    app.store.close().await;
-    assert!(
-        before == std::fs::read(t.dir.path().join("state.db")).unwrap(),
-        "the state file changed"
-    );
+            .unwrap();
+        assert_eq!(report.cycles[0].dry_run_changes.len(), 25);
+        assert!(t.pendo.requests().is_empty());
+        assert!(app.store.watermark("accounts").await.unwrap().is_none());
+        assert!(
+            app.store
+                .outbox_list(&Default::default(), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        app.store.close().await;
+        assert!(before == state_now(&t).await, "the state changed");
+    }
 }
 
 /// Latest wins while a value is in flight: Pendo confirming the old value removes only the row
