@@ -39,7 +39,7 @@
 //! a million-record CRM (`FixtureConnector` holds every record and clones them all at pull start).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -222,7 +222,7 @@ impl Pull for SyntheticPull {
 
 /// A reconcile in which every record's plan tier changed: the guard holds all of it. Reports the
 /// whole cycle and the guard's own decision (counting N staged values against the shadow).
-async fn held(n: u64, db: &Path) -> serde_json::Value {
+async fn held(n: u64, db: &str) -> serde_json::Value {
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);
     let crm = SyntheticCrm {
@@ -231,7 +231,7 @@ async fn held(n: u64, db: &Path) -> serde_json::Value {
         page_size: page_size(),
         mass: true,
     };
-    let store = Store::open(db).await.expect("open state");
+    let store = open(db).await;
     let hwm_before = proc_status_mb("VmHWM");
     let cpu_before = cpu_seconds();
     let started = Instant::now();
@@ -341,8 +341,47 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-fn copy_state(from: &Path, to: &Path) {
-    std::fs::copy(from, to).expect("copy state file");
+/// `BENCH_STATE=postgres`: the state in PostgreSQL (a throwaway server of this run's, see
+/// `pendo_sync::sim::postgres`); each phase gets a copy of the set-up database, as it gets a copy
+/// of the SQLite file otherwise.
+fn on_postgres() -> bool {
+    std::env::var("BENCH_STATE").is_ok_and(|v| v == "postgres")
+}
+
+/// A phase's state: a SQLite file's path, or a PostgreSQL URL.
+async fn open(db: &str) -> Store {
+    if db.starts_with("postgres://") {
+        Store::open_settings(&pendo_sync::config::StateSettings::postgres(db))
+            .await
+            .expect("open state")
+    } else {
+        Store::open(Path::new(db)).await.expect("open state")
+    }
+}
+
+/// A copy of the set-up state for one phase: `name` beside the file, or a database cloned
+/// from it.
+fn copy_state(base: &str, dir: &Path, name: &str) -> String {
+    if on_postgres() {
+        runtime()
+            .block_on(pendo_sync::sim::postgres::copy_of(base))
+            .expect("PostgreSQL is installed")
+    } else {
+        let to = dir.join(name);
+        std::fs::copy(base, &to).expect("copy state file");
+        to.display().to_string()
+    }
+}
+
+fn discard_state(db: &str) {
+    if on_postgres() {
+        runtime().block_on(pendo_sync::sim::postgres::drop_database(db));
+    } else {
+        let db = Path::new(db);
+        std::fs::remove_file(db).expect("remove copy");
+        let _ = std::fs::remove_file(db.with_extension("db-wal"));
+        let _ = std::fs::remove_file(db.with_extension("db-shm"));
+    }
 }
 
 async fn pending(store: &Store) -> i64 {
@@ -372,7 +411,7 @@ async fn cycle(
 
 // ---- child phases ---------------------------------------------------------------------------
 
-async fn setup(n: u64, db: &Path) -> serde_json::Value {
+async fn setup(n: u64, db: &str) -> serde_json::Value {
     let started = Instant::now();
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);
@@ -382,9 +421,43 @@ async fn setup(n: u64, db: &Path) -> serde_json::Value {
         page_size: page_size(),
         mass: false,
     };
-    let store = Store::open(db).await.expect("open state");
+    let store = open(db).await;
     let sql = setup_is_sql(n);
-    if sql {
+    if sql && on_postgres() {
+        // The same shadow rows, written set-wise (10,000 a statement) on PostgreSQL.
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db)
+            .await
+            .expect("connect");
+        let mut rows = Vec::with_capacity(10_000);
+        for i in 0..n {
+            let rec = mapping.map(&record(i, false)).expect("maps");
+            let mut vals = serde_json::Map::new();
+            for (f, v) in mapping.fields.iter().zip(&rec.values) {
+                let stored = v.as_ref().expect("value").to_stored();
+                let value: serde_json::Value = serde_json::from_str(&stored).expect("json");
+                vals.insert(f.pendo_field.clone(), value);
+            }
+            rows.push(json!([rec.pendo_id, vals]));
+            if rows.len() == 10_000 || i + 1 == n {
+                sqlx::query(
+                    "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at)
+                     SELECT $1, e.value ->> 0, e.value -> 1, 0
+                     FROM jsonb_array_elements($2::jsonb) AS e(value)",
+                )
+                .bind(Kind::Account.as_str())
+                .bind(serde_json::Value::Array(std::mem::take(&mut rows)).to_string())
+                .execute(&mut conn)
+                .await
+                .expect("insert shadow");
+            }
+        }
+        sqlx::query("INSERT INTO watermarks (mapping, value, updated_at) VALUES ($1, $2, 0)")
+            .bind(&mapping.name)
+            .bind(n.to_string())
+            .execute(&mut conn)
+            .await
+            .expect("watermark");
+    } else if sql {
         // The shadow `settle(Confirmed)` would write, written directly: one object per record of
         // field → JSON of the canonical stored text, through the same json_patch.
         let mut tx = store.pool().begin().await.expect("begin");
@@ -462,15 +535,17 @@ async fn setup(n: u64, db: &Path) -> serde_json::Value {
         store.digest_count(&mapping.name).await.expect("digests") as u64,
         n
     );
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(store.pool())
-        .await
-        .expect("checkpoint");
+    if !on_postgres() {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(store.pool())
+            .await
+            .expect("checkpoint");
+    }
     store.close().await;
     json!({ "setup_s": started.elapsed().as_secs_f64(), "cold_reconcile_s": cold_s, "cold_reconcile_cpu_s": cold_cpu, "db_mb": std::fs::metadata(db).map_or(0.0, |m| m.len() as f64 / 1048576.0) })
 }
 
-async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
+async fn measure(n: u64, db: &str, mode: Mode) -> serde_json::Value {
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);
     let crm = SyntheticCrm {
@@ -480,7 +555,7 @@ async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
         mass: false,
     };
     let expected = crm.changed_count();
-    let store = Store::open(db).await.expect("open state");
+    let store = open(db).await;
     let rss_before = proc_status_mb("VmRSS");
     let hwm_before = proc_status_mb("VmHWM");
     let cpu_before = cpu_seconds();
@@ -515,7 +590,7 @@ async fn measure(n: u64, db: &Path, mode: Mode) -> serde_json::Value {
 
 /// The long path (every record diffed, no digests), re-done serially with public pieces and a
 /// stopwatch on each phase (the engine's ambiguity bookkeeping and metrics are left out).
-async fn breakdown(n: u64, db: &Path) -> serde_json::Value {
+async fn breakdown(n: u64, db: &str) -> serde_json::Value {
     let (_, ms) = settings();
     let mapping = Mapping::new(&ms);
     let crm = SyntheticCrm {
@@ -524,7 +599,7 @@ async fn breakdown(n: u64, db: &Path) -> serde_json::Value {
         page_size: page_size(),
         mass: false,
     };
-    let store = Store::open(db).await.expect("open state");
+    let store = open(db).await;
     let mut t: HashMap<&str, Duration> = HashMap::new();
     let mut add = |k, since: Instant| *t.entry(k).or_default() += since.elapsed();
     let started = Instant::now();
@@ -551,20 +626,23 @@ async fn breakdown(n: u64, db: &Path) -> serde_json::Value {
         let at = Instant::now();
         let shadow = store.load_shadow(mapping.kind, &ids).await.expect("shadow");
         add("3 load shadow", at);
-        // The same query alone, rows fetched but not parsed (not counted in the total).
-        let at = Instant::now();
-        let list = serde_json::to_string(&ids).expect("ids");
-        let raw = sqlx::query(
-            "SELECT pendo_id, vals FROM shadow
-             WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(mapping.kind.as_str())
-        .bind(list)
-        .fetch_all(store.pool())
-        .await
-        .expect("raw shadow");
-        assert_eq!(raw.len(), ids.len());
-        extra += at.elapsed();
+        // The same query alone, rows fetched but not parsed (not counted in the total; SQLite
+        // only).
+        if !on_postgres() {
+            let at = Instant::now();
+            let list = serde_json::to_string(&ids).expect("ids");
+            let raw = sqlx::query(
+                "SELECT pendo_id, vals FROM shadow
+                 WHERE kind = ?1 AND pendo_id IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(mapping.kind.as_str())
+            .bind(list)
+            .fetch_all(store.pool())
+            .await
+            .expect("raw shadow");
+            assert_eq!(raw.len(), ids.len());
+            extra += at.elapsed();
+        }
         let at = Instant::now();
         let outbox = store
             .load_outbox_values(mapping.kind, &ids)
@@ -619,7 +697,7 @@ fn child(phase: &str) {
         .expect("BENCH_N")
         .parse()
         .expect("BENCH_N");
-    let db = PathBuf::from(std::env::var("BENCH_DB").expect("BENCH_DB"));
+    let db = std::env::var("BENCH_DB").expect("BENCH_DB");
     let rt = runtime();
     let out = rt.block_on(async {
         match phase {
@@ -636,7 +714,7 @@ fn child(phase: &str) {
 
 // ---- parent ---------------------------------------------------------------------------------
 
-fn run_child(phase: &str, n: u64, db: &Path) -> serde_json::Value {
+fn run_child(phase: &str, n: u64, db: &str) -> serde_json::Value {
     let out = Command::new(std::env::current_exe().expect("current exe"))
         .env("BENCH_CHILD", phase)
         .env("BENCH_N", n.to_string())
@@ -695,7 +773,16 @@ fn main() {
     let mut rows = Vec::new();
     for n in sizes() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let base = dir.path().join("state.db");
+        let base = if on_postgres() {
+            runtime()
+                .block_on({
+                    pendo_sync::sim::postgres::durable();
+                    pendo_sync::sim::postgres::database()
+                })
+                .expect("BENCH_STATE=postgres needs PostgreSQL installed")
+        } else {
+            dir.path().join("state.db").display().to_string()
+        };
         let s = run_child("setup", n, &base);
         eprintln!(
             "  N={n}: setup ({}) {s}",
@@ -704,29 +791,22 @@ fn main() {
         let (mut rec, mut inc) = (Vec::new(), Vec::new());
         for _ in 0..repeats() {
             for (phase, out) in [("reconcile", &mut rec), ("incremental", &mut inc)] {
-                let db = dir.path().join(format!("{phase}.db"));
-                copy_state(&base, &db);
+                let db = copy_state(&base, dir.path(), &format!("{phase}.db"));
                 let r = run_child(phase, n, &db);
                 eprintln!("  N={n}: {phase} {r} (load {})", load_average());
                 out.push(r);
-                std::fs::remove_file(&db).expect("remove copy");
-                let _ = std::fs::remove_file(db.with_extension("db-wal"));
-                let _ = std::fs::remove_file(db.with_extension("db-shm"));
+                discard_state(&db);
             }
         }
         // Once per size: the reconcile the guard holds (every plan tier changed).
         {
-            let db = dir.path().join("held.db");
-            copy_state(&base, &db);
+            let db = copy_state(&base, dir.path(), "held.db");
             let h = run_child("held", n, &db);
             eprintln!("  N={n}: held {h} (load {})", load_average());
-            std::fs::remove_file(&db).expect("remove copy");
-            let _ = std::fs::remove_file(db.with_extension("db-wal"));
-            let _ = std::fs::remove_file(db.with_extension("db-shm"));
+            discard_state(&db);
         }
         if env_flag("BENCH_BREAKDOWN") {
-            let b_db = dir.path().join("breakdown.db");
-            copy_state(&base, &b_db);
+            let b_db = copy_state(&base, dir.path(), "breakdown.db");
             let b = run_child("breakdown", n, &b_db);
             eprintln!("  N={n}: breakdown {b}");
         }

@@ -104,7 +104,26 @@ async fn run() {
         .requests_per_second(r)
         .retry_initial("200ms")
         .retry_max("5s");
+    // `BENCH_STATE=postgres`: the state in a throwaway PostgreSQL of this run's.
+    let state_url = if std::env::var("BENCH_STATE").is_ok_and(|v| v == "postgres") {
+        Some(
+            {
+                pendo_sync::sim::postgres::durable();
+                pendo_sync::sim::postgres::database()
+            }
+            .await
+            .expect("BENCH_STATE=postgres needs PostgreSQL installed"),
+        )
+    } else {
+        None
+    };
+    let on = if state_url.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
     let toml = SimConfig::new(dir.join("state.db"), pendo_section)
+        .state_url(state_url)
         .salesforce(SalesforceSection::new(
             "http://127.0.0.1:9",
             Auth::client_credentials("bench", "bench"),
@@ -127,7 +146,9 @@ async fn run() {
             .collect::<Vec<_>>()
     };
 
-    println!("e2e: N={n} records × 5 fields, Pendo limited at R={r} requests/s, batch B={b}\n");
+    println!(
+        "e2e: N={n} records × 5 fields, Pendo limited at R={r} requests/s, batch B={b}, state on {on}\n"
+    );
 
     // 1. Push every record once (the first sync).
     let m = &settings.mappings[0];

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod hubspot;
 pub mod pendo;
+pub mod postgres;
 pub mod salesforce;
 
 use std::net::SocketAddr;

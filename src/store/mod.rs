@@ -656,6 +656,8 @@ pub enum PausePoint {
     BetweenDiffReads,
     /// [`Store::load_digests`]: the digests were read, the outbox ids not yet.
     BetweenDigestReads,
+    /// A writing transaction has checked its lease (PostgreSQL) and not committed yet.
+    InFencedWrite,
 }
 
 /// A test's pause: called at a [`PausePoint`], the store waits for the future it returns.

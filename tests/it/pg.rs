@@ -6,170 +6,9 @@
 //! ends. Without PostgreSQL installed a test prints SKIPPED, except under `CI=true`, where a
 //! missing server is a failure (`.ci/run` installs it).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-struct Cluster {
-    port: u16,
-}
-
-static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
-static NEXT_DB: AtomicU32 = AtomicU32::new(0);
-
-fn bin_dir() -> Option<PathBuf> {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("pg_ctl").exists())
-        .collect();
-    versions.sort();
-    versions.pop()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Runs a PostgreSQL program, as `postgres` when we are root.
-fn pg(bin: &Path, program: &str, args: &[&str]) -> std::process::Output {
-    let exe = bin.join(program);
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&exe);
-        c
-    } else {
-        Command::new(&exe)
-    };
-    cmd.args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"))
-}
-
-fn start() -> Option<Cluster> {
-    let Some(bin) = bin_dir() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "PostgreSQL is not installed (/usr/lib/postgresql/*/bin); .ci/run installs it"
-        );
-        return None;
-    };
-    let dir = PathBuf::from(format!("/tmp/pendo-sync-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("cluster dir");
-    if is_root() {
-        let ok = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "chown postgres {}", dir.display());
-    }
-    let data = dir.join("data");
-    let out = pg(
-        &bin,
-        "initdb",
-        &[
-            "-D",
-            data.to_str().unwrap(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--locale=C.UTF-8",
-            "--no-sync",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "initdb: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-        dir.display()
-    );
-    let log = dir.join("log");
-    let out = pg(
-        &bin,
-        "pg_ctl",
-        &[
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &opts,
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-            "start",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "pg_ctl start: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    // Stops the cluster when this test process is gone (kill -9 of the runner included).
-    let stop = if is_root() {
-        format!(
-            "runuser -u postgres -- {} -D {} -m immediate stop",
-            bin.join("pg_ctl").display(),
-            data.display()
-        )
-    } else {
-        format!(
-            "{} -D {} -m immediate stop",
-            bin.join("pg_ctl").display(),
-            data.display()
-        )
-    };
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
-        pid = std::process::id(),
-        dir = dir.display()
-    );
-    // Not waited for: it outlives this process on purpose.
-    #[allow(clippy::zombie_processes)]
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("watchdog starts");
-    Some(Cluster { port })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A fresh, empty database on the test cluster: its URL. `None` (the test is skipped) where
-/// PostgreSQL is not installed outside CI.
+/// A fresh database on the test cluster (see `pendo_sync::sim::postgres`).
 pub async fn database() -> Option<String> {
-    let cluster = CLUSTER.get_or_init(start).as_ref()?;
-    let name = format!("t{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .expect("connect to the test cluster");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
-    Some(format!(
-        "postgres://postgres@127.0.0.1:{}/{name}",
-        cluster.port
-    ))
+    pendo_sync::sim::postgres::database().await
 }
 
 /// Which state a parametrised test runs on.
@@ -308,4 +147,94 @@ async fn a_leader_that_lost_its_lease_commits_nothing() {
     let holder = pb.lease_holder().await.unwrap().unwrap();
     assert_eq!((holder.holder.as_str(), holder.epoch), ("host-b 2 run", 2));
     assert!(holder.expires_in_ms > 0);
+}
+
+/// Found by the e2e bench on PostgreSQL: writing transactions (pages of 10,000 new records)
+/// share-locked the lease row, so the leader's own renewal waited for them, the lease expired
+/// meanwhile, and the leader lost it while alive and well. Renewals must go through while the
+/// leader's transactions run; a standby's takeover must still wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_write_does_not_block_its_lease_renewal_and_a_takeover_waits_for_it() {
+    use pendo_sync::config::StateSettings;
+    use pendo_sync::store::{PausePoint, Store};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(url) = database().await else {
+        eprintln!("SKIPPED: PostgreSQL is not installed");
+        return;
+    };
+    let state = StateSettings::postgres(&url);
+    let a = Store::open_settings(&state).await.unwrap();
+    let b = Store::open_settings(&state).await.unwrap();
+    let ttl = Duration::from_secs(3);
+    let pa = a.postgres().unwrap().clone();
+    assert_eq!(
+        pa.try_take_lease("host-a 1 run", ttl).await.unwrap(),
+        Some(1)
+    );
+    // One write of A's stays inside its transaction for 1.2 s (under the server's idle limit of
+    // half a lease, which ends a stalled leader's transaction).
+    let once = Arc::new(AtomicBool::new(false));
+    a.set_pause_hook(Some(Arc::new(move |point| {
+        let first = point == PausePoint::InFencedWrite && !once.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+            }
+        })
+    })));
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move { a.kv_set("long", &serde_json::json!(1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A renews meanwhile, at once.
+    let started = Instant::now();
+    assert!(pa.renew_lease(ttl).await.unwrap(), "the renewal failed");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the renewal waited {:?} for A's own transaction",
+        started.elapsed()
+    );
+    assert!(!writer.is_finished(), "the write did not last long enough");
+    writer.await.unwrap().unwrap();
+    a.set_pause_hook(None);
+    // B's takeover of an expired lease waits for A's transaction in flight.
+    let once = Arc::new(AtomicBool::new(false));
+    a.set_pause_hook(Some(Arc::new(move |point| {
+        let first = point == PausePoint::InFencedWrite && !once.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if first {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        })
+    })));
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move { a.kv_set("in-flight", &serde_json::json!(1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut raw = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE leader_lease SET expires_at = clock_timestamp() - interval '1 second'")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    let pb = b.postgres().unwrap();
+    assert_eq!(
+        pb.try_take_lease("host-b 2 run", ttl).await.unwrap(),
+        Some(2)
+    );
+    // The takeover returned only after A's transaction ended: it committed before epoch 2.
+    assert!(
+        writer.is_finished(),
+        "the takeover did not wait for A's write"
+    );
+    writer.await.unwrap().unwrap();
+    assert_eq!(
+        b.kv_get("in-flight").await.unwrap(),
+        Some(serde_json::json!(1))
+    );
 }

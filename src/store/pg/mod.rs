@@ -6,8 +6,9 @@
 //! mode (PgBouncer) would strand on a server connection another client then gets. Taking an
 //! expired (or absent) lease bumps the epoch. While a process holds it, every transaction that
 //! changes the state starts by checking it (`Backend::begin_write`): same holder, same epoch,
-//! not expired, share-locking the row until commit, so a takeover waits for that transaction
-//! and a leader that stalled past its expiry commits nothing.
+//! not expired, key-share-locking the row until commit, so a takeover (which locks it `FOR
+//! UPDATE`) waits for that transaction, the leader's own renewals do not, and a leader that
+//! stalled past its expiry commits nothing.
 //!
 //! Session settings are not used either (a pooler would lose or leak them): the timeouts a
 //! fenced transaction needs are set per transaction (`set_config(.., true)`).
@@ -143,6 +144,7 @@ impl Backend {
             path,
             pause: Arc::default(),
             fence: Fence::default(),
+            written: Arc::default(),
         })
     }
 
@@ -154,11 +156,31 @@ impl Backend {
         ttl: Duration,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // A stalled leader's transaction may hold the row (share lock): wait a little, not
+        // A stalled leader's transaction may hold the row (key share lock): wait a little, not
         // for ever; the next poll tries again.
         sqlx::query("SELECT set_config('lock_timeout', '2000', true)")
             .execute(&mut *tx)
             .await?;
+        // The row `FOR UPDATE` first: this waits for the current leader's writing transactions
+        // (they hold it `FOR KEY SHARE`), so none of them commits after a takeover. An
+        // unexpired lease ends the attempt there.
+        let current = sqlx::query(
+            "SELECT expires_at > clock_timestamp() FROM leader_lease WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_optional(&mut *tx)
+        .await;
+        match current {
+            Ok(Some(row)) if row.get::<bool, _>(0) => {
+                tx.commit().await?;
+                return Ok(None);
+            }
+            Ok(_) => {}
+            // 55P03: lock_not_available (the lock timeout above).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
         let row = sqlx::query(
             "INSERT INTO leader_lease (id, holder, epoch, expires_at, renewed_at)
              VALUES (1, $1, 1, clock_timestamp() + $2 * interval '1 millisecond', clock_timestamp())

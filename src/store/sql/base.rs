@@ -26,6 +26,8 @@ pub struct Backend {
     pub(crate) pause: Arc<Mutex<Option<PauseHook>>>,
     /// The lease this process writes under, if it holds one (PostgreSQL).
     pub(crate) fence: Fence,
+    /// Rows written since the planner's statistics were last refreshed (PostgreSQL).
+    pub(crate) written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -50,11 +52,41 @@ impl Backend {
         Ok(tx)
     }
 
+    /// Counts `rows` written; on PostgreSQL, every 10,000 refreshes the statistics of the
+    /// tables that grow and shrink in bursts (a first sync fills the outbox, its push drains it
+    /// into the shadow). Autovacuum would do it within a minute or so; until then the planner
+    /// believes the outbox empty (or full) and chooses plans for the wrong table (the first
+    /// push of 100,000 records ran at a tenth of Pendo's allowed rate). In the background, one
+    /// at a time and at most every 5 s: the writer does not wait for it.
+    pub(crate) async fn note_written(&self, rows: usize) {
+        use std::sync::atomic::Ordering;
+        if !PG || rows == 0 {
+            return;
+        }
+        let total = self.written.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        if total < 10_000 || self.written.swap(0, Ordering::Relaxed) < 10_000 {
+            return;
+        }
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            static RUNNING: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if RUNNING.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
+                tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
+            }
+            RUNNING.store(false, Ordering::SeqCst);
+        });
+    }
+
     /// A transaction that changes the state. While this process holds the lease (PostgreSQL),
     /// its first statement checks the lease is still this process's, under the same epoch and
-    /// unexpired, and keeps the lease row share-locked until the transaction ends: a standby's
-    /// takeover waits for it, and a leader that stalled past its lease commits nothing
-    /// ([`StoreError::LostLease`]).
+    /// unexpired, and keeps the lease row key-share-locked until the transaction ends: a
+    /// standby's takeover (which locks the row `FOR UPDATE` first) waits for it, while the
+    /// leader's own renewals (plain updates) do not, however long the transaction. A leader
+    /// that stalled past its lease commits nothing ([`StoreError::LostLease`]).
     pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (holder, epoch) = match self.fence.check() {
@@ -70,7 +102,7 @@ impl Backend {
                 "SELECT set_config('idle_in_transaction_session_timeout', $3, true)
                  FROM leader_lease
                  WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()
-                 FOR SHARE",
+                 FOR KEY SHARE",
             )
             .bind(&holder)
             .bind(epoch)
@@ -81,6 +113,7 @@ impl Backend {
                 self.fence.lost();
                 return Err(StoreError::LostLease { epoch });
             }
+            self.pause_at(PausePoint::InFencedWrite).await;
         }
         Ok(tx)
     }
@@ -300,6 +333,7 @@ impl Backend {
             digest::write_digests(&mut tx, kind, page.mapping, digests, seq).await?;
         }
         tx.commit().await?;
+        self.note_written(page.changes.len()).await;
         Ok(())
     }
 

@@ -82,6 +82,7 @@ impl Backend {
             path: path.to_owned(),
             pause: Arc::default(),
             fence: Fence::default(),
+            written: Arc::default(),
         })
     }
 
@@ -128,6 +129,7 @@ impl Backend {
             path: path.to_owned(),
             pause: Arc::default(),
             fence: Fence::default(),
+            written: Arc::default(),
         })
     }
 
@@ -158,6 +160,7 @@ impl Backend {
             path,
             pause: Arc::default(),
             fence: Fence::default(),
+            written: Arc::default(),
         })
     }
 }

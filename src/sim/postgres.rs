@@ -1,0 +1,225 @@
+//! A throwaway PostgreSQL server for tests and benchmarks: Debian's `initdb` and `pg_ctl` in a
+//! temp directory, on a free loopback port, started once per process; a fresh database per
+//! caller. PostgreSQL refuses to run as root, so as root (CI) it runs as the `postgres` OS user.
+//! A watchdog shell stops it and removes its directory when this process ends, however it ends.
+//! Nothing here is used by a real sync.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+struct Cluster {
+    port: u16,
+}
+
+static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+static DURABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the server (if not started yet) with PostgreSQL's durable defaults (fsync, synchronous
+/// commit, full-page writes), as a production server: for benchmarks. Tests leave them off,
+/// which only matters if the machine itself crashes.
+pub fn durable() {
+    DURABLE.store(true, Ordering::SeqCst);
+}
+
+/// The newest installed server's `bin` directory, if PostgreSQL is installed.
+pub fn bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs a PostgreSQL program, as `postgres` when we are root.
+fn pg(bin: &Path, program: &str, args: &[&str]) -> std::process::Output {
+    let exe = bin.join(program);
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    cmd.args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn start() -> Option<Cluster> {
+    let Some(bin) = bin_dir() else {
+        // CI installs it (.ci/run): there, a missing server is a failure, not a skip.
+        assert!(
+            std::env::var("CI").is_err(),
+            "PostgreSQL is not installed (/usr/lib/postgresql/*/bin); .ci/run installs it"
+        );
+        return None;
+    };
+    let dir = PathBuf::from(format!("/tmp/pendo-sync-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cluster dir");
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chown postgres {}", dir.display());
+    }
+    let data = dir.join("data");
+    let out = pg(
+        &bin,
+        "initdb",
+        &[
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let fast = if DURABLE.load(Ordering::SeqCst) {
+        ""
+    } else {
+        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
+    // More server settings for a run (`-c log_min_duration_statement=100`, ...).
+    let extra = std::env::var("PENDO_SYNC_PG_OPTS").unwrap_or_default();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{fast} {extra}",
+        dir.display()
+    );
+    let log = dir.join("log");
+    let out = pg(
+        &bin,
+        "pg_ctl",
+        &[
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "pg_ctl start: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Stops the cluster when this test process is gone (kill -9 of the runner included).
+    let stop = if is_root() {
+        format!(
+            "runuser -u postgres -- {} -D {} -m immediate stop",
+            bin.join("pg_ctl").display(),
+            data.display()
+        )
+    } else {
+        format!(
+            "{} -D {} -m immediate stop",
+            bin.join("pg_ctl").display(),
+            data.display()
+        )
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    // Not waited for: it outlives this process on purpose.
+    #[allow(clippy::zombie_processes)]
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watchdog starts");
+    Some(Cluster { port })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh, empty database on this process's cluster (started on first use): its URL. `None`
+/// where PostgreSQL is not installed (outside CI).
+pub async fn database() -> Option<String> {
+    create(None).await
+}
+
+/// A new database that starts as a copy of the one at `template` (no one may be connected to
+/// it): what copying a SQLite file is to a benchmark. `None` as for [`database`].
+pub async fn copy_of(template: &str) -> Option<String> {
+    let name = template.rsplit('/').next().expect("a database URL");
+    create(Some(name)).await
+}
+
+async fn create(template: Option<&str>) -> Option<String> {
+    let cluster = CLUSTER.get_or_init(start).as_ref()?;
+    // Unique across the processes of one test run (benchmark children share a cluster by URL,
+    // not by this counter).
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .expect("connect to the test cluster");
+    let sql = match template {
+        Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+        None => format!("CREATE DATABASE {name}"),
+    };
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    Some(format!(
+        "postgres://postgres@127.0.0.1:{}/{name}",
+        cluster.port
+    ))
+}
+
+/// Drops the database at `url` (a benchmark's copy), closing what is connected to it.
+pub async fn drop_database(url: &str) {
+    let Some(cluster) = CLUSTER.get().and_then(Option::as_ref) else {
+        return;
+    };
+    let name = url.rsplit('/').next().expect("a database URL");
+    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
