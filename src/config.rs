@@ -1511,6 +1511,65 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_config_keeps_its_state_in_postgres() {
+        let s = load(include_str!("../deploy/config.toml")).expect("deploy config loads");
+        assert!(s.state.is_postgres());
+        assert_eq!(s.state.lease_ttl, Duration::from_secs(15));
+        assert!(matches!(s.state.password_source, SecretSource::File(_)));
+        assert_eq!(
+            s.state.display(),
+            "postgres://pendo_sync@postgres:5432/pendo_sync"
+        );
+    }
+
+    #[test]
+    fn state_is_a_path_or_a_url_never_both_nor_neither() {
+        let url = "url = \"postgres://u@db/pendo\"";
+        let both = EXAMPLE.replace("[state]\n", &format!("[state]\n{url}\n"));
+        let e = load(&both).unwrap_err().to_string();
+        assert!(e.contains("state.path") && e.contains("state.url"), "{e}");
+        let neither = EXAMPLE.replace("path = \"/var/lib/pendo-sync/state.db\"", "");
+        let e = load(&neither).unwrap_err().to_string();
+        assert!(e.contains("state.path") && e.contains("state.url"), "{e}");
+        let pg = EXAMPLE.replace("path = \"/var/lib/pendo-sync/state.db\"", url);
+        assert!(load(&pg).unwrap().state.is_postgres());
+        let mysql = EXAMPLE.replace(
+            "path = \"/var/lib/pendo-sync/state.db\"",
+            "url = \"mysql://u:pw@db/x\"",
+        );
+        let e = load(&mysql).unwrap_err().to_string();
+        assert!(e.starts_with("state.url:") && !e.contains("pw"), "{e}");
+        let short = EXAMPLE.replace(
+            "path = \"/var/lib/pendo-sync/state.db\"",
+            &format!("{url}\nlease_ttl = \"1s\""),
+        );
+        let e = load(&short).unwrap_err().to_string();
+        assert!(e.starts_with("state.lease_ttl:"), "{e}");
+        let sqlite_password = EXAMPLE.replace(
+            "path = \"/var/lib/pendo-sync/state.db\"",
+            "path = \"/tmp/s.db\"\npassword_file = \"/run/secrets/pg\"",
+        );
+        let e = load(&sqlite_password).unwrap_err().to_string();
+        assert!(e.starts_with("state.password_file:"), "{e}");
+    }
+
+    #[test]
+    fn a_state_url_s_password_is_never_shown() {
+        let text = EXAMPLE.replace(
+            "path = \"/var/lib/pendo-sync/state.db\"",
+            "url = \"postgres://sync:canary-db-pw-77@db:5432/pendo?sslmode=require&password=canary-db-pw-77\"",
+        );
+        let s = load(&text).unwrap();
+        assert!(!format!("{s:?}").contains("canary-db-pw-77"));
+        let shown = s.state.display();
+        assert!(!shown.contains("canary-db-pw-77"), "{shown}");
+        assert!(
+            shown.starts_with("postgres://sync:***@db:5432/pendo"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn environment_overrides_a_key() {
         let env = HashMap::from([
             ("PENDO_SYNC__PENDO__BATCH_SIZE".to_owned(), "42".to_owned()),

@@ -21,6 +21,7 @@ fn exported() -> BTreeSet<&'static str> {
         HELD_VALUES,
         HISTORY_EVENTS,
         pendo_sync::metrics::WRITER_PAUSED,
+        pendo_sync::metrics::LEADER,
         pendo_sync::schedule::RECONCILE_FAILURES,
         pendo_sync::notify::NOTIFICATIONS,
     ]
@@ -117,7 +118,8 @@ fn the_alert_rules_are_complete_and_query_only_exported_metrics() {
             "PendoSyncWriterPaused",
             "PendoSyncHoldOpen",
             "PendoSyncDeadValues",
-            "PendoSyncOldestPendingTooOld"
+            "PendoSyncOldestPendingTooOld",
+            "PendoSyncNoLeader"
         ]
     );
     for rule in &rules {

@@ -129,6 +129,16 @@ async fn a_standby_serves_the_admin_port_carries_requests_to_the_leader_and_take
         b.log()
     );
 
+    // A queue action on the standby is one transaction on the shared state.
+    let answer = reqwest::Client::new()
+        .post(format!("http://{b_admin}/v1/queue/retry"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"state": "dead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
+
     // The CLI finds the leader by its lease and queues through the state.
     let out = env.cli(&["resync", "--mapping", "sf-accounts"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -838,6 +838,68 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
     assert_eq!(env.get("/v1/resync/nope").await.0, 404);
 }
 
+/// Resync jobs are rows in the state: one requested over the admin port and cut by kill -9 runs
+/// again at the next start, and its id still answers (it used to live in the process's memory:
+/// a 404 after any restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_cut_by_kill_9_runs_again_after_the_restart_under_the_same_id() {
+    let mut env = Env::new(Options {
+        accounts: 1_500,
+        batch_size: 25,
+        sf_page_size: 100,
+        ..Options::default()
+    })
+    .await;
+    let mut svc = env.start();
+    env.wait_ready(&svc, Duration::from_secs(30)).await;
+    env.wait_converged(&svc, Duration::from_secs(30)).await;
+    // Slow answers: the resync's push is still going when it is killed.
+    env.pendo.set_faults(PendoFaults {
+        latency: Duration::from_millis(20),
+        ..PendoFaults::default()
+    });
+    let answer = reqwest::Client::new()
+        .post(env.url("/v1/resync"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let id = answer.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let writes = env.pendo_writes();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.pendo_writes() < writes + 3 {
+        assert!(Instant::now() < deadline, "log:\n{}", svc.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    svc.crash();
+    let svc = env.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = env.get(&format!("/v1/resync/{id}")).await;
+        let job: Value = serde_json::from_str(&body).unwrap_or_default();
+        if job["state"] == json!("done") {
+            assert_eq!(job["records_read"], json!(1_500), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{code} {body}; log:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        svc.log().contains("queued again"),
+        "the restart did not pick the job up:\n{}",
+        svc.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_cli_hands_off_to_the_service_and_restores_wiped_values() {
     let mut env = Env::new(Options {

@@ -85,13 +85,17 @@ impl Backend {
         row.as_ref().map(record_from_row).transpose()
     }
 
-    /// Jobs a process left running when it died go back to the queue (a resync is safe to run
-    /// again); returns how many.
+    /// Jobs a process left running when it died go back to the queue, to start over (a resync
+    /// is safe to run again); returns how many.
     pub async fn requeue_resyncs(&self) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("UPDATE resyncs SET state = 'queued' WHERE state = 'running'")
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE resyncs SET state = 'queued', records_read = 0, changes = 0, pushed = 0,
+                    held = '[]', started_at = NULL
+             WHERE state = 'running'",
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
