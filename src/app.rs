@@ -347,6 +347,8 @@ impl App {
         if runs > 0 {
             tracing::info!(cycles = runs, "Deleted cycles past history.retention.");
         }
+        // Finished resync jobs too (one row per request).
+        self.store.prune_resyncs(before).await?;
         Ok(total)
     }
 

@@ -75,7 +75,8 @@ pub async fn run(cli: Cli) -> Result<u8, AppError> {
                     None => None,
                 };
                 if let Some(holder) = leader.filter(|h| {
-                    h.expires_in_ms > 0 && h.holder.split_whitespace().nth(2) == Some("run")
+                    h.expires_in_ms > 0
+                        && crate::lock::parse_lease_holder(&h.holder).role.as_deref() == Some("run")
                 }) {
                     return resync_through_state(
                         &settings,

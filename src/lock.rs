@@ -127,7 +127,8 @@ fn lease_holder_id(role: &str) -> String {
     format!("{host} {} {role}", std::process::id())
 }
 
-fn parse_lease_holder(text: &str) -> Holder {
+/// Who holds a lease, from the holder text its row stores (`host pid role`).
+pub fn parse_lease_holder(text: &str) -> Holder {
     let mut words = text.split_whitespace();
     Holder {
         host: words.next().map(str::to_owned),

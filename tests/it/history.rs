@@ -421,9 +421,41 @@ async fn retention_deletes_old_cycles_but_keeps_each_mapping_s_last_and_last_suc
         .execute(s.pool())
         .await
         .unwrap();
+    // Resync jobs age out with them once finished: one finished a year ago, one just now, one
+    // still queued.
+    let job = |id: &str, finished_at: Option<i64>| pendo_sync::store::ResyncRecord {
+        id: id.into(),
+        mappings: vec![mapping.clone()],
+        kind: None,
+        state: if finished_at.is_some() {
+            "done"
+        } else {
+            "queued"
+        }
+        .into(),
+        records_read: 0,
+        changes: 0,
+        pushed: 0,
+        held: Vec::new(),
+        error: None,
+        requested_at: 0,
+        started_at: None,
+        finished_at,
+    };
+    let now = pendo_sync::domain::now_ms();
+    for j in [
+        job("old", Some(now - 31_536_000_000)),
+        job("new", Some(now)),
+        job("queued", None),
+    ] {
+        s.save_resync(&j).await.unwrap();
+    }
     s.close().await;
     let app = t.app().await;
     app.prune_history(&CancellationToken::new()).await.unwrap();
+    assert!(app.store.resync("old").await.unwrap().is_none());
+    assert!(app.store.resync("new").await.unwrap().is_some());
+    assert!(app.store.resync("queued").await.unwrap().is_some());
     let left: Vec<i64> = runs_of(&app.store)
         .await
         .into_iter()

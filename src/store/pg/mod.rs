@@ -95,6 +95,12 @@ fn connect_options(state: &StateSettings) -> Result<(PgConnectOptions, PathBuf),
     Ok((options.application_name("pendo-sync"), label))
 }
 
+/// Whether a statement gave up on a row lock (55P03, lock_not_available: the lock timeout a
+/// takeover sets), which only means "try again at the next poll".
+fn lock_timed_out(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"))
+}
+
 impl Backend {
     /// Connects to `state.url` and applies the migrations (sqlx serialises concurrent
     /// migrators, so replicas starting together apply them once).
@@ -175,8 +181,7 @@ impl Backend {
                 return Ok(None);
             }
             Ok(_) => {}
-            // 55P03: lock_not_available (the lock timeout above).
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            Err(e) if lock_timed_out(&e) => {
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
@@ -196,8 +201,7 @@ impl Backend {
         .await;
         let row = match row {
             Ok(row) => row,
-            // 55P03: lock_not_available (the lock timeout above).
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => None,
+            Err(e) if lock_timed_out(&e) => None,
             Err(e) => return Err(e.into()),
         };
         tx.commit().await?;
