@@ -8,8 +8,10 @@
 //! 3. **1% changed** vs a **naive loop** that sends every record every cycle: requests and time.
 //!
 //! Run: `cargo bench --bench e2e`. Environment: `BENCH_E2E_N` (100000), `BENCH_E2E_R` (20),
-//! `BENCH_E2E_B` (500). The CRM is the in-memory fixture connector, so the figures are
-//! pendo-sync's and the Pendo simulator's, not a CRM's.
+//! `BENCH_E2E_B` (500); `BENCH_E2E_GAPS=1` lists every pause between Pendo requests longer than
+//! 1.5 periods (on stderr); `BENCH_STATE=postgres` keeps the state in a throwaway PostgreSQL. The
+//! CRM is the in-memory fixture connector, so the figures are pendo-sync's and the Pendo
+//! simulator's, not a CRM's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -176,7 +178,36 @@ async fn run() {
         "| share of the allowed rate used | {:.1} % |",
         100.0 * floor / push_s
     );
-    println!("| requests (200 / 429) | {ok} / {throttled} |\n");
+    println!("| requests (200 / 429) | {ok} / {throttled} |");
+    // Where the time went: gaps between requests as Pendo saw them arrive, against the period
+    // of the allowed rate.
+    let mut arrivals: Vec<i64> = sent.iter().map(|q| q.at_ms).collect();
+    arrivals.sort_unstable();
+    let mut gaps: Vec<i64> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort_unstable();
+    let period_ms = 1000.0 / r;
+    let slow: i64 = gaps
+        .iter()
+        .filter(|g| **g as f64 > 1.5 * period_ms)
+        .map(|g| g - period_ms as i64)
+        .sum();
+    if std::env::var("BENCH_E2E_GAPS").is_ok() {
+        for w in arrivals.windows(2) {
+            if (w[1] - w[0]) as f64 > 1.5 * period_ms {
+                eprintln!("gap {} ms at +{} ms", w[1] - w[0], w[0] - arrivals[0]);
+            }
+        }
+    }
+    if let (Some(median), Some(max)) = (gaps.get(gaps.len() / 2), gaps.last()) {
+        println!(
+            "| gaps between requests: median / p90 / max | {median} / {} / {max} ms |",
+            gaps[gaps.len() * 9 / 10]
+        );
+        println!(
+            "| time lost in gaps over 1.5 periods | {:.2} s |\n",
+            slow as f64 / 1000.0
+        );
+    }
 
     // 2. Idle cycles.
     pendo.reset_requests();

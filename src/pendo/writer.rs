@@ -348,15 +348,27 @@ impl Writer {
     }
 
     async fn work_until_idle(&self, cancel: &CancellationToken) -> Result<(), WriterError> {
+        // A kind with nothing due is asked again after a pause, not before every batch of the
+        // other kind: an empty claim is a transaction of its own, as costly on PostgreSQL as a
+        // claim that finds rows. Its rows wait at most that long behind a long drain.
+        const IDLE_RECHECK: Duration = Duration::from_secs(1);
+        let mut idle_since: [Option<tokio::time::Instant>; Kind::ALL.len()] =
+            [None; Kind::ALL.len()];
         loop {
             let mut worked = false;
-            for kind in Kind::ALL {
+            for (i, kind) in Kind::ALL.into_iter().enumerate() {
                 if cancel.is_cancelled() {
                     return Ok(());
                 }
+                if idle_since[i].is_some_and(|at| at.elapsed() < IDLE_RECHECK) {
+                    continue;
+                }
                 match self.step(kind).await? {
-                    Step::Worked { .. } => worked = true,
-                    Step::Idle => {}
+                    Step::Worked { .. } => {
+                        worked = true;
+                        idle_since[i] = None;
+                    }
+                    Step::Idle => idle_since[i] = Some(tokio::time::Instant::now()),
                     Step::Paused(_) => return Ok(()),
                 }
             }

@@ -193,14 +193,17 @@ impl State {
         Some(all.into_iter().find(|t| t.compatible_with_pendo(ty)))
     }
 
-    /// Takes a token, or answers how many whole seconds until one is available.
-    fn take_token(&mut self) -> Result<(), u64> {
+    /// Takes a token for a request that arrived at `now`, or answers how many whole seconds
+    /// until one is available.
+    fn take_token(&mut self, now: Instant) -> Result<(), u64> {
         let Some(rl) = &self.config.rate_limit else {
             return Ok(());
         };
         let (cap, rps) = (f64::from(rl.burst.max(1)), rl.requests_per_second.max(0.0));
-        let now = Instant::now();
         let (tokens, last) = self.bucket.unwrap_or((cap, now));
+        // Two requests may take the lock in the other order than they arrived: time never
+        // runs backwards for the bucket.
+        let now = now.max(last);
         let tokens = (tokens + now.duration_since(last).as_secs_f64() * rps).min(cap);
         if tokens >= 1.0 {
             self.bucket = Some((tokens - 1.0, now));
@@ -346,9 +349,9 @@ impl PendoSim {
     }
 
     /// Rate limit, auth and the random faults, in that order (a real edge limits before auth).
-    fn admit(&self, key_ok: bool) -> Admission {
+    fn admit(&self, key_ok: bool, arrived: Instant) -> Admission {
         let mut st = self.lock();
-        if let Err(secs) = st.take_token() {
+        if let Err(secs) = st.take_token(arrived) {
             let retry = st.config.rate_limit.as_ref().is_some_and(|r| r.retry_after);
             return Admission::Answer(too_many_requests(retry.then_some(secs)));
         }
@@ -397,12 +400,15 @@ fn too_many_requests(retry_after_secs: Option<u64>) -> Response {
     resp
 }
 
-/// Every request except `/_sim/...` passes here: latency, rate limit, auth, random faults, and the
-/// log.
+/// Every request except `/_sim/...` passes here: rate limit, auth and random faults (decided on
+/// arrival), latency, and the log.
 async fn gate(AxState(sim): AxState<PendoSim>, req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/_sim/") {
         return next.run(req).await;
     }
+    // The arrival, as an edge limiter sees it: before waiting for this server's state lock,
+    // which a request applying its values holds for milliseconds.
+    let arrived = Instant::now();
     let at_ms = now_ms();
     let (parts, body) = req.into_parts();
     let (key, latency) = {
@@ -410,6 +416,9 @@ async fn gate(AxState(sim): AxState<PendoSim>, req: Request, next: Next) -> Resp
         (st.config.integration_key.clone(), st.faults.latency)
     };
     let key_ok = parts.headers.get(KEY_HEADER).map(|v| v.as_bytes()) == Some(key.as_bytes());
+    // Admitted (or not) as the request arrives, as an edge limiter counts it: not after its
+    // body was read and parsed, which would add this server's own load to the client's timing.
+    let admission = sim.admit(key_ok, arrived);
     // A body that fails to arrive is treated as empty; the handler then answers 400.
     let bytes = axum::body::to_bytes(body, BODY_LIMIT)
         .await
@@ -428,7 +437,7 @@ async fn gate(AxState(sim): AxState<PendoSim>, req: Request, next: Next) -> Resp
             .flatten(),
     };
     let kill = parts.extensions.get::<ConnectInfo<ConnKill>>().cloned();
-    let resp = match sim.admit(key_ok) {
+    let resp = match admission {
         Admission::Pass => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await

@@ -73,6 +73,48 @@ pub enum StoreError {
     LostLease { epoch: i64 },
 }
 
+/// When to refresh the planner's statistics of the tables that grow and shrink in bursts
+/// (PostgreSQL): after [`StatsRefresh::ROWS`] rows written, at most every
+/// [`StatsRefresh::EVERY`].
+#[derive(Debug, Default)]
+pub(crate) struct StatsRefresh {
+    written: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A refresh runs in the background (one at a time).
+    pub(crate) running: std::sync::atomic::AtomicBool,
+    /// Another refresh is wanted: the running one may have read the tables before the rows
+    /// that asked for it.
+    pub(crate) again: std::sync::atomic::AtomicBool,
+}
+
+impl StatsRefresh {
+    pub(crate) const ROWS: u64 = 10_000;
+    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// A refresh made now, outside [`StatsRefresh::note`]'s pace: counts from zero again.
+    pub(crate) fn refreshed(&self, now: std::time::Instant) {
+        *self.last.lock().expect("statistics refresh lock") = Some(now);
+        self.written.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `rows` more written at `now`; true when a refresh is due (and then counts from
+    /// zero again). Rows written while a refresh is not yet allowed still count towards the next.
+    pub(crate) fn note(&self, rows: u64, now: std::time::Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        let total = self.written.fetch_add(rows, Ordering::Relaxed) + rows;
+        if total < Self::ROWS {
+            return false;
+        }
+        let mut last = self.last.lock().expect("statistics refresh lock");
+        if last.is_some_and(|at| now.saturating_duration_since(at) < Self::EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        self.written.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
 /// The lease a process writes under (PostgreSQL): who it is and the epoch it took. Shared by a
 /// store handle and its clones. A process that never took a lease (a CLI command, a standby)
 /// writes unfenced, as on SQLite; one that took a lease and lost it writes nothing more.
@@ -781,4 +823,32 @@ pub(crate) fn create_owner_only(path: &Path) -> Result<(), StoreError> {
 /// tests and tools that build shadows by hand).
 pub fn shadow_record_from_json(text: &str) -> Result<ShadowRecord, StoreError> {
     shadow::parse_record(crate::domain::Kind::Account, "-", text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatsRefresh;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn statistics_are_refreshed_after_enough_rows_and_at_most_every_five_seconds() {
+        let stats = StatsRefresh::default();
+        let t0 = Instant::now();
+        assert!(!stats.note(9_999, t0), "fewer rows than the threshold");
+        assert!(stats.note(1, t0), "the threshold reached");
+        // A push writes 2,500 rows a batch, 20 batches a second: not an ANALYZE every 200 ms.
+        let mut due = 0;
+        for i in 1..=20 {
+            if stats.note(2_500, t0 + Duration::from_millis(200 * i)) {
+                due += 1;
+            }
+        }
+        assert_eq!(due, 0, "refreshed again within {:?}", StatsRefresh::EVERY);
+        // The rows counted meanwhile are not forgotten: the next note after the pause refreshes.
+        assert!(stats.note(1, t0 + StatsRefresh::EVERY + Duration::from_millis(1)));
+        assert!(
+            !stats.note(1, t0 + Duration::from_secs(20)),
+            "no rows since"
+        );
+    }
 }

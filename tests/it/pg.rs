@@ -35,6 +35,30 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// A writable store on this back-end: a SQLite file in `dir`, or a fresh PostgreSQL
+    /// database with the leader lease taken (every write checks it). `None`: PostgreSQL is not
+    /// available here (SKIPPED).
+    pub async fn open_store(self, dir: &std::path::Path) -> Option<pendo_sync::store::Store> {
+        use pendo_sync::config::StateSettings;
+        use pendo_sync::store::Store;
+        let url = self.state_url().await.ok()?;
+        let state = match url {
+            None => StateSettings::sqlite(dir.join("state.db")),
+            Some(url) => StateSettings::postgres(&url),
+        };
+        let store = Store::open_settings(&state).await.expect("open the state");
+        if let Some(pg) = store.postgres() {
+            let taken = pg
+                .try_take_lease("test 1 run", std::time::Duration::from_secs(60))
+                .await
+                .expect("take the lease");
+            assert!(taken.is_some(), "a fresh database has no leader");
+        }
+        Some(store)
+    }
+}
+
 /// Runs one test body on SQLite and on PostgreSQL, as two tests: `name::sqlite`,
 /// `name::postgres`. `multi_thread:` first runs them on two worker threads (tests that drive
 /// child processes and serve simulators at once).
@@ -236,5 +260,44 @@ async fn a_long_write_does_not_block_its_lease_renewal_and_a_takeover_waits_for_
     assert_eq!(
         b.kv_get("in-flight").await.unwrap(),
         Some(serde_json::json!(1))
+    );
+}
+
+/// A guard pass turns a whole cycle's staged rows pending at once: the writer's first claims
+/// must not be planned on statistics that still see them staged (a 100,000-record first push
+/// claimed at 100+ ms a batch until the next refresh). The pass refreshes them before it returns.
+#[tokio::test]
+async fn a_guard_pass_leaves_the_planner_seeing_the_rows_pending() {
+    let Some(url) = database().await else {
+        eprintln!("SKIPPED: PostgreSQL is not installed");
+        return;
+    };
+    let t = crate::helpers::TestApp::with(crate::helpers::Options {
+        state_url: Some(url.clone()),
+        ..Default::default()
+    })
+    .await;
+    // 3,000 records, 15,000 values: past the refresh threshold while they are staged.
+    t.seed(3_000);
+    t.cycle(pendo_sync::engine::Mode::Incremental).await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let (pending,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox WHERE state = 'pending'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending, 15_000, "the guard passed the cycle");
+    let (seen,): (Option<String>,) = sqlx::query_as(
+        "SELECT most_common_vals::text FROM pg_stats
+         WHERE tablename = 'outbox' AND attname = 'state'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        seen.as_deref(),
+        Some("{pending}"),
+        "the planner's picture of outbox.state"
     );
 }

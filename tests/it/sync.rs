@@ -245,13 +245,18 @@ crate::on_both_backends! {
     }
 }
 
+crate::on_both_backends! {
 /// Latest wins while a value is in flight: Pendo confirming the old value removes only the row
-/// version that was sent; the newer value stays queued, unleased, and goes out next.
-#[tokio::test]
-async fn a_value_replaced_in_flight_survives_the_old_one_s_confirmation() {
-    use pendo_sync::store::{Change, PageCommit, Settlement, Store};
+/// version that was sent; the newer value stays queued, unleased, and goes out next. Every other
+/// row the batch held is released too, whatever its answer: a retried value (version still the
+/// one sent) waits unleased for its retry time, and a superseded one that failed is due at once.
+async fn a_value_replaced_in_flight_survives_the_old_one_s_confirmation(backend: Backend) {
+    use pendo_sync::domain::now_ms;
+    use pendo_sync::store::{Change, PageCommit, Settlement};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    let Some(store) = backend.open_store(dir.path()).await else {
+        return;
+    };
     let change = |id: &str, field: &str, value: &str| Change {
         kind: Kind::Account,
         pendo_id: id.into(),
@@ -278,30 +283,131 @@ async fn a_value_replaced_in_flight_survives_the_old_one_s_confirmation() {
         change("a", "plantier", "Gold"),
         change("a", "owneremail", "x@example.com"),
         change("b", "plantier", "Silver"),
+        change("c", "plantier", "Bronze"),
+        change("d", "plantier", "Iron"),
     ])
     .await;
     let claimed = store.claim_due(Kind::Account, i64::MAX, 10).await.unwrap();
-    assert_eq!(claimed.len(), 3);
-    // While the batch is in flight, a's tier changes again.
-    enqueue(vec![change("a", "plantier", "Platinum")]).await;
+    assert_eq!(claimed.len(), 5);
+    // While the batch is in flight, a's and d's tiers change again.
+    enqueue(vec![
+        change("a", "plantier", "Platinum"),
+        change("d", "plantier", "Steel"),
+    ])
+    .await;
+    let later = now_ms() + 3_600_000;
     let outcomes: Vec<_> = claimed
         .into_iter()
-        .map(|e| (e, Settlement::Confirmed))
+        .map(|e| {
+            let settlement = match e.pendo_id.as_str() {
+                // c failed and d (superseded) failed: retried later, or sent anew at once.
+                "c" | "d" => Settlement::Retry {
+                    retry_at: later,
+                    error: "503".into(),
+                    max_attempts: 10,
+                    attempts: 1,
+                },
+                _ => Settlement::Confirmed,
+            };
+            (e, settlement)
+        })
         .collect();
     store.settle(&outcomes).await.unwrap();
 
+    // Oldest enqueued first: c, then the two replacements.
     let rows = store.outbox_list(&Default::default(), 10).await.unwrap();
-    assert_eq!(rows.len(), 1, "{rows:?}");
+    let left: Vec<_> = rows
+        .iter()
+        .map(|r| (r.pendo_id.as_str(), r.field.as_str(), r.value.as_str()))
+        .collect();
     assert_eq!(
-        (rows[0].pendo_id.as_str(), rows[0].field.as_str()),
-        ("a", "plantier")
+        left,
+        [
+            ("c", "plantier", "\"Bronze\""),
+            ("a", "plantier", "\"Platinum\""),
+            ("d", "plantier", "\"Steel\""),
+        ],
+        "{rows:?}"
     );
-    assert_eq!(rows[0].value, "\"Platinum\"");
-    let next = store.claim_due(Kind::Account, i64::MAX, 10).await.unwrap();
-    assert_eq!(next.len(), 1, "the newer value is unleased and due");
+    // Due now: the two newer values. c waits for its retry time, unleased.
+    let next: Vec<_> = store
+        .claim_due(Kind::Account, now_ms(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pendo_id)
+        .collect();
+    assert_eq!(next, ["a", "d"], "the newer values are unleased and due");
+    let retried = store.claim_due(Kind::Account, later, 10).await.unwrap();
+    assert_eq!(retried.len(), 1, "the retried value is unleased: {retried:?}");
+    assert_eq!(retried[0].attempts, 1);
     let shadow = store.load_shadow(Kind::Account, &["a", "b"]).await.unwrap();
     assert_eq!(shadow["a"]["plantier"], json!("Gold"));
     assert_eq!(shadow["a"]["owneremail"], json!("x@example.com"));
     assert_eq!(shadow["b"]["plantier"], json!("Silver"));
     store.close().await;
+}
+}
+
+crate::on_both_backends! {
+/// Claims go round the queue: each takes due rows no other claim holds, a claim that reaches
+/// the end goes on from the start (PostgreSQL claims from where the last one stopped), and no
+/// due row is left behind or taken twice.
+async fn claims_take_every_due_row_once_whatever_order_they_arrive_in(backend: Backend) {
+    use pendo_sync::store::{Change, PageCommit, Settlement};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(store) = backend.open_store(dir.path()).await else {
+        return;
+    };
+    let enqueue = |ids: &[&str]| {
+        let store = store.clone();
+        let changes: Vec<Change> = ids
+            .iter()
+            .map(|id| Change {
+                kind: Kind::Account,
+                pendo_id: (*id).into(),
+                field: "plantier".into(),
+                value: "\"Gold\"".into(),
+                mapping: "accounts".into(),
+                force: false,
+                source: None,
+            })
+            .collect();
+        async move {
+            store
+                .commit_page(&PageCommit {
+                    mapping: "accounts",
+                    changes: &changes,
+                    ..PageCommit::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let claim = |n: usize| {
+        let store = store.clone();
+        async move { store.claim_due(Kind::Account, i64::MAX, n).await.unwrap() }
+    };
+    let ids = |claimed: &[pendo_sync::store::OutboxEntry]| {
+        let mut ids: Vec<String> = claimed.iter().map(|e| e.pendo_id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    enqueue(&["b", "c", "d", "e"]).await;
+    let first = claim(2).await;
+    assert_eq!(ids(&first), ["b", "c"]);
+    // A row before the first claim's ids arrives while they are in flight.
+    enqueue(&["a"]).await;
+    let second = claim(3).await;
+    assert_eq!(ids(&second), ["a", "d", "e"], "every due row not in flight");
+    assert!(claim(3).await.is_empty(), "everything is in flight");
+    let release: Vec<_> = first
+        .into_iter()
+        .chain(second)
+        .map(|e| (e, Settlement::Release))
+        .collect();
+    store.settle(&release).await.unwrap();
+    assert_eq!(ids(&claim(10).await), ["a", "b", "c", "d", "e"]);
+    store.close().await;
+}
 }

@@ -26,8 +26,12 @@ pub struct Backend {
     pub(crate) pause: Arc<Mutex<Option<PauseHook>>>,
     /// The lease this process writes under, if it holds one (PostgreSQL).
     pub(crate) fence: Fence,
-    /// Rows written since the planner's statistics were last refreshed (PostgreSQL).
-    pub(crate) written: Arc<std::sync::atomic::AtomicU64>,
+    /// Rows written since the planner's statistics were last refreshed, and when (PostgreSQL).
+    pub(crate) stats: Arc<StatsRefresh>,
+    /// Per kind, the last Pendo id the previous claim took, when more may follow (PostgreSQL):
+    /// the next claim goes on from there instead of stepping over the dead index entries of
+    /// every batch already settled.
+    pub(crate) claim_cursor: Arc<Mutex<std::collections::HashMap<Kind, String>>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -57,28 +61,54 @@ impl Backend {
     /// into the shadow). Autovacuum would do it within a minute or so; until then the planner
     /// believes the outbox empty (or full) and chooses plans for the wrong table (the first
     /// push of 100,000 records ran at a tenth of Pendo's allowed rate). In the background, one
-    /// at a time and at most every 5 s: the writer does not wait for it.
+    /// at a time and at most every 5 s: the writer does not wait for it, and a refresh after
+    /// every few batches would take a core of its own (ANALYZE reads a sample of both tables).
     pub(crate) async fn note_written(&self, rows: usize) {
         use std::sync::atomic::Ordering;
         if !PG || rows == 0 {
             return;
         }
-        let total = self.written.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
-        if total < 10_000 || self.written.swap(0, Ordering::Relaxed) < 10_000 {
+        if !self.stats.note(rows as u64, std::time::Instant::now()) {
+            return;
+        }
+        let stats = self.stats.clone();
+        stats.again.store(true, Ordering::SeqCst);
+        if stats.running.swap(true, Ordering::SeqCst) {
+            // The running refresh goes round once more.
             return;
         }
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            static RUNNING: std::sync::atomic::AtomicBool =
-                std::sync::atomic::AtomicBool::new(false);
-            if RUNNING.swap(true, Ordering::SeqCst) {
-                return;
+            loop {
+                while stats.again.swap(false, Ordering::SeqCst) {
+                    if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
+                        tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
+                    }
+                }
+                stats.running.store(false, Ordering::SeqCst);
+                // Asked again between the last round and the line above: go on, unless another
+                // task took over.
+                if !stats.again.load(Ordering::SeqCst) || stats.running.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
             }
-            if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
-                tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
-            }
-            RUNNING.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// `rows` of the outbox changed state at once (a guard pass): on PostgreSQL, from 10,000
+    /// on, the statistics are refreshed before this returns, so the writer's next claims are
+    /// planned for the queue as it now is (rows seen as staged made every claim of a
+    /// 100,000-record first push sort the whole queue, 100+ ms a batch).
+    /// The change is committed either way: a failed refresh is only a warning.
+    pub(crate) async fn note_reshaped(&self, rows: usize) {
+        if !PG || (rows as u64) < StatsRefresh::ROWS {
+            return self.note_written(rows).await;
+        }
+        match sqlx::query("ANALYZE outbox").execute(&self.pool).await {
+            Ok(_) => self.stats.refreshed(std::time::Instant::now()),
+            Err(e) => tracing::warn!(error = %e, "Cannot refresh the planner's statistics."),
+        }
     }
 
     /// A transaction that changes the state. While this process holds the lease (PostgreSQL),

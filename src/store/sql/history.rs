@@ -149,7 +149,11 @@ pub(super) async fn record_answers(
         .get(0);
         ids.push(id);
     }
-    let mut rows: Vec<serde_json::Value> = Vec::with_capacity(outcomes.len());
+    // Confirmations get their event whatever the row became (below); the other answers only
+    // while the row still holds the version that was sent. Apart, so that the usual batch (all
+    // confirmed) is written without looking up a single outbox row.
+    let mut confirmed: Vec<serde_json::Value> = Vec::with_capacity(outcomes.len());
+    let mut if_current: Vec<serde_json::Value> = Vec::new();
     for (i, (entry, settlement)) in outcomes.iter().enumerate() {
         let batch = batch_of.get(i).copied().flatten();
         let batch_answer = batch.map(|b| batches[b].answer.as_str());
@@ -169,7 +173,7 @@ pub(super) async fn record_answers(
             Settlement::Dead { error } => (Event::Dead, own(error), 0, 0),
             Settlement::Release => continue,
         };
-        rows.push(serde_json::json!([
+        let row = serde_json::json!([
             entry.kind.as_str(),
             entry.pendo_id,
             entry.field,
@@ -180,10 +184,12 @@ pub(super) async fn record_answers(
             attempts,
             max,
             entry.value,
-        ]));
-    }
-    if rows.is_empty() {
-        return Ok(());
+        ]);
+        if event == Event::Confirmed {
+            confirmed.push(row);
+        } else {
+            if_current.push(row);
+        }
     }
     // An answer changes the outbox row only while it still holds the version that was sent,
     // and so gets an event only then, except a confirmation: the settle writes the shadow for
@@ -191,6 +197,26 @@ pub(super) async fn record_answers(
     // was in flight, so its event is written whatever the row became. A failure that uses up
     // the attempts is the row's death: recorded as such (the settle's own statement makes the
     // same decision from the same numbers). PostgreSQL's `->>` gives text: the numbers are cast.
+    if !confirmed.is_empty() {
+        sqlx::query(if PG {
+            "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
+             SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, (e.value ->> 4)::bigint,
+                    e.value ->> 9, (e.value ->> 5)::bigint, e.value ->> 6
+             FROM jsonb_array_elements($1::jsonb) AS e(value)"
+        } else {
+            "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
+             SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 4,
+                    e.value ->> 9, e.value ->> 5, e.value ->> 6
+             FROM jsonb_each(jsonb($1)) AS e"
+        })
+        .bind(serde_json::Value::Array(confirmed).to_string())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if if_current.is_empty() {
+        return Ok(());
+    }
     sqlx::query(if PG {
         "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
@@ -199,9 +225,8 @@ pub(super) async fn record_answers(
                      THEN 11 ELSE (e.value ->> 4)::bigint END,
                 e.value ->> 9, (e.value ->> 5)::bigint, e.value ->> 6
          FROM jsonb_array_elements($1::jsonb) AS e(value)
-         LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
-              AND o.field = e.value ->> 2 AND o.version = (e.value ->> 3)::bigint
-         WHERE o.kind IS NOT NULL OR (e.value ->> 4)::bigint = 7"
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = (e.value ->> 3)::bigint"
     } else {
         "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
@@ -209,11 +234,10 @@ pub(super) async fn record_answers(
                      THEN 11 ELSE e.value ->> 4 END,
                 e.value ->> 9, e.value ->> 5, e.value ->> 6
          FROM jsonb_each(jsonb($1)) AS e
-         LEFT JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
-              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3
-         WHERE o.kind IS NOT NULL OR e.value ->> 4 = 7"
+         JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
+              AND o.field = e.value ->> 2 AND o.version = e.value ->> 3"
     })
-    .bind(serde_json::Value::Array(rows).to_string())
+    .bind(serde_json::Value::Array(if_current).to_string())
     .bind(now)
     .execute(&mut **tx)
     .await?;

@@ -328,7 +328,7 @@ impl Backend {
         };
         tx.commit().await?;
         // Staged rows became pending (or held): the planner's picture of the outbox changed.
-        self.note_written(total as usize).await;
+        self.note_reshaped(total as usize).await;
         Ok(outcome)
     }
 

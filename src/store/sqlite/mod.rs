@@ -82,7 +82,8 @@ impl Backend {
             path: path.to_owned(),
             pause: Arc::default(),
             fence: Fence::default(),
-            written: Arc::default(),
+            stats: Arc::default(),
+            claim_cursor: Arc::default(),
         })
     }
 
@@ -129,7 +130,8 @@ impl Backend {
             path: path.to_owned(),
             pause: Arc::default(),
             fence: Fence::default(),
-            written: Arc::default(),
+            stats: Arc::default(),
+            claim_cursor: Arc::default(),
         })
     }
 
@@ -160,7 +162,8 @@ impl Backend {
             path,
             pause: Arc::default(),
             fence: Fence::default(),
-            written: Arc::default(),
+            stats: Arc::default(),
+            claim_cursor: Arc::default(),
         })
     }
 }
