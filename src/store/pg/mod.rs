@@ -139,21 +139,6 @@ impl Backend {
         let pool = PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
-            // Every statement planned for the tables as they are now. The outbox and the shadow
-            // grow and shrink by hundreds of thousands of rows within minutes; a generic plan
-            // (PostgreSQL's choice after five runs of a prepared statement) made while the
-            // shadow was small kept scanning all of it per batch as it grew (2 s a read by the
-            // end of a 100,000-record push). Planning each time costs a fraction of a
-            // millisecond. A session setting, so behind PgBouncer (transaction mode) it may not
-            // apply to every server connection: plans are then as PostgreSQL picks them.
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query("SET plan_cache_mode = force_custom_plan")
-                        .execute(conn)
-                        .await
-                        .map(|_| ())
-                })
-            })
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Open {

@@ -59,8 +59,12 @@ impl Backend {
         kind: Kind,
         ids: &[&str],
     ) -> Result<HashMap<String, ShadowRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        load_records(&mut conn, kind, ids).await
+        // In a read transaction for its plan (see `begin_read`): the writer reads the shadow
+        // before every batch while its settles grow it.
+        let mut tx = self.begin_read().await?;
+        let records = load_records(&mut tx, kind, ids).await?;
+        tx.commit().await?;
+        Ok(records)
     }
 
     /// One entity's shadow record and when Pendo last confirmed a value of it.
