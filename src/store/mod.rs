@@ -81,15 +81,39 @@ pub(crate) struct StatsRefresh {
     written: std::sync::atomic::AtomicU64,
     last: std::sync::Mutex<Option<std::time::Instant>>,
     /// A refresh runs in the background (one at a time).
-    pub(crate) running: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicBool,
     /// Another refresh is wanted: the running one may have read the tables before the rows
     /// that asked for it.
-    pub(crate) again: std::sync::atomic::AtomicBool,
+    again: std::sync::atomic::AtomicBool,
 }
 
 impl StatsRefresh {
     pub(crate) const ROWS: u64 = 10_000;
     pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Asks for a background refresh; true when the caller is to run it (none runs yet:
+    /// then it loops on [`StatsRefresh::round`]), false when the running one goes round again.
+    pub(crate) fn request(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.again.store(true, Ordering::SeqCst);
+        !self.running.swap(true, Ordering::SeqCst)
+    }
+
+    /// For the task running refreshes: true while another round is wanted. When it returns
+    /// false the task has stopped being the runner (a request racing with the end is either
+    /// seen here or starts a runner of its own).
+    pub(crate) fn round(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        loop {
+            if self.again.swap(false, Ordering::SeqCst) {
+                return true;
+            }
+            self.running.store(false, Ordering::SeqCst);
+            if !self.again.load(Ordering::SeqCst) || self.running.swap(true, Ordering::SeqCst) {
+                return false;
+            }
+        }
+    }
 
     /// A refresh made now, outside [`StatsRefresh::note`]'s pace: counts from zero again.
     pub(crate) fn refreshed(&self, now: std::time::Instant) {
@@ -850,5 +874,16 @@ mod tests {
             !stats.note(1, t0 + Duration::from_secs(20)),
             "no rows since"
         );
+    }
+
+    #[test]
+    fn a_refresh_asked_for_while_one_runs_makes_it_go_round_again() {
+        let stats = StatsRefresh::default();
+        assert!(stats.request(), "the first request runs");
+        assert!(stats.round());
+        assert!(!stats.request(), "one runner at a time");
+        assert!(stats.round(), "the running one goes round again");
+        assert!(!stats.round(), "nothing more asked: the runner stops");
+        assert!(stats.request(), "a later request runs again");
     }
 }

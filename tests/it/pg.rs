@@ -59,6 +59,13 @@ impl Backend {
     }
 }
 
+/// The PostgreSQL URL of a test app's state.
+pub fn state_url(t: &crate::helpers::TestApp) -> String {
+    use secrecy::ExposeSecret;
+    let url = t.settings.state.url().expect("a PostgreSQL state");
+    url.expose_secret().to_owned()
+}
+
 /// Runs one test body on SQLite and on PostgreSQL, as two tests: `name::sqlite`,
 /// `name::postgres`. `multi_thread:` first runs them on two worker threads (tests that drive
 /// child processes and serve simulators at once).
@@ -119,15 +126,10 @@ async fn a_leader_that_lost_its_lease_commits_nothing() {
     use pendo_sync::config::StateSettings;
     use pendo_sync::store::{Store, StoreError};
     use std::time::Duration;
-    let Some(url) = database().await else {
-        eprintln!("SKIPPED: PostgreSQL is not installed");
+    let Some(t) = crate::helpers::TestApp::on(Backend::Postgres).await else {
         return;
     };
-    let t = crate::helpers::TestApp::with(crate::helpers::Options {
-        state_url: Some(url.clone()),
-        ..Default::default()
-    })
-    .await;
+    let url = state_url(&t);
     let state: StateSettings = t.settings.state.clone();
     let a = Store::open_settings(&state).await.unwrap();
     let b = Store::open_settings(&state).await.unwrap();
@@ -268,15 +270,10 @@ async fn a_long_write_does_not_block_its_lease_renewal_and_a_takeover_waits_for_
 /// claimed at 100+ ms a batch until the next refresh). The pass refreshes them before it returns.
 #[tokio::test]
 async fn a_guard_pass_leaves_the_planner_seeing_the_rows_pending() {
-    let Some(url) = database().await else {
-        eprintln!("SKIPPED: PostgreSQL is not installed");
+    let Some(t) = crate::helpers::TestApp::on(Backend::Postgres).await else {
         return;
     };
-    let t = crate::helpers::TestApp::with(crate::helpers::Options {
-        state_url: Some(url.clone()),
-        ..Default::default()
-    })
-    .await;
+    let url = state_url(&t);
     // 3,000 records, 15,000 values: past the refresh threshold while they are staged.
     t.seed(3_000);
     t.cycle(pendo_sync::engine::Mode::Incremental).await;

@@ -52,8 +52,8 @@ impl Backend {
     /// behind PgBouncer). The outbox and the shadow grow and shrink by hundreds of thousands of
     /// rows within minutes; a generic plan (PostgreSQL's choice after five runs of a prepared
     /// statement) made while the shadow was small nested-looped over all of it as it grew: the
-    /// writer's shadow read took 63 ms, then 1.75 s, within one push. Planning each time costs
-    /// a fraction of a millisecond (the 1M reconcile: +7 %).
+    /// writer's shadow read took 63 ms, then 1.75 s, within one push. Planning each time did
+    /// not show in the 1M reconcile (BENCHMARKS.md).
     pub(crate) async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Db>, StoreError> {
         if PG {
             // One round trip: a custom BEGIN goes as a simple query, settings included.
@@ -76,33 +76,20 @@ impl Backend {
     /// at a time and at most every 5 s: the writer does not wait for it, and a refresh after
     /// every few batches would take a core of its own (ANALYZE reads a sample of both tables).
     pub(crate) async fn note_written(&self, rows: usize) {
-        use std::sync::atomic::Ordering;
         if !PG || rows == 0 {
             return;
         }
         if !self.stats.note(rows as u64, std::time::Instant::now()) {
             return;
         }
-        let stats = self.stats.clone();
-        stats.again.store(true, Ordering::SeqCst);
-        if stats.running.swap(true, Ordering::SeqCst) {
-            // The running refresh goes round once more.
+        if !self.stats.request() {
             return;
         }
-        let pool = self.pool.clone();
+        let (stats, pool) = (self.stats.clone(), self.pool.clone());
         tokio::spawn(async move {
-            loop {
-                while stats.again.swap(false, Ordering::SeqCst) {
-                    if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
-                        tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
-                    }
-                }
-                stats.running.store(false, Ordering::SeqCst);
-                // Asked again between the last round and the line above: go on, unless another
-                // task took over.
-                if !stats.again.load(Ordering::SeqCst) || stats.running.swap(true, Ordering::SeqCst)
-                {
-                    break;
+            while stats.round() {
+                if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
+                    tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
                 }
             }
         });

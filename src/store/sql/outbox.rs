@@ -231,44 +231,39 @@ impl Backend {
                 .expect("claim cursor lock")
                 .get(&kind)
                 .cloned();
-            let mut ids: Vec<String> = Vec::new();
-            // (bound, its limit): after the cursor, then up to it; or everything.
-            let passes: Vec<(&str, Option<&String>)> = match &cursor {
-                Some(c) => vec![
-                    ("AND pendo_id > $4", Some(c)),
-                    ("AND pendo_id <= $4", Some(c)),
-                ],
-                None => vec![("", None)],
+            // After the cursor, then up to it (or, with none, everything).
+            let passes: &[&str] = match cursor {
+                Some(_) => &["AND pendo_id > $4", "AND pendo_id <= $4"],
+                None => &[""],
             };
-            let mut more = false;
-            for (bound, cursor) in passes {
+            let mut ids: Vec<String> = Vec::new();
+            // Where the next claim goes on: after the last id of a full batch; from the start
+            // once a claim has seen every due id.
+            let mut next = None;
+            for bound in passes {
                 let want = max_records - ids.len();
-                let sql = due(bound);
-                let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                let query = sqlx::query_scalar(sqlx::AssertSqlSafe(due(bound)))
                     .bind(kind.as_str())
                     .bind(now)
                     .bind(want as i64);
-                let query = match cursor {
+                let query = match &cursor {
                     Some(c) => query.bind(c),
                     None => query,
                 };
                 let found: Vec<String> = query.fetch_all(&mut *tx).await?;
-                more = found.len() == want;
-                let last = found.last().cloned();
+                let full = found.len() == want;
                 ids.extend(found);
-                if more {
-                    // A full batch: the next claim goes on after its last id.
-                    let mut cursors = self.claim_cursor.lock().expect("claim cursor lock");
-                    cursors.insert(kind, last.expect("a full batch has ids"));
+                if full {
+                    next = ids.last().cloned();
                     break;
                 }
             }
-            if !more {
-                // Every due id was seen: the next claim starts from the beginning.
-                self.claim_cursor
-                    .lock()
-                    .expect("claim cursor lock")
-                    .remove(&kind);
+            {
+                let mut cursors = self.claim_cursor.lock().expect("claim cursor lock");
+                match next {
+                    Some(id) => cursors.insert(kind, id),
+                    None => cursors.remove(&kind),
+                };
             }
             if ids.is_empty() {
                 tx.commit().await?;
