@@ -33,7 +33,7 @@ use crate::config::{ConfigError, MappingSettings, OnDelete, Settings};
 use crate::connectors::PullSpec;
 use crate::domain::{FieldType, Kind, iso8601_from_ms, now_ms};
 use crate::mapping::{Mapping, RecordError};
-use crate::pendo::{PendoClient, PendoError};
+use crate::pendo::PendoClient;
 use crate::store::Store;
 
 /// Pendo rows per aggregation page: PostHog's figure, far inside the 5-minute / 4 GB caps for a
@@ -824,7 +824,7 @@ impl MappingAudit<'_> {
     }
 
     /// One aggregation page, retried like the writer retries: transient failures back off
-    /// (honouring Retry-After, capped by `retry_max`), a 408 halves the page.
+    /// (honouring Retry-After, capped by `retry_max`), a 408 or a 413 halves the page.
     async fn aggregate_page(
         &self,
         client: &PendoClient,
@@ -854,9 +854,9 @@ impl MappingAudit<'_> {
             });
             match client.aggregate(&request).await {
                 Ok(rows) => return Ok(rows),
-                Err(PendoError::TooSlow { .. }) if *limit > 100 => {
+                Err(e) if e.wants_smaller_batch() && *limit > 100 => {
                     *limit /= 2;
-                    tracing::warn!(mapping = %self.name(), limit = *limit, "Pendo timed out an aggregation page; halving it.");
+                    tracing::warn!(mapping = %self.name(), limit = *limit, error = %e, "Pendo refused an aggregation page (408/413); halving it.");
                 }
                 Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
                     let wait = e.retry_after().unwrap_or(delay).min(retry_max);
@@ -1187,11 +1187,21 @@ fn render_table(report: &AuditReport) -> String {
     out
 }
 
+/// One CSV cell. A cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return is
+/// prefixed with `'` (OWASP's advice against CSV injection): CRM values (a HubSpot form field)
+/// are attacker-controlled, and a spreadsheet would run `=HYPERLINK(…)` as a formula. A
+/// negative number (`-5`) gets the prefix too: the spreadsheet shows it as text, which is the
+/// price OWASP asks. Then the cell is quoted if it holds a comma, a quote or a line break.
 fn csv_cell(s: &str) -> String {
+    let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s.into_owned()
     }
 }
 
@@ -1323,6 +1333,34 @@ mod tests {
         assert_eq!(
             lines[1],
             "accounts,account,a1,c1,plantier,\"Gold, \"\"big\"\" | tier\",Gold,,drift,n"
+        );
+    }
+
+    #[test]
+    fn csv_neutralises_cells_a_spreadsheet_would_run_as_formulas() {
+        assert_eq!(
+            csv_cell("=HYPERLINK(\"http://x\")"),
+            "\"'=HYPERLINK(\"\"http://x\"\")\""
+        );
+        assert_eq!(csv_cell("+1+2"), "'+1+2");
+        assert_eq!(csv_cell("-5"), "'-5");
+        assert_eq!(csv_cell("@SUM(A1:A2)"), "'@SUM(A1:A2)");
+        assert_eq!(csv_cell("\tcmd"), "'\tcmd");
+        assert_eq!(csv_cell("\rcmd"), "\"'\rcmd\"");
+        assert_eq!(csv_cell("=1,2"), "\"'=1,2\"");
+        // Not at the start: left alone.
+        assert_eq!(csv_cell("a=b"), "a=b");
+        assert_eq!(csv_cell("5"), "5");
+        assert_eq!(csv_cell(""), "");
+
+        let mut r = report();
+        r.rows[0].crm = Some("=cmd|' /C calc'!A0".into());
+        r.rows[0].id = "@a1".into();
+        let csv = render(&r, Format::Csv);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[1],
+            "accounts,account,'@a1,c1,plantier,'=cmd|' /C calc'!A0,Gold,,drift,n"
         );
     }
 

@@ -55,7 +55,19 @@ impl Mode {
     fn full(self) -> bool {
         self != Mode::Incremental
     }
+
+    /// What a cycle of this mode pulls, for its log line: an incremental cycle of a mapping with
+    /// no watermark yet (its first, on an empty state) reads everything, and is said so.
+    pub fn pull_label(self, has_watermark: bool) -> &'static str {
+        match self {
+            Mode::Incremental if !has_watermark => FIRST_PULL,
+            mode => mode.as_str(),
+        }
+    }
 }
+
+/// How the log names a mapping's first pull: incremental in name, everything in fact.
+pub const FIRST_PULL: &str = "full (first pull: no watermark yet)";
 
 /// What a cycle saw and did.
 #[derive(Debug, Clone, Default)]
@@ -193,6 +205,8 @@ pub async fn run_cycle(
         Mode::Incremental => store.watermark(&mapping.name).await?,
         _ => None,
     };
+    // The run record keeps the scheduled mode; the log says what the pull was.
+    let pull = mode.pull_label(since.is_some());
     let run_id = if dry_run {
         None
     } else {
@@ -236,7 +250,7 @@ pub async fn run_cycle(
             }
             tracing::info!(
                 mapping = %mapping.name,
-                mode = mode.as_str(),
+                mode = pull,
                 pulled = report.pulled,
                 changes = report.changes,
                 invalid = report.invalid,
@@ -1032,3 +1046,19 @@ async fn clear_orphans(
 
 /// How long `sync` waits for retries that fall due after the first pass over the outbox.
 pub const SYNC_RETRY_WAIT: Duration = Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_incremental_pull_is_named_a_full_pull() {
+        assert_eq!(Mode::Incremental.pull_label(false), FIRST_PULL);
+        assert!(FIRST_PULL.contains("full") && FIRST_PULL.contains("no watermark"));
+        assert_eq!(Mode::Incremental.pull_label(true), "incremental");
+        for mode in [Mode::Reconcile, Mode::Resync] {
+            assert_eq!(mode.pull_label(false), mode.as_str());
+            assert_eq!(mode.pull_label(true), mode.as_str());
+        }
+    }
+}

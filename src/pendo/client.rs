@@ -32,6 +32,10 @@ pub enum PendoError {
     /// 408: the request ran past Pendo's 5-minute cap; a smaller batch may pass.
     #[error("Pendo timed out the request (408): {message}")]
     TooSlow { message: String },
+    /// 413: the body is larger than Pendo (or a proxy before it) takes; a smaller batch may
+    /// pass. Treated as a 408: the batch is halved, not sent again at the same size.
+    #[error("Pendo refused the request as too large (413): {message}")]
+    TooLarge { message: String },
     /// 400 for the whole batch (malformed, undeclared field, bad value).
     #[error("Pendo rejected the request (400): {message}")]
     BadRequest { message: String },
@@ -52,6 +56,14 @@ impl PendoError {
         matches!(
             self,
             PendoError::Transient { .. } | PendoError::Unaccounted { .. }
+        )
+    }
+
+    /// 408 and 413: the same request will fail again; a smaller one may pass.
+    pub fn wants_smaller_batch(&self) -> bool {
+        matches!(
+            self,
+            PendoError::TooSlow { .. } | PendoError::TooLarge { .. }
         )
     }
 
@@ -172,16 +184,10 @@ impl BulkResult {
                         None => unattributed.push(text),
                     }
                 }
-                Json::String(s) => {
-                    // "<id>: <text>" or just "<id>" are attributable; anything else is not.
-                    let id = sent_ids
-                        .iter()
-                        .find(|id| s == **id || s.starts_with(&format!("{id}:")));
-                    match id {
-                        Some(id) => errors.push(((*id).to_owned(), s.clone())),
-                        None => unattributed.push(s.clone()),
-                    }
-                }
+                Json::String(s) => match error_string_id(s, sent_ids) {
+                    Some(id) => errors.push((id.to_owned(), s.clone())),
+                    None => unattributed.push(s.clone()),
+                },
                 other => unattributed.push(other.to_string()),
             }
         }
@@ -205,6 +211,26 @@ impl BulkResult {
             ));
         }
         result
+    }
+}
+
+/// The id a string error (`"<id>: <text>"`, or just `"<id>"`) is about, among the ids sent:
+/// the whole string when it is an id, else the one sent id that the string starts with,
+/// followed by `:`. Ids can hold colons: with `acme` and `acme:eu` in one batch,
+/// `"acme:eu: bad type"` could be either's, so it is nobody's here (unattributed: the writer
+/// splits the batch until each error names one id). Given to `acme` by its prefix, it let
+/// `acme:eu` be confirmed into the shadow although Pendo refused it.
+fn error_string_id<'a>(s: &str, sent_ids: &[&'a str]) -> Option<&'a str> {
+    if let Some(id) = sent_ids.iter().find(|id| **id == s) {
+        return Some(*id);
+    }
+    let mut named = sent_ids.iter().filter(|id| {
+        s.strip_prefix(**id)
+            .is_some_and(|rest| rest.starts_with(':'))
+    });
+    match (named.next(), named.next()) {
+        (Some(id), None) => Some(*id),
+        _ => None,
     }
 }
 
@@ -473,6 +499,9 @@ impl PendoClient {
             408 => Err(PendoError::TooSlow {
                 message: excerpt(&text),
             }),
+            413 => Err(PendoError::TooLarge {
+                message: excerpt(&text),
+            }),
             400 => Err(PendoError::BadRequest {
                 message: excerpt(&text),
             }),
@@ -534,6 +563,51 @@ mod tests {
             ]
         );
         assert!(r.unattributed.is_empty());
+    }
+
+    #[test]
+    fn a_string_error_goes_to_the_one_id_it_names_never_to_a_prefix_of_it() {
+        // `acme:eu` failed; `acme` did not. With both sent, the text could be either's: it is
+        // left unattributed (the writer splits the batch), whatever order the ids were sent in.
+        let body = json!({"total": 2, "updated": 1, "failed": 1,
+            "errors": ["acme:eu: value \"x\" for field \"arr\" is not a valid number"]});
+        for sent in [["acme", "acme:eu"], ["acme:eu", "acme"]] {
+            let r = BulkResult::parse(&body, &sent);
+            assert!(r.errors.is_empty(), "{r:?}");
+            assert_eq!(r.unattributed.len(), 1, "{r:?}");
+        }
+        // Sent alone, it is `acme:eu`'s.
+        let r = BulkResult::parse(&body, &["acme:eu"]);
+        assert_eq!(r.errors[0].0, "acme:eu", "{r:?}");
+        // An error only `acme` can be named by stays with `acme`.
+        let body = json!({"errors": ["acme: too long"]});
+        let r = BulkResult::parse(&body, &["acme:eu", "acme"]);
+        assert_eq!(r.errors, vec![("acme".into(), "acme: too long".into())]);
+        // The bare id, exactly.
+        let r = BulkResult::parse(&json!({"errors": ["acme:eu"]}), &["acme", "acme:eu"]);
+        assert_eq!(r.errors[0].0, "acme:eu");
+        let r = BulkResult::parse(&json!({"errors": ["acme"]}), &["acme:eu", "acme"]);
+        assert_eq!(r.errors[0].0, "acme");
+        // A sent id that is only a prefix of a word is not a match.
+        let r = BulkResult::parse(&json!({"errors": ["acmeco: bad"]}), &["acme"]);
+        assert!(r.errors.is_empty() && r.unattributed.len() == 1, "{r:?}");
+        let sent = ["acme", "acme:eu"];
+        assert_eq!(error_string_id("acme:eu: x", &sent), None);
+        assert_eq!(error_string_id("acme:eu: x", &["acme:eu"]), Some("acme:eu"));
+        assert_eq!(error_string_id("other: x", &sent), None);
+    }
+
+    #[test]
+    fn a_413_is_a_reason_to_send_less_like_a_408() {
+        let e = PendoError::TooLarge {
+            message: "Request Entity Too Large".into(),
+        };
+        assert!(e.wants_smaller_batch() && !e.is_transient());
+        assert!(e.to_string().contains("413"), "{e}");
+        let slow = PendoError::TooSlow {
+            message: String::new(),
+        };
+        assert!(slow.wants_smaller_batch());
     }
 
     #[test]

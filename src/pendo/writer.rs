@@ -16,7 +16,7 @@
 //! | 200, id in `errors` | attempt counted, error text kept, retried with backoff, `dead` at `max_attempts` |
 //! | 200 with failures we cannot attribute | batch bisected until they can be |
 //! | 400 for the batch | bisected; a record rejected alone is `dead` with Pendo's message |
-//! | 408 | batch halved (and later batches smaller) |
+//! | 408, 413 | batch halved (and later batches smaller) |
 //! | 429 / 5xx / timeout / dropped | retried; then backoff in the outbox; `dead` at `max_attempts` |
 //! | 401 / 403 | writer paused with an operator hint; rows released, outbox kept |
 
@@ -115,7 +115,7 @@ pub enum WriterError {
 #[derive(Debug, Default)]
 struct Shared {
     paused: Mutex<Option<String>>,
-    /// The batch size now: halved on 408, grown back on success.
+    /// The batch size now: halved on 408 or 413, grown back on success.
     batch_limit: AtomicUsize,
     requests: AtomicU32,
     confirmed: AtomicU32,
@@ -243,14 +243,15 @@ impl Writer {
                     tracing::warn!(records = batch.len(), %message, "Pendo's answers did not account for a batch after retries; bisecting it.");
                     split_onto(batch, &mut stack);
                 }
-                Err(PendoError::TooSlow { message }) => {
+                // 408 (too slow) and 413 (too large): the same batch would fail again.
+                Err(e) if e.wants_smaller_batch() => {
                     let halved = (batch.len() / 2).max(1);
                     self.shared.batch_limit.fetch_min(halved, Ordering::Relaxed);
-                    tracing::warn!(records = batch.len(), halved, %message, "Pendo timed out a batch (408); halving it.");
+                    let error = e.to_string();
+                    tracing::warn!(records = batch.len(), halved, %error, "Pendo refused a batch as too slow or too large; halving it.");
                     if batch.len() > 1 {
                         split_onto(batch, &mut stack);
                     } else {
-                        let error = format!("Pendo timed out the request (408): {message}");
                         self.retry_later(batch, attempts, &error, None, &mut outcomes);
                     }
                 }
@@ -397,6 +398,8 @@ impl Writer {
 
     /// Re-checks claimed rows against the shadow: a row whose value Pendo already confirmed (a
     /// later cycle or another batch caught up) is settled without a request, unless forced.
+    /// A row whose stored value cannot be read (a corrupt state) is dead-lettered here, never
+    /// sent: sent as a null it would clear Pendo's value. The record's other rows go on.
     async fn drop_already_confirmed(
         &self,
         kind: Kind,
@@ -414,13 +417,24 @@ impl Writer {
         let shadow = self.store.load_shadow(kind, &ids).await?;
         let mut records: Vec<RecordRows> = Vec::new();
         for entry in claimed {
+            let value = match Value::from_stored(&entry.value) {
+                Ok(v) => v,
+                Err(e) => {
+                    let error = unreadable_value_error(&entry.field, &e);
+                    tracing::error!(kind = %kind, id = %entry.pendo_id, field = %entry.field, %error, "Dead-lettered a value that could not be read.");
+                    self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(VALUES_PUSHED, "kind" => kind.as_str(), "outcome" => "error")
+                        .increment(1);
+                    outcomes.push((entry, Settlement::Dead { error }));
+                    continue;
+                }
+            };
             let confirmed = shadow
                 .get(&entry.pendo_id)
                 .and_then(|r| r.get(&entry.field));
-            let already = match (confirmed, Value::from_stored(&entry.value)) {
-                (Some(c), Ok(v)) => v.matches_stored(c),
-                (None, Ok(v)) => v.is_null(),
-                (_, Err(_)) => false,
+            let already = match confirmed {
+                Some(c) => value.matches_stored(c),
+                None => value.is_null(),
             };
             if already && !entry.force {
                 outcomes.push((entry, Settlement::AlreadyConfirmed));
@@ -475,11 +489,13 @@ impl Writer {
         let items: Vec<serde_json::Value> = batch
             .iter()
             .map(|(id, rows)| {
+                // Unreadable values were dead-lettered before the send; one that got here
+                // anyway is left out, never sent as a null (which would clear Pendo's value).
                 let values: serde_json::Map<String, serde_json::Value> = rows
                     .iter()
-                    .map(|r| {
-                        let value = Value::from_stored(&r.value).unwrap_or(Value::Null);
-                        (r.field.clone(), value.to_wire(self.cfg.date_format))
+                    .filter_map(|r| {
+                        let value = Value::from_stored(&r.value).ok()?;
+                        Some((r.field.clone(), value.to_wire(self.cfg.date_format)))
                     })
                     .collect();
                 serde_json::json!({ kind.id_key(): id, "values": values })
@@ -558,7 +574,7 @@ impl Writer {
             );
             split_onto(undecided, stack);
         }
-        // A clean answer lets a batch size cut by a 408 grow back.
+        // A clean answer lets a batch size cut by a 408 or a 413 grow back.
         if !unknown && missing.is_empty() && errors.is_empty() {
             let grown =
                 (self.shared.batch_limit.load(Ordering::Relaxed) * 2).min(self.cfg.batch_size);
@@ -608,6 +624,14 @@ impl Writer {
     fn count(&self, counter: &AtomicU32, batch: &[RecordRows]) {
         counter.fetch_add(batch.len() as u32, Ordering::Relaxed);
     }
+}
+
+/// The dead letter of a row whose stored value cannot be read.
+fn unreadable_value_error(field: &str, cause: &str) -> String {
+    format!(
+        "the stored value for field {field:?} could not be read, so it was not sent (as a null it \
+         would have cleared Pendo's value): {cause}"
+    )
 }
 
 /// Whether a record's rows only clear fields (null values).

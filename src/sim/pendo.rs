@@ -93,6 +93,14 @@ pub struct PendoFaults {
     /// applying anything (a proxy or a Pendo bug answering `{}`, or counts that do not add up).
     #[serde(default)]
     pub ok_body_script: Vec<String>,
+    /// A bulk write of more records than this is answered 413 (Payload Too Large), without
+    /// applying anything, as a proxy before Pendo with a body cap would. `None`: no cap.
+    #[serde(default)]
+    pub max_batch_records: Option<usize>,
+    /// Ids whose elements every bulk write refuses with a per-record error (in the configured
+    /// `errors` shape), not applied, while the rest of the batch is.
+    #[serde(default)]
+    pub error_ids: Vec<String>,
 }
 
 fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -577,6 +585,11 @@ async fn bulk(
         Ok(batch) => batch,
         Err(msg) => return error_json(StatusCode::BAD_REQUEST, msg),
     };
+    if let Some(max) = st.faults.max_batch_records
+        && batch.len() > max
+    {
+        return error_json(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+    }
     // One undeclared field fails the whole call, as the legacy docs describe.
     for field in batch.iter().flat_map(|(_, values)| values.keys()) {
         if st.field_type(kind, field).is_none() {
@@ -591,9 +604,13 @@ async fn bulk(
             missing.push(id);
             continue;
         }
-        let bad = values
-            .iter()
-            .find_map(|(f, v)| type_error(st.field_type(kind, f).flatten(), f, v));
+        let bad = if st.faults.error_ids.contains(&id) {
+            Some("refused by the simulator (faults.error_ids)".to_owned())
+        } else {
+            values
+                .iter()
+                .find_map(|(f, v)| type_error(st.field_type(kind, f).flatten(), f, v))
+        };
         if let Some(text) = bad {
             errors.push(if st.config.errors_as_strings {
                 json!(format!("{id}: {text}"))
@@ -1190,6 +1207,26 @@ mod tests {
             assert_eq!(answer.text.is_empty(), matches!(expected, 401 | 403));
             assert_eq!(f.plan("a"), None);
         }
+        assert_eq!(f.post(BULK, &set_plan("a")).await.status, 200);
+        assert_eq!(f.plan("a"), Some(json!("Pro")));
+    }
+
+    #[tokio::test]
+    async fn a_batch_above_the_record_cap_is_answered_413_and_not_applied() {
+        let f = Fixture::new(config()).await;
+        for id in ["a", "b"] {
+            f.sim.add_entity(Kind::Account, id);
+        }
+        f.faults(PendoFaults {
+            max_batch_records: Some(1),
+            ..Default::default()
+        });
+        let two = json!([
+            { "accountId": "a", "values": { "plan": "Pro" } },
+            { "accountId": "b", "values": { "plan": "Pro" } },
+        ]);
+        assert_eq!(f.post(BULK, &two).await.status, 413);
+        assert_eq!(f.plan("a"), None);
         assert_eq!(f.post(BULK, &set_plan("a")).await.status, 200);
         assert_eq!(f.plan("a"), Some(json!("Pro")));
     }

@@ -8,8 +8,9 @@
 //! `history_batches` row that its values' events point at, and the CRM record's context is kept
 //! on the detection only.
 //!
-//! Retention ([`Store::prune_history`]) deletes the oldest events in small batches: rows are
-//! appended in time order, so the oldest are the lowest rowids and no time index is needed.
+//! Retention ([`Store::prune_history`]) deletes the oldest events in small batches, found by
+//! time on `history_by_at`: rows are appended in time order only while the clock runs forward,
+//! and events dated in the future by a clock step must not hold back the older ones behind them.
 
 use serde::{Deserialize, Serialize};
 

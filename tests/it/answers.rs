@@ -206,6 +206,147 @@ async fn timeouts_rate_limits_and_server_errors_are_retried_until_pendo_has_ever
 }
 
 #[tokio::test]
+async fn a_413_halves_the_batch_until_pendo_takes_it_and_nothing_dies() {
+    let t = TestApp::new().await;
+    t.seed(60);
+    // A proxy before Pendo refuses bodies of more than 10 records (the batch size is 50).
+    t.pendo.set_faults(PendoFaults {
+        max_batch_records: Some(10),
+        ..Default::default()
+    });
+    let report = t.sync().await;
+    t.assert_converged();
+    assert!(
+        outbox_states(&t).await.is_empty(),
+        "every value arrives, none dead or waiting"
+    );
+    assert_eq!(report.drain.as_ref().unwrap().failed, 0);
+    let writes = t.writes();
+    assert!(writes.iter().any(|r| r.status == 413), "the cap was hit");
+    for w in writes.iter().filter(|r| r.status == 200) {
+        let records = w
+            .body
+            .as_ref()
+            .and_then(|b| b.as_array())
+            .map_or(0, Vec::len);
+        assert!(records <= 10, "{records} records accepted above the cap");
+    }
+}
+
+/// Pendo's string errors name the id first (`"<id>: <text>"`). With `acme` and `acme:eu` in
+/// one batch, an error for `acme:eu` is `acme:eu`'s, not `acme`'s: else `acme:eu` would be
+/// confirmed into the shadow although Pendo refused it.
+#[tokio::test]
+async fn a_string_error_is_given_to_its_id_not_to_an_id_that_prefixes_it() {
+    let t = TestApp::with(Options {
+        errors_as_strings: true,
+        ..Options::default()
+    })
+    .await;
+    for (i, id) in ["acme", "acme:eu"].into_iter().enumerate() {
+        let mut record = account(i);
+        record["Id"] = json!(id);
+        t.crm.upsert("Account", id, record);
+        t.pendo.add_entity(Kind::Account, id);
+    }
+    t.pendo.set_faults(PendoFaults {
+        error_ids: vec!["acme:eu".into()],
+        ..Default::default()
+    });
+    t.sync().await;
+    assert!(t.pendo.value(Kind::Account, "acme", "plantier").is_some());
+    assert_eq!(t.pendo.value(Kind::Account, "acme:eu", "plantier"), None);
+    let app = t.app().await;
+    let shadow = app
+        .store
+        .load_shadow(Kind::Account, &["acme", "acme:eu"])
+        .await
+        .unwrap();
+    app.store.close().await;
+    assert!(
+        shadow
+            .get("acme")
+            .is_some_and(|f| f.contains_key("plantier")),
+        "{shadow:?}"
+    );
+    assert!(
+        !shadow.contains_key("acme:eu"),
+        "acme:eu was confirmed although Pendo refused it: {shadow:?}"
+    );
+    let states = outbox_states(&t).await;
+    assert!(!states.is_empty());
+    assert!(
+        states
+            .iter()
+            .all(|(id, _, e)| id == "acme:eu" && e.contains("refused by the simulator")),
+        "{states:?}"
+    );
+}
+
+/// A queued value the state can no longer read (a damaged file, a bad hand edit) is not a
+/// null: sent as one, it would clear what Pendo holds. It is dead-lettered with a message naming
+/// the field; the record's other values and the rest of the batch go out.
+#[tokio::test]
+async fn a_stored_value_that_cannot_be_read_is_dead_lettered_not_sent_as_a_clear() {
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.sync().await;
+    let id = account_id(1);
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "plantier"),
+        Some(json!("Growth"))
+    );
+    t.crm
+        .set_field("Account", &id, "Plan_Tier__c", json!("Platinum"));
+    t.crm.set_field("Account", &id, "ARR__c", json!(777.5));
+    t.crm
+        .set_field("Account", &account_id(2), "ARR__c", json!(888.5));
+    let app = t.app().await;
+    app.cycle(&t.settings.mappings[0], Mode::Incremental, false, &())
+        .await
+        .unwrap();
+    let damaged = sqlx::query(
+        "UPDATE outbox SET value = 'not a value{' WHERE pendo_id = ?1 AND field = 'plantier'",
+    )
+    .bind(id.clone())
+    .execute(app.store.pool())
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(damaged, 1);
+    t.pendo.reset_requests();
+    app.drain(&CancellationToken::new(), std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    app.store.close().await;
+
+    let sent: Vec<(String, String, serde_json::Value)> =
+        t.writes().iter().flat_map(|w| w.written_values()).collect();
+    assert!(
+        !sent.iter().any(|(i, f, _)| *i == id && f == "plantier"),
+        "the unreadable value was sent: {sent:?}"
+    );
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "plantier"),
+        Some(json!("Growth")),
+        "Pendo's value was cleared"
+    );
+    assert_eq!(t.pendo.value(Kind::Account, &id, "arr"), Some(json!(777.5)));
+    assert_eq!(
+        t.pendo.value(Kind::Account, &account_id(2), "arr"),
+        Some(json!(888.5))
+    );
+    let states = outbox_states(&t).await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    let (dead_id, state, error) = &states[0];
+    assert_eq!((dead_id, *state), (&id, QueueState::Dead));
+    assert!(
+        error.contains("field \"plantier\"") && error.contains("could not be read"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_key_pauses_the_writer_and_keeps_the_outbox() {
     let t = TestApp::new().await;
     t.seed(5);

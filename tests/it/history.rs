@@ -385,6 +385,62 @@ async fn retention_deletes_only_expired_events_in_batches() {
     app.store.close().await;
 }
 
+/// A forward clock step, corrected later: the events written while the clock ran a day ahead
+/// are the lowest ids but dated in the future, and the events after them in id order are a year
+/// old. Retention goes by time, so it deletes the old ones behind them and keeps the rest.
+#[tokio::test]
+async fn retention_deletes_old_events_behind_events_dated_in_the_future() {
+    let t = TestApp::new().await;
+    t.seed(20);
+    t.sync().await;
+    let s = store(&t).await;
+    let count = |s: &Store| {
+        let pool = s.pool().clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM history")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let total = count(&s).await;
+    assert_eq!(
+        total,
+        20 * 5 * 2,
+        "a detection and a confirmation per value"
+    );
+    let now = pendo_sync::domain::now_ms();
+    // The first 150 events: written while the clock was a day ahead.
+    sqlx::query(
+        "UPDATE history SET at = ?1 + 86400000 WHERE id <= (SELECT min(id) + 149 FROM history)",
+    )
+    .bind(now)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    // The other 50, after them in id order: a year old.
+    sqlx::query(
+        "UPDATE history SET at = ?1 - 31536000000 WHERE id > (SELECT min(id) + 149 FROM history)",
+    )
+    .bind(now)
+    .execute(s.pool())
+    .await
+    .unwrap();
+    let before = now - 86_400_000;
+    assert_eq!(s.prune_history(before, 30).await.unwrap(), 30);
+    assert_eq!(s.prune_history(before, 30).await.unwrap(), 20);
+    assert_eq!(s.prune_history(before, 30).await.unwrap(), 0);
+    assert_eq!(count(&s).await, total - 50);
+    let expired: i64 = sqlx::query_scalar("SELECT count(*) FROM history WHERE at < ?1")
+        .bind(before)
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(expired, 0, "an expired event was kept");
+    s.close().await;
+}
+
 /// The cycle log (`runs`) grows by a row per cycle per mapping, forever until this: retention
 /// deletes cycles older than `history.retention` too, except each mapping's last cycle and last
 /// successful one (what status, freshness and the console show).

@@ -411,3 +411,42 @@ async fn claims_take_every_due_row_once_whatever_order_they_arrive_in(backend: B
     store.close().await;
 }
 }
+
+/// A mapping's first cycle on an empty state is scheduled as an incremental, but with no
+/// watermark yet it reads every record: its log line says so. The next one is an incremental.
+#[tokio::test]
+async fn the_first_pull_of_a_mapping_is_logged_as_a_full_pull_not_an_incremental() {
+    let captured = crate::helpers::Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let t = TestApp::new().await;
+    t.seed(3);
+    t.cycle(Mode::Incremental).await;
+    let finished = |text: String| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("Cycle finished."))
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = finished(captured.text());
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(
+        first[0].contains(pendo_sync::engine::FIRST_PULL) && !first[0].contains("\"incremental\""),
+        "{first:?}"
+    );
+
+    captured.0.lock().unwrap().clear();
+    t.cycle(Mode::Incremental).await;
+    let second = finished(captured.text());
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert!(
+        second[0].contains("mode=\"incremental\"") && !second[0].contains("first pull"),
+        "{second:?}"
+    );
+}

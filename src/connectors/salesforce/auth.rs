@@ -24,22 +24,73 @@ pub(super) const SANDBOX_AUDIENCE: &str = "https://test.salesforce.com";
 
 /// The JWT `aud` Salesforce expects for the org `login_url` points at. It is *not* the token
 /// host: an assertion POSTed to a My Domain (`https://acme.my.salesforce.com`) still needs
-/// `https://login.salesforce.com`, or `https://test.salesforce.com` for sandboxes
-/// (`test.salesforce.com`, `*.sandbox.my.salesforce.com`); a My Domain `aud` is refused with
-/// `invalid_grant: audience is invalid` (reference §a1). Anything else, a simulator on loopback
-/// included, counts as production. `salesforce.jwt_audience` overrides this (Experience Cloud
-/// sites, legacy sandbox hosts).
+/// `https://login.salesforce.com`, or `https://test.salesforce.com` for sandboxes (see
+/// [`is_sandbox_host`]); a My Domain `aud` is refused with `invalid_grant: audience is invalid`
+/// (reference §a1). Anything else, a simulator on loopback included, counts as production.
+/// `salesforce.jwt_audience` overrides this (Experience Cloud sites, hosts a URL cannot tell).
 pub(super) fn jwt_audience_for(login_url: &url::Url) -> &'static str {
     let host = login_url
         .host_str()
         .unwrap_or("")
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    if host == "test.salesforce.com" || host.ends_with(".sandbox.my.salesforce.com") {
+    if is_sandbox_host(&host) {
         SANDBOX_AUDIENCE
     } else {
         PRODUCTION_AUDIENCE
     }
+}
+
+/// Whether a (lower-case) host is a sandbox's, by the rules Salesforce's own CLI used to decide
+/// the JWT audience (sfdx-core `SfdcUrl.isSandboxUrl`), anchored at the end of the host:
+/// - `test.salesforce.com`;
+/// - enhanced domains: `*.sandbox.my.salesforce.com` (and `.mil`);
+/// - sandbox My Domains without enhanced domains: a `--` before `.my.salesforce.com`
+///   (`acme--uat.my.salesforce.com`, `acme--uat.cs42.my.salesforce.com`; a production My
+///   Domain name cannot hold `--`);
+/// - CS instances: `cs<digits>.salesforce.com`, `*.cs<digits>.my.salesforce.com`,
+///   `cs<digits>.force.com`;
+/// - Hyperforce (falcon) sandbox instances: `usa2s.sfdc-<x>.salesforce.com` (or `.force.com`).
+fn is_sandbox_host(host: &str) -> bool {
+    let labels: Vec<&str> = host.split('.').collect();
+    let cs_instance = |l: &str| {
+        l.strip_prefix("cs")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    // `[a-z]{3}[0-9]+s`, at the end of the label.
+    let falcon_sandbox = |l: &str| {
+        l.strip_suffix('s').is_some_and(|rest| {
+            let letters = rest.trim_end_matches(|c: char| c.is_ascii_digit());
+            letters.len() < rest.len()
+                && letters
+                    .bytes()
+                    .rev()
+                    .take(3)
+                    .filter(u8::is_ascii_lowercase)
+                    .count()
+                    == 3
+        })
+    };
+    let on_cs_instance = labels.iter().enumerate().any(|(i, l)| {
+        let rest = labels[i + 1..].join(".");
+        cs_instance(l)
+            && matches!(
+                rest.as_str(),
+                "salesforce.com" | "my.salesforce.com" | "force.com"
+            )
+    });
+    let on_falcon_sandbox = (host.ends_with(".salesforce.com") || host.ends_with(".force.com"))
+        && labels
+            .windows(2)
+            .any(|w| falcon_sandbox(w[0]) && w[1].starts_with("sfdc-"));
+    host == "test.salesforce.com"
+        || host.ends_with(".sandbox.my.salesforce.com")
+        || host.ends_with(".sandbox.my.salesforce.mil")
+        || host
+            .strip_suffix(".my.salesforce.com")
+            .is_some_and(|name| name.contains("--"))
+        || on_cs_instance
+        || on_falcon_sandbox
 }
 
 /// What the configured grant needs, secrets resolved at start-up.

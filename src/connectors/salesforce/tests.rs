@@ -813,6 +813,14 @@ async fn jwt_audience_follows_the_kind_of_org() {
         "https://acme.my.salesforce.com",
         "https://sandboxco.my.salesforce.com",
         "http://127.0.0.1:9101",
+        "https://my-co.my.salesforce.com",
+        "https://acme-dev-ed.my.salesforce.com",
+        "https://na42.salesforce.com",
+        "https://acme.develop.my.salesforce.com",
+        // Only Salesforce's own hosts: the sandbox patterns are anchored at the end.
+        "https://acme--uat.my.salesforce.com.example.test",
+        "https://cs42.salesforce.com.example.test",
+        "https://usa2.sfdc-abc.salesforce.com",
     ] {
         assert_eq!(aud(prod), PRODUCTION_AUDIENCE, "{prod}");
     }
@@ -821,6 +829,16 @@ async fn jwt_audience_follows_the_kind_of_org() {
         "https://TEST.Salesforce.com/",
         "https://acme--uat.sandbox.my.salesforce.com",
         "https://acme--dev.sandbox.my.salesforce.com/services/oauth2/token",
+        // Sandboxes without enhanced domains (as sfdx-core's isSandboxUrl decides).
+        "https://acme--uat.my.salesforce.com",
+        "https://ACME--UAT.my.salesforce.com/",
+        "https://my-co--dev.my.salesforce.com",
+        "https://acme--uat.cs42.my.salesforce.com",
+        "https://acme.cs42.my.salesforce.com",
+        "https://cs42.salesforce.com",
+        "https://cs108.force.com",
+        "https://usa2s.sfdc-abc.salesforce.com",
+        "https://acme--uat.sandbox.my.salesforce.mil",
     ] {
         assert_eq!(aud(sandbox), SANDBOX_AUDIENCE, "{sandbox}");
     }
@@ -835,6 +853,10 @@ async fn jwt_audience_follows_the_kind_of_org() {
     };
     assert_eq!(
         build("https://acme--uat.sandbox.my.salesforce.com", ""),
+        SANDBOX_AUDIENCE
+    );
+    assert_eq!(
+        build("https://acme--uat.my.salesforce.com", ""),
         SANDBOX_AUDIENCE
     );
     assert_eq!(

@@ -395,9 +395,11 @@ impl Backend {
         Ok(out)
     }
 
-    /// Events in the state. Events are only ever deleted from the oldest end, so the rowids
-    /// are contiguous and this is exact without counting ten million rows. On PostgreSQL it is
-    /// an upper bound: identity values are not rolled back, so ids can have gaps.
+    /// Events in the state. Events are deleted oldest first, and the oldest are the lowest ids
+    /// while the clock runs forward, so the ids are contiguous and this is exact without
+    /// counting ten million rows. It is an upper bound on PostgreSQL (identity values are not
+    /// rolled back, so ids can have gaps) and after a clock step (events dated in the future
+    /// outlive the older ones written after them).
     pub async fn history_count(&self) -> Result<i64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         history_count_in(&mut conn).await
@@ -406,19 +408,23 @@ impl Backend {
     /// Deletes up to `batch` events older than `before` (Unix ms), oldest first, and the
     /// batches no kept event refers to; one short transaction, so a writer waits at most for
     /// one batch. Returns the events deleted: call again until it returns less than `batch`.
+    ///
+    /// By time, not by id: ids follow time only while the clock runs forward. After a forward
+    /// step (corrected later) the front of the table holds events dated in the future; taking
+    /// "the oldest `batch` ids, those outside retention" would delete nothing until the clock
+    /// caught up, and retention would stall behind them.
     pub async fn prune_history(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        // Rowids follow time: of the oldest `batch` rows, those outside retention. Never a scan
-        // past them (a `WHERE at < ?` search would read every kept row to find none). On
-        // PostgreSQL `= ANY (ARRAY(..))`, not `IN`: with `IN` a generic plan hash-joins a scan of
-        // the whole table; this reads the front once and deletes by the primary key.
+        // The expired events, oldest first, on `history_by_at`: the range read stops at the
+        // first kept event. On PostgreSQL `= ANY (ARRAY(..))`, not `IN`: with `IN` a generic plan
+        // hash-joins a scan of the whole table; this reads the index once and deletes by the
+        // primary key.
         let done = sqlx::query(if PG {
             "DELETE FROM history WHERE id = ANY (ARRAY(
-               SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) AS oldest
-               WHERE at < $1))"
+               SELECT id FROM history WHERE at < $1 ORDER BY at LIMIT $2))"
         } else {
             "DELETE FROM history WHERE id IN
-               (SELECT id FROM (SELECT id, at FROM history ORDER BY id LIMIT $2) WHERE at < $1)"
+               (SELECT id FROM history WHERE at < $1 ORDER BY at LIMIT $2)"
         })
         .bind(before)
         .bind(i64::from(batch))
@@ -426,21 +432,21 @@ impl Backend {
         .await?;
         // A batch goes once no kept event can point at it: an event is written when its step
         // settles, at most minutes after its batch was answered, so batches an hour older than
-        // the oldest kept event (read from the front of the table, no scan) are unreferenced.
-        let oldest: Option<i64> = sqlx::query("SELECT at FROM history ORDER BY id LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.get(0));
+        // the oldest kept event (the first entry of `history_by_at`) are unreferenced.
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT min(at) FROM history")
+            .fetch_one(&mut *tx)
+            .await?;
         let cut = oldest.map_or(before, |at| at.min(before)) - BATCH_MARGIN_MS;
+        // By time too, on `history_batches_by_sent` (a batch is answered after it is sent, so
+        // `sent_at < $1` only narrows the range read; `answered_at` decides).
         sqlx::query(if PG {
             "DELETE FROM history_batches WHERE id = ANY (ARRAY(
-               SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT $2)
-                 AS oldest
-               WHERE answered_at < $1))"
+               SELECT id FROM history_batches WHERE sent_at < $1 AND answered_at < $1
+               ORDER BY sent_at LIMIT $2))"
         } else {
             "DELETE FROM history_batches WHERE id IN
-               (SELECT id FROM (SELECT id, answered_at FROM history_batches ORDER BY id LIMIT $2)
-                WHERE answered_at < $1)"
+               (SELECT id FROM history_batches WHERE sent_at < $1 AND answered_at < $1
+                ORDER BY sent_at LIMIT $2)"
         })
         .bind(cut)
         .bind(i64::from(batch))
@@ -451,7 +457,8 @@ impl Backend {
     }
 }
 
-/// Events kept: rowids are dense (pruning deletes from the front), so the span of the ids.
+/// Events kept: rowids are dense (pruning deletes the oldest, from the front while the clock
+/// runs forward), so the span of the ids; an upper bound after a clock step.
 /// Two subqueries: SQLite answers a lone `max(id)` or `min(id)` from the end of the table, but
 /// `max(id) - min(id)` in one query scans it (10M events: every `/metrics` scrape). The same
 /// text on PostgreSQL (both ends from `history_pkey`), where it is an upper bound: an identity

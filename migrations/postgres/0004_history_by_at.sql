@@ -1,0 +1,6 @@
+-- Retention finds expired events by time, not by id: ids follow time only while the clock runs
+-- forward. After a forward clock step (corrected later) the lowest ids are dated in the future,
+-- and "the oldest ids, those outside retention" deleted nothing behind them. The id is the
+-- second column (SQLite's index carries the rowid implicitly), so the read of the expired ids
+-- is an index-only scan that stops at the first kept event.
+CREATE INDEX history_by_at ON history (at, id);
