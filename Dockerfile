@@ -15,7 +15,10 @@ USER pendo-sync
 VOLUME ["/var/lib/pendo-sync"]
 ENV PENDO_SYNC_CONFIG=/etc/pendo-sync/config.toml
 # Inside a container the admin port must listen beyond loopback to be scraped; the health check
-# reaches it over loopback either way. Override with PENDO_SYNC__ADMIN__LISTEN.
+# reaches it over loopback either way. Override with PENDO_SYNC__ADMIN__LISTEN. Beyond loopback
+# the console and /v1 show CRM data to token holders only (admin.token, admin.viewer_token;
+# admin.read_auth defaults to true there); /healthz, /readyz and /metrics stay open. Name the
+# hosts you reach it by: PENDO_SYNC__ADMIN__ALLOWED_HOSTS=pendo-sync.internal (comma-separated).
 ENV PENDO_SYNC__ADMIN__LISTEN=0.0.0.0:9464
 EXPOSE 9464
 # /readyz through the binary itself: the slim image has no curl.

@@ -187,7 +187,7 @@ async fn run() {
         settings.clone(),
         app,
         None,
-        None,
+        pendo_sync::service::AdminTokens::default(),
         cancel.clone(),
         TaskTracker::new(),
     );

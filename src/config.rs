@@ -6,7 +6,7 @@
 //!
 //! Secrets (`pendo.integration_key`, `salesforce.private_key`, `salesforce.client_secret`,
 //! `salesforce.refresh_token`, `hubspot.access_token`, `hubspot.client_secret`,
-//! `hubspot.refresh_token`, `admin.token`) each have a direct key and a `_file` twin; giving both is
+//! `hubspot.refresh_token`, `admin.token`, `admin.viewer_token`) each have a direct key and a `_file` twin; giving both is
 //! an error. They are held as [`SecretSource`] and only read (from a file) by
 //! [`SecretSource::resolve`], at the start of a command that needs them, so `Settings` can be
 //! validated on a machine that does not hold the secret files (CI, a laptop checking a config).
@@ -232,38 +232,44 @@ impl StateSettings {
 }
 
 /// A database URL with its password (if any) replaced by `***`.
+///
+/// A password pasted without percent-encoding may hold `/`, `?`, `#` or `@` (base64 does), so
+/// the user information is taken to end at the last `@` that a host follows, not at the first
+/// `/`: a wrong guess hides too much, never too little.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "(not a URL)".into();
     };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let host_end = |from: &str| from.find(['/', '?', '#']).unwrap_or(from.len());
+    let looks_like_host = |h: &str| {
+        !h.is_empty()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.:[],_".contains(c))
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_owned()
-            };
-            // Query parameters may carry a password too (`?password=`).
-            let tail = if tail.contains("password") {
-                tail.split('?').next().unwrap_or("")
-            } else {
-                tail
+    let at = rest.match_indices('@').map(|(i, _)| i).rfind(|&i| {
+        let after = &rest[i + 1..];
+        looks_like_host(&after[..host_end(after)])
+    });
+    let (userinfo, after) = match at {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    };
+    let (host, tail) = after.split_at(host_end(after));
+    // Query parameters may carry a password too (`?password=`).
+    let tail = if tail.contains("password") {
+        tail.split('?').next().unwrap_or("")
+    } else {
+        tail
+    };
+    match userinfo {
+        Some(userinfo) => {
+            let masked = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => userinfo.to_owned(),
             };
             format!("{scheme}://{masked}@{host}{tail}")
         }
-        None => {
-            let tail = if tail.contains("password") {
-                tail.split('?').next().unwrap_or("")
-            } else {
-                tail
-            };
-            format!("{scheme}://{authority}{tail}")
-        }
+        None => format!("{scheme}://{host}{tail}"),
     }
 }
 
@@ -452,17 +458,90 @@ impl Default for ScheduleSettings {
     }
 }
 
+/// `[admin]`: the admin port and who may use it (DESIGN "Who may see what").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     #[serde(default = "defaults::admin_listen")]
     pub listen: String,
+    /// The operator's token: reads and actions.
     #[serde(default)]
     token: Option<SecretString>,
     #[serde(default)]
     token_file: Option<PathBuf>,
     #[serde(skip, default)]
     pub token_source: SecretSource,
+    /// The viewer's token: reads only.
+    #[serde(default)]
+    viewer_token: Option<SecretString>,
+    #[serde(default)]
+    viewer_token_file: Option<PathBuf>,
+    #[serde(skip, default)]
+    pub viewer_token_source: SecretSource,
+    /// Whether reading CRM data (the console, `/v1/*`) needs a credential. Unset: true unless
+    /// `listen` is a loopback address. Filled in by validation.
+    #[serde(default)]
+    read_auth: Option<bool>,
+    #[serde(skip, default)]
+    pub reads_need_credentials: bool,
+    /// Host names (or addresses) the port answers besides the loopback names; empty: a loopback
+    /// port answers loopback names only, another answers any name.
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub allowed_hosts: Vec<String>,
+    /// A header a sign-in proxy sets to the person's name (`X-Forwarded-Email`), believed only
+    /// from `trusted_proxies`.
+    #[serde(default)]
+    pub trusted_user_header: Option<String>,
+    /// Addresses or CIDR ranges of the sign-in proxies (`10.0.0.0/8`, `192.168.1.7`).
+    #[serde(default, deserialize_with = "list_or_commas")]
+    trusted_proxies: Vec<String>,
+    #[serde(skip, default)]
+    pub trusted_proxy_nets: Vec<ipnet::IpNet>,
+    /// The role a person named by the trusted header has: `viewer` (default) or `operator`.
+    #[serde(default)]
+    pub trusted_role: AdminRole,
+    /// How long a console sign-in lasts.
+    #[serde(default = "defaults::session_ttl", with = "duration")]
+    pub session_ttl: Duration,
+}
+
+/// A list written as a TOML array, or as one comma-separated string (how an environment
+/// variable gives it: `PENDO_SYNC__ADMIN__ALLOWED_HOSTS=a.example,b.example`).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(list) => list,
+        Either::Text(text) => text
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    })
+}
+
+/// What a credential on the admin port allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Reads: the console's pages and the `/v1` reads.
+    #[default]
+    Viewer,
+    /// Reads and actions: resync, hold decisions, queue actions, live checks.
+    Operator,
+}
+
+impl AdminRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Viewer => "viewer",
+            AdminRole::Operator => "operator",
+        }
+    }
 }
 
 impl Default for AdminSettings {
@@ -472,7 +551,27 @@ impl Default for AdminSettings {
             token: None,
             token_file: None,
             token_source: SecretSource::None,
+            viewer_token: None,
+            viewer_token_file: None,
+            viewer_token_source: SecretSource::None,
+            read_auth: None,
+            reads_need_credentials: false,
+            allowed_hosts: Vec::new(),
+            trusted_user_header: None,
+            trusted_proxies: Vec::new(),
+            trusted_proxy_nets: Vec::new(),
+            trusted_role: AdminRole::Viewer,
+            session_ttl: defaults::session_ttl(),
         }
+    }
+}
+
+impl AdminSettings {
+    /// Whether `listen` is a loopback address (only this machine reaches the port).
+    pub fn is_loopback(&self) -> bool {
+        self.listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
     }
 }
 
@@ -658,6 +757,93 @@ fn secret_pair(
         (None, Some(p)) => Ok(SecretSource::File(p)),
         (None, None) => Ok(SecretSource::None),
     }
+}
+
+/// `[admin]` beyond `listen` and `token`: the viewer token, who must sign in, the Host names, the
+/// sign-in proxy.
+fn validate_admin(admin: &mut AdminSettings) -> Result<(), ConfigError> {
+    admin.viewer_token_source = secret_pair(
+        "admin.viewer_token",
+        admin.viewer_token.take(),
+        admin.viewer_token_file.take(),
+    )?;
+    admin.reads_need_credentials = admin.read_auth.unwrap_or(!admin.is_loopback());
+    for (i, host) in admin.allowed_hosts.iter_mut().enumerate() {
+        let name = host.trim().to_ascii_lowercase();
+        let plausible = !name.is_empty()
+            && (name.parse::<std::net::IpAddr>().is_ok()
+                || name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
+        if !plausible {
+            return Err(ConfigError::new(
+                format!("admin.allowed_hosts[{i}]"),
+                format!(
+                    "must be a host name or address without scheme, port or path (e.g. \"pendo-sync.internal\"), got {host:?}"
+                ),
+            ));
+        }
+        *host = name;
+    }
+    for (i, net) in admin.trusted_proxies.iter().enumerate() {
+        let parsed = net.trim().parse::<ipnet::IpNet>().or_else(|_| {
+            net.trim()
+                .parse::<std::net::IpAddr>()
+                .map(ipnet::IpNet::from)
+        });
+        match parsed {
+            Ok(n) => admin.trusted_proxy_nets.push(n),
+            Err(_) => {
+                return Err(ConfigError::new(
+                    format!("admin.trusted_proxies[{i}]"),
+                    format!(
+                        "must be an address or a CIDR range (e.g. \"10.0.0.0/8\"), got {net:?}"
+                    ),
+                ));
+            }
+        }
+    }
+    match (
+        &admin.trusted_user_header,
+        admin.trusted_proxy_nets.is_empty(),
+    ) {
+        (Some(h), _)
+            if h.trim().is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            return Err(ConfigError::new(
+                "admin.trusted_user_header",
+                format!("must be a header name such as \"X-Forwarded-Email\", got {h:?}"),
+            ));
+        }
+        (Some(_), true) => {
+            return Err(ConfigError::new(
+                "admin.trusted_proxies",
+                "admin.trusted_user_header is believed only from listed proxies: list the sign-in proxy's addresses (e.g. [\"10.0.0.0/8\"])",
+            ));
+        }
+        (None, false) => {
+            return Err(ConfigError::new(
+                "admin.trusted_user_header",
+                "admin.trusted_proxies is set but not the header they set: name it (e.g. \"X-Forwarded-Email\")",
+            ));
+        }
+        _ => {}
+    }
+    if admin.session_ttl < Duration::from_secs(60)
+        || admin.session_ttl > Duration::from_secs(30 * 86_400)
+    {
+        return Err(ConfigError::new(
+            "admin.session_ttl",
+            format!(
+                "{} is out of range; write between \"1m\" and \"30d\" (default \"12h\")",
+                humantime::format_duration(admin.session_ttl)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The file as written, before validation.
@@ -957,6 +1143,7 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
         )
     })?;
     admin.token_source = secret_pair("admin.token", admin.token.take(), admin.token_file.take())?;
+    validate_admin(&mut admin)?;
 
     // Mappings
     if mappings.is_empty() {
@@ -1481,6 +1668,10 @@ mod defaults {
     pub fn overlap() -> Duration {
         Duration::from_secs(300)
     }
+    pub fn session_ttl() -> Duration {
+        Duration::from_secs(12 * 3600)
+    }
+
     pub fn admin_listen() -> String {
         "127.0.0.1:9464".into()
     }
@@ -1508,6 +1699,117 @@ mod tests {
             Some(Transform::OwnerName)
         );
         assert_eq!(s.pendo.api_base(), "https://app.pendo.io");
+    }
+
+    #[test]
+    fn the_admin_port_s_keys_are_checked_and_reads_need_credentials_beyond_loopback() {
+        let with_admin = |lines: &str| {
+            load(&EXAMPLE.replace(
+                "token_file = \"/run/secrets/admin_token\"",
+                &format!("token_file = \"/run/secrets/admin_token\"\n{lines}"),
+            ))
+        };
+        let s = load(EXAMPLE).unwrap();
+        assert!(
+            !s.admin.reads_need_credentials,
+            "loopback: reads open by default"
+        );
+        let s = with_admin("").unwrap();
+        assert!(!s.admin.reads_need_credentials);
+        let wide = EXAMPLE.replace("listen = \"127.0.0.1:9464\"", "listen = \"0.0.0.0:9464\"");
+        assert!(load(&wide).unwrap().admin.reads_need_credentials);
+        let open = wide.replace(
+            "token_file = \"/run/secrets/admin_token\"",
+            "token_file = \"/run/secrets/admin_token\"\nread_auth = false",
+        );
+        assert!(!load(&open).unwrap().admin.reads_need_credentials);
+        let s = with_admin(
+            "allowed_hosts = [\"Pendo-Sync.internal\"]\ntrusted_user_header = \"X-Forwarded-Email\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\"]\nviewer_token_file = \"/run/secrets/viewer\"",
+        )
+        .unwrap();
+        assert_eq!(s.admin.allowed_hosts, ["pendo-sync.internal"]);
+        assert_eq!(s.admin.trusted_proxy_nets.len(), 2);
+        assert!(s.admin.viewer_token_source.is_set());
+        for (lines, key) in [
+            (
+                "allowed_hosts = [\"https://x.example/\"]",
+                "admin.allowed_hosts[0]",
+            ),
+            (
+                "trusted_user_header = \"X-Forwarded-Email\"",
+                "admin.trusted_proxies",
+            ),
+            (
+                "trusted_proxies = [\"10.0.0.0/8\"]",
+                "admin.trusted_user_header",
+            ),
+            (
+                "trusted_user_header = \"X-Email\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+                "admin.trusted_proxies[0]",
+            ),
+            ("trusted_role = \"admin\"", "trusted_role"),
+            ("session_ttl = \"5s\"", "admin.session_ttl"),
+            (
+                "viewer_token = \"a\"\nviewer_token_file = \"b\"",
+                "admin.viewer_token",
+            ),
+        ] {
+            let e = with_admin(lines).unwrap_err().to_string();
+            assert!(e.contains(key), "{lines}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_admin_port_s_lists_and_switch_come_from_the_environment_too() {
+        let env: HashMap<String, String> = [
+            ("PENDO_SYNC__ADMIN__LISTEN", "0.0.0.0:9464"),
+            ("PENDO_SYNC__ADMIN__READ_AUTH", "false"),
+            ("PENDO_SYNC__ADMIN__ALLOWED_HOSTS", "a.example,b.example"),
+            (
+                "PENDO_SYNC__ADMIN__TRUSTED_USER_HEADER",
+                "X-Forwarded-Email",
+            ),
+            ("PENDO_SYNC__ADMIN__TRUSTED_PROXIES", "10.0.0.0/8"),
+            // A secret with a comma stays whole.
+            ("PENDO_SYNC__ADMIN__VIEWER_TOKEN", "a,b"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let s = Settings::from_toml_with_env(EXAMPLE, env).unwrap();
+        assert!(!s.admin.reads_need_credentials);
+        assert_eq!(s.admin.allowed_hosts, ["a.example", "b.example"]);
+        assert_eq!(s.admin.trusted_proxy_nets.len(), 1);
+        assert_eq!(
+            s.admin
+                .viewer_token_source
+                .resolve("admin.viewer_token")
+                .unwrap()
+                .expose_secret(),
+            "a,b"
+        );
+    }
+
+    #[test]
+    fn a_url_s_password_is_hidden_whatever_characters_it_holds() {
+        for (url, shown) in [
+            ("postgres://u:pw@db:5432/x", "postgres://u:***@db:5432/x"),
+            ("postgres://u:pa/ss@db:5432/x", "postgres://u:***@db:5432/x"),
+            (
+                "postgres://u:a?b#c/d=@db/x?sslmode=require",
+                "postgres://u:***@db/x?sslmode=require",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            (
+                "postgres://u:+/Zm9v==@[::1]:5432/x",
+                "postgres://u:***@[::1]:5432/x",
+            ),
+            ("postgres://db/x?password=s3cret", "postgres://db/x"),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+        ] {
+            let got = redact_url(url);
+            assert_eq!(got, shown, "{url}");
+        }
     }
 
     #[test]

@@ -53,11 +53,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         )
     };
     let metrics = install_metrics();
-    let admin_token = if settings.admin.token_source.is_set() {
-        Some(settings.admin.token_source.resolve("admin.token")?)
-    } else {
-        None
-    };
+    let admin_tokens = crate::service::AdminTokens::resolve(&settings.admin)?;
     let app = App::open_configured(settings.clone()).await?;
     let listen = settings.admin.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -69,7 +65,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         settings.clone(),
         app,
         metrics,
-        admin_token,
+        admin_tokens,
         cancel.clone(),
         tracker.clone(),
     );

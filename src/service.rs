@@ -29,14 +29,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
-use crate::config::{MappingSettings, Settings};
+use crate::config::{ConfigError, MappingSettings, Settings};
 use crate::domain::{Kind, iso8601_from_ms, now_ms};
 use crate::engine::{CycleReport, Mode, Progress};
 use crate::pendo::writer::PAUSED_KEY;
@@ -121,6 +121,38 @@ struct WorkerSignals {
     probe_now: AtomicBool,
 }
 
+/// The admin port's tokens, read from their sources once at start-up (`admin.token`,
+/// `admin.viewer_token`).
+#[derive(Debug, Default, Clone)]
+pub struct AdminTokens {
+    /// Reads and actions.
+    pub operator: Option<SecretString>,
+    /// Reads only.
+    pub viewer: Option<SecretString>,
+}
+
+impl AdminTokens {
+    /// Reads both tokens; one token for both roles is refused (a viewer could act).
+    pub fn resolve(admin: &crate::config::AdminSettings) -> Result<AdminTokens, ConfigError> {
+        let read = |source: &crate::config::SecretSource, key: &str| {
+            source.is_set().then(|| source.resolve(key)).transpose()
+        };
+        let tokens = AdminTokens {
+            operator: read(&admin.token_source, "admin.token")?,
+            viewer: read(&admin.viewer_token_source, "admin.viewer_token")?,
+        };
+        if let (Some(o), Some(v)) = (&tokens.operator, &tokens.viewer)
+            && o.expose_secret() == v.expose_secret()
+        {
+            return Err(ConfigError::new(
+                "admin.viewer_token",
+                "is the same as admin.token: a viewer could act; give the viewer a token of its own",
+            ));
+        }
+        Ok(tokens)
+    }
+}
+
 /// The running service: what the loops, the resync jobs and the admin port share.
 pub struct Service {
     pub settings: Arc<Settings>,
@@ -129,7 +161,7 @@ pub struct Service {
     pub cancel: CancellationToken,
     tracker: TaskTracker,
     metrics: Option<PrometheusHandle>,
-    admin_token: Option<SecretString>,
+    admin_tokens: AdminTokens,
     health: Mutex<HashMap<String, MappingHealth>>,
     cycle_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     writer_paused: Mutex<Option<String>>,
@@ -154,8 +186,9 @@ impl Service {
         self.metrics.as_ref()
     }
 
-    pub fn admin_token(&self) -> Option<&SecretString> {
-        self.admin_token.as_ref()
+    /// The admin port's tokens (read once at start-up).
+    pub fn admin_tokens(&self) -> &AdminTokens {
+        &self.admin_tokens
     }
 
     /// Why the service is not ready, or `Ok` if it is: the state file answers, the writer is not
@@ -803,7 +836,7 @@ impl Service {
         settings: Arc<Settings>,
         app: App,
         metrics: Option<PrometheusHandle>,
-        admin_token: Option<SecretString>,
+        admin_tokens: AdminTokens,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Arc<Service> {
@@ -829,7 +862,7 @@ impl Service {
             resync_wake: Notify::new(),
             leader: AtomicBool::new(false),
             metrics,
-            admin_token,
+            admin_tokens,
             cancel,
             tracker,
             settings,

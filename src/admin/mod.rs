@@ -8,19 +8,23 @@
 //! | `GET /readyz` | 200, or 503 with `{"ready": false, "reasons": [...]}` (see [`Service::readiness`]) |
 //! | `GET /metrics` | Prometheus text; outbox gauges refreshed from the state file first |
 //! | `GET /v1/status` | the document of `status --format json` |
-//! | `POST /v1/resync` | Bearer `admin.token`; optional `mapping`, `kind` (JSON body or query); 202 with an id |
+//! | `POST /v1/resync` | operator; optional `mapping`, `kind` (JSON body or query); 202 with an id |
 //! | `GET /v1/resync/{id}` | that resync's progress: state, records read, changes, pushed |
-//! | `GET /v1/why/{kind}/{id}` | one id's provenance (`why --format json`); `?live=true` needs the token |
+//! | `GET /v1/why/{kind}/{id}` | one id's provenance (`why --format json`); `?live=true` needs the operator |
 //! | `GET /v1/holds`, `GET /v1/holds/{id}` | the guard's holds |
-//! | `POST /v1/holds/{id}/approve|reject` | Bearer `admin.token`; `{"reason": "..."}` optional |
-//! | `POST /v1/queue/retry|drop` | Bearer `admin.token`; `{"state", "kind", "id"}` (drop: a state or an id) |
+//! | `POST /v1/holds/{id}/approve|reject` | operator; `{"reason": "..."}` optional |
+//! | `POST /v1/queue/retry|drop` | operator; `{"state", "kind", "id"}` (drop: a state or an id) |
 //! | `GET /`, `/queue/{state}`, `/why/...`, `/holds/...`, `/assets/...` | the console ([`console`]) |
+//! | `GET|POST /signin`, `POST /signout`, `GET /session` | the console's sign-in ([`auth`]) |
 //!
 //! Every answer carries a strict Content-Security-Policy (scripts and styles from this origin
 //! only, no framing), `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer`.
 //!
-//! Without a configured `admin.token` the POST answers 403: an open port on a shared host must not
-//! let anyone start a full resync. The read-only routes need no token and show no secrets.
+//! Who may do what is [`auth`]'s: the probes and `/metrics` answer anyone; reading CRM data (the
+//! console, `/v1/*`) needs the viewer or operator role where `admin.read_auth` is on (the default
+//! off loopback); actions need the operator role, and without any way to get it (no
+//! `admin.token`) they answer 403: an open port on a shared host must not let anyone start a
+//! full resync.
 //!
 //! Clients, for the CLI: [`hand_off_resync`] (`resync` while a service holds the state file) and
 //! [`healthcheck`] (the Docker HEALTHCHECK; the slim image has no curl).
@@ -29,12 +33,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
@@ -47,19 +51,41 @@ use crate::domain::Kind;
 use crate::service::Service;
 use crate::store::{QueueFilter, QueueState};
 
+pub mod auth;
 mod console;
+
+use auth::{Auth, Caller};
 
 type Shared = Arc<Service>;
 
 /// Serves the admin routes until the service's token is cancelled.
 pub async fn serve(service: Shared, listener: TcpListener) -> std::io::Result<()> {
     let stop = service.cancel.clone();
-    axum::serve(listener, router(service))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let auth = Auth::new(&service.settings.admin, service.admin_tokens());
+    if !auth.reads_need_credentials() && !service.settings.admin.is_loopback() {
+        tracing::warn!(
+            listen = %service.settings.admin.listen,
+            "admin.read_auth = false on a port beyond loopback: anyone who reaches it reads CRM data."
+        );
+    }
+    if auth.reads_need_credentials()
+        && !auth.sign_in_possible()
+        && service.settings.admin.trusted_user_header.is_none()
+    {
+        tracing::warn!(
+            "Reading the console and /v1 needs a credential here, and none is configured: set admin.token or admin.viewer_token (or a trusted sign-in proxy)."
+        );
+    }
+    axum::serve(
+        listener,
+        router(service, auth).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
 }
 
-pub fn router(service: Shared) -> Router {
+pub fn router(service: Shared, auth: Auth) -> Router {
+    let auth = Arc::new(auth);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -73,53 +99,13 @@ pub fn router(service: Shared) -> Router {
         .route("/v1/holds/{id}/{decision}", post(hold_decide))
         .route("/v1/queue/{action}", post(queue_action))
         .merge(console::router())
-        .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::from_fn_with_state(
-            service.clone(),
-            loopback_hosts_only,
+            auth.clone(),
+            auth::gate,
         ))
+        .layer(Extension(auth))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(service)
-}
-
-/// On a loopback `admin.listen`, answers only requests addressed to a loopback name: a web page
-/// that points its own host name at 127.0.0.1 (DNS rebinding) would otherwise read the console's
-/// CRM data through a visitor's browser. A port bound to another address is reached by names
-/// this process cannot know, and is the operator's to protect.
-async fn loopback_hosts_only(
-    State(service): State<Shared>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let bound_to_loopback = service
-        .settings
-        .admin
-        .listen
-        .parse::<SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback());
-    if bound_to_loopback {
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        if !is_loopback_host(host) {
-            return error(
-                StatusCode::MISDIRECTED_REQUEST,
-                "this admin port answers requests for localhost, 127.0.0.1 or [::1] only",
-            );
-        }
-    }
-    next.run(request).await
-}
-
-/// `localhost`, a 127.x.y.z address or `[::1]`, with or without a port.
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The console shows CRM data: no script but ours runs (`script-src 'self'`, no inline), nothing
@@ -215,17 +201,6 @@ struct ResyncParams {
     kind: Option<String>,
 }
 
-/// Compares without an early exit, so the answer time does not tell how much of a guess matched.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for i in 0..given.len().max(expected.len()) {
-        let a = given.get(i).copied().unwrap_or(0);
-        let b = expected.get(i).copied().unwrap_or(0);
-        diff |= usize::from(a ^ b);
-    }
-    std::hint::black_box(diff) == 0
-}
-
 fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
 }
@@ -250,34 +225,6 @@ fn kind_param(kind: Option<&str>) -> Result<Option<Kind>, String> {
     .transpose()
 }
 
-/// `None` if the request carries the admin token, else the answer to give.
-fn refuse_without_token(service: &Service, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = service.admin_token() else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "set admin.token to enable POST endpoints",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !same_secret(given.as_bytes(), token.expose_secret().as_bytes()) {
-        return Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(
-                    json!({"error": "a valid admin token is required (Authorization: Bearer ...)"}),
-                ),
-            )
-                .into_response(),
-        );
-    }
-    None
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WhyParams {
@@ -286,11 +233,12 @@ struct WhyParams {
     live: Option<bool>,
 }
 
-/// `GET /v1/why/{kind}/{id}`: the JSON of `why --format json`. Reading the state needs no token;
-/// `?live=true` does, since it spends CRM and Pendo quota.
+/// `GET /v1/why/{kind}/{id}`: the JSON of `why --format json`. `?live=true` needs the operator,
+/// since it spends CRM and Pendo quota.
 async fn why(
     State(service): State<Shared>,
-    headers: HeaderMap,
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
     Path((kind, id)): Path<(String, String)>,
     Query(params): Query<WhyParams>,
 ) -> Response {
@@ -301,8 +249,8 @@ async fn why(
         );
     };
     let live = params.live.unwrap_or(false);
-    if live && let Some(refused) = refuse_without_token(&service, &headers) {
-        return refused;
+    if live && let Err(refused) = caller.operator(&auth) {
+        return *refused;
     }
     let options = crate::why::WhyOptions {
         field: params.field,
@@ -339,16 +287,18 @@ struct DecisionBody {
     reason: Option<String>,
 }
 
-/// `POST /v1/holds/{id}/approve|reject` with the admin token; `{"reason": "..."}` optional.
+/// `POST /v1/holds/{id}/approve|reject` by an operator (recorded as who decided); `{"reason": "..."}` optional.
 async fn hold_decide(
     State(service): State<Shared>,
-    headers: HeaderMap,
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
     Path((id, decision)): Path<(i64, String)>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refuse_without_token(&service, &headers) {
-        return refused;
-    }
+    let who = match caller.operator(&auth) {
+        Ok(who) => who,
+        Err(refused) => return *refused,
+    };
     let approve = match decision.as_str() {
         "approve" => true,
         "reject" => false,
@@ -359,7 +309,7 @@ async fn hold_decide(
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     match service
-        .decide_hold(id, approve, "admin-api", params.reason.as_deref())
+        .decide_hold(id, approve, &who, params.reason.as_deref())
         .await
     {
         Ok(hold) => axum::Json(hold).into_response(),
@@ -384,18 +334,20 @@ struct QueueParams {
     mapping: Option<String>,
 }
 
-/// `POST /v1/queue/retry|drop` with the admin token: `queue retry|drop` over the admin port.
+/// `POST /v1/queue/retry|drop` by an operator: `queue retry|drop` over the admin port.
 /// `state = "invalid"` drops records set aside (by CRM id). A drop names a state or an id: the
 /// whole outbox is not dropped by one click.
 async fn queue_action(
     State(service): State<Shared>,
-    headers: HeaderMap,
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
     Path(action): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refuse_without_token(&service, &headers) {
-        return refused;
-    }
+    let who = match caller.operator(&auth) {
+        Ok(who) => who,
+        Err(refused) => return *refused,
+    };
     let retry = match action.as_str() {
         "retry" => true,
         "drop" => false,
@@ -461,7 +413,7 @@ async fn queue_action(
         kind,
         pendo_id: params.id,
     };
-    match service.queue_action(retry, &filter, "admin-api").await {
+    match service.queue_action(retry, &filter, &who).await {
         Ok(n) if retry => axum::Json(json!({ "retried": n })).into_response(),
         Ok(n) => axum::Json(json!({ "dropped": n })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -470,12 +422,13 @@ async fn queue_action(
 
 async fn resync(
     State(service): State<Shared>,
-    headers: HeaderMap,
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<ResyncParams>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refuse_without_token(&service, &headers) {
-        return refused;
+    if let Err(refused) = caller.operator(&auth) {
+        return *refused;
     }
     let params = match json_body(&body, || query) {
         Ok(p) => p,
@@ -505,7 +458,7 @@ async fn resync_progress(State(service): State<Shared>, Path(id): Path<String>) 
         Some(status) => axum::Json(status).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
-            "no such resync (ids do not survive a restart)",
+            "no such resync (finished jobs are kept for history.retention)",
         ),
     }
 }
@@ -712,44 +665,5 @@ where
             }
             _ => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_secret;
-
-    #[test]
-    fn loopback_hosts() {
-        use super::is_loopback_host;
-        for ok in [
-            "localhost",
-            "LOCALHOST:9464",
-            "127.0.0.1:9464",
-            "127.1.2.3",
-            "[::1]:9464",
-            "[::1]",
-        ] {
-            assert!(is_loopback_host(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "evil.example",
-            "evil.example:9464",
-            "localhost.evil.example",
-            "10.0.0.1:9464",
-            "[::2]:1",
-        ] {
-            assert!(!is_loopback_host(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn secrets_compare_equal_only_when_identical() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cret", b"s3cres"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
-        assert!(!same_secret(b"s3cret\0", b"s3cret"));
     }
 }

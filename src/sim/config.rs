@@ -115,9 +115,12 @@ pub struct SimConfig {
     pub poll_interval: Option<String>,
     pub reconcile_interval: Option<String>,
     pub overlap: Option<String>,
-    /// `[admin]` keys (`listen`, `token`); the section is written when either is set.
+    /// `[admin]` keys (`listen`, `token`, `viewer_token`) and raw lines after them
+    /// (`allowed_hosts`, `read_auth`, the trusted proxy); the section is written when any is set.
     pub admin_listen: Option<String>,
     pub admin_token: Option<String>,
+    pub admin_viewer_token: Option<String>,
+    pub admin_extra: String,
     pub mappings: Vec<MappingSection>,
     /// Raw TOML appended after the mappings (more `[[mappings]]`, say).
     pub tail: String,
@@ -205,6 +208,8 @@ impl SimConfig {
             overlap: None,
             admin_listen: None,
             admin_token: None,
+            admin_viewer_token: None,
+            admin_extra: String::new(),
             mappings: Vec::new(),
             tail: String::new(),
         }
@@ -232,6 +237,9 @@ impl SimConfig {
         overlap: str,
         admin_listen: str,
         admin_token: str,
+        admin_viewer_token: str,
+        /// Raw TOML lines in `[admin]`.
+        admin_extra: raw,
         /// Raw TOML appended after the mappings.
         tail: raw,
     }
@@ -297,13 +305,23 @@ impl SimConfig {
             ("reconcile_interval", &self.reconcile_interval),
             ("overlap", &self.overlap),
         ];
-        let admin = [("listen", &self.admin_listen), ("token", &self.admin_token)];
+        let admin = [
+            ("listen", &self.admin_listen),
+            ("token", &self.admin_token),
+            ("viewer_token", &self.admin_viewer_token),
+        ];
         for (name, keys) in [("[schedule]", &schedule[..]), ("[admin]", &admin[..])] {
-            if keys.iter().any(|(_, v)| v.is_some()) {
+            let extra = if name == "[admin]" {
+                self.admin_extra.as_str()
+            } else {
+                ""
+            };
+            if keys.iter().any(|(_, v)| v.is_some()) || !extra.is_empty() {
                 header(&mut out, name);
                 for (key, value) in keys {
                     opt_str(&mut out, key, value);
                 }
+                raw(&mut out, extra);
             }
         }
 

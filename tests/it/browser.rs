@@ -202,11 +202,40 @@ impl Browser {
         }
     }
 
-    /// Types the admin token into the page's token box.
-    pub(crate) async fn use_token(&self, token: &str) {
-        self.type_into("#token-input", token).await;
-        self.click("#token-form button").await;
-        assert_eq!(self.text("#token-state").await, "token set for this tab");
+    /// Signs in through the page: the header's "Sign in" link, the token typed into the form,
+    /// back on the page it came from, signed in as `role` (the session is a cookie).
+    pub(crate) async fn sign_in(&self, token: &str, role: &str) {
+        let before = self.js("return location.pathname + location.search").await;
+        self.until(
+            "the sign-in link",
+            "return !!document.getElementById('signin-link') && !document.getElementById('signin-link').hidden && document.getElementById('signin-link').href.includes('next=')",
+        )
+        .await;
+        self.click("#signin-link").await;
+        self.sign_in_here(token).await;
+        assert_eq!(
+            self.js("return location.pathname + location.search").await,
+            before,
+            "back where the sign-in started"
+        );
+        self.until(
+            "the session to show",
+            &format!(
+                "return (document.getElementById('session-state')?.textContent || '').endsWith('({role})')"
+            ),
+        )
+        .await;
+    }
+
+    /// Fills in and sends the sign-in form of the page shown now.
+    pub(crate) async fn sign_in_here(&self, token: &str) {
+        self.type_into("#signin-token", token).await;
+        self.click("#signin-form button").await;
+        self.until(
+            "the page after signing in",
+            "return document.readyState === 'complete' && !document.getElementById('signin-form')",
+        )
+        .await;
     }
 
     /// A PNG of the window, written to `$PENDO_SYNC_SCREENSHOTS/<name>.png` when that variable

@@ -12,7 +12,7 @@ use pendo_sync::sim::salesforce::account_id;
 use serde_json::{Value, json};
 
 use crate::browser::Browser;
-use crate::service::{ADMIN_TOKEN, Env, Options};
+use crate::service::{ADMIN_TOKEN, Env, Options, VIEWER_TOKEN};
 
 /// A CRM value that closes an attribute and a tag, then tries an image handler and a script.
 const HOSTILE: &str =
@@ -266,15 +266,20 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
             "return document.getElementById('live').textContent.includes('refused')",
         )
         .await;
-    browser.use_token(ADMIN_TOKEN).await;
-    // Kept in the tab's sessionStorage: never a cookie.
+    browser.sign_in(ADMIN_TOKEN, "operator").await;
+    // The session is an HttpOnly cookie the page's scripts cannot read, and the token is kept
+    // nowhere in the page.
     assert_eq!(browser.js("return document.cookie").await, json!(""));
     assert_eq!(
         browser
-            .js("return sessionStorage.getItem('pendo-sync.admin-token')")
+            .js("return sessionStorage.length + localStorage.length")
             .await,
-        json!(ADMIN_TOKEN)
+        json!(0)
     );
+    let cookies = browser.client.get_all_cookies().await.expect("cookies");
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    assert!(cookies[0].http_only() == Some(true), "{cookies:?}");
+    assert!(!cookies[0].value().contains(ADMIN_TOKEN), "{cookies:?}");
     browser.click("#check-live").await;
     assert!(
         !browser
@@ -346,7 +351,7 @@ async fn the_console_shows_the_status_model_links_lists_to_provenance_and_runs_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
+async fn a_hold_is_approved_from_the_console_by_an_operator_not_a_viewer() {
     let Some(browser) = Browser::start().await else {
         return;
     };
@@ -354,6 +359,7 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
         accounts: 150,
         default_guard: true,
         poll: "1h",
+        viewer_token: true,
         ..Options::default()
     })
     .await;
@@ -365,17 +371,27 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
     }
     let out = env.cli(&["sync"]).await;
     assert_eq!(out.status.code(), Some(4), "{out:?}");
-    let svc = env.start();
+    // On every interface, as in a container: reading needs a sign-in.
+    let port = env.admin.rsplit(':').next().unwrap().to_owned();
+    let svc = env.start_on(&format!("0.0.0.0:{port}"));
     env.wait_ready(&svc, Duration::from_secs(30)).await;
 
     browser.goto(&env.url("/")).await;
+    assert!(browser.text("#signin-message").await.contains("CRM data"));
+    browser.sign_in_here(VIEWER_TOKEN).await;
     assert_eq!(browser.text("#open-holds").await, "1");
     browser.click("#holds a[href='/holds/1']").await;
     assert_eq!(browser.text("#hold-state").await, "open");
     assert_eq!(browser.text("#hold-values").await, "150");
     assert_eq!(browser.csp_violations().await, Vec::<String>::new());
+    browser
+        .until(
+            "the viewer's session",
+            "return document.getElementById('session-state').textContent.endsWith('(viewer)')",
+        )
+        .await;
 
-    // Without the token: refused, and the hold stays open.
+    // As a viewer: refused, and the hold stays open.
     browser.click("#approve-form button").await;
     browser.accept_confirm().await;
     browser
@@ -387,7 +403,8 @@ async fn a_hold_is_approved_from_the_console_with_the_token_and_not_without() {
     browser.goto(&env.url("/holds/1")).await;
     assert_eq!(browser.text("#hold-state").await, "open");
 
-    browser.use_token(ADMIN_TOKEN).await;
+    browser.sign_in(ADMIN_TOKEN, "operator").await;
+    assert_eq!(browser.text("#hold-state").await, "open");
     browser
         .type_into("#approve-form input[name=reason]", "price change announced")
         .await;
@@ -491,15 +508,24 @@ async fn console_pages_carry_a_strict_csp_and_actions_need_the_token() {
         "one script, from /assets: {page}"
     );
     assert!(page.contains("<script src=\"/assets/console.js\" defer></script>"));
-    // Without the script, the token box cannot submit the token anywhere (a GET form would put
-    // it in the URL): no name, and disabled until console.js enables it.
-    let input = page
-        .split("<input")
-        .find(|i| i.contains("id=\"token-input\""))
-        .expect("the token box");
-    let input = &input[..input.find('>').unwrap()];
-    assert!(!input.contains("name="), "{input}");
-    assert!(input.contains("disabled"), "{input}");
+    // The token is typed into the sign-in page's form only, which POSTs it (a GET form would
+    // put it in the URL); no page holds a token box.
+    assert!(!page.contains("type=\"password\""), "{page}");
+    let signin = client
+        .get(env.url("/signin?next=/holds"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let form = signin
+        .split("<form")
+        .find(|f| f.contains("id=\"signin-form\""))
+        .expect("the sign-in form");
+    let form = &form[..form.find('>').unwrap()];
+    assert!(form.contains("method=\"post\""), "{form}");
+    assert!(form.contains("action=\"/signin\""), "{form}");
 
     // A page of another site pointing its name at 127.0.0.1 (DNS rebinding) is not answered.
     let r = client

@@ -61,6 +61,8 @@ pub struct CrmOptions {
     pub extra_pendo: String,
     /// `[admin] token`, if any (the section is written only then).
     pub admin_token: Option<String>,
+    /// `[admin] viewer_token`, if any.
+    pub admin_viewer_token: Option<String>,
 }
 
 impl Default for CrmOptions {
@@ -97,6 +99,7 @@ impl Default for CrmOptions {
             retry_max: "200ms",
             extra_pendo: String::new(),
             admin_token: None,
+            admin_viewer_token: None,
         }
     }
 }
@@ -200,6 +203,9 @@ impl Crm {
             .mapping(MappingSection::hs_contacts());
         if let Some(token) = &opts.admin_token {
             sim_config = sim_config.admin_token(token);
+        }
+        if let Some(token) = &opts.admin_viewer_token {
+            sim_config = sim_config.admin_viewer_token(token);
         }
         let toml = sim_config.to_toml();
         let settings = Arc::new(

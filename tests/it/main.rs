@@ -1,6 +1,7 @@
 //! The integration suite: one binary (one link step on a 2-core CI). Every test runs the real
 //! code against real SQLite files and the simulators over loopback.
 
+mod admin_port;
 mod answers;
 mod audit;
 mod bad_input;

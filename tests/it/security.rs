@@ -22,6 +22,7 @@ const HS_ACCESS_TOKEN: &str = "canary-hs-access-token-c4e9";
 const HS_CLIENT_SECRET: &str = "canary-hs-client-secret-91aa";
 const HS_REFRESH_TOKEN: &str = "canary-hs-refresh-token-0f6b";
 const ADMIN_TOKEN: &str = "canary-admin-token-3d5c";
+const VIEWER_TOKEN: &str = "canary-viewer-token-8e21";
 /// Wrong values an operator might type; they are secrets too.
 const WRONG_PENDO_KEY: &str = "canary-wrong-pendo-key-e07b";
 const WRONG_SF_SECRET: &str = "canary-wrong-sf-secret-62ad";
@@ -48,6 +49,7 @@ fn canaries() -> Vec<(&'static str, &'static str)> {
         ("hubspot.client_secret", HS_CLIENT_SECRET),
         ("hubspot.refresh_token", HS_REFRESH_TOKEN),
         ("admin.token", ADMIN_TOKEN),
+        ("admin.viewer_token", VIEWER_TOKEN),
         ("a wrong pendo.integration_key", WRONG_PENDO_KEY),
         ("a wrong salesforce.client_secret", WRONG_SF_SECRET),
         ("a wrong hubspot.access_token", WRONG_HS_TOKEN),
@@ -114,6 +116,7 @@ async fn start() -> Crm {
         sf_auth,
         hs_auth,
         admin_token: Some(ADMIN_TOKEN.into()),
+        admin_viewer_token: Some(VIEWER_TOKEN.into()),
         max_attempts: 3,
         ..CrmOptions::default()
     })
@@ -201,7 +204,7 @@ fn assert_state_files_clean(state: &Path) {
 async fn no_secret_reaches_output_status_or_the_state_file() {
     let crm = start().await;
     // The canaries really are in the config (else finding none of them proves nothing).
-    for (setting, canary) in canaries().into_iter().take(8) {
+    for (setting, canary) in canaries().into_iter().take(9) {
         assert!(crm.toml.contains(canary), "{setting} is not configured");
     }
     let dir = crm.dir.path();

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 const PENDO_KEY: &str = "service-test-pendo-key";
 const SF_SECRET: &str = "service-test-sf-secret";
 pub(crate) const ADMIN_TOKEN: &str = "service-test-admin-token";
+pub(crate) const VIEWER_TOKEN: &str = "service-test-viewer-token";
 const POLL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Options {
@@ -40,6 +41,10 @@ pub(crate) struct Options {
     pub(crate) poll: &'static str,
     /// `[state] url`: the state in this PostgreSQL database (lease_ttl 3s).
     pub(crate) state_url: Option<String>,
+    /// `admin.viewer_token` (`VIEWER_TOKEN`).
+    pub(crate) viewer_token: bool,
+    /// Raw lines in `[admin]` (`allowed_hosts`, `read_auth`, the trusted proxy).
+    pub(crate) admin_extra: &'static str,
 }
 
 impl Default for Options {
@@ -56,6 +61,8 @@ impl Default for Options {
             notify_url: None,
             poll: "1s",
             state_url: None,
+            viewer_token: false,
+            admin_extra: "",
         }
     }
 }
@@ -210,6 +217,10 @@ impl Env {
         if opts.admin_token {
             sim_config = sim_config.admin_token(ADMIN_TOKEN);
         }
+        if opts.viewer_token {
+            sim_config = sim_config.admin_viewer_token(VIEWER_TOKEN);
+        }
+        sim_config = sim_config.admin_extra(opts.admin_extra);
         let text = sim_config.to_toml();
         std::fs::write(&config, text).unwrap();
         Env {

@@ -403,7 +403,7 @@ async fn a_failing_reconcile_shows_in_status_and_readiness_while_incrementals_go
         t.settings.clone(),
         app,
         None,
-        None,
+        pendo_sync::service::AdminTokens::default(),
         cancel.clone(),
         tracker.clone(),
     );

@@ -1,17 +1,30 @@
-// The console's behaviour: the admin token (typed once, kept in this tab's sessionStorage, sent
-// only as `Authorization: Bearer` to this origin), the action forms, "Check live", auto-refresh.
-// Everything shown from an answer goes in as text, or as the server's escaped HTML parsed
-// inertly: nothing from the CRM becomes script.
+// The console's behaviour: who this browser is signed in as (from /session), the action forms
+// (sent with the session's X-CSRF-Token: a page of another site can neither read it nor send
+// it), "Check live", auto-refresh. The session itself is an HttpOnly cookie this script never
+// sees, and no token is kept in the page. Everything shown from an answer goes in as text, or
+// as the server's escaped HTML parsed inertly: nothing from the CRM becomes script.
 'use strict';
 (function () {
-  const TOKEN = 'pendo-sync.admin-token';
   const AUTO = 'pendo-sync.auto-refresh';
-  const token = () => sessionStorage.getItem(TOKEN) || '';
-  const auth = () => ({ Authorization: 'Bearer ' + token() });
+  let session = { signed_in: false };
+  const csrf = () => (session.csrf ? { 'X-CSRF-Token': session.csrf } : {});
 
-  function showTokenState() {
-    const el = document.getElementById('token-state');
-    if (el) el.textContent = token() ? 'token set for this tab' : 'no token: actions are refused';
+  async function loadSession() {
+    try {
+      const res = await fetch('/session', { credentials: 'same-origin' });
+      if (res.ok) session = await res.json();
+    } catch (_) { /* the page still reads */ }
+    const state = document.getElementById('session-state');
+    const link = document.getElementById('signin-link');
+    const out = document.getElementById('signout');
+    if (link) link.href = '/signin?next=' + encodeURIComponent(location.pathname + location.search);
+    if (state) {
+      state.textContent = session.signed_in
+        ? 'signed in as ' + session.who + ' (' + session.role + ')'
+        : 'not signed in: actions are refused';
+    }
+    if (link && session.signed_in) link.textContent = 'Sign in again';
+    if (out) out.hidden = !(session.signed_in && session.via === 'session');
   }
 
   function say(out, ok, text) {
@@ -23,7 +36,7 @@
   async function refusal(res) {
     let text = '';
     try { text = (await res.json()).error || ''; } catch (_) { /* not JSON */ }
-    if (res.status === 401) return 'refused: type the admin token at the top right first';
+    if (res.status === 401) return 'refused: sign in with the operator token first (top right)';
     return 'refused (' + res.status + '): ' + text;
   }
 
@@ -50,7 +63,7 @@
     try {
       res = await fetch(form.dataset.action, {
         method: 'POST',
-        headers: Object.assign({ 'Content-Type': 'application/json' }, auth()),
+        headers: Object.assign({ 'Content-Type': 'application/json' }, csrf()),
         body: JSON.stringify(body),
       });
     } catch (e) { say(out, false, 'failed: ' + e); return; }
@@ -64,7 +77,7 @@
   async function live(button) {
     const target = document.getElementById('live');
     target.textContent = 'reading the CRM and Pendo…';
-    const res = await fetch(button.dataset.live, { headers: auth() });
+    const res = await fetch(button.dataset.live);
     if (!res.ok) { target.textContent = await refusal(res); return; }
     // Parsed as a separate document: scripts in it never run, and the server escaped its text.
     const doc = new DOMParser().parseFromString(await res.text(), 'text/html');
@@ -72,20 +85,14 @@
   }
 
   document.addEventListener('DOMContentLoaded', () => {
-    const tokenForm = document.getElementById('token-form');
-    if (tokenForm) {
-      // Disabled in the HTML: usable only with this handler, which keeps it out of any URL.
-      tokenForm.querySelectorAll('input, button').forEach((el) => { el.disabled = false; });
-      tokenForm.addEventListener('submit', (e) => {
-        e.preventDefault();
-        const input = document.getElementById('token-input');
-        const value = input.value.trim();
-        if (value) sessionStorage.setItem(TOKEN, value); else sessionStorage.removeItem(TOKEN);
-        input.value = '';
-        showTokenState();
+    loadSession();
+    const signout = document.getElementById('signout');
+    if (signout) {
+      signout.addEventListener('click', async () => {
+        await fetch('/signout', { method: 'POST', headers: csrf() });
+        window.location.reload();
       });
     }
-    showTokenState();
     document.querySelectorAll('form[data-action]').forEach((form) => {
       form.addEventListener('submit', (e) => { e.preventDefault(); act(form); });
     });

@@ -4,24 +4,28 @@
 //! It owns the pages and their assets and nothing else: the overview renders the status model
 //! (the same document as `status --format json`, `/v1/status` and the gauges of `/metrics`), the
 //! lists page through the state by key, the provenance page renders [`crate::why`], and every
-//! action is a `fetch` from `console.js` to the JSON routes of the admin port with the admin
-//! token, so a page never changes anything by itself and an action needs exactly what the API
-//! needs. The token is typed once and kept in the tab's sessionStorage: never in a URL (logs,
-//! history, Referer) nor a cookie (a cross-site form could ride on it).
+//! action is a `fetch` from `console.js` to the JSON routes of the admin port, so a page never
+//! changes anything by itself and an action needs exactly what the API needs. A person signs
+//! in once with a token (`/signin`, a plain form: the token travels in a POST body, never in a
+//! URL); the session is a signed cookie and every action carries its `X-CSRF-Token` (see
+//! [`super::auth`]).
 //!
 //! All assets are compiled into the binary: the service often runs where no CDN is reachable.
 
 mod views;
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 use maud::Markup;
 use serde::Deserialize;
 
 use super::Shared;
+use super::auth::{Auth, Caller};
 use crate::domain::{Kind, now_ms};
 use crate::store::{InvalidCursor, OutboxCursor, QueueState};
 
@@ -38,6 +42,9 @@ pub fn router() -> Router<Shared> {
         .route("/why/{kind}/{id}/live", get(why_live))
         .route("/holds", get(holds))
         .route("/holds/{id}", get(hold))
+        .route("/signin", get(sign_in_form).post(sign_in))
+        .route("/signout", post(sign_out))
+        .route("/session", get(session))
         .route("/assets/console.css", get(|| asset("text/css", CSS)))
         .route("/assets/console.js", get(|| asset("text/javascript", JS)))
 }
@@ -216,14 +223,15 @@ async fn why(State(service): State<Shared>, Path((kind, id)): Path<(String, Stri
     }
 }
 
-/// "Check live": spends CRM and Pendo quota, so it needs the token, like `/v1/why?live=true`.
+/// "Check live": spends CRM and Pendo quota, so it needs the operator, like `/v1/why?live=true`.
 async fn why_live(
     State(service): State<Shared>,
-    headers: HeaderMap,
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
     Path((kind, id)): Path<(String, String)>,
 ) -> Response {
-    if let Some(refused) = super::refuse_without_token(&service, &headers) {
-        return refused;
+    if let Err(refused) = caller.operator(&auth) {
+        return *refused;
     }
     let Some(kind) = Kind::parse(&kind) else {
         return super::error(StatusCode::NOT_FOUND, "no such kind");
@@ -269,4 +277,162 @@ async fn hold(State(service): State<Shared>, Path(id): Path<String>) -> Response
         ),
         Err(e) => failed(e),
     }
+}
+
+/// A path of this port to go to after signing in: anything else (another site, `//host`) is
+/// the overview.
+fn local_path(next: &str) -> &str {
+    let ok = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(char::is_control);
+    if ok { next } else { "/" }
+}
+
+/// The sign-in page with `status` (401 where a page was refused, 200 when asked for).
+pub(super) fn sign_in_page(auth: &Auth, status: StatusCode, next: &str, message: &str) -> Response {
+    let mut resp = page(views::sign_in(
+        local_path(next),
+        message,
+        auth.sign_in_possible(),
+        now_ms(),
+    ));
+    *resp.status_mut() = status;
+    resp
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SignInParams {
+    #[serde(default)]
+    next: String,
+}
+
+async fn sign_in_form(
+    Extension(auth): Extension<Arc<Auth>>,
+    Query(params): Query<SignInParams>,
+) -> Response {
+    sign_in_page(
+        &auth,
+        StatusCode::OK,
+        &params.next,
+        "Sign in with the operator token (reads and actions) or the viewer token (reads).",
+    )
+}
+
+/// `POST /signin` (a form: `token`, `next`): a session cookie and a redirect, or the form
+/// again. A request from a page of another site (its `Origin` names another host) is refused.
+async fn sign_in(Extension(auth): Extension<Arc<Auth>>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let peer = super::auth::peer(&request);
+    if !same_origin(&headers) {
+        return super::error(
+            StatusCode::FORBIDDEN,
+            "cross-site sign-in refused: sign in from this port's own page",
+        );
+    }
+    let Ok(body) = axum::body::to_bytes(request.into_body(), 64 * 1024).await else {
+        return super::error(StatusCode::BAD_REQUEST, "the form is too large");
+    };
+    let (mut token, mut next) = (String::new(), String::from("/"));
+    for (k, v) in url::form_urlencoded::parse(&body) {
+        match &*k {
+            "token" => token = v.into_owned(),
+            "next" => next = v.into_owned(),
+            _ => {}
+        }
+    }
+    let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
+    let secure = auth.behind_https_proxy(&headers, peer);
+    match auth
+        .sign_in(&token)
+        .and_then(|role| auth.session_cookie(role, secure, now))
+    {
+        Some(cookie) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::SET_COOKIE, cookie),
+                (header::LOCATION, local_path(&next).to_owned()),
+            ],
+        )
+            .into_response(),
+        None => {
+            // A pause per wrong guess: the tokens are long, but a loop of guesses should crawl.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            sign_in_page(
+                &auth,
+                StatusCode::UNAUTHORIZED,
+                &next,
+                "That is not a token of this port (admin.token or admin.viewer_token).",
+            )
+        }
+    }
+}
+
+/// Whether a request may come from this port's own page: a browser that says it comes from
+/// another site (`Sec-Fetch-Site: cross-site`) or names another origin is refused. `Origin:
+/// null` is what a form of our own sends under `Referrer-Policy: no-referrer`.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let fetch_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if fetch_site.eq_ignore_ascii_case("cross-site") {
+        return false;
+    }
+    let Some(origin) = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .filter(|o| *o != "null")
+    else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
+}
+
+/// `POST /signout` (from console.js, with the session's `X-CSRF-Token`): the cookie is
+/// dropped by the browser.
+async fn sign_out(Extension(auth): Extension<Arc<Auth>>) -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, auth.expired_cookie())],
+    )
+        .into_response()
+}
+
+/// `GET /session`: who this browser is signed in as, and the value its actions carry in
+/// `X-CSRF-Token` (console.js asks once per page; another site cannot read the answer).
+async fn session(
+    Extension(auth): Extension<Arc<Auth>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    let mut resp = axum::Json(match &caller.0 {
+        Some(p) => serde_json::json!({
+            "signed_in": true,
+            "role": p.role.as_str(),
+            "who": p.who,
+            "via": match p.via {
+                super::auth::Via::Bearer => "bearer",
+                super::auth::Via::Session(_) => "session",
+                super::auth::Via::Proxy => "proxy",
+            },
+            "csrf": auth.csrf_token(p),
+        }),
+        None => serde_json::json!({
+            "signed_in": false,
+            "can_sign_in": auth.sign_in_possible(),
+            "reads_need_credentials": auth.reads_need_credentials(),
+        }),
+    })
+    .into_response();
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
 }

@@ -114,15 +114,15 @@ fn layout(title: &str, active: &str, now: i64, body: Markup) -> Markup {
                         input type="search" name="id" placeholder="Pendo id" aria-label="Pendo id" required;
                         button type="submit" { "Why?" }
                     }
-                    // No `name`, and disabled until console.js enables it: without the script a
-                    // submit must not put the token in a URL (`?token=...`).
-                    form #token-form {
-                        input #token-input type="password" autocomplete="off" placeholder="admin token" aria-label="admin token" disabled;
-                        button type="submit" disabled { "Use" }
-                        span #token-state {}
+                    // Filled in by console.js from /session: who this browser is signed in as.
+                    div #session {
+                        span #session-state {}
+                        " "
+                        a #signin-link href="/signin" { "Sign in" }
+                        button #signout type="button" hidden { "Sign out" }
                     }
                 }
-                noscript { p.note { "Reading needs no JavaScript; actions (resync, retry, drop, approve, reject) do, to send the admin token." } }
+                noscript { p.note { "Reading needs no JavaScript; actions (resync, retry, drop, approve, reject) do, to send the session's cross-site-request token." } }
                 main { (body) }
                 footer { "read from the state at " (when(now)) }
             }
@@ -307,7 +307,7 @@ pub fn overview(report: &StatusReport, now: i64) -> Markup {
         }
         section #actions {
             h2 { "Resync" }
-            p.muted { "Reads every record of the chosen mappings and sends each value again, even those Pendo is known to hold. Needs the admin token." }
+            p.muted { "Reads every record of the chosen mappings and sends each value again, even those Pendo is known to hold. Needs the operator role." }
             form #resync-form data-action="/v1/resync" data-follow="resync" data-confirm="Start a full resync?" {
                 label { "mapping " select name="mapping" {
                     option value="" { "all mappings" }
@@ -642,7 +642,7 @@ pub fn why(r: &WhyReport, now: i64) -> Markup {
         h2 { "Why does Pendo say that? " span.muted { (r.kind) " " } span #why-id { (r.id) } }
         div.toolbar {
             button #check-live type="button" data-live=(live_url) { "Check live" }
-            span.muted { " reads the CRM record and Pendo's values now (a few rate-limited requests; needs the admin token)" }
+            span.muted { " reads the CRM record and Pendo's values now (a few rate-limited requests; needs the operator role)" }
         }
         div #live {}
         table #why-fields {
@@ -685,6 +685,27 @@ pub fn why_live(r: &WhyReport) -> Markup {
 }
 
 /// A page saying what went wrong (a 404 or a state read that failed).
+/// The sign-in form: a token typed once, sent in a POST body (never a URL), for a session.
+/// `next` is a path of this port (checked by the caller).
+pub fn sign_in(next: &str, message: &str, possible: bool, now: i64) -> Markup {
+    let body = html! {
+        h2 { "Sign in" }
+        p #signin-message { (message) }
+        @if possible {
+            form #signin-form method="post" action="/signin" {
+                input type="hidden" name="next" value=(next);
+                label { "Token " input #signin-token type="password" name="token" autocomplete="current-password" required; }
+                " "
+                button type="submit" { "Sign in" }
+            }
+            p.muted { "The session lasts admin.session_ttl in this browser; the token itself is not stored in it." }
+        } @else {
+            p #signin-none { "No token is configured on this port: set admin.token (operator) or admin.viewer_token (viewer), or put a sign-in proxy in front (admin.trusted_user_header)." }
+        }
+    };
+    layout("sign in", "", now, body)
+}
+
 pub fn problem(title: &str, message: &str, now: i64) -> Markup {
     layout(
         title,
