@@ -167,6 +167,15 @@ impl App {
         *self.lock.lock().expect("lock slot") = Some(Arc::new(lock));
     }
 
+    /// Gives the lock this App holds up (the lease handed over in the database), before the
+    /// store closes. Waits for no operation: call it when they are done.
+    pub async fn release_lock(&self) {
+        let held = self.lock.lock().expect("lock slot").take();
+        if let Some(lock) = held.and_then(|l| Arc::try_unwrap(l).ok()) {
+            lock.release().await;
+        }
+    }
+
     /// The instance lock for one writing operation: the one this App holds, or one taken now
     /// (waiting up to `lock_wait`) and given back when the operation ends.
     async fn writer_lock(&self) -> Result<Arc<InstanceLock>, AppError> {

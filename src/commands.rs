@@ -214,6 +214,7 @@ async fn sync(
     };
     // Notifications (a hold, a paused writer) go out before the process ends.
     app.notifier.flush(Duration::from_secs(15)).await;
+    app.release_lock().await;
     app.store.close().await;
     if report.drain.as_ref().is_some_and(|d| d.paused.is_some()) || !report.failed.is_empty() {
         return Ok(1);

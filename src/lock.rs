@@ -103,14 +103,17 @@ struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewer.abort();
+        if self.holder.is_empty() {
+            return; // released already
+        }
         // Hand the lease over at once rather than at expiry (best effort: a process that
-        // ends before this runs leaves it to expire).
+        // ends before this runs leaves it to expire). `InstanceLock::release` does it for sure.
         let store = self.store.clone();
         let (holder, epoch) = (std::mem::take(&mut self.holder), self.epoch);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Err(e) = store.release_lease(&holder, epoch).await {
-                    tracing::warn!(error = %e, "Could not hand the leader lease over; it expires by itself.");
+                    tracing::warn!(error = %e, "Could not hand the leader lease over; it expires by itself in the database.");
                 }
             });
         }
@@ -245,6 +248,31 @@ impl InstanceLock {
         }
     }
 
+    /// Gives the lock up now: the file lock, or the leader lease handed over in the database
+    /// (a standby leads at its next poll instead of at the lease's expiry). Call it before the
+    /// store closes; a failure is logged, and the lease then expires by itself.
+    pub async fn release(mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            lease.renewer.abort();
+            let holder = std::mem::take(&mut lease.holder);
+            match lease.store.release_lease(&holder, lease.epoch).await {
+                Ok(()) => tracing::info!(epoch = lease.epoch, "Handed the leader lease over."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not hand the leader lease over; it expires by itself in the database.")
+                }
+            }
+        }
+    }
+
+    /// Stops renewing the lease without giving it up, as a leader that stalls (a long pause, a
+    /// partition) does: for tests of what happens next.
+    #[doc(hidden)]
+    pub fn stop_renewing(&self) {
+        if let Some(lease) = &self.lease {
+            lease.renewer.abort();
+        }
+    }
+
     /// Cancelled when this process lost the leader lease (it expired before a renewal got
     /// through, or another replica took it): stop, nothing more will commit. Never cancelled
     /// for a file lock.
@@ -297,7 +325,19 @@ async fn renew(
     let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match store.renew_lease(ttl).await {
+        // On the lease's own connection, and never longer than a renewal period: a database
+        // that does not answer is retried at the same pace, not waited for.
+        let attempt = tokio::time::timeout(ttl / 3, store.renew_lease(ttl)).await;
+        let attempt = attempt.unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Io {
+                path: store.path().to_owned(),
+                message: format!(
+                    "the database did not answer the lease renewal within {}",
+                    humantime::format_duration(ttl / 3)
+                ),
+            })
+        });
+        match attempt {
             Ok(true) => renewed = tokio::time::Instant::now(),
             Ok(false) => {
                 tracing::error!(

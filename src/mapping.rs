@@ -5,6 +5,11 @@
 //! [`Value`] per meaning, so re-reading unchanged data never looks like a change. A value that
 //! cannot be coerced makes the whole record invalid, with a message naming the record, the field
 //! and the value; the rest of the page goes on.
+//!
+//! So does a NUL character (U+0000) in a text value, in the Pendo id or in the CRM record id:
+//! PostgreSQL stores none in `text` or `jsonb` ("unsupported Unicode escape sequence") while
+//! SQLite does, so such a record would fail every cycle of its mapping on one back-end and reach
+//! Pendo on the other. It is set aside here, before anything reaches the state, on both alike.
 
 use crate::config::{IdCase, MappingSettings, OnDelete, OnNull};
 use crate::connectors::{FieldRequest, RawRecord};
@@ -140,14 +145,36 @@ impl Mapping {
     /// Maps one raw record. Deleted records map like live ones (their last values identify them).
     pub fn map(&self, raw: &RawRecord) -> Result<MappedRecord, RecordError> {
         let pendo_id = self.pendo_id(raw).ok_or_else(|| RecordError::MissingId {
-            crm_id: raw.crm_id.clone(),
+            crm_id: printable(&raw.crm_id),
             id_path: self.id_path.clone(),
         })?;
+        // Ids are stored (shadow, outbox, claims, history) and sent: a NUL in either sets the
+        // record aside, under ids written so that the set-aside row itself can be stored.
+        let nul_in_id = has_nul(&pendo_id);
+        if nul_in_id || has_nul(&raw.crm_id) {
+            let (field, from, what) = if nul_in_id {
+                (self.id_path.clone(), self.id_path.clone(), "the id")
+            } else {
+                (
+                    "record id".to_owned(),
+                    "the CRM record".to_owned(),
+                    "the CRM record id",
+                )
+            };
+            return Err(RecordError::BadValue {
+                crm_id: printable(&raw.crm_id),
+                pendo_id: printable(&pendo_id),
+                field,
+                from,
+                message: format!("{what} {NUL_MESSAGE}"),
+            });
+        }
         let mut values = Vec::with_capacity(self.fields.len());
         for f in &self.fields {
             let raw_value = lookup(&raw.fields, &f.raw_key);
-            let value =
-                coerce(raw_value, f.field_type).map_err(|message| RecordError::BadValue {
+            let value = coerce(raw_value, f.field_type)
+                .and_then(storable)
+                .map_err(|message| RecordError::BadValue {
                     crm_id: raw.crm_id.clone(),
                     pendo_id: pendo_id.clone(),
                     field: f.pendo_field.clone(),
@@ -185,6 +212,37 @@ impl Mapping {
 }
 
 static NULL: serde_json::Value = serde_json::Value::Null;
+
+/// Why a NUL character sets a record aside (after the value or id that holds it).
+const NUL_MESSAGE: &str = "contains a NUL character (U+0000), which cannot be stored or sent";
+
+/// Whether `s` holds a NUL character (U+0000).
+fn has_nul(s: &str) -> bool {
+    s.as_bytes().contains(&0)
+}
+
+/// `s` with each NUL character written as `\0`: an id that can be stored and shown in the
+/// message of the record it sets aside.
+fn printable(s: &str) -> String {
+    if has_nul(s) {
+        s.replace('\0', "\\0")
+    } else {
+        s.to_owned()
+    }
+}
+
+/// A mapped value both state back-ends store alike and Pendo can be sent: text with a NUL
+/// character is refused, naming the value (its NUL shown as `\0`). Applied after coercion (and
+/// so after a connector's transform); numbers, booleans and dates cannot hold one, and a CRM
+/// object or array never becomes a value (coercion refuses it).
+pub fn storable(value: Value) -> Result<Value, String> {
+    if let Value::String(s) = &value
+        && has_nul(s)
+    {
+        return Err(format!("{:?} {NUL_MESSAGE}", short(s)));
+    }
+    Ok(value)
+}
 
 /// The raw value under `key`: a flat key first (connectors flatten), else a dotted walk through
 /// nested objects (Salesforce relationship objects; a null relationship yields null).
@@ -405,6 +463,142 @@ mod tests {
         assert_eq!(lookup(&rec, "Parent.Name"), &json!(null));
         let flat = json!({"Owner.Email": "x@y.z"});
         assert_eq!(lookup(&flat, "Owner.Email"), &json!("x@y.z"));
+    }
+
+    /// A mapping with two text fields (one fed through a transform's key, as a HubSpot owner
+    /// lookup delivers it) and a number field, its Pendo id from `Id`.
+    fn nul_mapping() -> Mapping {
+        let f = |pendo: &str, key: &str, t| FieldMap {
+            pendo_field: pendo.into(),
+            raw_key: key.into(),
+            from: key.split('#').next().unwrap_or(key).into(),
+            field_type: t,
+            on_null: OnNull::Clear,
+        };
+        Mapping {
+            name: "m".into(),
+            kind: Kind::Account,
+            id_path: "Id".into(),
+            id_case: IdCase::Keep,
+            on_delete: OnDelete::Clear,
+            guard: Default::default(),
+            fields: vec![
+                f("plantier", "Plan_Tier__c", FieldType::String),
+                f(
+                    "owneremail",
+                    "hubspot_owner_id#owner_email",
+                    FieldType::String,
+                ),
+                f("arr", "ARR__c", FieldType::Number),
+            ],
+        }
+    }
+
+    fn raw(crm_id: &str, fields: serde_json::Value) -> RawRecord {
+        RawRecord {
+            crm_id: crm_id.into(),
+            fields,
+            deleted: false,
+            modified_at: None,
+        }
+    }
+
+    /// PostgreSQL stores no U+0000 (SQLite does): a NUL in a text value, after a transform, in
+    /// the Pendo id or in the CRM record id sets the record aside with a message naming the field
+    /// and saying why, and nothing in the error (which is stored) holds a NUL itself.
+    #[test]
+    fn a_nul_character_sets_the_record_aside_naming_the_field() {
+        const SAYS: &str = "contains a NUL character (U+0000), which cannot be stored or sent";
+        let m = nul_mapping();
+        let clean = json!({
+            "Id": "001A",
+            "Plan_Tier__c": "Gold Plus",
+            "ARR__c": 5,
+            "hubspot_owner_id#owner_email": "a@b.c"
+        });
+        let ok = m
+            .map(&raw("001A", clean.clone()))
+            .expect("a clean record maps");
+        assert_eq!(ok.values[0], Some(Value::String("Gold Plus".into())));
+
+        // In a value, a transformed one included: named by its field and shown escaped.
+        let cases = [
+            (
+                "Plan_Tier__c",
+                json!("Gold\u{0}Plus"),
+                "plantier",
+                "\"Gold\\0Plus\"",
+            ),
+            ("Plan_Tier__c", json!("\u{0}"), "plantier", "\"\\0\""),
+            (
+                "hubspot_owner_id#owner_email",
+                json!("a@b.c\u{0}"),
+                "owneremail",
+                "(from hubspot_owner_id)",
+            ),
+        ];
+        for (key, value, field, shows) in cases {
+            let mut fields = clean.clone();
+            fields[key] = value;
+            let e = m.map(&raw("001A", fields)).unwrap_err();
+            assert_eq!(e.reason(), "bad_value");
+            assert_eq!(e.pendo_id(), Some("001A"));
+            let text = e.to_string();
+            let head = format!("record 001A (Pendo id 001A): field {field} (from ");
+            assert!(text.starts_with(&head), "{text}");
+            assert!(text.contains(shows), "{text}");
+            assert!(text.ends_with(SAYS), "{text}");
+            assert!(!text.contains('\u{0}'), "{text:?}");
+        }
+
+        // In the id: named as the id field; the ids kept with the error are storable.
+        let mut fields = clean.clone();
+        fields["Id"] = json!("001\u{0}B");
+        let e = m.map(&raw("001\u{0}B", fields)).unwrap_err();
+        assert_eq!(e.reason(), "bad_value");
+        assert_eq!(e.crm_id(), "001\\0B");
+        assert_eq!(e.pendo_id(), Some("001\\0B"));
+        assert_eq!(
+            e.to_string(),
+            format!("record 001\\0B (Pendo id 001\\0B): field Id (from Id): the id {SAYS}")
+        );
+        // Lower-casing and trimming keep it.
+        let lower = Mapping {
+            id_case: IdCase::Lower,
+            ..nul_mapping()
+        };
+        let mut fields = clean.clone();
+        fields["Id"] = json!(" 001\u{0}C ");
+        assert!(lower.map(&raw("x", fields)).is_err());
+
+        // Only in the CRM record id (the Pendo id comes from a clean field).
+        let e = m.map(&raw("rec\u{0}1", clean.clone())).unwrap_err();
+        assert_eq!(e.crm_id(), "rec\\01");
+        assert_eq!(e.pendo_id(), Some("001A"));
+        let text = e.to_string();
+        assert!(text.contains("CRM record id contains a NUL"), "{text}");
+
+        // A missing id with a NUL in the CRM record id: still a missing id, stored readable.
+        let mut fields = clean.clone();
+        fields["Id"] = json!("");
+        let e = m.map(&raw("rec\u{0}2", fields)).unwrap_err();
+        assert_eq!(e.reason(), "missing_id");
+        assert_eq!(e.crm_id(), "rec\\02");
+
+        // Other control characters pass; a CRM object or array never becomes a value (so no
+        // NUL can hide in one); numbers and nulls are never refused.
+        let mut fields = clean.clone();
+        fields["Plan_Tier__c"] = json!("Gold\u{1}\tPlus");
+        assert!(m.map(&raw("001A", fields)).is_ok());
+        for nested in [json!(["Gold\u{0}"]), json!({"label": "Gold\u{0}"})] {
+            let mut fields = clean.clone();
+            fields["Plan_Tier__c"] = nested;
+            let e = m.map(&raw("001A", fields)).unwrap_err();
+            assert!(e.to_string().contains("expected text"), "{e}");
+        }
+        assert_eq!(storable(Value::Number(1.0)), Ok(Value::Number(1.0)));
+        assert_eq!(storable(Value::Null), Ok(Value::Null));
+        assert!(storable(Value::String("a\u{0}".into())).is_err());
     }
 
     fn number_forms(n: i64) -> Vec<serde_json::Value> {

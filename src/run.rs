@@ -90,7 +90,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         None => match wait_for_lease(&service, &settings).await? {
             Some(lock) => lock,
             // Stopped while a standby.
-            None => return finish(&service, &tracker, &settings, &admin_failed, None).await,
+            None => return finish(&service, &tracker, &settings, &admin_failed, None, None).await,
         },
     };
     // A leader that lost its lease commits nothing more: it stops, and its supervisor starts
@@ -116,9 +116,15 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
     );
 
     cancel.cancelled().await;
-    let code = finish(&service, &tracker, &settings, &admin_failed, Some(&lost)).await;
-    drop(lock);
-    code
+    finish(
+        &service,
+        &tracker,
+        &settings,
+        &admin_failed,
+        Some(&lost),
+        Some(lock),
+    )
+    .await
 }
 
 /// Waits as a standby until this process takes the leader lease; `None` if it is stopped
@@ -154,6 +160,7 @@ async fn finish(
     settings: &Settings,
     admin_failed: &AtomicBool,
     lost: Option<&tokio_util::sync::CancellationToken>,
+    lock: Option<crate::lock::InstanceLock>,
 ) -> Result<u8, AppError> {
     tracker.close();
     let grace = settings.pendo.timeout + SHUTDOWN_SLACK;
@@ -162,6 +169,12 @@ async fn finish(
             "Requests still in flight after {}; leaving them in the outbox to be sent again at the next start.",
             humantime::format_duration(grace)
         );
+    }
+    // The lease goes before the store closes (it needs the database to hand it over): a
+    // standby leads at its next poll, not at the lease's expiry. The work is done by now.
+    service.set_leader(false);
+    if let Some(lock) = lock {
+        lock.release().await;
     }
     service.close().await;
     if admin_failed.load(Ordering::SeqCst) {

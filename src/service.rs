@@ -878,9 +878,16 @@ impl Service {
         self.app.writer.start(lock).await
     }
 
-    /// Whether this process writes (the leader), or waits as a standby (PostgreSQL).
+    /// Whether this process writes (the leader), or waits as a standby (PostgreSQL). A leader
+    /// whose lease may have passed (its renewals stopped getting through) is not one: another
+    /// replica may lead by now, and this one commits and sends nothing.
     pub fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::SeqCst)
+        self.leader.load(Ordering::SeqCst) && self.store.may_send()
+    }
+
+    /// The `pendo_sync_leader` gauge, as of now (a scrape reads it).
+    pub fn refresh_leader_gauge(&self) {
+        metrics::gauge!(crate::metrics::LEADER).set(if self.is_leader() { 1.0 } else { 0.0 });
     }
 
     /// Records the role, and the `pendo_sync_leader` gauge.

@@ -174,6 +174,7 @@ async fn metrics(State(service): State<Shared>) -> Response {
     };
     // Gauges that describe the state are read fresh at scrape time, from the status model.
     service.refresh_state_gauges().await;
+    service.refresh_leader_gauge();
     handle.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -36,6 +36,10 @@ pub enum PendoError {
     /// pass. Treated as a 408: the batch is halved, not sent again at the same size.
     #[error("Pendo refused the request as too large (413): {message}")]
     TooLarge { message: String },
+    /// Not sent at all, by this process's choice (its leader lease may have passed): the
+    /// batch goes back to the outbox untouched.
+    #[error("not sent: {reason}")]
+    NotSent { reason: String },
     /// 400 for the whole batch (malformed, undeclared field, bad value).
     #[error("Pendo rejected the request (400): {message}")]
     BadRequest { message: String },

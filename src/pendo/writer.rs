@@ -52,6 +52,10 @@ pub struct WriterConfig {
     pub in_process_attempts: u32,
     /// Test hook: fail the next step once at this point, as a crash would.
     pub fail_point: Option<FailPoint>,
+    /// How long after a takeover the rows a dead leader had in a request stay untouched: a
+    /// request it started before its lease passed may land at Pendo up to `pendo.timeout`
+    /// later, and a newer value sent meanwhile would be overwritten by it.
+    pub send_window: Duration,
 }
 
 /// Where an injected failure stops a step (crash tests). The effect on the state file is that of a
@@ -79,6 +83,7 @@ impl WriterConfig {
             retry_max: s.retry_max,
             in_process_attempts: 3,
             fail_point: None,
+            send_window: s.timeout,
         }
     }
 }
@@ -123,6 +128,9 @@ struct Shared {
     failed: AtomicU32,
     /// A configured fail point fires once.
     fired: std::sync::atomic::AtomicBool,
+    /// When the rows another leader left in a request may be sent again (see
+    /// [`WriterConfig::send_window`]); none once they were released.
+    in_flight_elsewhere_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The outbox writer. Cheap to clone; clones share pause state and counters.
@@ -153,15 +161,60 @@ impl Writer {
     /// have been sent; sending again is safe), and an old pause is lifted so a fixed key is tried.
     /// Only the holder of the instance lock may do this: another live writer's leases mean
     /// "in flight", and releasing them would send those batches twice.
+    ///
+    /// On PostgreSQL the earlier process may be a leader that stalled and is still sending: the
+    /// rows it had in a request stay leased for `send_window` (a request it started before its
+    /// lease passed lands within that), and are released by [`Writer::step`] afterwards. The
+    /// other rows go at once.
     pub async fn start(&self, _held: &crate::lock::InstanceLock) -> Result<(), WriterError> {
-        let released = self.store.release_leases().await?;
-        if released > 0 {
-            tracing::info!(
-                released,
-                "Released outbox rows left in flight by an earlier process."
-            );
+        if self.store.postgres().is_some() {
+            let leased = self.store.leased_rows().await?;
+            if leased > 0 {
+                tracing::info!(
+                    rows = leased,
+                    wait = %humantime::format_duration(self.cfg.send_window),
+                    "Outbox rows were in a request of the previous leader; they are sent again once its send window (pendo.timeout) has passed."
+                );
+                *self
+                    .shared
+                    .in_flight_elsewhere_until
+                    .lock()
+                    .expect("window lock") =
+                    Some(tokio::time::Instant::now() + self.cfg.send_window);
+            }
+        } else {
+            let released = self.store.release_leases().await?;
+            if released > 0 {
+                tracing::info!(
+                    released,
+                    "Released outbox rows left in flight by an earlier process."
+                );
+            }
         }
         self.store.kv_delete(PAUSED_KEY).await?;
+        Ok(())
+    }
+
+    /// Releases the rows a previous leader had in flight once its send window has passed.
+    async fn release_after_window(&self) -> Result<(), WriterError> {
+        let due = {
+            let mut until = self
+                .shared
+                .in_flight_elsewhere_until
+                .lock()
+                .expect("window lock");
+            match *until {
+                Some(at) if tokio::time::Instant::now() >= at => until.take().is_some(),
+                _ => false,
+            }
+        };
+        if due {
+            let released = self.store.release_leases().await?;
+            tracing::info!(
+                released,
+                "Released the outbox rows the previous leader had in flight; its send window has passed."
+            );
+        }
         Ok(())
     }
 
@@ -175,6 +228,7 @@ impl Writer {
         if let Some(reason) = self.paused() {
             return Ok(Step::Paused(reason));
         }
+        self.release_after_window().await?;
         let limit = self.shared.batch_limit.load(Ordering::Relaxed).max(1);
         let claimed = self.store.claim_due(kind, now_ms(), limit).await?;
         if claimed.is_empty() {
@@ -202,7 +256,20 @@ impl Writer {
         let mut batch_of: Vec<Option<usize>> = vec![None; outcomes.len()];
         while let Some(batch) = stack.pop() {
             self.fail_at(FailPoint::BeforeSend)?;
+            self.store.pause(crate::store::PausePoint::BeforeSend).await;
             if self.paused().is_some() {
+                release(batch, &mut outcomes);
+                batch_of.resize(outcomes.len(), None);
+                continue;
+            }
+            // A leader sends only while its lease is surely its own (by its own clock since
+            // the last renewal): one that stalled past it may have a successor already, whose
+            // newer values this batch would overwrite in Pendo.
+            if !self.store.may_send() {
+                tracing::warn!(
+                    records = batch.len(),
+                    "The leader lease may have passed to another replica; not sending."
+                );
                 release(batch, &mut outcomes);
                 batch_of.resize(outcomes.len(), None);
                 continue;
@@ -223,6 +290,10 @@ impl Writer {
             let answered_from = outcomes.len();
             match result {
                 Ok(result) => self.settle_ok(batch, &result, attempts, &mut stack, &mut outcomes),
+                Err(PendoError::NotSent { reason }) => {
+                    tracing::warn!(records = batch.len(), %reason, "Not sending a batch again.");
+                    release(batch, &mut outcomes);
+                }
                 Err(PendoError::BadRequest { message }) if batch.len() > 1 => {
                     tracing::warn!(records = batch.len(), %message, "Pendo rejected a batch; bisecting to find the bad records.");
                     split_onto(batch, &mut stack);
@@ -466,6 +537,12 @@ impl Writer {
             .with_jitter()
             .with_max_times(self.cfg.in_process_attempts.saturating_sub(1) as usize);
         let result = (|| async {
+            // Checked again before each retry: the backoff may outlast the lease.
+            if !self.store.may_send() {
+                return Err(PendoError::NotSent {
+                    reason: "the leader lease may have passed to another replica".into(),
+                });
+            }
             attempts.fetch_add(1, Ordering::Relaxed);
             self.shared.requests.fetch_add(1, Ordering::Relaxed);
             self.client.set_values(kind, &body, create, &ids).await

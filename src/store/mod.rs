@@ -152,6 +152,16 @@ struct FenceState {
     lease: Lease,
     /// The lease's length, in milliseconds.
     ttl_ms: i64,
+    /// Until when this process may send to Pendo under the lease, by its own monotonic clock:
+    /// the start of the last successful take or renewal plus the lease's length, less a margin
+    /// (the database's expiry is at least that late). Past it another replica may lead.
+    send_until: Option<std::time::Instant>,
+}
+
+/// How much of a lease's length a leader does not use for sending: clock rates, the renewal's
+/// round trip, a request that is slow to leave.
+fn send_margin(ttl: std::time::Duration) -> std::time::Duration {
+    (ttl / 5).max(std::time::Duration::from_millis(200))
 }
 
 #[derive(Debug, Default, Clone)]
@@ -186,10 +196,43 @@ impl Fence {
         }
     }
 
-    pub(crate) fn hold(&self, holder: String, epoch: i64, ttl: std::time::Duration) {
+    /// The lease (`holder`, `epoch`) was taken by a statement sent at `since`.
+    pub(crate) fn hold(
+        &self,
+        holder: String,
+        epoch: i64,
+        ttl: std::time::Duration,
+        since: std::time::Instant,
+    ) {
         let mut state = self.inner.lock().expect("fence lock");
         state.lease = Lease::Held(holder, epoch);
         state.ttl_ms = ttl.as_millis() as i64;
+        state.send_until = (since + ttl).checked_sub(send_margin(ttl));
+    }
+
+    /// The lease of `epoch` was renewed by a statement sent at `since`.
+    pub(crate) fn renewed(&self, epoch: i64, since: std::time::Instant) {
+        let mut state = self.inner.lock().expect("fence lock");
+        if matches!(state.lease, Lease::Held(_, e) if e == epoch) {
+            let ttl = std::time::Duration::from_millis(state.ttl_ms.max(0) as u64);
+            let until = (since + ttl).checked_sub(send_margin(ttl));
+            state.send_until = state.send_until.max(until);
+        }
+    }
+
+    /// Whether this process may send to Pendo now: always without a lease (SQLite's file lock,
+    /// a CLI command); under a lease only until its send deadline (by this process's own clock,
+    /// so a leader that stalled and woke up knows without asking the database); never once the
+    /// lease was lost.
+    pub fn may_send(&self) -> bool {
+        let state = self.inner.lock().expect("fence lock");
+        match state.lease {
+            Lease::None => true,
+            Lease::Held(..) => state
+                .send_until
+                .is_some_and(|until| std::time::Instant::now() < until),
+            Lease::Lost(_) => false,
+        }
     }
 
     /// The lease is gone (expired, taken, or given up): every later write is refused.
@@ -323,6 +366,12 @@ impl Store {
     /// Installs (or removes) a test's pause hook on this handle and its clones.
     pub fn set_pause_hook(&self, hook: Option<PauseHook>) {
         on!(self, b => b.set_pause_hook(hook))
+    }
+
+    /// Waits at `point` if a test's hook asks to (for seams outside the store, such as the
+    /// writer's [`PausePoint::BeforeSend`]).
+    pub async fn pause(&self, point: PausePoint) {
+        on!(self, b => b.pause_at(point).await)
     }
 
     /// The SQLite pool, for tests and benches that read or write the file directly.
@@ -464,6 +513,13 @@ impl Store {
     }
     pub async fn release_leases(&self) -> Result<u64, StoreError> {
         on!(self, b => b.release_leases().await)
+    }
+    pub async fn leased_rows(&self) -> Result<u64, StoreError> {
+        on!(self, b => b.leased_rows().await)
+    }
+    /// Whether this process may send to Pendo now (see [`Fence::may_send`]).
+    pub fn may_send(&self) -> bool {
+        self.fence().may_send()
     }
     pub async fn claim_due(
         &self,
@@ -724,6 +780,8 @@ pub enum PausePoint {
     BetweenDigestReads,
     /// A writing transaction has checked its lease (PostgreSQL) and not committed yet.
     InFencedWrite,
+    /// The writer claimed a batch and is about to send it (a leader that stalls here).
+    BeforeSend,
 }
 
 /// A test's pause: called at a [`PausePoint`], the store waits for the future it returns.

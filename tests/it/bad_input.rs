@@ -815,6 +815,182 @@ async fn a_relationship_that_becomes_null_clears_the_field() {
     t.assert_converged();
 }
 
+/// The `accounts` mapping's records set aside, as (CRM id, reason, detail).
+async fn set_aside(t: &TestApp) -> Vec<(String, String, String)> {
+    let app = t.app().await;
+    let rows = app.store.invalid_records(Some("accounts")).await.unwrap();
+    app.store.close().await;
+    rows.into_iter()
+        .map(|r| (r.crm_id, r.reason, r.detail))
+        .collect()
+}
+
+/// The outbox's values per state (staged, pending, held, unmatched, dead).
+async fn outbox_counts(t: &TestApp) -> std::collections::BTreeMap<&'static str, i64> {
+    let app = t.app().await;
+    let counts = app.store.outbox_counts().await.unwrap();
+    app.store.close().await;
+    counts
+}
+
+crate::on_both_backends! {
+    /// A NUL character (U+0000) in a CRM string (issue 22 item 6): PostgreSQL's jsonb and text
+    /// refuse it, SQLite takes it, so one bad value used to fail every later cycle of its mapping
+    /// on PostgreSQL (nothing else reached Pendo) and went to Pendo from SQLite. Now, on both
+    /// alike, its record is set aside at mapping time with a message naming the field, whether
+    /// the NUL is in a first value, replaces a value Pendo holds, or is in the id; the changes
+    /// made beside it, and later ones, reach Pendo and nothing stays in the outbox.
+    async fn a_nul_in_a_crm_string_sets_its_record_aside_on_both_backends(backend: Backend) {
+        let Some(t) = TestApp::on(backend).await else {
+            return;
+        };
+        const N: usize = 60;
+        const SAYS: &str = "contains a NUL character (U+0000), which cannot be stored or sent";
+        t.seed(N);
+        // A first value with a NUL (nothing of the account is in Pendo yet).
+        t.crm.set_field(
+            "Account",
+            &account_id(1),
+            "Plan_Tier__c",
+            json!("Gold\u{0}Plus"),
+        );
+        // An id with a NUL: the Salesforce Id is also the CRM record id.
+        let nul_id = "001NUL\u{0}ID";
+        let mut rec = account(N + 1);
+        rec["Id"] = json!(nul_id);
+        t.crm.upsert("Account", nul_id, rec);
+
+        let report = t.sync().await;
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let rows = set_aside(&t).await;
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let first = rows
+            .iter()
+            .find(|r| r.0 == account_id(1))
+            .unwrap_or_else(|| panic!("account 1 is not set aside: {rows:?}"));
+        assert_eq!(first.1, "bad_value");
+        assert!(
+            first.2.contains("field plantier (from Plan_Tier__c): \"Gold\\0Plus\" ")
+                && first.2.ends_with(SAYS),
+            "{}",
+            first.2
+        );
+        let in_id = rows
+            .iter()
+            .find(|r| r.0.starts_with("001NUL"))
+            .unwrap_or_else(|| panic!("the NUL id is not set aside: {rows:?}"));
+        assert_eq!(in_id.0, "001NUL\\0ID", "stored readable, without the NUL");
+        assert_eq!(in_id.1, "bad_value");
+        assert!(
+            in_id.2.contains("field Id (from Id): the id ") && in_id.2.ends_with(SAYS),
+            "{}",
+            in_id.2
+        );
+        assert!(
+            rows.iter().all(|r| !r.0.contains('\u{0}') && !r.2.contains('\u{0}')),
+            "{rows:?}"
+        );
+        // The rest arrived; nothing of the two records was sent.
+        let held = t.pendo.values(Kind::Account);
+        for i in (0..N).filter(|i| *i != 1) {
+            let id = account_id(i);
+            assert_eq!(held[&id].len(), 5, "account {i}: {:?}", held[&id]);
+            assert_eq!(held[&id]["plantier"], account(i)["Plan_Tier__c"], "account {i}");
+        }
+        assert!(
+            held.get(&account_id(1)).is_none_or(|f| f.is_empty()),
+            "{:?}",
+            held.get(&account_id(1))
+        );
+        assert!(
+            held.get(nul_id).is_none_or(|f| f.is_empty()),
+            "{:?}",
+            held.get(nul_id)
+        );
+        let counts = outbox_counts(&t).await;
+        assert!(counts.values().all(|n| *n == 0), "{counts:?}");
+
+        // A NUL over a value Pendo holds, with 20 ordinary changes made at the same time.
+        let before = t.pendo.value(Kind::Account, &account_id(2), "plantier");
+        assert_eq!(before, Some(json!("Enterprise")));
+        t.crm.set_field(
+            "Account",
+            &account_id(2),
+            "Plan_Tier__c",
+            json!("Enterprise\u{0}"),
+        );
+        for i in 10..30 {
+            t.crm.set_field(
+                "Account",
+                &account_id(i),
+                "Plan_Tier__c",
+                json!(format!("Tier {i}")),
+            );
+        }
+        let report = t.sync().await;
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        for i in 10..30 {
+            assert_eq!(
+                t.pendo.value(Kind::Account, &account_id(i), "plantier"),
+                Some(json!(format!("Tier {i}"))),
+                "account {i}"
+            );
+        }
+        assert_eq!(
+            t.pendo.value(Kind::Account, &account_id(2), "plantier"),
+            before,
+            "Pendo keeps what it held"
+        );
+        let rows = set_aside(&t).await;
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let over = rows
+            .iter()
+            .find(|r| r.0 == account_id(2))
+            .unwrap_or_else(|| panic!("account 2 is not set aside: {rows:?}"));
+        assert!(
+            over.2.contains("field plantier (from Plan_Tier__c): \"Enterprise\\0\" ")
+                && over.2.ends_with(SAYS),
+            "{}",
+            over.2
+        );
+        let counts = outbox_counts(&t).await;
+        assert!(counts.values().all(|n| *n == 0), "{counts:?}");
+
+        // Later: ordinary changes go through, and a record fixed in the CRM is sent and no
+        // longer listed.
+        for i in 40..45 {
+            t.crm.set_field(
+                "Account",
+                &account_id(i),
+                "ARR__c",
+                json!(2_000_000.0 + i as f64),
+            );
+        }
+        t.crm.set_field("Account", &account_id(1), "Plan_Tier__c", json!("Gold Plus"));
+        let report = t.sync().await;
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        for i in 40..45 {
+            assert_eq!(
+                t.pendo
+                    .value(Kind::Account, &account_id(i), "arr")
+                    .and_then(|v| v.as_f64()),
+                Some(2_000_000.0 + i as f64),
+                "account {i}"
+            );
+        }
+        assert_eq!(
+            t.pendo.value(Kind::Account, &account_id(1), "plantier"),
+            Some(json!("Gold Plus"))
+        );
+        let rows = set_aside(&t).await;
+        let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(ids.len(), 2, "{rows:?}");
+        assert!(!ids.contains(&account_id(1).as_str()), "{rows:?}");
+        let counts = outbox_counts(&t).await;
+        assert!(counts.values().all(|n| *n == 0), "{counts:?}");
+    }
+}
+
 /// The CRM answers something that is not JSON (a proxy's HTML page, a body cut short): the cycle
 /// fails with a message saying so, its watermark stays, the other mapping still syncs, and the
 /// next run picks the change up.

@@ -298,3 +298,160 @@ async fn a_guard_pass_leaves_the_planner_seeing_the_rows_pending() {
         "the planner's picture of outbox.state"
     );
 }
+
+/// Guarantee 10 and "latest wins" across a leader change: a leader that stalled between its
+/// claim and its send (a GC pause, SIGSTOP, a partition) wakes up after another replica took
+/// over and confirmed a newer value. It must send nothing: it judges by its own clock that its
+/// lease may have passed. And the new leader leaves the rows the old one had in flight alone
+/// for the old one's send window (`pendo.timeout`), so a request it did get out cannot land
+/// after the newer value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stalled_before_sending_sends_nothing_after_a_takeover() {
+    use pendo_sync::domain::Kind;
+    use pendo_sync::engine::Mode;
+    use pendo_sync::lock::InstanceLock;
+    use pendo_sync::store::PausePoint;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::sync::Notify;
+    let Some(t) = crate::helpers::TestApp::on(Backend::Postgres).await else {
+        return;
+    };
+    let id = crate::helpers::account_id(0);
+    let mapping = t.settings.mapping("accounts").unwrap().clone();
+    t.seed(3);
+    t.sync().await;
+    let wait = Duration::from_secs(30);
+
+    // A leads, queues "Stale" and stalls between its claim and its send.
+    let a = t.app().await;
+    let lock_a = InstanceLock::acquire_for(&a.store, &t.settings.state, "run", wait)
+        .await
+        .unwrap();
+    a.writer.start(&lock_a).await.unwrap();
+    t.crm
+        .set_field("Account", &id, "Plan_Tier__c", serde_json::json!("Stale"));
+    a.cycle(&mapping, Mode::Incremental, false, &())
+        .await
+        .unwrap();
+    let (stalled, resume) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    {
+        let (stalled, resume) = (stalled.clone(), resume.clone());
+        a.store.set_pause_hook(Some(Arc::new(move |point| {
+            let (stalled, resume) = (stalled.clone(), resume.clone());
+            Box::pin(async move {
+                if point == PausePoint::BeforeSend {
+                    stalled.notify_one();
+                    resume.notified().await;
+                }
+            })
+        })));
+    }
+    let step_a = {
+        let writer = a.writer.clone();
+        tokio::spawn(async move { writer.step(Kind::Account).await })
+    };
+    stalled.notified().await;
+    // The whole process stalls: its renewals stop too.
+    lock_a.stop_renewing();
+
+    // B takes over once A's lease expired, and sends the newer value.
+    let b = t.app().await;
+    let lock_b = InstanceLock::acquire_for(&b.store, &t.settings.state, "run", wait)
+        .await
+        .unwrap();
+    let took_over = Instant::now();
+    b.writer.start(&lock_b).await.unwrap();
+    t.crm
+        .set_field("Account", &id, "Plan_Tier__c", serde_json::json!("Fresh"));
+    b.cycle(&mapping, Mode::Incremental, false, &())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.pendo.value(Kind::Account, &id, "plantier") != Some(serde_json::json!("Fresh")) {
+        assert!(Instant::now() < deadline, "B never sent the newer value");
+        b.writer.step(Kind::Account).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The row A had in flight waited out A's send window (pendo.timeout, 5 s here).
+    assert!(
+        took_over.elapsed() >= t.settings.pendo.timeout,
+        "B re-sent A's in-flight row {:?} after the takeover",
+        took_over.elapsed()
+    );
+
+    // A wakes up: it sends nothing, and commits nothing.
+    let requests_before = t.pendo.requests().len();
+    resume.notify_one();
+    let outcome = step_a.await.unwrap();
+    assert!(outcome.is_err(), "A's settle committed: {outcome:?}");
+    assert_eq!(
+        t.pendo.requests().len(),
+        requests_before,
+        "A sent after its lease passed"
+    );
+    assert_eq!(
+        t.pendo.value(Kind::Account, &id, "plantier"),
+        Some(serde_json::json!("Fresh"))
+    );
+    let shadow = b
+        .store
+        .load_shadow(Kind::Account, &[id.as_str()])
+        .await
+        .unwrap();
+    assert_eq!(
+        shadow[&id].get("plantier"),
+        Some(&serde_json::json!("Fresh")),
+        "{shadow:?}"
+    );
+    assert!(
+        !t.pendo.requests().iter().any(|r| r
+            .body
+            .as_ref()
+            .is_some_and(|b| b.to_string().contains("Stale"))),
+        "the stale value reached Pendo"
+    );
+    lock_b.release().await;
+}
+
+/// The lease is renewed on a connection of its own: a leader whose pool is busy (long pages,
+/// settles, scrapes reading the outbox) for twice the lease's length keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_the_pool_is_saturated() {
+    use pendo_sync::lock::InstanceLock;
+    use std::time::Duration;
+    let Some(t) = crate::helpers::TestApp::on(Backend::Postgres).await else {
+        return;
+    };
+    let app = t.app().await;
+    let ttl = t.settings.state.lease_ttl;
+    let lock = InstanceLock::acquire_for(&app.store, &t.settings.state, "run", Duration::ZERO)
+        .await
+        .unwrap();
+    let pool = app.store.postgres().unwrap().pool().clone();
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_millis(500), pool.acquire()).await
+    {
+        held.push(conn);
+    }
+    assert!(
+        held.len() >= 8,
+        "the pool was not saturated: {}",
+        held.len()
+    );
+    tokio::time::sleep(ttl * 2).await;
+    assert!(!lock.lost().is_cancelled(), "the leader lost its lease");
+    assert!(app.store.may_send());
+    drop(held);
+    let holder = app
+        .store
+        .postgres()
+        .unwrap()
+        .lease_holder()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.epoch, 1);
+    assert!(holder.expires_in_ms > 0, "{holder:?}");
+    lock.release().await;
+}

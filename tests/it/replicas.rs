@@ -300,3 +300,44 @@ fn signal(svc: &Service, name: &str) {
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{name}");
 }
+
+/// A rolling deploy: the leader gets SIGTERM, finishes its work and hands the lease over in the
+/// database before it closes its connections, so the standby leads at its next poll (within
+/// 2 s), not at the lease's expiry (30 s here); a change made meanwhile reaches Pendo as soon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_its_lease_over_at_once() {
+    let Some(mut env) = env(20, 50).await else {
+        return;
+    };
+    let long = [("PENDO_SYNC__STATE__LEASE_TTL", "30s")];
+    let (a_admin, b_admin) = (env.admin.clone(), format!("127.0.0.1:{}", free_port()));
+    let mut a = env.start_with(&a_admin, &long);
+    wait_role(&a_admin, "leader", &a, Duration::from_secs(20)).await;
+    env.wait_converged(&a, Duration::from_secs(30)).await;
+    let b = env.start_with(&b_admin, &long);
+    wait_role(&b_admin, "standby", &b, Duration::from_secs(20)).await;
+
+    let stopped = Instant::now();
+    a.sigterm();
+    assert_eq!(a.exit_within(Duration::from_secs(20)).await.code(), Some(0));
+    let exited = stopped.elapsed();
+    env.sf.set_field(
+        "Account",
+        &account_id(3),
+        "Plan_Tier__c",
+        json!("Handed over"),
+    );
+    wait_role(&b_admin, "leader", &b, Duration::from_secs(2)).await;
+    let led = stopped.elapsed();
+    assert!(
+        a.log().contains("Handed the leader lease over."),
+        "{}",
+        a.log()
+    );
+    assert!(!a.log().contains("closed pool"), "{}", a.log());
+    env.wait_converged(&b, Duration::from_secs(5)).await;
+    eprintln!(
+        "SIGTERM to exit {exited:?}; to the standby leading {led:?}; converged after {:?}",
+        stopped.elapsed()
+    );
+}

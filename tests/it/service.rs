@@ -259,10 +259,16 @@ impl Env {
 
     /// `run` with its admin port on `admin` (replicas on one state need one each).
     pub(crate) fn start_on(&mut self, admin: &str) -> Service {
+        self.start_with(admin, &[])
+    }
+
+    /// `run` with its admin port on `admin` and more `PENDO_SYNC__*` overrides.
+    pub(crate) fn start_with(&mut self, admin: &str, env: &[(&str, &str)]) -> Service {
         self.runs += 1;
         let log = self.dir.path().join(format!("run-{}.log", self.runs));
         let child = self
             .command(&["run"])
+            .envs(env.iter().copied())
             .env("PENDO_SYNC__ADMIN__LISTEN", admin)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -3,8 +3,10 @@
 //!
 //! Owns the credentials (held as [`SecretString`], never printed) and turns token-endpoint
 //! refusals into [`ConnectorError::Auth`] with a hint naming the setting to fix. A rotated refresh
-//! token is kept in the state file (`salesforce.refresh_token`) and preferred on later logins,
-//! because the configured one stops working once Salesforce rotates it.
+//! token is kept in the state file (`salesforce.refresh_token`) and read back from there before
+//! every later login, because the configured one stops working once Salesforce rotates it, and
+//! so does the one this process last saw once another process sharing the state file (a
+//! standby's "Check live", `check`, `why --live`) logs in and rotates it.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -174,6 +176,22 @@ struct TokenError {
     error_description: String,
 }
 
+/// Why a token request failed. `invalid_grant` says Salesforce refused the grant itself (for
+/// a refresh token: revoked, or rotated out, possibly by another process sharing the state).
+struct TokenFailure {
+    error: ConnectorError,
+    invalid_grant: bool,
+}
+
+impl TokenFailure {
+    fn other(error: ConnectorError) -> TokenFailure {
+        TokenFailure {
+            error,
+            invalid_grant: false,
+        }
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Claims<'a> {
     iss: &'a str,
@@ -238,92 +256,178 @@ impl SalesforceConnector {
                 form.push(("client_secret", secret.expose_secret().to_owned()));
             }
             Credentials::RefreshToken { secret, configured } => {
-                let token = self.current_refresh_token(configured).await;
-                form.push(("grant_type", "refresh_token".into()));
-                form.push(("client_id", s.client_id.clone()));
-                form.push(("client_secret", secret.expose_secret().to_owned()));
-                form.push(("refresh_token", token.expose_secret().to_owned()));
+                let answer = self.refresh_token_login(secret, configured).await?;
+                return Ok(self.session_from(answer, previous).await);
             }
         }
+        let answer = self.request_token(&form).await.map_err(|f| f.error)?;
+        Ok(self.session_from(answer, previous).await)
+    }
+
+    /// The refresh-token grant. The token is read afresh before every login (see
+    /// [`Self::current_refresh_token`]): another process sharing the state file (a standby's
+    /// "Check live", `check`, `why --live`) may have rotated it since this one last logged in,
+    /// leaving the token this process last saw invalid. If Salesforce still answers
+    /// `invalid_grant`, another process may have rotated the token between our read and our
+    /// POST: the stored token is read once more and, if it changed, tried once.
+    async fn refresh_token_login(
+        &self,
+        secret: &SecretString,
+        configured: &SecretString,
+    ) -> Result<TokenAnswer, ConnectorError> {
+        let mut token = self.current_refresh_token(configured).await;
+        let mut retried = false;
+        loop {
+            let form: Vec<(&str, String)> = vec![
+                ("grant_type", "refresh_token".into()),
+                ("client_id", self.settings.client_id.clone()),
+                ("client_secret", secret.expose_secret().to_owned()),
+                ("refresh_token", token.expose_secret().to_owned()),
+            ];
+            let failure = match self.request_token(&form).await {
+                Ok(answer) => return Ok(answer),
+                Err(f) => f,
+            };
+            if !failure.invalid_grant {
+                return Err(failure.error);
+            }
+            self.forget_unsaved_refresh_token(&token).await;
+            if !retried
+                && let Some(newer) = self.stored_refresh_token().await
+                && newer.expose_secret() != token.expose_secret()
+            {
+                tracing::info!(
+                    "salesforce refused the refresh token; another process stored a newer one, retrying with it"
+                );
+                retried = true;
+                token = newer;
+                continue;
+            }
+            return Err(failure.error);
+        }
+    }
+
+    /// POSTs one grant to the token endpoint.
+    async fn request_token(&self, form: &[(&str, String)]) -> Result<TokenAnswer, TokenFailure> {
         let url = format!(
             "{}/services/oauth2/token",
-            s.login_url.trim_end_matches('/')
+            self.settings.login_url.trim_end_matches('/')
         );
         self.limiter.acquire().await;
-        let resp = self.client.post(&url).form(&form).send().await;
+        let resp = self.client.post(&url).form(form).send().await;
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
                 crate::metrics::record_request(API, None);
-                return Err(ConnectorError::Transient {
+                return Err(TokenFailure::other(ConnectorError::Transient {
                     api: API,
                     message: format!("login request failed: {}", e.without_url()),
-                });
+                }));
             }
         };
         let status = resp.status();
         crate::metrics::record_request(API, Some(status.as_u16()));
         let body = resp.text().await.unwrap_or_default();
         if status.is_server_error() {
-            return Err(ConnectorError::Transient {
+            return Err(TokenFailure::other(ConnectorError::Transient {
                 api: API,
                 message: format!("login answered HTTP {status}"),
-            });
+            }));
         }
         if !status.is_success() {
-            let message = match serde_json::from_str::<TokenError>(&body) {
-                Ok(e) => format!("{}: {}", e.error, e.error_description),
-                Err(_) => format!("HTTP {status}: {}", excerpt(&body)),
+            let (message, invalid_grant) = match serde_json::from_str::<TokenError>(&body) {
+                Ok(e) => (
+                    format!("{}: {}", e.error, e.error_description),
+                    e.error == "invalid_grant",
+                ),
+                Err(_) => (format!("HTTP {status}: {}", excerpt(&body)), false),
             };
-            return Err(ConnectorError::Auth {
-                api: API,
-                message,
-                hint: self.creds.hint().into(),
+            return Err(TokenFailure {
+                error: ConnectorError::Auth {
+                    api: API,
+                    message,
+                    hint: self.creds.hint().into(),
+                },
+                invalid_grant,
             });
         }
-        let answer: TokenAnswer =
-            serde_json::from_str(&body).map_err(|_| ConnectorError::Protocol {
+        serde_json::from_str(&body).map_err(|_| {
+            TokenFailure::other(ConnectorError::Protocol {
                 api: API,
                 message: "the token endpoint answered without access_token/instance_url".into(),
-            })?;
-        if let Some(new) = answer.refresh_token {
-            self.keep_refresh_token(new).await;
-        }
-        Ok(Session {
-            access_token: answer.access_token,
-            instance_url: answer.instance_url.trim_end_matches('/').to_owned(),
-            generation: previous + 1,
+            })
         })
     }
 
-    /// The newest refresh token: the rotated one we kept, else the configured one.
+    /// Keeps a rotated refresh token and turns a token answer into a session.
+    async fn session_from(&self, answer: TokenAnswer, previous: u64) -> Session {
+        if let Some(new) = answer.refresh_token {
+            self.keep_refresh_token(new).await;
+        }
+        Session {
+            access_token: answer.access_token,
+            instance_url: answer.instance_url.trim_end_matches('/').to_owned(),
+            generation: previous + 1,
+        }
+    }
+
+    /// The newest refresh token, read afresh for every login: a rotated one the state file
+    /// could not take (no state file, or the write failed), else the one in the state file
+    /// (whichever process stored it), else the configured one.
     async fn current_refresh_token(&self, configured: &SecretString) -> SecretString {
         if let Some(t) = self.rotated_refresh.lock().await.clone() {
             return t;
         }
-        if let Some(store) = &self.store {
-            match store.get(REFRESH_TOKEN_KEY).await {
-                Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => {
-                    return SecretString::from(t);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the kept salesforce refresh token; using the configured one")
-                }
-            }
+        if let Some(t) = self.stored_refresh_token().await {
+            return t;
         }
         configured.clone()
     }
 
-    async fn keep_refresh_token(&self, token: SecretString) {
-        if let Some(store) = &self.store {
-            let value = serde_json::Value::String(token.expose_secret().to_owned());
-            if let Err(e) = store.set(REFRESH_TOKEN_KEY, &value).await {
-                // The login itself worked; the next restart would fall back to the configured
-                // token, which Salesforce may have invalidated. Say so loudly.
-                tracing::error!(error = %e, "cannot keep the rotated salesforce refresh token in the state file");
+    /// The refresh token in the state file, if there is one.
+    async fn stored_refresh_token(&self) -> Option<SecretString> {
+        let store = self.store.as_ref()?;
+        match store.get(REFRESH_TOKEN_KEY).await {
+            Ok(Some(serde_json::Value::String(t))) if !t.is_empty() => Some(SecretString::from(t)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the kept salesforce refresh token");
+                None
             }
         }
-        *self.rotated_refresh.lock().await = Some(token);
+    }
+
+    /// Stores a rotated refresh token for every process sharing the state file. Only a token
+    /// the state file did not take stays in memory: one that did is read back from there, so a
+    /// rotation by another process is seen.
+    async fn keep_refresh_token(&self, token: SecretString) {
+        let saved = match &self.store {
+            Some(store) => {
+                let value = serde_json::Value::String(token.expose_secret().to_owned());
+                match store.set(REFRESH_TOKEN_KEY, &value).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // The login itself worked; the next restart would fall back to the
+                        // configured token, which Salesforce may have invalidated. Say so loudly.
+                        tracing::error!(error = %e, "cannot keep the rotated salesforce refresh token in the state file");
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        *self.rotated_refresh.lock().await = if saved { None } else { Some(token) };
+    }
+
+    /// Drops the in-memory refresh token once Salesforce has refused it, so later logins go
+    /// back to the state file (or the configured token).
+    async fn forget_unsaved_refresh_token(&self, refused: &SecretString) {
+        let mut kept = self.rotated_refresh.lock().await;
+        if kept
+            .as_ref()
+            .is_some_and(|t| t.expose_secret() == refused.expose_secret())
+        {
+            *kept = None;
+        }
     }
 }

@@ -74,6 +74,9 @@ pub struct SalesforceConnector {
     limiter: RateLimiter,
     store: Option<SharedKv>,
     session: tokio::sync::Mutex<Option<Session>>,
+    /// A rotated refresh token the state file did not take (no store, or the write failed).
+    /// A token the store holds is read from there before each login instead, so a rotation by
+    /// another process sharing the state is seen.
     rotated_refresh: tokio::sync::Mutex<Option<SecretString>>,
     quota: StdMutex<Option<QuotaReading>>,
     quota_dirty: AtomicBool,

@@ -280,6 +280,200 @@ async fn rotated_refresh_token_is_kept_in_the_store_and_used_next_time() {
     assert!(e.to_string().contains("salesforce.refresh_token"), "{e}");
 }
 
+/// Issue 22 item 7: two processes share the state file (the leader, and a standby whose "Check
+/// live" logs in, or `check`, or `why --live`). The standby's login rotates the refresh token,
+/// so the one the leader last saw is dead; the leader's next login must use the token the
+/// standby stored, not fail with `invalid_grant` on every cycle until a restart.
+#[tokio::test]
+async fn relogin_uses_the_refresh_token_another_process_rotated() {
+    let (sim, server) = start(SalesforceSimConfig {
+        rotate_refresh_token: true,
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    // Like two processes: each opens the state file and builds its connector from the same
+    // settings.
+    let leader_store = Store::open(&path).await.unwrap();
+    let leader = connector(&server, REFRESH, "", Some(leader_store.clone()));
+    let standby = connector(
+        &server,
+        REFRESH,
+        "",
+        Some(Store::open(&path).await.unwrap()),
+    );
+
+    assert_eq!(
+        drain(&leader, spec(&["Id"], None, None))
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
+    let seen_by_leader = sim.current_refresh_token();
+    assert_ne!(
+        seen_by_leader, "sim-refresh-token",
+        "the sim rotated the token"
+    );
+
+    // The standby's "Check live" logs in, rotating the token the leader last saw out.
+    let s = spec(&["Id"], None, None);
+    let findings = standby.check(&s).await.unwrap();
+    assert!(
+        findings[0].ok && findings[0].subject == "salesforce login",
+        "{}: {}",
+        findings[0].subject,
+        findings[0].detail
+    );
+    let rotated = sim.current_refresh_token();
+    assert_ne!(
+        rotated, seen_by_leader,
+        "the standby's login rotated the token"
+    );
+    assert_eq!(
+        leader_store
+            .kv_get("salesforce.refresh_token")
+            .await
+            .unwrap(),
+        Some(Value::String(rotated.clone())),
+        "the standby stored the rotated token"
+    );
+
+    // The leader's session expires; its next pull logs in again with the standby's token.
+    sim.expire_tokens();
+    let (records, _, _) = drain(&leader, spec(&["Id"], None, None))
+        .await
+        .expect("the leader logs in again with the token the standby stored");
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        3,
+        "leader, standby, leader again: no refused attempt with the stale token first"
+    );
+    let newest = sim.current_refresh_token();
+    assert_ne!(
+        newest, rotated,
+        "the leader's login rotated the token again"
+    );
+    assert_eq!(
+        leader_store
+            .kv_get("salesforce.refresh_token")
+            .await
+            .unwrap(),
+        Some(Value::String(newest)),
+        "the leader stored the token its login got"
+    );
+}
+
+/// The state as read just before another process rotated the token: the first read of the
+/// refresh token answers `stale`, later reads (and every write) go to the state file.
+struct RotatedAfterFirstRead {
+    inner: crate::connectors::SharedKv,
+    stale: std::sync::Mutex<Option<Value>>,
+}
+
+impl crate::connectors::StateKv for RotatedAfterFirstRead {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> crate::connectors::BoxFuture<'a, Result<Option<Value>, String>> {
+        let stale = if key == "salesforce.refresh_token" {
+            self.stale.lock().unwrap().take()
+        } else {
+            None
+        };
+        Box::pin(async move {
+            match stale {
+                Some(v) => Ok(Some(v)),
+                None => self.inner.get(key).await,
+            }
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a Value,
+    ) -> crate::connectors::BoxFuture<'a, Result<(), String>> {
+        self.inner.set(key, value)
+    }
+}
+
+/// Another process rotates the token between this process reading it and Salesforce receiving
+/// it: the `invalid_grant` makes the login read the state again and retry once with the newer
+/// token. A token that is simply refused (the state holds nothing newer) is not retried.
+#[tokio::test]
+async fn refused_refresh_token_is_read_again_and_retried_once_if_another_process_rotated_it() {
+    let (sim, server) = start(SalesforceSimConfig {
+        rotate_refresh_token: true,
+        ..sim_config()
+    })
+    .await;
+    sim.seed_demo(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+
+    let first = connector(&server, REFRESH, "", Some(store.clone()));
+    drain(&first, spec(&["Id"], None, None)).await.unwrap();
+    let read_by_us = sim.current_refresh_token();
+    // Another process logs in with the stored token and rotates it...
+    let other = connector(&server, REFRESH, "", Some(store.clone()));
+    drain(&other, spec(&["Id"], None, None)).await.unwrap();
+    let rotated = sim.current_refresh_token();
+    assert_ne!(rotated, read_by_us, "the other login rotated the token");
+    // ...after this process read it.
+    let kv = RotatedAfterFirstRead {
+        inner: std::sync::Arc::new(store.clone()),
+        stale: std::sync::Mutex::new(Some(Value::String(read_by_us))),
+    };
+    let racing = SalesforceConnector::new(
+        &settings(&server.url(), REFRESH, ""),
+        Some(std::sync::Arc::new(kv) as crate::connectors::SharedKv),
+    )
+    .expect("connector builds")
+    .with_backoff(Duration::from_millis(5));
+    let before = count(&sim, "POST", "/services/oauth2/token");
+    let (records, _, _) = drain(&racing, spec(&["Id"], None, None))
+        .await
+        .expect("the refused login is retried with the newer stored token");
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        before + 2,
+        "one refused attempt, one retry"
+    );
+    let newest = sim.current_refresh_token();
+    assert_ne!(newest, rotated);
+    assert_eq!(
+        store.kv_get("salesforce.refresh_token").await.unwrap(),
+        Some(Value::String(newest))
+    );
+
+    // A revoked token with nothing newer in the state: refused once, no retry.
+    store
+        .kv_set(
+            "salesforce.refresh_token",
+            &Value::String("revoked-token".into()),
+        )
+        .await
+        .unwrap();
+    let revoked = connector(&server, REFRESH, "", Some(store.clone()));
+    let before = count(&sim, "POST", "/services/oauth2/token");
+    let e = drain(&revoked, spec(&["Id"], None, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConnectorError::Auth { .. }), "{e}");
+    assert!(e.to_string().contains("invalid_grant"), "{e}");
+    assert_eq!(
+        count(&sim, "POST", "/services/oauth2/token"),
+        before + 1,
+        "the same token is not retried"
+    );
+}
+
 #[tokio::test]
 async fn token_expiry_mid_pull_logs_in_again_once_and_loses_nothing() {
     let (sim, server) = start(SalesforceSimConfig {

@@ -95,6 +95,9 @@ fn connect_options(state: &StateSettings) -> Result<(PgConnectOptions, PathBuf),
     Ok((options.application_name("pendo-sync"), label))
 }
 
+/// How long a lease statement waits for the lease's connection (made again after a failure).
+const LEASE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Whether a statement gave up on a row lock (55P03, lock_not_available: the lock timeout a
 /// takeover sets), which only means "try again at the next poll".
 fn lock_timed_out(e: &sqlx::Error) -> bool {
@@ -102,6 +105,11 @@ fn lock_timed_out(e: &sqlx::Error) -> bool {
 }
 
 impl Backend {
+    /// The lease's own connection (see the field's docs).
+    fn lease_pool(&self) -> &sqlx::PgPool {
+        self.lease_pool.as_ref().unwrap_or(&self.pool)
+    }
+
     /// Connects to `state.url` and applies the migrations (sqlx serialises concurrent
     /// migrators, so replicas starting together apply them once).
     pub async fn open(state: &StateSettings) -> Result<Backend, StoreError> {
@@ -139,12 +147,19 @@ impl Backend {
         let pool = PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })?;
+        // One connection of its own for the lease, made when first needed (a read-only command
+        // never takes a lease). A renewal waits at most a few seconds for it.
+        let lease_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(LEASE_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
         Ok(Backend {
             pool,
             path,
@@ -152,6 +167,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            lease_pool: Some(lease_pool),
         })
     }
 
@@ -162,7 +178,8 @@ impl Backend {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let since = std::time::Instant::now();
+        let mut tx = self.lease_pool().begin().await?;
         // A stalled leader's transaction may hold the row (key share lock): wait a little, not
         // for ever; the next poll tries again.
         sqlx::query("SELECT set_config('lock_timeout', '2000', true)")
@@ -208,7 +225,7 @@ impl Backend {
         tx.commit().await?;
         let epoch = row.map(|r| r.get::<i64, _>(0));
         if let Some(epoch) = epoch {
-            self.fence.hold(holder.to_owned(), epoch, ttl);
+            self.fence.hold(holder.to_owned(), epoch, ttl, since);
         }
         Ok(epoch)
     }
@@ -220,6 +237,7 @@ impl Backend {
         let Some((holder, epoch)) = self.fence.current() else {
             return Ok(false);
         };
+        let since = std::time::Instant::now();
         let row = sqlx::query(
             "UPDATE leader_lease
              SET expires_at = clock_timestamp() + $3 * interval '1 millisecond',
@@ -230,10 +248,11 @@ impl Backend {
         .bind(&holder)
         .bind(epoch)
         .bind(ttl.as_millis() as i64)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.lease_pool())
         .await?;
-        if row.is_none() {
-            self.fence.lost();
+        match row {
+            Some(_) => self.fence.renewed(epoch, since),
+            None => self.fence.lost(),
         }
         Ok(row.is_some())
     }
@@ -249,7 +268,7 @@ impl Backend {
         )
         .bind(holder)
         .bind(epoch)
-        .execute(&self.pool)
+        .execute(self.lease_pool())
         .await?;
         Ok(())
     }
@@ -261,7 +280,7 @@ impl Backend {
                     (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
              FROM leader_lease WHERE id = 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.lease_pool())
         .await?;
         Ok(row.map(|r| LeaseHolder {
             holder: r.get(0),

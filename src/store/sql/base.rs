@@ -32,6 +32,9 @@ pub struct Backend {
     /// the next claim goes on from there instead of stepping over the dead index entries of
     /// every batch already settled.
     pub(crate) claim_cursor: Arc<Mutex<std::collections::HashMap<Kind, String>>>,
+    /// The leader lease's own connection (PostgreSQL): renewals never wait behind the pool's
+    /// other work (pages, the writer's settles, status reads), nor behind its closing.
+    pub(crate) lease_pool: Option<sqlx::Pool<Db>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -172,7 +175,7 @@ impl Backend {
         *self.pause.lock().expect("pause hook lock") = hook;
     }
 
-    pub(super) async fn pause_at(&self, point: PausePoint) {
+    pub(crate) async fn pause_at(&self, point: PausePoint) {
         let hook = self.pause.lock().expect("pause hook lock").clone();
         if let Some(hook) = hook {
             hook(point).await;
@@ -186,6 +189,9 @@ impl Backend {
     /// Closes the pool, checkpointing the WAL.
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(lease) = &self.lease_pool {
+            lease.close().await;
+        }
     }
 
     /// A trivial query: is the state file usable (for `/readyz`).

@@ -196,6 +196,14 @@ impl Backend {
         Ok(done.rows_affected())
     }
 
+    /// Rows a writer has in a request (a lease left by another process, at a writer's start).
+    pub async fn leased_rows(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
     /// Leases the due rows of up to `max_records` entities of `kind` (pending, or unmatched whose
     /// retry time has come) and returns them, grouped by entity in id order.
     pub async fn claim_due(

@@ -84,6 +84,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            lease_pool: None,
         })
     }
 
@@ -132,6 +133,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            lease_pool: None,
         })
     }
 
@@ -164,6 +166,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            lease_pool: None,
         })
     }
 }
