@@ -51,19 +51,19 @@ use crate::domain::Kind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state file {path}: {source}")]
+    #[error("{} {}: {source}", state_kind(path), path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: sqlx::Error,
     },
-    #[error("state file {path}: {message}")]
+    #[error("{} {}: {message}", state_kind(path), path.display())]
     Io { path: PathBuf, message: String },
-    #[error("state file migration failed: {0}")]
+    #[error("state migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("state file query failed: {0}")]
+    #[error("state query failed: {0}")]
     Sql(#[from] sqlx::Error),
-    #[error("state file holds an unreadable value: {0}")]
+    #[error("the state holds an unreadable value: {0}")]
     Corrupt(String),
     /// This process wrote under a lease (epoch) that expired or another replica took: the
     /// transaction was not committed, and this process must stop writing.
@@ -71,6 +71,36 @@ pub enum StoreError {
         "this replica lost the leader lease (epoch {epoch}) and no longer writes; nothing was committed"
     )]
     LostLease { epoch: i64 },
+}
+
+/// What a state is called in messages: the SQLite "state file", or the PostgreSQL "database"
+/// (its `path` is the URL without the password).
+pub fn state_kind(path: &Path) -> &'static str {
+    if path.to_str().is_some_and(|p| p.starts_with("postgres")) {
+        "database"
+    } else {
+        "state file"
+    }
+}
+
+/// Refuses a state whose schema a newer pendo-sync wrote (`applied` is the highest migration
+/// it records, `known` the highest this binary has). Migrations only add, so a newer binary
+/// works with what an older one wrote; the other way round this binary would miss what the
+/// newer one relies on.
+pub(crate) fn refuse_newer_schema(
+    path: &Path,
+    applied: Option<i64>,
+    known: Option<i64>,
+) -> Result<(), StoreError> {
+    match (applied, known) {
+        (Some(applied), Some(known)) if applied > known => Err(StoreError::Io {
+            path: path.to_owned(),
+            message: format!(
+                "holds schema version {applied}, newer than this pendo-sync knows (version {known}): a newer pendo-sync upgraded it; run that version (or newer)"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// When to refresh the planner's statistics of the tables that grow and shrink in bursts

@@ -24,3 +24,4 @@ mod security;
 mod service;
 mod sync;
 mod trust;
+mod upgrades;

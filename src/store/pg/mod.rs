@@ -114,6 +114,17 @@ impl Backend {
     /// migrators, so replicas starting together apply them once).
     pub async fn open(state: &StateSettings) -> Result<Backend, StoreError> {
         let backend = Backend::connect(state, 8).await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&backend.pool)
+                .await
+                .ok()
+                .flatten();
+        let known = MIGRATOR.iter().map(|m| m.version).max();
+        if let Err(e) = crate::store::refuse_newer_schema(&backend.path, applied, known) {
+            backend.pool.close().await;
+            return Err(e);
+        }
         MIGRATOR.run(&backend.pool).await?;
         Ok(backend)
     }

@@ -76,6 +76,18 @@ impl Backend {
                 path: path.to_owned(),
                 source,
             })?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten();
+        if let Err(e) =
+            super::refuse_newer_schema(path, applied, MIGRATOR.iter().map(|m| m.version).max())
+        {
+            pool.close().await;
+            return Err(e);
+        }
         MIGRATOR.run(&pool).await?;
         Ok(Backend {
             pool,
