@@ -8,7 +8,10 @@
 //! changes the state starts by checking it (`Backend::begin_write`): same holder, same epoch,
 //! not expired, key-share-locking the row until commit, so a takeover (which locks it `FOR
 //! UPDATE`) waits for that transaction, the leader's own renewals do not, and a leader that
-//! stalled past its expiry commits nothing.
+//! stalled past its expiry commits nothing. The lease has a connection of its own
+//! (`lease_pool`), so renewals never queue behind the pool's other work, and each take or
+//! renewal moves the fence's send deadline (`Fence::may_send`), which the writer checks before
+//! every request.
 //!
 //! Session settings are not used either (a pooler would lose or leak them): the timeouts a
 //! fenced transaction needs are set per transaction (`set_config(.., true)`).
