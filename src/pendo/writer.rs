@@ -262,18 +262,6 @@ impl Writer {
                 batch_of.resize(outcomes.len(), None);
                 continue;
             }
-            // A leader sends only while its lease is surely its own (by its own clock since
-            // the last renewal): one that stalled past it may have a successor already, whose
-            // newer values this batch would overwrite in Pendo.
-            if !self.store.may_send() {
-                tracing::warn!(
-                    records = batch.len(),
-                    "The leader lease may have passed to another replica; not sending."
-                );
-                release(batch, &mut outcomes);
-                batch_of.resize(outcomes.len(), None);
-                continue;
-            }
             let sent_at = now_ms();
             let (result, attempts) = self.send(kind, &batch).await;
             let request = SentBatch {
@@ -537,7 +525,10 @@ impl Writer {
             .with_jitter()
             .with_max_times(self.cfg.in_process_attempts.saturating_sub(1) as usize);
         let result = (|| async {
-            // Checked again before each retry: the backoff may outlast the lease.
+            // A leader sends only while its lease is surely its own (by its own clock since the
+            // last renewal): one that stalled past it may have a successor already, whose newer
+            // values this batch would overwrite in Pendo. Checked before every attempt, as a
+            // backoff may outlast the lease.
             if !self.store.may_send() {
                 return Err(PendoError::NotSent {
                     reason: "the leader lease may have passed to another replica".into(),
