@@ -84,6 +84,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
             }
         });
     }
+    tracker.spawn(service.clone().database_watch());
     service.set_leader(false);
     let lock = match file_lock {
         Some(lock) => lock,

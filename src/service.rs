@@ -198,7 +198,10 @@ impl Service {
     pub async fn readiness(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if let Err(e) = self.store.ping().await {
-            reasons.push(format!("state file not usable: {e}"));
+            reasons.push(format!(
+                "{} not usable: {e}",
+                crate::store::state_kind(self.store.path())
+            ));
         }
         if let Some(reason) = self.writer_paused.lock().expect("pause lock").clone() {
             reasons.push(format!("writer paused: {reason}"));
@@ -327,7 +330,11 @@ impl Service {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "Cannot read the queued resyncs."),
+                Err(e) if self.store.reachable().await => {
+                    tracing::warn!(error = %e, "Cannot read the queued resyncs.")
+                }
+                // The outage is told once (`Store::reachable`), not by every loop.
+                Err(_) => {}
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -510,7 +517,11 @@ impl Service {
                 }
             }
             Err(e) => {
-                tracing::error!(mapping = %m.name, mode = mode.as_str(), error = %e, "Cycle failed; it is tried again next poll interval.");
+                if self.store.reachable().await {
+                    tracing::error!(mapping = %m.name, mode = mode.as_str(), error = %e, "Cycle failed; it is tried again next poll interval.");
+                } else {
+                    tracing::debug!(mapping = %m.name, error = %e, "Cycle failed: the state is unreachable.");
+                }
                 self.health_update(&m.name, |h| {
                     h.running_since = None;
                     h.last_ok = Some(false);
@@ -566,7 +577,10 @@ impl Service {
     pub async fn refresh_state_gauges(&self) {
         match crate::status::status_report(&self.settings, &self.store).await {
             Ok(report) => crate::status::set_gauges(&report),
-            Err(e) => tracing::warn!(error = %e, "Cannot read the status for the metrics."),
+            Err(e) if self.store.reachable().await => {
+                tracing::warn!(error = %e, "Cannot read the status for the metrics.")
+            }
+            Err(_) => {}
         }
     }
 
@@ -693,7 +707,9 @@ impl Service {
             if std::mem::take(&mut release_leases)
                 && let Err(e) = self.store.release_leases().await
             {
-                tracing::error!(error = %e, "Cannot release outbox leases; trying again next pass.");
+                if self.store.reachable().await {
+                    tracing::error!(error = %e, "Cannot release outbox leases; trying again next pass.");
+                }
                 release_leases = true;
             }
             let ticket = self.worker.requested.load(Ordering::SeqCst);
@@ -729,7 +745,9 @@ impl Service {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "An outbox pass failed; the rows stay in the outbox and are tried again.");
+                        if self.store.reachable().await {
+                            tracing::error!(error = %e, "An outbox pass failed; the rows stay in the outbox and are tried again.");
+                        }
                         release_leases = true;
                     }
                 }
@@ -744,7 +762,9 @@ impl Service {
                         .min(self.poll_interval()),
                     Ok(None) => self.poll_interval(),
                     Err(e) => {
-                        tracing::error!(error = %e, "Cannot read the outbox; trying again next poll interval.");
+                        if self.store.reachable().await {
+                            tracing::error!(error = %e, "Cannot read the outbox; trying again next poll interval.");
+                        }
                         self.poll_interval()
                     }
                 }
@@ -943,6 +963,18 @@ impl Service {
             Some(sources),
         )
         .await
+    }
+
+    /// Pings the state every second on a leader and a standby alike, so an outage is told when
+    /// it starts and when it ends (see `Store::ping`) even while nothing else asks.
+    pub async fn database_watch(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let _ = self.store.ping().await;
+        }
     }
 
     /// Retention: prunes the history a minute after start, then every [`PRUNE_EVERY`].

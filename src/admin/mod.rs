@@ -145,7 +145,7 @@ async fn readyz(State(service): State<Shared>) -> Response {
                 .into_response(),
             Err(e) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({"ready": false, "role": "standby", "reasons": [format!("state not usable: {e}")]})),
+                axum::Json(json!({"ready": false, "role": "standby", "reasons": [format!("{} not usable: {e}", crate::store::state_kind(service.store.path()))]})),
             )
                 .into_response(),
         };
@@ -172,8 +172,9 @@ async fn metrics(State(service): State<Shared>) -> Response {
         )
             .into_response();
     };
-    // Gauges that describe the state are read fresh at scrape time, from the status model.
-    service.refresh_state_gauges().await;
+    // Gauges that describe the state are read fresh at scrape time, from the status model;
+    // while the state does not answer, the last values are served rather than no answer.
+    let _ = tokio::time::timeout(crate::store::PING_LIMIT, service.refresh_state_gauges()).await;
     service.refresh_leader_gauge();
     handle.run_upkeep();
     (

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 struct Cluster {
     port: u16,
+    log: PathBuf,
 }
 
 static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
@@ -106,7 +107,7 @@ fn start() -> Option<Cluster> {
     // More server settings for a run (`-c log_min_duration_statement=100`, ...).
     let extra = std::env::var("PENDO_SYNC_PG_OPTS").unwrap_or_default();
     let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{fast} {extra}",
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{fast} -c log_line_prefix=%m:%d: {extra}",
         dir.display()
     );
     let log = dir.join("log");
@@ -158,7 +159,12 @@ fn start() -> Option<Cluster> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("watchdog starts");
-    Some(Cluster { port })
+    Some(Cluster { port, log })
+}
+
+/// The server's log (each line starts `<time>:<database>:`), once the cluster has started.
+pub fn server_log() -> Option<PathBuf> {
+    CLUSTER.get()?.as_ref().map(|c| c.log.clone())
 }
 
 fn free_port() -> u16 {

@@ -103,6 +103,53 @@ pub(crate) fn refuse_newer_schema(
     }
 }
 
+/// How long [`Store::ping`] waits for the state to answer: `/readyz` answers within 2 s
+/// even while the database is away (the pool would otherwise wait its whole acquire timeout,
+/// retrying a refused connection).
+pub const PING_LIMIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Whether the state answers, as the last ping (or failed statement) found, and the log lines
+/// that say so: one WARN when it is lost, one per [`Reach::REMIND`] while it stays lost, one
+/// INFO when it is back. Errors of the pipelines and the writer during an outage are the same
+/// news: they ask [`Store::reachable`] first and stay quiet when the outage is already told.
+#[derive(Debug, Default)]
+pub(crate) struct Reach {
+    lost: std::sync::Mutex<Option<(std::time::Instant, std::time::Instant)>>,
+}
+
+impl Reach {
+    pub(crate) const REMIND: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub(crate) fn lost(&self, path: &Path, error: &StoreError) {
+        let kind = state_kind(path);
+        let now = std::time::Instant::now();
+        let mut lost = self.lost.lock().expect("reach lock");
+        match &mut *lost {
+            None => {
+                tracing::warn!(%error, "Lost the {kind}; everything waits for it and is tried again (this is said again every {}s while it lasts).", Self::REMIND.as_secs());
+                *lost = Some((now, now));
+            }
+            Some((since, told)) if now.duration_since(*told) >= Self::REMIND => {
+                tracing::warn!(%error, unreachable_for = %humantime::format_duration(round_s(now.duration_since(*since))), "The {kind} is still unreachable.");
+                *told = now;
+            }
+            Some(_) => {}
+        }
+    }
+
+    pub(crate) fn answered(&self, path: &Path) {
+        let mut lost = self.lost.lock().expect("reach lock");
+        if let Some((since, _)) = lost.take() {
+            let kind = state_kind(path);
+            tracing::info!(unreachable_for = %humantime::format_duration(round_s(since.elapsed())), "The {kind} is back.");
+        }
+    }
+}
+
+fn round_s(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs())
+}
+
 /// When to refresh the planner's statistics of the tables that grow and shrink in bursts
 /// (PostgreSQL): after [`StatsRefresh::ROWS`] rows written, at most every
 /// [`StatsRefresh::EVERY`].
@@ -446,8 +493,15 @@ impl Store {
     pub async fn prune_resyncs(&self, before: i64) -> Result<u64, StoreError> {
         on!(self, b => b.prune_resyncs(before).await)
     }
+    /// Whether the state answers within [`PING_LIMIT`] (for `/readyz` and the database
+    /// watch); a loss and a return are logged once (see `Reach`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         on!(self, b => b.ping().await)
+    }
+    /// After an error: whether the state answers. `false`: the outage is being told (one WARN,
+    /// then one per 30 s), so the caller need not log its own error as well.
+    pub async fn reachable(&self) -> bool {
+        self.ping().await.is_ok()
     }
     pub async fn load_diff_state(
         &self,

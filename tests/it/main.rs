@@ -16,6 +16,7 @@ mod faults;
 mod guard;
 mod helpers;
 mod history;
+mod outage;
 mod pg;
 mod races;
 mod replicas;

@@ -181,6 +181,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            reach: Arc::default(),
             lease_pool: Some(lease_pool),
         })
     }
@@ -193,7 +194,7 @@ impl Backend {
         ttl: Duration,
     ) -> Result<Option<i64>, StoreError> {
         let since = std::time::Instant::now();
-        let mut tx = self.lease_pool().begin().await?;
+        let mut tx = base::begin_on(self.lease_pool(), None).await?;
         // A stalled leader's transaction may hold the row (key share lock): wait a little, not
         // for ever; the next poll tries again.
         sqlx::query("SELECT set_config('lock_timeout', '2000', true)")

@@ -35,6 +35,8 @@ pub struct Backend {
     /// The leader lease's own connection (PostgreSQL): renewals never wait behind the pool's
     /// other work (pages, the writer's settles, status reads), nor behind its closing.
     pub(crate) lease_pool: Option<sqlx::Pool<Db>>,
+    /// Whether the state answered the last ping, and the log lines of an outage.
+    pub(crate) reach: Arc<Reach>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -60,15 +62,16 @@ impl Backend {
     pub(crate) async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Db>, StoreError> {
         if PG {
             // One round trip: a custom BEGIN goes as a simple query, settings included.
-            return Ok(self
-                .pool
-                .begin_with(
+            return begin_on(
+                &self.pool,
+                Some(
                     "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
                      SET LOCAL plan_cache_mode = force_custom_plan",
-                )
-                .await?);
+                ),
+            )
+            .await;
         }
-        Ok(self.pool.begin().await?)
+        begin_on(&self.pool, None).await
     }
 
     /// Counts `rows` written; on PostgreSQL, every 10,000 refreshes the statistics of the
@@ -122,11 +125,13 @@ impl Backend {
     pub(crate) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, StoreError> {
         let mut tx = if PG {
             // Planned as in `begin_read`, in the same round trip as BEGIN.
-            self.pool
-                .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
-                .await?
+            begin_on(
+                &self.pool,
+                Some("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan"),
+            )
+            .await?
         } else {
-            self.pool.begin().await?
+            begin_on(&self.pool, None).await?
         };
         let (holder, epoch) = match self.fence.check() {
             FenceCheck::Unfenced => return Ok(tx),
@@ -155,6 +160,33 @@ impl Backend {
             self.pause_at(PausePoint::InFencedWrite).await;
         }
         Ok(tx)
+    }
+}
+
+/// Begins a transaction on a connection of `pool` (with `statement` instead of a plain BEGIN),
+/// in a task of its own: a caller dropped while the BEGIN is on its way (a request given up by
+/// its client, a timeout) must not leave a connection in a transaction sqlx does not know of.
+/// sqlx counts the transaction only once the server's answer is read; dropped before that, the
+/// connection went back to the pool inside the transaction, and the next user's statements ran
+/// in it (a BEGIN there: "there is already a transaction in progress"; a write after a read
+/// transaction's BEGIN: refused as read-only). Spawned, the BEGIN completes, and a transaction
+/// nobody awaits any more is rolled back as it is dropped.
+pub(crate) async fn begin_on(
+    pool: &sqlx::Pool<Db>,
+    statement: Option<&'static str>,
+) -> Result<sqlx::Transaction<'static, Db>, StoreError> {
+    let pool = pool.clone();
+    let begin = tokio::spawn(async move {
+        match statement {
+            Some(sql) => pool.begin_with(sql).await,
+            None => pool.begin().await,
+        }
+    });
+    match begin.await {
+        Ok(tx) => Ok(tx?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(sqlx::Error::PoolClosed.into()),
     }
 }
 
@@ -194,10 +226,28 @@ impl Backend {
         }
     }
 
-    /// A trivial query: is the state file usable (for `/readyz`).
+    /// A trivial query, bounded by [`PING_LIMIT`]: is the state usable (for `/readyz` and the
+    /// database watch). Records whether it answered (see `Reach`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let answer = tokio::time::timeout(PING_LIMIT, sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} ms", PING_LIMIT.as_millis()),
+                )))
+            });
+        match answer {
+            Ok(_) => {
+                self.reach.answered(&self.path);
+                Ok(())
+            }
+            Err(e) => {
+                let e = StoreError::Sql(e);
+                self.reach.lost(&self.path, &e);
+                Err(e)
+            }
+        }
     }
 
     /// What a page's diff compares against: the confirmed shadow and the queued outbox values of

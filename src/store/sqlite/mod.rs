@@ -96,6 +96,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            reach: Arc::default(),
             lease_pool: None,
         })
     }
@@ -145,6 +146,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            reach: Arc::default(),
             lease_pool: None,
         })
     }
@@ -178,6 +180,7 @@ impl Backend {
             fence: Fence::default(),
             stats: Arc::default(),
             claim_cursor: Arc::default(),
+            reach: Arc::default(),
             lease_pool: None,
         })
     }
