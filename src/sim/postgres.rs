@@ -229,3 +229,119 @@ pub async fn drop_database(url: &str) {
         .await;
     }
 }
+
+/// The PgBouncer settings pendo-sync needs, beyond the usual address, port and authentication
+/// ones: what the README names, and all that [`pgbouncer`] sets. Transaction mode with Debian's
+/// PgBouncer 1.18, which cannot carry named prepared statements.
+pub const PGBOUNCER_SETTINGS: &str = "pool_mode = transaction\n";
+
+/// A PgBouncer (Debian's package) in front of this process's cluster, stopped when dropped.
+pub struct PgBouncer {
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    /// `url` (a database on the test cluster, from [`database`]) through the bouncer.
+    pub fn url_for(&self, url: &str) -> String {
+        let (head, rest) = url.rsplit_once('@').expect("a URL with a user");
+        let (_, path) = rest.split_once('/').expect("a URL with a database");
+        format!("{head}@127.0.0.1:{}/{path}", self.port)
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// Starts a PgBouncer in transaction mode ([`PGBOUNCER_SETTINGS`]) on a free loopback port,
+/// for every database of the test cluster. `None` where PgBouncer or PostgreSQL is not
+/// installed (outside CI; `.ci/run` installs both). PgBouncer refuses to run as root, so as
+/// root it runs as `postgres`, as the cluster does; a watchdog stops it when this process ends.
+pub async fn pgbouncer() -> Option<PgBouncer> {
+    // The cluster first (its port).
+    database().await?;
+    let cluster = CLUSTER.get()?.as_ref()?;
+    let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let Some(exe) = exe else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "PgBouncer is not installed; .ci/run installs it"
+        );
+        return None;
+    };
+    let port = free_port();
+    let dir = PathBuf::from(format!(
+        "/tmp/pendo-sync-pgbouncer-{}-{port}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+    std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("userlist");
+    let ini = format!(
+        "[databases]\n* = host=127.0.0.1 port={cluster}\n\n[pgbouncer]\n\
+         listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+         auth_type = trust\nauth_file = {dir}/userlist.txt\n\
+         pidfile = {dir}/pgbouncer.pid\nlogfile = {dir}/pgbouncer.log\n{PGBOUNCER_SETTINGS}",
+        cluster = cluster.port,
+        dir = dir.display()
+    );
+    std::fs::write(dir.join("pgbouncer.ini"), ini).expect("pgbouncer.ini");
+    let root = is_root();
+    if root {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chown postgres {}", dir.display());
+    }
+    let run = format!(
+        "{} {} -d {}/pgbouncer.ini",
+        if root { "runuser -u postgres --" } else { "" },
+        exe.display(),
+        dir.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &run])
+        .output()
+        .expect("pgbouncer runs");
+    assert!(
+        out.status.success(),
+        "pgbouncer: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+    );
+    // Stops it when this test process is gone (kill -9 of the runner included).
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; kill $(cat {dir}/pgbouncer.pid) 2>/dev/null; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    #[allow(clippy::zombie_processes)]
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watchdog starts");
+    // Daemonised: wait until it listens.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(PgBouncer { port, dir });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "pgbouncer does not listen on {port}: {}",
+        std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+    );
+}

@@ -341,3 +341,96 @@ async fn a_leader_stopped_with_sigterm_hands_its_lease_over_at_once() {
         stopped.elapsed()
     );
 }
+
+/// Two replicas started at the same moment through Debian's PgBouncer in transaction mode,
+/// with exactly the settings the README names (`PGBOUNCER_SETTINGS`): both start (the
+/// migrations serialise on a transaction-scoped lock), one leads, a kill -9 of the leader
+/// hands over, the restarted one stands by, and nothing on the way fails on a startup
+/// parameter or a prepared statement another client left on a server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_through_pgbouncer_in_transaction_mode_start_lead_and_take_over() {
+    let Some(direct) = crate::pg::database().await else {
+        eprintln!("SKIPPED: PostgreSQL is not installed");
+        return;
+    };
+    let Some(bouncer) = pendo_sync::sim::postgres::pgbouncer().await else {
+        eprintln!("SKIPPED: PgBouncer is not installed");
+        return;
+    };
+    let mut env = Env::new(Options {
+        accounts: 40,
+        batch_size: 10,
+        state_url: Some(bouncer.url_for(&direct)),
+        ..Options::default()
+    })
+    .await;
+    let admins = [env.admin.clone(), format!("127.0.0.1:{}", free_port())];
+    let mut replicas = vec![env.start_on(&admins[0]), env.start_on(&admins[1])];
+    // One of them leads, the other stands by.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let mut roles = Vec::new();
+        for admin in &admins {
+            let (status, body) = get_at(admin, "/readyz").await;
+            let doc: Value = serde_json::from_str(&body).unwrap_or_default();
+            roles.push((status, doc["role"].as_str().unwrap_or("").to_owned()));
+        }
+        let leaders: Vec<usize> = (0..2).filter(|&i| roles[i].1 == "leader").collect();
+        if leaders.len() == 1 && roles.iter().all(|(s, _)| *s == 200) {
+            break leaders[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single leader through PgBouncer: {roles:?}; logs:\n{}\n---\n{}",
+            replicas[0].log(),
+            replicas[1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let standby = 1 - leader;
+    env.wait_converged(&replicas[leader], Duration::from_secs(30))
+        .await;
+    let (_, metrics) = get_at(&admins[standby], "/metrics").await;
+    assert_eq!(leader_gauge(&metrics), Some(0.0), "{metrics}");
+
+    // kill -9 of the leader: the standby takes over and carries a change made meanwhile.
+    replicas[leader].crash();
+    env.sf.set_field(
+        "Account",
+        &account_id(5),
+        "Plan_Tier__c",
+        json!("Through the pooler"),
+    );
+    wait_role(
+        &admins[standby],
+        "leader",
+        &replicas[standby],
+        TAKEOVER + Duration::from_secs(5),
+    )
+    .await;
+    env.wait_converged(&replicas[standby], Duration::from_secs(30))
+        .await;
+    // The killed one comes back as a standby.
+    let old_admin = admins[leader].clone();
+    replicas[leader] = env.start_on(&old_admin);
+    wait_role(
+        &old_admin,
+        "standby",
+        &replicas[leader],
+        Duration::from_secs(20),
+    )
+    .await;
+    let (_, metrics) = get_at(&old_admin, "/metrics").await;
+    assert_eq!(leader_gauge(&metrics), Some(0.0), "{metrics}");
+
+    for svc in &replicas {
+        let log = svc.log();
+        for bad in [
+            "unsupported startup parameter",
+            "prepared statement",
+            "ERROR",
+        ] {
+            assert!(!log.contains(bad), "{bad:?} in a replica's log:\n{log}");
+        }
+    }
+}

@@ -64,7 +64,120 @@ mod shadow;
 
 pub use base::{Backend, Snapshot};
 
+/// Statements as every module of `sql/` makes them. On PostgreSQL unnamed (`persistent(false)`):
+/// behind a pooler in transaction mode (PgBouncer 1.18 cannot carry named prepared statements
+/// across server connections) a statement named `sqlx_s_1` by one client would be found
+/// "already existing" by the next client given that server connection. Every such statement
+/// runs inside a transaction (see [`Backend::session`]), which keeps its two round trips on one
+/// server connection. Planning each time costs nothing extra here: every transaction already
+/// asks for custom plans (`Backend::begin_read`).
+pub(crate) fn query<'a>(
+    sql: impl sqlx::SqlSafeStr,
+) -> sqlx::query::Query<'a, Db, <Db as sqlx::Database>::Arguments> {
+    sqlx::query(sql).persistent(false)
+}
+
+/// [`query`], for one column.
+pub(crate) fn query_scalar<'a, O>(
+    sql: impl sqlx::SqlSafeStr,
+) -> sqlx::query::QueryScalar<'a, Db, O, <Db as sqlx::Database>::Arguments>
+where
+    (O,): for<'r> sqlx::FromRow<'r, DbRow>,
+{
+    sqlx::query_scalar(sql).persistent(false)
+}
+
+/// [`query`], into a type.
+pub(crate) fn query_as<'a, O>(
+    sql: impl sqlx::SqlSafeStr,
+) -> sqlx::query::QueryAs<'a, Db, O, <Db as sqlx::Database>::Arguments>
+where
+    O: for<'r> sqlx::FromRow<'r, DbRow>,
+{
+    sqlx::query_as(sql).persistent(false)
+}
+
+/// A connection for statements that need no read snapshot and no fencing, ended with
+/// [`end_session`]. On PostgreSQL a transaction all the same, so a pooler in transaction mode
+/// keeps each statement's messages on one server connection.
+pub(crate) type Session = sqlx::Transaction<'static, Db>;
+
+/// Commits a [`Session`] (what it wrote is kept; a session dropped without this rolls back).
+pub(crate) async fn end_session(session: Session) -> Result<(), StoreError> {
+    session.commit().await?;
+    Ok(())
+}
+
+impl Backend {
+    /// A [`Session`]: a transaction (see there).
+    pub(crate) async fn session(&self) -> Result<Session, StoreError> {
+        base::begin_on(&self.pool, None).await
+    }
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The key of the transaction-scoped advisory lock that serialises migrators (per database).
+const MIGRATION_LOCK: i64 = 0x7065_6e64_6f73; // "pendos"
+
+/// Applies the migrations this binary has and the database lacks, all in one transaction that
+/// first takes a transaction-scoped advisory lock: replicas starting together apply them once,
+/// and no lock outlives the transaction. (sqlx's own migrator takes a session-level advisory
+/// lock, on every start, standbys and cron `sync` included, which a pooler in transaction mode
+/// strands on a server connection another client then gets; and it names its statements.)
+/// The bookkeeping table is sqlx's `_sqlx_migrations`, so states made before stay as they are.
+async fn migrate(pool: &sqlx::PgPool) -> Result<(), StoreError> {
+    let mut tx = base::begin_on(pool, None).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+             version BIGINT PRIMARY KEY,
+             description TEXT NOT NULL,
+             installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),
+             success BOOLEAN NOT NULL,
+             checksum BYTEA NOT NULL,
+             execution_time BIGINT NOT NULL
+         )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<(i64, bool, Vec<u8>)> =
+        query_as("SELECT version, success, checksum FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut *tx)
+            .await?;
+    if let Some((version, ..)) = applied.iter().find(|(_, success, _)| !success) {
+        return Err(sqlx::migrate::MigrateError::Dirty(*version).into());
+    }
+    for m in MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+    {
+        if let Some((_, _, checksum)) = applied.iter().find(|(v, ..)| *v == m.version) {
+            if checksum.as_slice() != &*m.checksum {
+                return Err(sqlx::migrate::MigrateError::VersionMismatch(m.version).into());
+            }
+            continue;
+        }
+        let started = std::time::Instant::now();
+        sqlx::raw_sql(m.sql.clone()).execute(&mut *tx).await?;
+        query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, $2, TRUE, $3, $4)",
+        )
+        .bind(m.version)
+        .bind(&*m.description)
+        .bind(&*m.checksum)
+        .bind(started.elapsed().as_nanos() as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
 
 /// Who holds the lease, as [`Backend::lease_holder`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +208,15 @@ fn connect_options(state: &StateSettings) -> Result<(PgConnectOptions, PathBuf),
             })?;
         options = options.password(password.expose_secret());
     }
-    Ok((options.application_name("pendo-sync"), label))
+    // `extra_float_digits` is not sent at start: PgBouncer refuses startup parameters it does
+    // not know ("unsupported startup parameter"), and the server's default since PostgreSQL 12
+    // already prints floats exactly (values are read in binary anyway).
+    Ok((
+        options
+            .application_name("pendo-sync")
+            .extra_float_digits(None),
+        label,
+    ))
 }
 
 /// How long a lease statement waits for the lease's connection (made again after a failure).
@@ -117,18 +238,13 @@ impl Backend {
     /// migrators, so replicas starting together apply them once).
     pub async fn open(state: &StateSettings) -> Result<Backend, StoreError> {
         let backend = Backend::connect(state, 8).await?;
-        let applied: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&backend.pool)
-                .await
-                .ok()
-                .flatten();
+        let applied = backend.schema_version().await;
         let known = MIGRATOR.iter().map(|m| m.version).max();
         if let Err(e) = crate::store::refuse_newer_schema(&backend.path, applied, known) {
             backend.pool.close().await;
             return Err(e);
         }
-        MIGRATOR.run(&backend.pool).await?;
+        migrate(&backend.pool).await?;
         Ok(backend)
     }
 
@@ -136,12 +252,7 @@ impl Backend {
     /// with a message, as for SQLite.
     pub async fn open_read_only(state: &StateSettings) -> Result<Backend, StoreError> {
         let backend = Backend::connect(state, 2).await?;
-        let applied: Option<i64> =
-            sqlx::query("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&backend.pool)
-                .await
-                .ok()
-                .and_then(|r| r.get(0));
+        let applied = backend.schema_version().await;
         let latest = MIGRATOR.iter().map(|m| m.version).max();
         if applied < latest {
             backend.pool.close().await;
@@ -154,6 +265,19 @@ impl Backend {
             });
         }
         Ok(backend)
+    }
+
+    /// The newest migration the database records as applied (`None`: none, or no table yet).
+    async fn schema_version(&self) -> Option<i64> {
+        let mut session = self.session().await.ok()?;
+        let applied: Option<i64> =
+            query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&mut *session)
+                .await
+                .ok()
+                .flatten();
+        let _ = end_session(session).await;
+        applied
     }
 
     async fn connect(state: &StateSettings, max: u32) -> Result<Backend, StoreError> {
@@ -197,13 +321,13 @@ impl Backend {
         let mut tx = base::begin_on(self.lease_pool(), None).await?;
         // A stalled leader's transaction may hold the row (key share lock): wait a little, not
         // for ever; the next poll tries again.
-        sqlx::query("SELECT set_config('lock_timeout', '2000', true)")
+        query("SELECT set_config('lock_timeout', '2000', true)")
             .execute(&mut *tx)
             .await?;
         // The row `FOR UPDATE` first: this waits for the current leader's writing transactions
         // (they hold it `FOR KEY SHARE`), so none of them commits after a takeover. An
         // unexpired lease ends the attempt there.
-        let current = sqlx::query(
+        let current = query(
             "SELECT expires_at > clock_timestamp() FROM leader_lease WHERE id = 1 FOR UPDATE",
         )
         .fetch_optional(&mut *tx)
@@ -219,7 +343,7 @@ impl Backend {
             }
             Err(e) => return Err(e.into()),
         }
-        let row = sqlx::query(
+        let row = query(
             "INSERT INTO leader_lease (id, holder, epoch, expires_at, renewed_at)
              VALUES (1, $1, 1, clock_timestamp() + $2 * interval '1 millisecond', clock_timestamp())
              ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,
@@ -253,7 +377,8 @@ impl Backend {
             return Ok(false);
         };
         let since = std::time::Instant::now();
-        let row = sqlx::query(
+        let mut tx = base::begin_on(self.lease_pool(), None).await?;
+        let row = query(
             "UPDATE leader_lease
              SET expires_at = clock_timestamp() + $3 * interval '1 millisecond',
                  renewed_at = clock_timestamp()
@@ -263,8 +388,9 @@ impl Backend {
         .bind(&holder)
         .bind(epoch)
         .bind(ttl.as_millis() as i64)
-        .fetch_optional(self.lease_pool())
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         match row {
             Some(_) => self.fence.renewed(epoch, since),
             None => self.fence.lost(),
@@ -277,26 +403,30 @@ impl Backend {
     /// taken a newer lease meanwhile.
     pub async fn release_lease(&self, holder: &str, epoch: i64) -> Result<(), StoreError> {
         self.fence.release(epoch);
-        sqlx::query(
+        let mut tx = base::begin_on(self.lease_pool(), None).await?;
+        query(
             "UPDATE leader_lease SET expires_at = clock_timestamp()
              WHERE id = 1 AND holder = $1 AND epoch = $2",
         )
         .bind(holder)
         .bind(epoch)
-        .execute(self.lease_pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Who holds the lease now, if anyone ever took it.
     pub async fn lease_holder(&self) -> Result<Option<LeaseHolder>, StoreError> {
-        let row = sqlx::query(
+        let mut tx = base::begin_on(self.lease_pool(), None).await?;
+        let row = query(
             "SELECT holder, epoch,
                     (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
              FROM leader_lease WHERE id = 1",
         )
-        .fetch_optional(self.lease_pool())
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row.map(|r| LeaseHolder {
             holder: r.get(0),
             epoch: r.get(1),

@@ -12,6 +12,7 @@ use sqlx::Row;
 
 use super::{Conn, Db, DbRow, PG};
 use super::{claims, digest, history, holds, outbox, pages, shadow};
+use super::{end_session, query};
 use crate::connectors::Watermark;
 use crate::domain::now_ms;
 use crate::store::FenceCheck;
@@ -94,7 +95,7 @@ impl Backend {
         let (stats, pool) = (self.stats.clone(), self.pool.clone());
         tokio::spawn(async move {
             while stats.round() {
-                if let Err(e) = sqlx::query("ANALYZE outbox, shadow").execute(&pool).await {
+                if let Err(e) = sqlx::raw_sql("ANALYZE outbox, shadow").execute(&pool).await {
                     tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
                 }
             }
@@ -110,7 +111,7 @@ impl Backend {
         if !PG || (rows as u64) < StatsRefresh::ROWS {
             return self.note_written(rows).await;
         }
-        match sqlx::query("ANALYZE outbox").execute(&self.pool).await {
+        match sqlx::raw_sql("ANALYZE outbox").execute(&self.pool).await {
             Ok(_) => self.stats.refreshed(std::time::Instant::now()),
             Err(e) => tracing::warn!(error = %e, "Cannot refresh the planner's statistics."),
         }
@@ -142,7 +143,7 @@ impl Backend {
             // A leader stopped (SIGSTOP, a VM pause) inside this transaction would keep the
             // lease row locked and block the standby's takeover: the server ends the session
             // if it sits idle in the transaction for half a lease.
-            let valid = sqlx::query(
+            let valid = query(
                 "SELECT set_config('idle_in_transaction_session_timeout', $3, true)
                  FROM leader_lease
                  WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()
@@ -191,7 +192,7 @@ pub(crate) async fn begin_on(
 }
 
 async fn shadow_seq(conn: &mut Conn) -> Result<i64, StoreError> {
-    let row = sqlx::query("SELECT seq FROM shadow_seq WHERE id = 1")
+    let row = query("SELECT seq FROM shadow_seq WHERE id = 1")
         .fetch_one(&mut *conn)
         .await?;
     Ok(row.get(0))
@@ -229,14 +230,17 @@ impl Backend {
     /// A trivial query, bounded by [`PING_LIMIT`]: is the state usable (for `/readyz` and the
     /// database watch). Records whether it answered (see `Reach`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let answer = tokio::time::timeout(PING_LIMIT, sqlx::query("SELECT 1").execute(&self.pool))
-            .await
-            .unwrap_or_else(|_| {
-                Err(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {} ms", PING_LIMIT.as_millis()),
-                )))
-            });
+        // A simple query (one message, no prepared statement): safe behind a pooler outside a
+        // transaction.
+        let answer =
+            tokio::time::timeout(PING_LIMIT, sqlx::raw_sql("SELECT 1").execute(&self.pool))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {} ms", PING_LIMIT.as_millis()),
+                    )))
+                });
         match answer {
             Ok(_) => {
                 self.reach.answered(&self.path);
@@ -280,23 +284,29 @@ impl Backend {
     /// The shadow's sequence number now: every settle that writes shadow rows takes the next one
     /// and stamps them with it.
     pub async fn shadow_seq(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        shadow_seq(&mut conn).await
+        let mut conn = self.session().await?;
+        let seq = shadow_seq(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(seq)
     }
 
     // ---- watermarks -------------------------------------------------------------------------
 
     pub async fn watermark(&self, mapping: &str) -> Result<Option<Watermark>, StoreError> {
-        let row = sqlx::query("SELECT value FROM watermarks WHERE mapping = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT value FROM watermarks WHERE mapping = $1")
             .bind(mapping)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(row.map(|r| Watermark(r.get::<String, _>(0))))
     }
 
     pub async fn watermarks(&self) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        watermarks_in(&mut conn).await
+        let mut conn = self.session().await?;
+        let marks = watermarks_in(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(marks)
     }
 
     /// Writes one page's outcome atomically: outbox changes (latest wins), set-aside records, and
@@ -308,7 +318,7 @@ impl Backend {
             // A settle's `UPDATE shadow_seq` holds this row until it commits: waiting for it
             // first orders this page's digests after any settle in flight (they then see its
             // shadow rows), and taking it before any outbox row avoids a lock cycle with one.
-            sqlx::query("SELECT seq FROM shadow_seq WHERE id = 1 FOR SHARE")
+            query("SELECT seq FROM shadow_seq WHERE id = 1 FOR SHARE")
                 .execute(&mut *tx)
                 .await?;
         }
@@ -319,7 +329,7 @@ impl Backend {
             // `WHERE true`: SQLite's parser needs it before an upsert's ON CONFLICT. PostgreSQL
             // walks the array with `jsonb_array_elements`, casts the count (`->>` gives text) and
             // needs the table's name on `covered` in the SET (unqualified, it is ambiguous).
-            sqlx::query(if PG {
+            query(if PG {
                 "INSERT INTO staged_cover (mapping, field, covered)
                  SELECT $1, e.value ->> 0, (e.value ->> 1)::bigint
                  FROM jsonb_array_elements($2::jsonb) AS e(value)
@@ -338,7 +348,7 @@ impl Backend {
         let withdraw =
             history::from_outbox("kind = $4 AND pendo_id = $5 AND field = $6 AND leased = 0");
         for c in page.unqueue {
-            sqlx::query(sqlx::AssertSqlSafe(withdraw.as_str()))
+            query(sqlx::AssertSqlSafe(withdraw.as_str()))
                 .bind(now)
                 .bind(Event::Withdrawn as i64)
                 .bind(page.run)
@@ -347,7 +357,7 @@ impl Backend {
                 .bind(&c.field)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("DELETE FROM outbox WHERE kind = $1 AND pendo_id = $2 AND field = $3 AND leased = 0")
+            query("DELETE FROM outbox WHERE kind = $1 AND pendo_id = $2 AND field = $3 AND leased = 0")
                 .bind(c.kind.as_str())
                 .bind(&c.pendo_id)
                 .bind(&c.field)
@@ -356,7 +366,7 @@ impl Backend {
         }
         if !page.valid_crm_ids.is_empty() {
             let ids = serde_json::to_string(page.valid_crm_ids).expect("strings serialize");
-            sqlx::query(if PG {
+            query(if PG {
                 "DELETE FROM invalid_records
                  WHERE mapping = $1 AND crm_id IN (SELECT jsonb_array_elements_text($2::jsonb))"
             } else {
@@ -368,7 +378,7 @@ impl Backend {
             .await?;
         }
         for r in page.invalid {
-            sqlx::query(
+            query(
                 "INSERT INTO invalid_records (mapping, crm_id, pendo_id, reason, detail, seen_at)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (mapping, crm_id) DO UPDATE SET pendo_id = excluded.pendo_id,
@@ -387,7 +397,7 @@ impl Backend {
         // one (a connector bug, a clock step) is not stored, so no change before it is re-read
         // forever or skipped.
         let stored = match page.watermark {
-            Some(_) => sqlx::query("SELECT value FROM watermarks WHERE mapping = $1")
+            Some(_) => query("SELECT value FROM watermarks WHERE mapping = $1")
                 .bind(page.mapping)
                 .fetch_optional(&mut *tx)
                 .await?
@@ -409,7 +419,7 @@ impl Backend {
             );
         }
         if let Some(w) = page.watermark.filter(|_| !behind) {
-            sqlx::query(
+            query(
                 "INSERT INTO watermarks (mapping, value, updated_at) VALUES ($1, $2, $3)
                  ON CONFLICT (mapping) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
             )
@@ -435,22 +445,26 @@ impl Backend {
         &self,
         mapping: Option<&str>,
     ) -> Result<Vec<InvalidRecord>, StoreError> {
-        let rows = sqlx::query(
+        let mut session = self.session().await?;
+        let rows = query(
             "SELECT mapping, crm_id, pendo_id, reason, detail, seen_at FROM invalid_records
              WHERE ($1 IS NULL OR mapping = $1) ORDER BY mapping, crm_id",
         )
         .bind(mapping)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         Ok(rows.iter().map(invalid_from_row).collect())
     }
 
     /// Whether any record of `mapping` is set aside (lets a clean pull skip clearing them).
     pub async fn has_invalid_records(&self, mapping: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM invalid_records WHERE mapping = $1)")
+        let mut session = self.session().await?;
+        let row = query("SELECT EXISTS (SELECT 1 FROM invalid_records WHERE mapping = $1)")
             .bind(mapping)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         // A boolean on PostgreSQL, an integer on SQLite (which decodes as `bool` too).
         Ok(row.get::<bool, _>(0))
     }
@@ -461,7 +475,7 @@ impl Backend {
         crm_id: Option<&str>,
     ) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
+        let done = query(
             "DELETE FROM invalid_records WHERE ($1 IS NULL OR mapping = $1) AND ($2 IS NULL OR crm_id = $2)",
         )
         .bind(mapping)
@@ -476,14 +490,13 @@ impl Backend {
 
     pub async fn start_run(&self, mapping: &str, mode: &str) -> Result<i64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(
-            "INSERT INTO runs (mapping, mode, started_at) VALUES ($1, $2, $3) RETURNING id",
-        )
-        .bind(mapping)
-        .bind(mode)
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
+        let row =
+            query("INSERT INTO runs (mapping, mode, started_at) VALUES ($1, $2, $3) RETURNING id")
+                .bind(mapping)
+                .bind(mode)
+                .bind(now_ms())
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(row.get(0))
     }
@@ -497,7 +510,7 @@ impl Backend {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        query(
             "UPDATE runs SET finished_at = $2, ok = $3, pulled = $4, changes = $5, invalid = $6, error = $7
              WHERE id = $1",
         )
@@ -517,20 +530,24 @@ impl Backend {
     /// When the mapping's latest successful cycle finished. Walks the mapping's runs newest
     /// first and stops at the first success, so a long history of runs costs nothing.
     pub async fn last_success_at(&self, mapping: &str) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        last_success_at_in(&mut conn, mapping).await
+        let mut conn = self.session().await?;
+        let at = last_success_at_in(&mut conn, mapping).await?;
+        end_session(conn).await?;
+        Ok(at)
     }
 
     // ---- kv ---------------------------------------------------------------------------------
 
     pub async fn kv_get(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        kv_get_in(&mut conn, key).await
+        let mut conn = self.session().await?;
+        let value = kv_get_in(&mut conn, key).await?;
+        end_session(conn).await?;
+        Ok(value)
     }
 
     pub async fn kv_set(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        query(
             "INSERT INTO kv (key, value, updated_at) VALUES ($1, $2, $3)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
         )
@@ -545,7 +562,7 @@ impl Backend {
 
     pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM kv WHERE key = $1")
+        query("DELETE FROM kv WHERE key = $1")
             .bind(key)
             .execute(&mut *tx)
             .await?;
@@ -663,7 +680,7 @@ pub(super) fn run_from_row(r: &DbRow) -> RunRecord {
 pub(super) async fn watermarks_in(
     conn: &mut Conn,
 ) -> Result<Vec<(String, Watermark, i64)>, StoreError> {
-    let rows = sqlx::query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
+    let rows = query("SELECT mapping, value, updated_at FROM watermarks ORDER BY mapping")
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows
@@ -677,7 +694,7 @@ pub(super) async fn last_success_at_in(
     conn: &mut Conn,
     mapping: &str,
 ) -> Result<Option<i64>, StoreError> {
-    let row = sqlx::query(if PG {
+    let row = query(if PG {
         pages::PG_LAST_SUCCESS_SQL
     } else {
         pages::LAST_SUCCESS_SQL
@@ -693,7 +710,7 @@ pub(super) async fn kv_get_in(
     conn: &mut Conn,
     key: &str,
 ) -> Result<Option<serde_json::Value>, StoreError> {
-    let row = sqlx::query("SELECT value FROM kv WHERE key = $1")
+    let row = query("SELECT value FROM kv WHERE key = $1")
         .bind(key)
         .fetch_optional(&mut *conn)
         .await?;

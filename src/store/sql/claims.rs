@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::{Backend, Conn, PG};
+use super::{end_session, query};
 use crate::store::*;
 
 impl Backend {
@@ -13,8 +14,9 @@ impl Backend {
         pendo_ids: &[&str],
     ) -> Result<HashMap<String, Vec<(String, u64)>>, StoreError> {
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        let mut session = self.session().await?;
         for chunk in pendo_ids.chunks(5_000) {
-            let rows = sqlx::query(if PG {
+            let rows = query(if PG {
                 // PostgreSQL's planner drives it from the id list unhinted (index-only scan of
                 // claims_by_pendo_id per id).
                 "SELECT c.pendo_id, c.crm_id, c.digest
@@ -28,7 +30,7 @@ impl Backend {
             })
             .bind(mapping)
             .bind(serde_json::to_string(chunk).expect("strings serialize"))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *session)
             .await?;
             for row in rows {
                 out.entry(row.get(0))
@@ -36,15 +38,18 @@ impl Backend {
                     .push((row.get(1), row.get::<i64, _>(2) as u64));
             }
         }
+        end_session(session).await?;
         Ok(out)
     }
 
     /// Number of claims kept for `mapping`.
     pub async fn claims_count(&self, mapping: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT count(*) FROM claims WHERE mapping = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT count(*) FROM claims WHERE mapping = $1")
             .bind(mapping)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 
@@ -55,14 +60,16 @@ impl Backend {
         after: &str,
         limit: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
+        let mut session = self.session().await?;
+        let rows = query(
             "SELECT crm_id FROM claims WHERE mapping = $1 AND crm_id > $2 ORDER BY crm_id LIMIT $3",
         )
         .bind(mapping)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
@@ -94,7 +101,7 @@ pub(super) async fn write(
         // SQLite applies a crm_id repeated in the chunk row by row, so its last row stands;
         // PostgreSQL refuses an upsert that meets one key twice, so there only each crm_id's
         // last row goes in (the same end state).
-        sqlx::query(if PG {
+        query(if PG {
             "INSERT INTO claims (mapping, crm_id, pendo_id, digest)
              SELECT DISTINCT ON ((e.value ->> 0) COLLATE \"C\")
                     $1, e.value ->> 0, e.value ->> 1, (e.value ->> 2)::bigint
@@ -127,7 +134,7 @@ pub(super) async fn forget(
         // The digests of the Pendo ids they claimed go too: a record skipped by its digest
         // writes no claim, so a forgotten claim must not leave a digest that skips it.
         if let Some(kind) = kind {
-            sqlx::query(if PG {
+            query(if PG {
                 "DELETE FROM shadow_digest WHERE kind = $1 AND mapping = $2 AND pendo_id IN
                    (SELECT c.pendo_id FROM jsonb_array_elements_text($3::jsonb) AS j(id)
                     JOIN claims AS c ON c.mapping = $2 AND c.crm_id = j.id)"
@@ -148,7 +155,7 @@ pub(super) async fn forget(
             "SELECT value FROM json_each($2)"
         };
         for table in ["claims", "invalid_records"] {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
+            query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE mapping = $1 AND crm_id IN ({ids})"
             )))
             .bind(mapping)

@@ -17,6 +17,7 @@
 use sqlx::Row;
 
 use super::{Backend, Conn, PG};
+use super::{end_session, query};
 use crate::digest::{IdMap, id_hash};
 use crate::domain::Kind;
 use crate::store::*;
@@ -36,7 +37,7 @@ impl Backend {
         let mut tx = self.begin_read().await?;
         // Sized once: growing a million-entry map rehashes it several times.
         let total: i64 =
-            sqlx::query("SELECT count(*) FROM shadow_digest WHERE kind = $1 AND mapping = $2")
+            query("SELECT count(*) FROM shadow_digest WHERE kind = $1 AND mapping = $2")
                 .bind(kind.as_str())
                 .bind(mapping)
                 .fetch_one(&mut *tx)
@@ -49,7 +50,7 @@ impl Backend {
             // into one blob, which costs far less than a driver row per digest. group_concat
             // appends each blob's bytes as they are; the cast hands them back as a blob.
             // PostgreSQL's string_agg over bytea gives a bytea; both decode as `Vec<u8>`.
-            let row = sqlx::query(if PG {
+            let row = query(if PG {
                 "SELECT string_agg(entry, ''::bytea), max(pendo_id), count(*)
                  FROM (SELECT pendo_id, entry FROM shadow_digest
                        WHERE kind = $1 AND pendo_id > $2 AND mapping = $3
@@ -91,7 +92,7 @@ impl Backend {
         }
         self.pause_at(PausePoint::BetweenDigestReads).await;
         // The outbox is small in steady state; when it is large (a first push), few digests exist.
-        let queued = sqlx::query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = $1")
+        let queued = query("SELECT DISTINCT pendo_id FROM outbox WHERE kind = $1")
             .bind(kind.as_str())
             .fetch_all(&mut *tx)
             .await?;
@@ -104,10 +105,12 @@ impl Backend {
 
     /// Number of stored digests for `mapping` (status and tests).
     pub async fn digest_count(&self, mapping: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT count(*) FROM shadow_digest WHERE mapping = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT count(*) FROM shadow_digest WHERE mapping = $1")
             .bind(mapping)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 }
@@ -157,7 +160,7 @@ pub(super) async fn write_digests(
         // PostgreSQL refuses an upsert that meets one key twice (two claimants of one Pendo id
         // can each push a digest): there only each id's last row goes in, as SQLite's in-order
         // application leaves it.
-        sqlx::query(if PG {
+        query(if PG {
             "INSERT INTO shadow_digest (kind, pendo_id, mapping, entry)
              SELECT DISTINCT ON ((j.value ->> 0) COLLATE \"C\")
                     $1, j.value ->> 0, $2, decode(j.value ->> 1, 'hex')

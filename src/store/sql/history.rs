@@ -1,6 +1,7 @@
 use sqlx::{Row, Transaction};
 
 use super::{Backend, Conn, Db, DbRow, PG};
+use super::{end_session, query, query_scalar};
 use crate::domain::Kind;
 use crate::store::*;
 
@@ -66,7 +67,7 @@ pub(super) async fn record_detected(
          JOIN outbox AS o ON o.kind = e.value ->> 0 AND o.pendo_id = e.value ->> 1
               AND o.field = e.value ->> 2 AND o.version = $4"
     };
-    sqlx::query(if skipped_version.is_none() {
+    query(if skipped_version.is_none() {
         ALL
     } else {
         WRITTEN
@@ -111,7 +112,7 @@ pub(super) async fn record_operator(
                AND ($6 IS NULL OR pendo_id = $6)"
         ),
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let done = query(sqlx::AssertSqlSafe(sql))
         .bind(now)
         .bind(event as i64)
         .bind(who)
@@ -134,7 +135,7 @@ pub(super) async fn record_answers(
 ) -> Result<(), StoreError> {
     let mut ids = Vec::with_capacity(batches.len());
     for b in batches {
-        let id: i64 = sqlx::query(
+        let id: i64 = query(
             "INSERT INTO history_batches (kind, sent_at, answered_at, records, attempts, answer)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
@@ -198,7 +199,7 @@ pub(super) async fn record_answers(
     // the attempts is the row's death: recorded as such (the settle's own statement makes the
     // same decision from the same numbers). PostgreSQL's `->>` gives text: the numbers are cast.
     if !confirmed.is_empty() {
-        sqlx::query(if PG {
+        query(if PG {
             "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
              SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2, (e.value ->> 4)::bigint,
                     e.value ->> 9, (e.value ->> 5)::bigint, e.value ->> 6
@@ -217,7 +218,7 @@ pub(super) async fn record_answers(
     if if_current.is_empty() {
         return Ok(());
     }
-    sqlx::query(if PG {
+    query(if PG {
         "INSERT INTO history (at, kind, pendo_id, field, event, value, ref, detail)
          SELECT $2, e.value ->> 0, e.value ->> 1, e.value ->> 2,
                 CASE WHEN (e.value ->> 4)::bigint = 10
@@ -308,7 +309,8 @@ impl Backend {
         field: Option<&str>,
         limit: u32,
     ) -> Result<Vec<HistoryEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let mut session = self.session().await?;
+        let rows = query(sqlx::AssertSqlSafe(format!(
             "{SELECT_EVENTS}
              WHERE h.pendo_id = $1 AND h.kind = $2 AND ($3 IS NULL OR h.field = $3)
              ORDER BY h.id DESC LIMIT $4"
@@ -317,8 +319,9 @@ impl Backend {
         .bind(kind.as_str())
         .bind(field)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -332,7 +335,8 @@ impl Backend {
     ) -> Result<Vec<HistoryEvent>, StoreError> {
         let codes = serde_json::to_string(&events.iter().map(|e| *e as i64).collect::<Vec<_>>())
             .expect("codes serialize");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+        let mut session = self.session().await?;
+        let rows = query(sqlx::AssertSqlSafe(if PG {
             format!(
                 "{SELECT_EVENTS}
                  WHERE h.id IN (SELECT max(id) FROM history
@@ -355,8 +359,9 @@ impl Backend {
         .bind(pendo_id)
         .bind(kind.as_str())
         .bind(codes)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -367,8 +372,9 @@ impl Backend {
         ids: &[&str],
     ) -> Result<Vec<HistoryEvent>, StoreError> {
         let mut out = Vec::new();
+        let mut session = self.session().await?;
         for chunk in ids.chunks(2_000) {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+            let rows = query(sqlx::AssertSqlSafe(if PG {
                 format!(
                     "{SELECT_EVENTS}
                      WHERE h.id IN (SELECT max(id) FROM history
@@ -386,12 +392,13 @@ impl Backend {
             }))
             .bind(serde_json::to_string(chunk).expect("strings serialize"))
             .bind(kind.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *session)
             .await?;
             for row in &rows {
                 out.push(event_from_row(row)?);
             }
         }
+        end_session(session).await?;
         Ok(out)
     }
 
@@ -401,8 +408,10 @@ impl Backend {
     /// rolled back, so ids can have gaps) and after a clock step (events dated in the future
     /// outlive the older ones written after them).
     pub async fn history_count(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        history_count_in(&mut conn).await
+        let mut conn = self.session().await?;
+        let count = history_count_in(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(count)
     }
 
     /// Deletes up to `batch` events older than `before` (Unix ms), oldest first, and the
@@ -419,7 +428,7 @@ impl Backend {
         // first kept event. On PostgreSQL `= ANY (ARRAY(..))`, not `IN`: with `IN` a generic plan
         // hash-joins a scan of the whole table; this reads the index once and deletes by the
         // primary key.
-        let done = sqlx::query(if PG {
+        let done = query(if PG {
             "DELETE FROM history WHERE id = ANY (ARRAY(
                SELECT id FROM history WHERE at < $1 ORDER BY at LIMIT $2))"
         } else {
@@ -433,13 +442,13 @@ impl Backend {
         // A batch goes once no kept event can point at it: an event is written when its step
         // settles, at most minutes after its batch was answered, so batches an hour older than
         // the oldest kept event (the first entry of `history_by_at`) are unreferenced.
-        let oldest: Option<i64> = sqlx::query_scalar("SELECT min(at) FROM history")
+        let oldest: Option<i64> = query_scalar("SELECT min(at) FROM history")
             .fetch_one(&mut *tx)
             .await?;
         let cut = oldest.map_or(before, |at| at.min(before)) - BATCH_MARGIN_MS;
         // By time too, on `history_batches_by_sent` (a batch is answered after it is sent, so
         // `sent_at < $1` only narrows the range read; `answered_at` decides).
-        sqlx::query(if PG {
+        query(if PG {
             "DELETE FROM history_batches WHERE id = ANY (ARRAY(
                SELECT id FROM history_batches WHERE sent_at < $1 AND answered_at < $1
                ORDER BY sent_at LIMIT $2))"
@@ -468,6 +477,6 @@ pub(super) const COUNT_SQL: &str =
 
 /// [`Store::history_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn history_count_in(conn: &mut Conn) -> Result<i64, StoreError> {
-    let row = sqlx::query(COUNT_SQL).fetch_one(&mut *conn).await?;
+    let row = query(COUNT_SQL).fetch_one(&mut *conn).await?;
     Ok(row.get(0))
 }

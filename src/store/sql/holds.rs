@@ -4,6 +4,7 @@ use sqlx::Row;
 
 use super::history;
 use super::{Backend, Conn, DbRow, PG};
+use super::{end_session, query};
 use crate::config::GuardSettings;
 use crate::domain::{Kind, now_ms};
 use crate::guard::{FieldCounts, SampleChange};
@@ -50,7 +51,7 @@ async fn counts(
     scope: &Scope,
 ) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
     let (condition, param) = scope.condition();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+    let rows = query(sqlx::AssertSqlSafe(if PG {
         format!(
             "SELECT field,
                     count(*) FILTER (WHERE value = 'null' AND held IS NOT NULL),
@@ -105,7 +106,7 @@ async fn sample(
     scope: &Scope,
 ) -> Result<Vec<SampleChange>, StoreError> {
     let (condition, param) = scope.condition();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+    let rows = query(sqlx::AssertSqlSafe(if PG {
         format!(
             "SELECT pendo_id, field, held::text, value FROM
                (SELECT o.pendo_id, o.field, o.value,
@@ -179,24 +180,24 @@ impl Backend {
         // Take the write lock first: nothing may stage or decide between the count and the move.
         // On PostgreSQL this locks only that row (settles and other `finish_staged` wait); the
         // open hold is read `FOR UPDATE` below, against `decide_hold`.
-        sqlx::query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
+        query("UPDATE shadow_seq SET seq = seq WHERE id = 1")
             .execute(&mut *tx)
             .await?;
         let covered: BTreeMap<String, u64> =
-            sqlx::query("SELECT field, covered FROM staged_cover WHERE mapping = $1")
+            query("SELECT field, covered FROM staged_cover WHERE mapping = $1")
                 .bind(mapping)
                 .fetch_all(&mut *tx)
                 .await?
                 .into_iter()
                 .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1).max(0) as u64))
                 .collect();
-        sqlx::query("DELETE FROM staged_cover WHERE mapping = $1")
+        query("DELETE FROM staged_cover WHERE mapping = $1")
             .bind(mapping)
             .execute(&mut *tx)
             .await?;
         let mut by_field = counts(&mut tx, mapping, &Scope::Staged).await?;
         let total: i64 =
-            sqlx::query("SELECT count(*) FROM outbox WHERE state = 'staged' AND mapping = $1")
+            query("SELECT count(*) FROM outbox WHERE state = 'staged' AND mapping = $1")
                 .bind(mapping)
                 .fetch_one(&mut *tx)
                 .await?
@@ -211,7 +212,7 @@ impl Backend {
         // PostgreSQL: `FOR UPDATE` waits for a `decide_hold` in progress (it row-locks the hold
         // first) and then skips the hold if it is no longer open, so no row is moved into a
         // decided hold; `decide_hold` in turn waits for this transaction.
-        let open: Option<i64> = sqlx::query(if PG {
+        let open: Option<i64> = query(if PG {
             "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1 FOR UPDATE"
         } else {
             "SELECT id FROM holds WHERE mapping = $1 AND state = 'open' ORDER BY id LIMIT 1"
@@ -223,7 +224,7 @@ impl Backend {
         let trip = crate::guard::evaluate(limits, kind, &by_field);
         let outcome = match (open, trip) {
             (None, None) => {
-                sqlx::query(
+                query(
                     "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = $2, updated_at = $2
                      WHERE state = 'staged' AND mapping = $1",
                 )
@@ -249,7 +250,7 @@ impl Backend {
                 };
                 let hold_id = match open {
                     Some(id) => id,
-                    None => sqlx::query(
+                    None => query(
                         "INSERT INTO holds (mapping, kind, created_at, updated_at, reason, counts, sample, cycles)
                          VALUES ($1, $2, $3, $3, $4, '{}', '[]', 0) RETURNING id",
                     )
@@ -261,7 +262,7 @@ impl Backend {
                     .await?
                     .get(0),
                 };
-                sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+                query(sqlx::AssertSqlSafe(history::from_outbox(
                     "state = 'staged' AND mapping = $4",
                 )))
                 .bind(now)
@@ -270,7 +271,7 @@ impl Backend {
                 .bind(mapping)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
+                query(
                     "UPDATE outbox SET state = 'held', hold_id = $2, updated_at = $3
                      WHERE state = 'staged' AND mapping = $1",
                 )
@@ -289,24 +290,23 @@ impl Backend {
                         c.covered = covered_at_guard(&covered, field, c);
                     }
                     let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
-                    let values: i64 = sqlx::query(
-                        "SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = $1",
-                    )
-                    .bind(hold_id)
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .get(0);
+                    let values: i64 =
+                        query("SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = $1")
+                            .bind(hold_id)
+                            .fetch_one(&mut *tx)
+                            .await?
+                            .get(0);
                     (held, shown, values)
                 };
                 // A joining cycle that trips the limits itself says so in the hold's reason.
                 if let (false, Some(t)) = (new, &trip) {
-                    sqlx::query("UPDATE holds SET reason = $2 WHERE id = $1")
+                    query("UPDATE holds SET reason = $2 WHERE id = $1")
                         .bind(hold_id)
                         .bind(t.summary())
                         .execute(&mut *tx)
                         .await?;
                 }
-                sqlx::query(
+                query(
                     "UPDATE holds SET counts = $2, sample = $3, cycles = cycles + 1, held_values = $4,
                         updated_at = $5
                      WHERE id = $1",
@@ -334,15 +334,19 @@ impl Backend {
 
     /// Holds, newest first; only the open ones with `open_only`.
     pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        holds_in(&mut conn, open_only).await
+        let mut conn = self.session().await?;
+        let holds = holds_in(&mut conn, open_only).await?;
+        end_session(conn).await?;
+        Ok(holds)
     }
 
     pub async fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
-        let row = sqlx::query("SELECT * FROM holds WHERE id = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT * FROM holds WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *session)
             .await?;
+        end_session(session).await?;
         row.as_ref().map(hold_from_row).transpose()
     }
 
@@ -360,11 +364,11 @@ impl Backend {
         // Write first, so the transaction holds the write lock before it reads (a deferred
         // read-then-write could fail with SQLITE_BUSY beside a committing service). On
         // PostgreSQL it row-locks the hold, which `finish_staged`'s `FOR UPDATE` read waits on.
-        sqlx::query("UPDATE holds SET updated_at = updated_at WHERE id = $1")
+        query("UPDATE holds SET updated_at = updated_at WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let state: Option<String> = sqlx::query("SELECT state FROM holds WHERE id = $1")
+        let state: Option<String> = query("SELECT state FROM holds WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
@@ -379,7 +383,7 @@ impl Backend {
                 });
             }
         }
-        sqlx::query(sqlx::AssertSqlSafe(history::from_outbox(
+        query(sqlx::AssertSqlSafe(history::from_outbox(
             "state = 'held' AND hold_id = $4",
         )))
         .bind(now)
@@ -393,7 +397,7 @@ impl Backend {
         .execute(&mut *tx)
         .await?;
         if approve {
-            sqlx::query(
+            query(
                 "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = $2, updated_at = $2
                  WHERE state = 'held' AND hold_id = $1",
             )
@@ -402,12 +406,12 @@ impl Backend {
             .execute(&mut *tx)
             .await?;
         } else {
-            sqlx::query("DELETE FROM outbox WHERE state = 'held' AND hold_id = $1")
+            query("DELETE FROM outbox WHERE state = 'held' AND hold_id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
+        query(
             "UPDATE holds SET state = $2, decided_at = $3, decided_by = $4, decision_reason = $5,
                 updated_at = $3
              WHERE id = $1",
@@ -425,8 +429,10 @@ impl Backend {
 
     /// Values held per mapping now (open holds), for `pendo_sync_held_values{mapping}`.
     pub async fn held_values_by_mapping(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        held_values_by_mapping_in(&mut conn).await
+        let mut conn = self.session().await?;
+        let held = held_values_by_mapping_in(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(held)
     }
 }
 
@@ -443,7 +449,7 @@ pub(super) const PG_HELD_PER_MAPPING_SQL: &str =
 pub(super) async fn held_values_by_mapping_in(
     conn: &mut Conn,
 ) -> Result<BTreeMap<String, i64>, StoreError> {
-    let rows = sqlx::query(if PG {
+    let rows = query(if PG {
         PG_HELD_PER_MAPPING_SQL
     } else {
         HELD_PER_MAPPING_SQL
@@ -455,11 +461,10 @@ pub(super) async fn held_values_by_mapping_in(
 
 /// [`Store::holds`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn holds_in(conn: &mut Conn, open_only: bool) -> Result<Vec<Hold>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT * FROM holds WHERE ($1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200",
-    )
-    .bind(open_only as i64)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows =
+        query("SELECT * FROM holds WHERE ($1 = 0 OR state = 'open') ORDER BY id DESC LIMIT 200")
+            .bind(open_only as i64)
+            .fetch_all(&mut *conn)
+            .await?;
     rows.iter().map(hold_from_row).collect()
 }

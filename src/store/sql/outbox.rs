@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::history;
 use super::{Backend, Conn, Db, DbRow, PG};
+use super::{end_session, query, query_scalar};
 use crate::store::*;
 use sqlx::{Row, Transaction};
 
@@ -65,11 +66,10 @@ pub(super) async fn enqueue(
         // Versions are never reused (one counter for the whole outbox): a late settle of a row
         // that was deleted and written again must match nothing. One number per chunk, not per
         // row, so a batch's rows share a few versions and settle in a few grouped statements.
-        let version: i64 =
-            sqlx::query("UPDATE outbox_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-                .fetch_one(&mut **tx)
-                .await?
-                .get(0);
+        let version: i64 = query("UPDATE outbox_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+            .fetch_one(&mut **tx)
+            .await?
+            .get(0);
         // Each row carries its detection's columns too (see `history::record_detected`): one
         // serialization serves both statements.
         let rows: Vec<serde_json::Value> = chunk
@@ -91,7 +91,7 @@ pub(super) async fn enqueue(
             })
             .collect();
         let rows = serde_json::Value::Array(rows).to_string();
-        let written = sqlx::query(if PG {
+        let written = query(if PG {
             "INSERT INTO outbox (kind, pendo_id, field, value, mapping, state, force, version, attempts,
                                  next_attempt_at, last_error, enqueued_at, updated_at)
              SELECT DISTINCT ON ((e.value ->> 0) COLLATE \"C\", (e.value ->> 1) COLLATE \"C\", (e.value ->> 2) COLLATE \"C\")
@@ -153,7 +153,7 @@ pub(super) async fn load_values(
     let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
     for chunk in ids.chunks(5_000) {
         let list = serde_json::to_string(chunk).expect("strings serialize");
-        let rows = sqlx::query(if PG {
+        let rows = query(if PG {
             "SELECT pendo_id, field, value FROM outbox
              WHERE kind = $1 AND pendo_id IN (SELECT jsonb_array_elements_text($2::jsonb))"
         } else {
@@ -181,15 +181,17 @@ impl Backend {
         kind: Kind,
         ids: &[&str],
     ) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        load_values(&mut conn, kind, ids).await
+        let mut conn = self.session().await?;
+        let values = load_values(&mut conn, kind, ids).await?;
+        end_session(conn).await?;
+        Ok(values)
     }
 
     /// Clears every lease. Called when a writer starts: a lease left by a crashed process means
     /// "maybe sent"; sending again is safe (Pendo's write is idempotent) and losing it is not.
     pub async fn release_leases(&self) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("UPDATE outbox SET leased = 0 WHERE leased = 1")
+        let done = query("UPDATE outbox SET leased = 0 WHERE leased = 1")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -198,9 +200,11 @@ impl Backend {
 
     /// Rows a writer has in a request (a lease left by another process, at a writer's start).
     pub async fn leased_rows(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased = 1")
-            .fetch_one(&self.pool)
+        let mut session = self.session().await?;
+        let n: i64 = query_scalar("SELECT count(*) FROM outbox WHERE leased = 1")
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(n.max(0) as u64)
     }
 
@@ -217,7 +221,7 @@ impl Backend {
             // Claims of one writer (its batches in flight) take turns: under read committed two
             // would pick the same ids, and the second would lease nothing and take the outbox
             // for drained. A transaction-scoped advisory lock (safe behind PgBouncer).
-            sqlx::query("SELECT pg_advisory_xact_lock(7368021990)")
+            query("SELECT pg_advisory_xact_lock(7368021990)")
                 .execute(&mut *tx)
                 .await?;
             // The ids first, then the rows by id: as one statement PostgreSQL's generic plan
@@ -250,7 +254,7 @@ impl Backend {
             let mut next = None;
             for bound in passes {
                 let want = max_records - ids.len();
-                let query = sqlx::query_scalar(sqlx::AssertSqlSafe(due(bound)))
+                let query = query_scalar(sqlx::AssertSqlSafe(due(bound)))
                     .bind(kind.as_str())
                     .bind(now)
                     .bind(want as i64);
@@ -282,7 +286,7 @@ impl Backend {
             // rows were still staged make the planner believe few rows are due and walk
             // `outbox_due` instead, joining every due row against the id list (14 s a claim at
             // 150,000 due values).
-            sqlx::query(
+            query(
                 "UPDATE outbox SET leased = 1
                  WHERE kind = $1 AND pendo_id IN (SELECT jsonb_array_elements_text($3::jsonb))
                    AND leased = 0 AND state || '' IN ('pending', 'unmatched')
@@ -295,7 +299,7 @@ impl Backend {
             .fetch_all(&mut *tx)
             .await?
         } else {
-            sqlx::query(
+            query(
                 "UPDATE outbox SET leased = 1
                  WHERE kind = $1 AND leased = 0 AND state IN ('pending', 'unmatched') AND next_attempt_at <= $2
                    AND pendo_id IN (
@@ -321,13 +325,15 @@ impl Backend {
 
     /// When the next row of `kind` (or any kind) becomes due, if any is waiting.
     pub async fn next_due_at(&self, kind: Option<Kind>) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query(
+        let mut session = self.session().await?;
+        let row = query(
             "SELECT min(next_attempt_at) FROM outbox
              WHERE leased = 0 AND state IN ('pending', 'unmatched') AND ($1 IS NULL OR kind = $1)",
         )
         .bind(kind.map(Kind::as_str))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *session)
         .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 
@@ -398,12 +404,11 @@ impl Backend {
                 .collect();
             // The rows take the next shadow sequence number: a digest computed from an older
             // snapshot is not written over them (see `write_digests`).
-            let rev: i64 =
-                sqlx::query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .get(0);
-            sqlx::query(if PG {
+            let rev: i64 = query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+            query(if PG {
                 "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
                  SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3
                  FROM jsonb_array_elements($1::jsonb) AS e(value)
@@ -492,7 +497,7 @@ impl Backend {
                 ),
             };
             // Arguments bind in order: the keys are $1..$4, the statement's own values follow.
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let q = query(sqlx::AssertSqlSafe(sql))
                 .bind(kind)
                 .bind(field)
                 .bind(version)
@@ -517,7 +522,7 @@ impl Backend {
             }
         }
         for ((kind, field), ids) in unreleased {
-            sqlx::query(if PG {
+            query(if PG {
                 "UPDATE outbox SET leased = 0
                  WHERE kind = $1 AND field = $2 AND pendo_id IN (SELECT jsonb_array_elements_text($3::jsonb))
                    AND leased = 1"
@@ -547,7 +552,8 @@ impl Backend {
         filter: &QueueFilter,
         limit: u32,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows = sqlx::query(
+        let mut session = self.session().await?;
+        let rows = query(
             "SELECT * FROM outbox WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR kind = $2)
                AND ($3 IS NULL OR pendo_id = $3)
              ORDER BY enqueued_at, kind, pendo_id, field LIMIT $4",
@@ -556,8 +562,9 @@ impl Backend {
         .bind(filter.kind.map(Kind::as_str))
         .bind(filter.pendo_id.as_deref())
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         rows.iter().map(entry_from_row).collect()
     }
 
@@ -575,7 +582,7 @@ impl Backend {
             now,
         )
         .await?;
-        let done = sqlx::query(
+        let done = query(
             // Never staged or held rows: those wait for the guard or for a person's decision
             // (`holds approve`), and a retry must not slip them past it.
             "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = $4, updated_at = $4
@@ -607,7 +614,7 @@ impl Backend {
             now,
         )
         .await?;
-        let done = sqlx::query(
+        let done = query(
             "DELETE FROM outbox WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR kind = $2)
                AND ($3 IS NULL OR pendo_id = $3)",
         )
@@ -617,7 +624,7 @@ impl Backend {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() > 0 {
-            sqlx::query(
+            query(
                 "UPDATE holds SET updated_at = $1,
                     held_values = (SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = holds.id)
                  WHERE state = 'open'",
@@ -627,7 +634,7 @@ impl Backend {
             .await?;
             // Rows a newer CRM value re-staged keep their hold id and rejoin it at the guard:
             // such a hold is not empty.
-            sqlx::query(
+            query(
                 "UPDATE holds SET state = 'rejected', decided_at = $1, decided_by = $2,
                     decision_reason = 'every value it held was dropped from the outbox'
                  WHERE state = 'open'
@@ -651,9 +658,11 @@ impl Backend {
     /// Dead values (read around every writer pass, to tell `[notify]` about new ones): one
     /// count on the state index.
     pub async fn dead_count(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT count(*) FROM outbox WHERE state = 'dead'")
-            .fetch_one(&self.pool)
+        let mut session = self.session().await?;
+        let row = query("SELECT count(*) FROM outbox WHERE state = 'dead'")
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 
@@ -662,7 +671,9 @@ impl Backend {
         &self,
         sql: &'static str,
     ) -> Result<BTreeMap<&'static str, i64>, StoreError> {
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        let mut session = self.session().await?;
+        let rows = query(sql).fetch_all(&mut *session).await?;
+        end_session(session).await?;
         let mut out: BTreeMap<&'static str, i64> = crate::store::outbox::STATES
             .iter()
             .map(|s| (*s, 0))
@@ -678,15 +689,17 @@ impl Backend {
 
     /// Rows matching `filter` (what `outbox_list` would return without a limit).
     pub async fn outbox_count(&self, filter: &QueueFilter) -> Result<i64, StoreError> {
-        let row = sqlx::query(
+        let mut session = self.session().await?;
+        let row = query(
             "SELECT count(*) FROM outbox WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR kind = $2)
                AND ($3 IS NULL OR pendo_id = $3)",
         )
         .bind(filter.state.map(QueueState::as_str))
         .bind(filter.kind.map(Kind::as_str))
         .bind(filter.pendo_id.as_deref())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *session)
         .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 
@@ -700,8 +713,10 @@ impl Backend {
     /// needs no index beyond the writer's: every index on the state is rewritten by each
     /// staged → pending → confirmed step of the hot path.
     pub async fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        outbox_summary_in(&mut conn).await
+        let mut conn = self.session().await?;
+        let summary = outbox_summary_in(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(summary)
     }
 }
 
@@ -736,7 +751,7 @@ pub(super) const PG_SUMMARY_SQL: &str = "
 
 /// [`Store::outbox_summary`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn outbox_summary_in(conn: &mut Conn) -> Result<OutboxSummary, StoreError> {
-    let row = sqlx::query(if PG { PG_SUMMARY_SQL } else { SUMMARY_SQL })
+    let row = query(if PG { PG_SUMMARY_SQL } else { SUMMARY_SQL })
         .fetch_one(&mut *conn)
         .await?;
     let mut summary = OutboxSummary::default();

@@ -1,6 +1,7 @@
 use sqlx::Row;
 
 use super::{Backend, Conn, DbRow, PG};
+use super::{end_session, query, query_scalar};
 use crate::store::*;
 
 /// A list read `limit + 1` rows: the page, and the cursor after its last row if there is more.
@@ -36,7 +37,8 @@ impl Backend {
         } else {
             "AND $4 IS NULL AND $5 IS NULL AND $6 IS NULL AND $7 IS NULL"
         };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(if PG {
+        let mut session = self.session().await?;
+        let rows = query(sqlx::AssertSqlSafe(if PG {
             format!(
                 "SELECT * FROM outbox
                  WHERE state = $1 AND ($2 IS NULL OR (pendo_id >= $2 AND pendo_id < $3)) {cursor}
@@ -57,7 +59,7 @@ impl Backend {
         .bind(after.map(|c| c.pendo_id.as_str()))
         .bind(after.map(|c| c.field.as_str()))
         .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
         let (entries, next) = split_page(
             rows.iter()
@@ -71,16 +73,17 @@ impl Backend {
                 field: e.field.clone(),
             },
         );
-        let total: i64 = sqlx::query(
+        let total: i64 = query(
             "SELECT count(*) FROM outbox
              WHERE state = $1 AND ($2 IS NULL OR (pendo_id >= $2 AND pendo_id < $3))",
         )
         .bind(state.as_str())
         .bind(id_prefix)
         .bind(prefix_end.as_deref())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *session)
         .await?
         .get(0);
+        end_session(session).await?;
         Ok(Page {
             rows: entries,
             total,
@@ -99,7 +102,8 @@ impl Backend {
         let prefix_end = id_prefix.map(|p| format!("{p}{PREFIX_END}"));
         const MATCH: &str = "($1 IS NULL OR (crm_id >= $1 AND crm_id < $2)
                                OR (pendo_id >= $1 AND pendo_id < $2))";
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let mut session = self.session().await?;
+        let rows = query(sqlx::AssertSqlSafe(format!(
             "SELECT mapping, crm_id, pendo_id, reason, detail, seen_at FROM invalid_records
              WHERE {MATCH} {}
              ORDER BY mapping, crm_id LIMIT $5",
@@ -114,7 +118,7 @@ impl Backend {
         .bind(after.map(|c| c.mapping.as_str()))
         .bind(after.map(|c| c.crm_id.as_str()))
         .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
         let (records, next) = split_page(
             rows.iter().map(super::base::invalid_from_row).collect(),
@@ -124,14 +128,15 @@ impl Backend {
                 crm_id: r.crm_id.clone(),
             },
         );
-        let total: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let total: i64 = query(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM invalid_records WHERE {MATCH}"
         )))
         .bind(id_prefix)
         .bind(prefix_end.as_deref())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *session)
         .await?
         .get(0);
+        end_session(session).await?;
         Ok(Page {
             rows: records,
             total,
@@ -144,19 +149,18 @@ impl Backend {
     /// run). One short transaction: call again until it returns less than `batch`.
     pub async fn prune_runs(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let mappings: Vec<String> = sqlx::query_scalar("SELECT DISTINCT mapping FROM runs")
+        let mappings: Vec<String> = query_scalar("SELECT DISTINCT mapping FROM runs")
             .fetch_all(&mut *tx)
             .await?;
         let mut keep: Vec<i64> = Vec::with_capacity(mappings.len() * 2);
         for m in &mappings {
             // Both on `runs_by_mapping`, newest first: a few index steps each. On PostgreSQL
             // the last success is asked as a range of the mapping (see `PG_LAST_SUCCESS_SQL`).
-            let last: Option<i64> =
-                sqlx::query_scalar("SELECT max(id) FROM runs WHERE mapping = $1")
-                    .bind(m)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let last_ok: Option<i64> = sqlx::query_scalar(if PG {
+            let last: Option<i64> = query_scalar("SELECT max(id) FROM runs WHERE mapping = $1")
+                .bind(m)
+                .fetch_one(&mut *tx)
+                .await?;
+            let last_ok: Option<i64> = query_scalar(if PG {
                 "SELECT id FROM runs WHERE mapping >= $1 AND mapping <= $1 AND ok
                  ORDER BY mapping DESC, id DESC LIMIT 1"
             } else {
@@ -169,7 +173,7 @@ impl Backend {
         }
         // Ids follow start times: the oldest rows are at the front of the table. On PostgreSQL
         // `= ANY (ARRAY(..))`, not `IN`, so the delete goes by `runs_pkey` in every plan.
-        let done = sqlx::query(if PG {
+        let done = query(if PG {
             "DELETE FROM runs WHERE id = ANY (ARRAY(
                 SELECT id FROM runs
                 WHERE started_at < $1
@@ -192,8 +196,10 @@ impl Backend {
 
     /// Records set aside, all mappings.
     pub async fn invalid_count(&self) -> Result<i64, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        invalid_count_in(&mut conn).await
+        let mut conn = self.session().await?;
+        let count = invalid_count_in(&mut conn).await?;
+        end_session(conn).await?;
+        Ok(count)
     }
 
     /// A mapping's last `limit` cycles, newest first.
@@ -202,8 +208,10 @@ impl Backend {
         mapping: &str,
         limit: u32,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        recent_runs_in(&mut conn, mapping, limit).await
+        let mut conn = self.session().await?;
+        let runs = recent_runs_in(&mut conn, mapping, limit).await?;
+        end_session(conn).await?;
+        Ok(runs)
     }
 
     /// `slots` slots of `width` ms ending at `end`, oldest first: two grouped range reads
@@ -214,8 +222,10 @@ impl Backend {
         width: i64,
         slots: usize,
     ) -> Result<Vec<ChartSlot>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        chart_in(&mut conn, end, width, slots).await
+        let mut conn = self.session().await?;
+        let chart = chart_in(&mut conn, end, width, slots).await?;
+        end_session(conn).await?;
+        Ok(chart)
     }
 }
 
@@ -250,7 +260,7 @@ pub(super) const PG_LAST_SUCCESS_SQL: &str =
 
 /// [`Store::invalid_count`] on a given connection (a [`super::Snapshot`]'s transaction, or one of the pool's).
 pub(super) async fn invalid_count_in(conn: &mut Conn) -> Result<i64, StoreError> {
-    Ok(sqlx::query("SELECT count(*) FROM invalid_records")
+    Ok(query("SELECT count(*) FROM invalid_records")
         .fetch_one(&mut *conn)
         .await?
         .get(0))
@@ -262,7 +272,7 @@ pub(super) async fn recent_runs_in(
     mapping: &str,
     limit: u32,
 ) -> Result<Vec<RunRecord>, StoreError> {
-    let rows = sqlx::query(if PG {
+    let rows = query(if PG {
         PG_RECENT_RUNS_SQL
     } else {
         RECENT_RUNS_SQL
@@ -299,7 +309,7 @@ pub(super) async fn chart_in(
         (runs, fill_cycles as fn(&mut ChartSlot, &DbRow)),
         (requests, fill_requests),
     ] {
-        let rows = sqlx::query(sql)
+        let rows = query(sql)
             .bind(start)
             .bind(width)
             .bind(end)

@@ -4,6 +4,7 @@
 use sqlx::Row;
 
 use super::{Backend, DbRow};
+use super::{end_session, query};
 use crate::store::*;
 
 fn record_from_row(r: &DbRow) -> Result<ResyncRecord, StoreError> {
@@ -32,7 +33,7 @@ impl Backend {
     /// Writes the job as it stands (a new one, or its progress).
     pub async fn save_resync(&self, job: &ResyncRecord) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        query(
             "INSERT INTO resyncs (id, mappings, kind, state, records_read, changes, pushed, held,
                                   error, requested_at, started_at, finished_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
@@ -60,19 +61,19 @@ impl Backend {
     }
 
     pub async fn resync(&self, id: &str) -> Result<Option<ResyncRecord>, StoreError> {
-        sqlx::query("SELECT * FROM resyncs WHERE id = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT * FROM resyncs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(record_from_row)
-            .transpose()
+            .fetch_optional(&mut *session)
+            .await?;
+        end_session(session).await?;
+        row.as_ref().map(record_from_row).transpose()
     }
 
     /// Marks the oldest queued job running (at `now`) and returns it.
     pub async fn claim_resync(&self, now: i64) -> Result<Option<ResyncRecord>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(
+        let row = query(
             "UPDATE resyncs SET state = 'running', started_at = $1
              WHERE id = (SELECT id FROM resyncs WHERE state = 'queued'
                          ORDER BY requested_at, id LIMIT 1)
@@ -89,7 +90,7 @@ impl Backend {
     /// is safe to run again); returns how many.
     pub async fn requeue_resyncs(&self) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
+        let done = query(
             "UPDATE resyncs SET state = 'queued', records_read = 0, changes = 0, pushed = 0,
                     held = '[]', started_at = NULL
              WHERE state = 'running'",
@@ -103,7 +104,7 @@ impl Backend {
     /// Deletes finished jobs older than `before` (Unix ms).
     pub async fn prune_resyncs(&self, before: i64) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("DELETE FROM resyncs WHERE finished_at < $1")
+        let done = query("DELETE FROM resyncs WHERE finished_at < $1")
             .bind(before)
             .execute(&mut *tx)
             .await?;

@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::{Backend, Conn, PG};
+use super::{end_session, query};
 use crate::domain::Kind;
 use crate::store::shadow::parse_record;
 use crate::store::*;
@@ -21,7 +22,7 @@ pub(super) async fn load_records(
     // same with jsonb_array_elements_text and json_object_agg (one text row too).
     for chunk in ids.chunks(5_000) {
         let list = serde_json::to_string(chunk).expect("strings serialize");
-        let row = sqlx::query(if PG {
+        let row = query(if PG {
             // json_object_agg (json, not jsonb) only concatenates: no re-sorting, no
             // deduplication; its spacing (`{ "id" : {...} }`) is still JSON.
             "SELECT coalesce(json_object_agg(pendo_id, vals)::text, '{}')
@@ -74,15 +75,17 @@ impl Backend {
         id: &str,
     ) -> Result<Option<(ShadowRecord, i64)>, StoreError> {
         // `vals` is JSONB on PostgreSQL: read as text, as SQLite stores it.
-        let row = sqlx::query(if PG {
+        let mut session = self.session().await?;
+        let row = query(if PG {
             "SELECT vals::text, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2"
         } else {
             "SELECT vals, confirmed_at FROM shadow WHERE kind = $1 AND pendo_id = $2"
         })
         .bind(kind.as_str())
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *session)
         .await?;
+        end_session(session).await?;
         row.map(|r| Ok((parse_record(kind, id, &r.get::<String, _>(0))?, r.get(1))))
             .transpose()
     }
@@ -95,7 +98,8 @@ impl Backend {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, ShadowRecord)>, StoreError> {
-        let rows = sqlx::query(if PG {
+        let mut session = self.session().await?;
+        let rows = query(if PG {
             // `vals::text` as in `shadow_entry`. `pendo_id >= coalesce($2, '')` only gives the
             // index scan a lower bound a generic (cached) plan can use too, which the `IS NULL OR`
             // alone cannot: `($2 IS NULL OR pendo_id > $2)` still decides, so the rows are the
@@ -110,8 +114,9 @@ impl Backend {
         .bind(kind.as_str())
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *session)
         .await?;
+        end_session(session).await?;
         rows.into_iter()
             .map(|row| {
                 let id: String = row.get(0);
@@ -124,10 +129,12 @@ impl Backend {
 
     /// Number of shadow records per kind.
     pub async fn shadow_count(&self, kind: Kind) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT count(*) FROM shadow WHERE kind = $1")
+        let mut session = self.session().await?;
+        let row = query("SELECT count(*) FROM shadow WHERE kind = $1")
             .bind(kind.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *session)
             .await?;
+        end_session(session).await?;
         Ok(row.get(0))
     }
 }

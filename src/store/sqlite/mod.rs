@@ -47,6 +47,41 @@ mod shadow;
 
 pub use base::{Backend, Snapshot};
 
+/// Statements as every module of `sql/` makes them (see the PostgreSQL back-end's: there they
+/// are unnamed, for poolers; here they are cached per connection, as sqlx does by default).
+pub(crate) fn query<'a>(
+    sql: impl sqlx::SqlSafeStr,
+) -> sqlx::query::Query<'a, Db, <Db as sqlx::Database>::Arguments> {
+    sqlx::query(sql)
+}
+
+/// [`query`], for one column.
+pub(crate) fn query_scalar<'a, O>(
+    sql: impl sqlx::SqlSafeStr,
+) -> sqlx::query::QueryScalar<'a, Db, O, <Db as sqlx::Database>::Arguments>
+where
+    (O,): for<'r> sqlx::FromRow<'r, DbRow>,
+{
+    sqlx::query_scalar(sql)
+}
+
+/// A connection for statements that need no read snapshot and no fencing, ended with
+/// [`end_session`] (on SQLite a pooled connection, its statements each their own transaction).
+pub(crate) type Session = sqlx::pool::PoolConnection<Db>;
+
+/// Ends a [`Session`].
+pub(crate) async fn end_session(session: Session) -> Result<(), StoreError> {
+    drop(session);
+    Ok(())
+}
+
+impl Backend {
+    /// A [`Session`]: a connection of the pool.
+    pub(crate) async fn session(&self) -> Result<Session, StoreError> {
+        Ok(self.pool.acquire().await?)
+    }
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 impl Backend {
