@@ -145,6 +145,12 @@ fn start() -> Option<Cluster> {
             data.display()
         )
     };
+    watchdog(&stop, &dir);
+    Some(Cluster { port, log })
+}
+
+/// Runs `stop` and removes `dir` once this process is gone (kill -9 of the runner included).
+fn watchdog(stop: &str, dir: &Path) {
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
         pid = std::process::id(),
@@ -159,7 +165,6 @@ fn start() -> Option<Cluster> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("watchdog starts");
-    Some(Cluster { port, log })
 }
 
 /// The server's log (each line starts `<time>:<database>:`), once the cluster has started.
@@ -320,19 +325,10 @@ pub async fn pgbouncer() -> Option<PgBouncer> {
         std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
     );
     // Stops it when this test process is gone (kill -9 of the runner included).
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; kill $(cat {dir}/pgbouncer.pid) 2>/dev/null; rm -rf {dir}",
-        pid = std::process::id(),
-        dir = dir.display()
+    watchdog(
+        &format!("kill $(cat {}/pgbouncer.pid)", dir.display()),
+        &dir,
     );
-    #[allow(clippy::zombie_processes)]
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("watchdog starts");
     // Daemonised: wait until it listens.
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
