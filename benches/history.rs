@@ -19,6 +19,14 @@
 //!    (`Store::prune_history` in batches of `app::PRUNE_BATCH`, `app::PRUNE_PAUSE` between them)
 //!    while a writer loop enqueues and settles 500 values at a time; the loop's settle latency
 //!    is reported with and without the pruning next to it.
+//! 4. **What ids Pendo does not know cost** (`BENCH_UNKNOWN=1000000`, `BENCH_KNOWN=50000`; run
+//!    alone with `BENCH_PART=unknown`). `BENCH_UNKNOWN` accounts × 3 fields are detected and sent
+//!    the real way, and the Pendo simulator (on loopback, knowing `BENCH_KNOWN` other ids) has
+//!    none of them: every value ends `unmatched`, with its two events. The state is vacuumed and
+//!    measured; then one discovery pass and one full check run as the writer runs them
+//!    (`pendo::discovery::pass`, the default limiter of 5 requests/s), each measured in Pendo
+//!    requests, seconds, history events and state bytes written. A day at the defaults is 1,440
+//!    discoveries and one full check.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,7 +36,10 @@ use std::time::Instant;
 use pendo_sync::app::{PRUNE_BATCH, PRUNE_PAUSE};
 use pendo_sync::config::Settings;
 use pendo_sync::domain::{Kind, now_ms};
+use pendo_sync::pendo::PendoClient;
+use pendo_sync::pendo::discovery::{self, DiscoveryConfig};
 use pendo_sync::sim::config::{Auth, MappingSection, PendoSection, SalesforceSection, SimConfig};
+use pendo_sync::sim::pendo::{PendoSim, PendoSimConfig};
 use pendo_sync::store::{Change, OutboxEntry, PageCommit, SentBatch, Settlement, Source, Store};
 use pendo_sync::why::{WhyOptions, explain};
 
@@ -357,6 +368,140 @@ async fn pruning_beside_a_writer(store: &Store, expired: u64) -> serde_json::Val
         "settle_alone_ms": [a50, a99, amax], "settle_beside_ms": [b50, b99, bmax] })
 }
 
+/// Measurement 4: see the module's documentation.
+async fn unknown_ids(dir: &Path) -> serde_json::Value {
+    let unknown = env_u64("BENCH_UNKNOWN", 1_000_000);
+    let known = env_u64("BENCH_KNOWN", 50_000);
+    let sim = PendoSim::new(PendoSimConfig {
+        integration_key: "bench".into(),
+        write_access: true,
+        schema: Vec::new(),
+        rate_limit: None,
+        errors_as_strings: false,
+    });
+    let server = sim.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    for i in 0..known {
+        sim.add_entity_first_visited(Kind::Account, &format!("user{i:07}"), 1_700_000_000_000);
+    }
+    let toml = SimConfig::new(
+        "/tmp/unused.db",
+        PendoSection::new("bench").base_url(server.url()),
+    )
+    .mapping(MappingSection::sf_accounts("accounts"))
+    .salesforce(SalesforceSection::new(
+        "https://login.salesforce.com",
+        Auth::client_credentials("bench", "bench"),
+    ))
+    .to_toml();
+    let settings = Settings::from_toml_with_env(&toml, HashMap::new()).expect("bench config");
+    let key = settings
+        .pendo
+        .integration_key_source
+        .resolve("pendo.integration_key")
+        .unwrap();
+    let client = PendoClient::new(&settings.pendo, key);
+
+    let store = Store::open(&dir.join("unknown.db")).await.unwrap();
+    let started = Instant::now();
+    let mut first = 0;
+    while first < unknown {
+        let n = 10_000.min(unknown - first);
+        let c: Vec<Change> = changes(first, n, 0)
+            .into_iter()
+            .filter(|c| ["plantier", "arr", "owneremail"].contains(&c.field.as_str()))
+            .collect();
+        store
+            .commit_page(&PageCommit {
+                mapping: "accounts",
+                changes: &c,
+                run: Some(1),
+                ..PageCommit::default()
+            })
+            .await
+            .expect("commit");
+        loop {
+            let claimed = store
+                .claim_due(Kind::Account, i64::MAX, 500)
+                .await
+                .expect("claim");
+            if claimed.is_empty() {
+                break;
+            }
+            let now = now_ms();
+            let batch = SentBatch {
+                kind: Kind::Account,
+                sent_at: now - 40,
+                answered_at: now,
+                records: 500,
+                attempts: 1,
+                answer: "2xx for 500 records: 0 updated, 500 missing, 0 with errors".into(),
+            };
+            let message = "Pendo has no such account".to_owned();
+            let outcomes: Vec<(OutboxEntry, Settlement)> = claimed
+                .into_iter()
+                .map(|e| {
+                    (
+                        e,
+                        Settlement::Unmatched {
+                            message: message.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let batch_of = vec![Some(0); outcomes.len()];
+            store
+                .settle_sent(&outcomes, &[batch], &batch_of)
+                .await
+                .expect("settle");
+        }
+        first += n;
+    }
+    let fill_s = started.elapsed().as_secs_f64();
+    let events = store.history_count().await.unwrap();
+    let bytes = file_bytes(&store).await;
+    println!(
+        "unknown ids: {unknown} accounts × 3 fields sent and found missing in {fill_s:.1} s: {events} events, state file {:.1} MB",
+        bytes as f64 / 1048576.0
+    );
+    let cfg = DiscoveryConfig {
+        every: std::time::Duration::from_secs(60),
+        full_every: std::time::Duration::from_secs(86_400),
+    };
+    let mut out = serde_json::json!({ "unknown": unknown, "known": known, "events": events,
+        "state_mb": bytes as f64 / 1048576.0, "fill_s": fill_s });
+    // First a discovery (the full check done a minute ago), then a full check (a day ago).
+    let day = 86_400_000;
+    for (what, checked_ago, discovered_ago) in [
+        ("discovery", 61_000, 61_000),
+        ("full_check", day + 1, 61_000),
+    ] {
+        let now = now_ms();
+        for (k, ago) in [("checked", checked_ago), ("discovered", discovered_ago)] {
+            store
+                .kv_set(&format!("unmatched.{k}_at.account"), &(now - ago).into())
+                .await
+                .unwrap();
+        }
+        let before = file_bytes(&store).await;
+        sim.reset_requests();
+        let at = Instant::now();
+        let found = discovery::pass(&store, &client, cfg).await.expect("pass");
+        let seconds = at.elapsed().as_secs_f64();
+        let after = file_bytes(&store).await;
+        let requests = sim.requests().len();
+        let new_events = store.history_count().await.unwrap() - events;
+        println!(
+            "  {what}: {requests} Pendo request(s), {seconds:.2} s, {} values found, {new_events} history events, {} state bytes written",
+            found.promoted,
+            after - before
+        );
+        out[what] = serde_json::json!({ "requests": requests, "seconds": seconds,
+            "history_events": new_events, "state_bytes": after - before });
+    }
+    store.close().await;
+    out
+}
+
 fn main() {
     // Outside `cargo bench` (e.g. `cargo test --all-targets`) there is nothing to do.
     if !std::env::args().any(|a| a == "--bench") {
@@ -369,6 +514,13 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let settings = settings();
+        let part = std::env::var("BENCH_PART").unwrap_or_default();
+        if part.is_empty() || part == "unknown" {
+            unknown_ids(dir.path()).await;
+        }
+        if part == "unknown" {
+            return;
+        }
         bytes_per_value(dir.path()).await;
         let events = env_u64("BENCH_EVENTS", 10_000_000);
         let expired = 1_000_000.min(events / 2);

@@ -148,7 +148,7 @@ impl App {
         let writer = Writer::new(
             store.clone(),
             pendo.clone(),
-            WriterConfig::from_settings(&settings.pendo),
+            WriterConfig::from_settings(&settings.pendo, settings.schedule.poll_interval),
         );
         Ok(App {
             settings,

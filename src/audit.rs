@@ -792,10 +792,8 @@ impl MappingAudit<'_> {
                 .await?;
             let got = page.len();
             for row in page {
-                let id = match row.get(id_key) {
-                    Some(Json::String(s)) => s.clone(),
-                    Some(Json::Number(n)) => n.to_string(),
-                    _ => continue,
+                let Some(id) = crate::pendo::client::row_id(&row, id_key) else {
+                    continue;
                 };
                 let Some(t) = tracked.get_mut(&id) else {
                     continue;

@@ -300,8 +300,13 @@ pub struct PendoSettings {
     pub max_attempts: u32,
     #[serde(default)]
     pub create_missing: bool,
+    /// Ids Pendo does not know are checked again in full this often.
     #[serde(default = "defaults::unmatched_retry", with = "duration")]
     pub unmatched_retry: Duration,
+    /// Pendo is asked which ids it newly knows once per poll interval, and never more often
+    /// than this.
+    #[serde(default = "defaults::discovery_interval", with = "duration")]
+    pub discovery_interval: Duration,
     #[serde(default)]
     pub date_format: DateFormat,
     /// First delay between attempts of a failing batch; doubles (with jitter) up to `retry_max`.
@@ -1112,6 +1117,7 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
     check_duration("pendo.timeout", pendo.timeout)?;
     check_range("pendo.max_attempts", pendo.max_attempts as f64, 1.0, 1000.0)?;
     check_duration("pendo.unmatched_retry", pendo.unmatched_retry)?;
+    check_duration("pendo.discovery_interval", pendo.discovery_interval)?;
     check_duration("pendo.retry_initial", pendo.retry_initial)?;
     if pendo.retry_max < pendo.retry_initial {
         return Err(ConfigError::new(
@@ -1621,7 +1627,10 @@ mod defaults {
         10
     }
     pub fn unmatched_retry() -> Duration {
-        Duration::from_secs(6 * 3600)
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn discovery_interval() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn retry_initial() -> Duration {
         Duration::from_secs(1)

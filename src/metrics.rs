@@ -10,6 +10,9 @@ pub const OLDEST_PENDING: &str = "pendo_sync_oldest_pending_seconds";
 pub const CYCLE_DURATION: &str = "pendo_sync_cycle_duration_seconds";
 pub const LAST_SUCCESS: &str = "pendo_sync_last_success_timestamp_seconds";
 pub const INVALID_RECORDS: &str = "pendo_sync_invalid_records_total";
+/// Counter: unmatched values made pending because Pendo was found to know their id, by `kind`
+/// and `how` (`discovery`, `full_check`).
+pub const UNMATCHED_FOUND: &str = "pendo_sync_unmatched_found_total";
 
 /// Counts one HTTP request to `api` (`pendo`, `salesforce`, `hubspot`). `status` is the HTTP
 /// status, or `error` when no response arrived (timeout, dropped connection).

@@ -675,7 +675,10 @@ impl Service {
                 Some(Writer::new(
                     self.store.clone(),
                     client,
-                    WriterConfig::from_settings(&self.settings.pendo),
+                    WriterConfig::from_settings(
+                        &self.settings.pendo,
+                        self.settings.schedule.poll_interval,
+                    ),
                 ))
             }
             Ok(t) => {

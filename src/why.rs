@@ -17,7 +17,7 @@ use crate::connectors::{Connectors, PullSpec};
 use crate::domain::Kind;
 use crate::mapping::{Mapping, stored_from_pendo};
 use crate::pendo::PendoClient;
-use crate::store::{Event, HistoryEvent, OutboxEntry, QueueFilter, Store, StoreError};
+use crate::store::{Event, HistoryEvent, OutboxEntry, QueueFilter, QueueState, Store, StoreError};
 
 /// Events listed when `--limit` is not given.
 pub const DEFAULT_LIMIT: u32 = 10;
@@ -232,7 +232,7 @@ pub fn summary(e: &HistoryEvent) -> String {
         ),
         Event::AlreadyConfirmed => format!("{value} not sent: Pendo had already confirmed it"),
         Event::Missing => format!(
-            "Pendo has no {} {:?}: {value} waits and is retried{}",
+            "Pendo has no {} {:?}: {value} waits until Pendo knows the id{}",
             e.kind,
             e.pendo_id,
             e.batch
@@ -770,7 +770,11 @@ pub fn render_table(r: &WhyReport) -> String {
                 opt(&q.value),
                 q.state.as_str(),
                 q.attempts,
-                when(q.next_attempt_at),
+                if q.state == QueueState::Unmatched {
+                    "once Pendo knows the id".to_owned()
+                } else {
+                    when(q.next_attempt_at)
+                },
                 q.last_error
                     .as_deref()
                     .map_or_else(String::new, |e| format!(", last error: {}", p(e)))

@@ -405,11 +405,9 @@ impl PendoClient {
                 Err(e) => return Err(e),
             }
         };
-        let row = rows.into_iter().find(|r| match r.get(id_key) {
-            Some(Json::String(s)) => s == id,
-            Some(Json::Number(n)) => n.to_string() == id,
-            _ => false,
-        });
+        let row = rows
+            .into_iter()
+            .find(|r| row_id(r, id_key).as_deref() == Some(id));
         Ok(row.map(|row| {
             fields
                 .iter()
@@ -422,6 +420,42 @@ impl PendoClient {
                 })
                 .collect()
         }))
+    }
+
+    /// One page of the ids Pendo knows for `kind`, in id order: `skip` rows skipped, at most
+    /// `limit`, only those `filter` (a Pendo filter expression) keeps. An id-only read: no
+    /// metadata travels. One attempt; the caller decides what a failure means.
+    pub async fn ids_page(
+        &self,
+        kind: Kind,
+        filter: Option<&str>,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<String>, PendoError> {
+        let id_key = kind.id_key();
+        let source = match kind {
+            Kind::Account => serde_json::json!({ "accounts": null }),
+            Kind::Visitor => serde_json::json!({ "visitors": null }),
+        };
+        let mut pipeline = vec![
+            serde_json::json!({ "source": source }),
+            serde_json::json!({ "identified": id_key }),
+        ];
+        if let Some(filter) = filter {
+            pipeline.push(serde_json::json!({ "filter": filter }));
+        }
+        pipeline.extend([
+            serde_json::json!({ "select": { id_key: id_key } }),
+            serde_json::json!({ "sort": [id_key] }),
+            serde_json::json!({ "skip": skip }),
+            serde_json::json!({ "limit": limit }),
+        ]);
+        let request = serde_json::json!({
+            "response": { "mimeType": "application/json" },
+            "request": { "requestId": format!("pendo-sync-ids-{kind}"), "pipeline": pipeline }
+        });
+        let rows = self.aggregate(&request).await?;
+        Ok(rows.iter().filter_map(|r| row_id(r, id_key)).collect())
     }
 
     /// One attempt of `POST /api/v1/aggregation`; returns the `results` rows.
@@ -519,6 +553,16 @@ impl PendoClient {
                 message: excerpt(&text),
             }),
         }
+    }
+}
+
+/// The id of an aggregation row: Pendo's ids are strings, but a numeric one may come back as a
+/// JSON number.
+pub fn row_id(row: &Json, id_key: &str) -> Option<String> {
+    match row.get(id_key) {
+        Some(Json::String(s)) => Some(s.clone()),
+        Some(Json::Number(n)) => Some(n.to_string()),
+        _ => None,
     }
 }
 

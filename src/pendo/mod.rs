@@ -1,6 +1,7 @@
 //! The Pendo side: the API client ([`client`]) and the outbox writer ([`writer`]).
 
 pub mod client;
+pub mod discovery;
 pub mod writer;
 
 pub use client::{BulkResult, PendoClient, PendoError, TokenInfo};

@@ -11,7 +11,7 @@
 //! | answer | rows |
 //! |---|---|
 //! | 200, id not in `missing`/`errors` | confirmed: shadow updated, row removed |
-//! | 200, id in `missing` | `unmatched`, retried every `unmatched_retry` (a record that only clears: done) |
+//! | 200, id in `missing` | `unmatched`: not sent again until Pendo is found to know the id ([`super::discovery`]); a record that only clears: done |
 //! | 2xx that does not account for the batch (`{}`, counts ≠ sent) | retried; then bisected; then backoff |
 //! | 200, id in `errors` | attempt counted, error text kept, retried with backoff, `dead` at `max_attempts` |
 //! | 200 with failures we cannot attribute | batch bisected until they can be |
@@ -29,6 +29,7 @@ use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{AUTH_HINT, BulkResult, PendoClient, PendoError};
+use super::discovery::{self, DiscoveryConfig};
 use crate::config::PendoSettings;
 use crate::domain::{DateFormat, Kind, Value, now_ms};
 use crate::metrics::VALUES_PUSHED;
@@ -44,7 +45,8 @@ pub struct WriterConfig {
     pub max_in_flight: usize,
     pub max_attempts: u32,
     pub create_missing: bool,
-    pub unmatched_retry: Duration,
+    /// When the reads that bring unmatched rows back run (`unmatched_retry` among them).
+    pub discovery: DiscoveryConfig,
     pub date_format: DateFormat,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -71,13 +73,17 @@ pub enum FailPoint {
 }
 
 impl WriterConfig {
-    pub fn from_settings(s: &PendoSettings) -> WriterConfig {
+    /// The writer of `[pendo]`, its discovery paced by the poll interval.
+    pub fn from_settings(s: &PendoSettings, poll_interval: Duration) -> WriterConfig {
         WriterConfig {
             batch_size: s.batch_size,
             max_in_flight: s.max_in_flight,
             max_attempts: s.max_attempts,
             create_missing: s.create_missing,
-            unmatched_retry: s.unmatched_retry,
+            discovery: DiscoveryConfig {
+                every: poll_interval.max(s.discovery_interval),
+                full_every: s.unmatched_retry,
+            },
             date_format: s.date_format,
             retry_initial: s.retry_initial,
             retry_max: s.retry_max,
@@ -373,6 +379,13 @@ impl Writer {
     ) -> Result<DrainReport, WriterError> {
         let deadline = now_ms() + wait_for_retries.as_millis() as i64;
         let before = self.snapshot();
+        if self.paused().is_none() && self.store.may_send() {
+            // Unmatched rows whose ids Pendo now knows go out in this drain. A failed read is
+            // tried again at the next drain; it stops nothing else.
+            if let Err(e) = discovery::pass(&self.store, &self.client, self.cfg.discovery).await {
+                tracing::warn!(error = %e, "Could not ask Pendo which unknown ids it knows now; asking again at the next pass.");
+            }
+        }
         loop {
             let mut workers = tokio::task::JoinSet::new();
             for _ in 0..self.cfg.max_in_flight.max(1) {
@@ -591,7 +604,13 @@ impl Writer {
         let unknown = !result.unattributed.is_empty();
         let mut undecided = Vec::new();
         let single = batch.len() == 1;
-        let now = now_ms();
+        // One text for every unknown id (the row names its id), so that they settle together.
+        let unmatched = format!(
+            "Pendo has no such {kind}; sent once Pendo knows the id (asked every {}, in full \
+             every {}), or set pendo.create_missing = true",
+            humantime::format_duration(self.cfg.discovery.every),
+            humantime::format_duration(self.cfg.discovery.full_every)
+        );
         for (id, rows) in batch {
             if missing.contains(id.as_str()) && only_clears(&rows) {
                 // Pendo holds nothing for an id it does not know: the clear is done.
@@ -603,14 +622,8 @@ impl Writer {
                 self.shared.unmatched.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(VALUES_PUSHED, "kind" => kind.as_str(), "outcome" => "missing")
                     .increment(1);
-                let message = format!(
-                    "Pendo has no {kind} {id:?}; retried every {}, or set pendo.create_missing = true",
-                    humantime::format_duration(self.cfg.unmatched_retry)
-                );
-                let retry_at = now + self.cfg.unmatched_retry.as_millis() as i64;
                 settle_all((id, rows), outcomes, |_| Settlement::Unmatched {
-                    retry_at,
-                    message: message.clone(),
+                    message: unmatched.clone(),
                 });
             } else if let Some(text) = errors.get(id.as_str()) {
                 metrics::counter!(VALUES_PUSHED, "kind" => kind.as_str(), "outcome" => "error")

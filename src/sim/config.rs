@@ -140,6 +140,7 @@ pub struct PendoSection {
     pub max_attempts: Option<u32>,
     pub create_missing: Option<bool>,
     pub unmatched_retry: Option<String>,
+    pub discovery_interval: Option<String>,
     pub retry_initial: Option<String>,
     pub retry_max: Option<String>,
     /// Raw lines appended to the section.
@@ -273,6 +274,7 @@ impl SimConfig {
         opt(&mut out, "max_attempts", &p.max_attempts);
         opt(&mut out, "create_missing", &p.create_missing);
         opt_str(&mut out, "unmatched_retry", &p.unmatched_retry);
+        opt_str(&mut out, "discovery_interval", &p.discovery_interval);
         opt_str(&mut out, "retry_initial", &p.retry_initial);
         opt_str(&mut out, "retry_max", &p.retry_max);
         raw(&mut out, &p.extra);
@@ -363,6 +365,7 @@ impl PendoSection {
             max_attempts: None,
             create_missing: None,
             unmatched_retry: None,
+            discovery_interval: None,
             retry_initial: None,
             retry_max: None,
             extra: String::new(),
@@ -377,6 +380,7 @@ impl PendoSection {
         max_attempts: u32,
         create_missing: bool,
         unmatched_retry: str,
+        discovery_interval: str,
         retry_initial: str,
         retry_max: str,
         /// Raw lines appended to `[pendo]`.

@@ -162,10 +162,24 @@ struct State {
     bucket: Option<(f64, Instant)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Entity {
     custom: BTreeMap<String, Value>,
     last_updated: i64,
+    /// `metadata.auto.firstvisit`: when Pendo came to know the id (epoch ms).
+    first_visit: i64,
+}
+
+impl Default for Entity {
+    /// An id Pendo comes to know now.
+    fn default() -> Self {
+        let now = now_ms();
+        Entity {
+            custom: BTreeMap::new(),
+            last_updated: now,
+            first_visit: now,
+        }
+    }
 }
 
 impl Entity {
@@ -293,15 +307,21 @@ impl PendoSim {
         self.lock().faults = f;
     }
 
-    /// Makes an id known (visitors and accounts exist only when added or created).
+    /// Makes an id known (visitors and accounts exist only when added or created); its
+    /// `firstvisit` is now.
     pub fn add_entity(&self, kind: Kind, id: &str) {
+        self.lock().entities(kind).entry(id.to_owned()).or_default();
+    }
+
+    /// Makes an id known with a `firstvisit` in the past: an id created through the API (which
+    /// may not set it) or whose first events were processed late. A filter on `firstvisit`
+    /// since a recent time does not find it.
+    pub fn add_entity_first_visited(&self, kind: Kind, id: &str, first_visit_ms: i64) {
         self.lock()
             .entities(kind)
             .entry(id.to_owned())
-            .or_insert_with(|| Entity {
-                custom: BTreeMap::new(),
-                last_updated: now_ms(),
-            });
+            .or_default()
+            .first_visit = first_visit_ms;
     }
 
     /// Deletes an id and its values (a clean-up in Pendo): it is unknown until added or created.
@@ -652,9 +672,10 @@ async fn aggregation(AxState(sim): AxState<PendoSim>, body: Bytes) -> Response {
     }
 }
 
-/// Runs the audit subset of Pendo's pipeline language: a visitors/accounts source followed by
-/// `identified`, `filter` (only `<path> == "<string>"`, what `why --live` sends), `select`,
-/// `sort`, `skip` and `limit`, each applied in pipeline order.
+/// Runs the subset of Pendo's pipeline language the sync sends: a visitors/accounts source
+/// followed by `identified`, `filter` (see [`parse_filter`]), `select`, `sort`, `skip` and
+/// `limit`, each applied in pipeline order. Rows carry `metadata.custom.*` and
+/// `metadata.auto.{firstvisit,lastupdated}`.
 fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String> {
     let source = pipeline.first().and_then(|s| s.get("source"));
     let kind = match source {
@@ -667,7 +688,7 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
         .entities(kind)
         .iter()
         .map(|(id, e)| {
-            let auto = json!({ "lastupdated": e.last_updated });
+            let auto = json!({ "lastupdated": e.last_updated, "firstvisit": e.first_visit });
             json!({ id_key: id, "metadata": { "custom": e.custom, "auto": auto } })
         })
         .collect();
@@ -680,15 +701,12 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
             // Every simulated visitor and account is identified.
             "identified" => {}
             "filter" => {
-                let (path, wanted) = arg
-                    .as_str()
-                    .and_then(|e| e.split_once("=="))
-                    .and_then(|(path, lit)| {
-                        let lit: String = serde_json::from_str(lit.trim()).ok()?;
-                        Some((path.trim().to_owned(), lit))
-                    })
-                    .ok_or("the simulator's filter takes only `path == \"string\"`")?;
-                rows.retain(|row| lookup(row, &path).and_then(Value::as_str) == Some(&wanted));
+                let conditions = parse_filter(arg.as_str().ok_or("filter takes a string")?)?;
+                rows.retain(|row| {
+                    conditions
+                        .iter()
+                        .all(|(path, op, lit)| op.holds(cmp_json(lookup(row, path), Some(lit))))
+                });
             }
             "select" => {
                 let sel = arg.as_object().ok_or("select takes an object")?;
@@ -718,6 +736,90 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
         }
     }
     Ok(rows)
+}
+
+/// A comparison in a filter expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Ge,
+    Le,
+    Gt,
+    Lt,
+}
+
+impl Op {
+    fn holds(self, o: std::cmp::Ordering) -> bool {
+        use std::cmp::Ordering::*;
+        match self {
+            Op::Eq => o == Equal,
+            Op::Ne => o != Equal,
+            Op::Ge => o != Less,
+            Op::Le => o != Greater,
+            Op::Gt => o == Greater,
+            Op::Lt => o == Less,
+        }
+    }
+}
+
+/// The part of Pendo's "basic C expression syntax" filters the sync sends: comparisons
+/// `<path> <op> <literal>` (op one of `== != >= <= > <`, the literal a JSON string or number)
+/// joined by `&&`. `visitorId == "a&&b"` is one comparison: literals are read as JSON strings,
+/// escapes included, before anything else is looked for.
+fn parse_filter(expr: &str) -> Result<Vec<(String, Op, Value)>, String> {
+    let bad = |why: &str| format!("the simulator cannot read the filter {expr:?}: {why}");
+    let mut rest = expr.trim_start();
+    let mut out = Vec::new();
+    loop {
+        let path_end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(rest.len());
+        let path = &rest[..path_end];
+        if path.is_empty() {
+            return Err(bad("expected a field path"));
+        }
+        rest = rest[path_end..].trim_start();
+        let ops = [
+            ("==", Op::Eq),
+            ("!=", Op::Ne),
+            (">=", Op::Ge),
+            ("<=", Op::Le),
+            (">", Op::Gt),
+            ("<", Op::Lt),
+        ];
+        let (token, op) = ops
+            .into_iter()
+            .find(|(t, _)| rest.starts_with(t))
+            .ok_or_else(|| bad("expected one of == != >= <= > <"))?;
+        rest = rest[token.len()..].trim_start();
+        let literal_end = if rest.starts_with('"') {
+            let mut escaped = false;
+            rest.char_indices()
+                .skip(1)
+                .find(|&(_, c)| {
+                    let end = c == '"' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    end
+                })
+                .map(|(i, _)| i + 1)
+                .ok_or_else(|| bad("unterminated string"))?
+        } else {
+            rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+                .unwrap_or(rest.len())
+        };
+        let literal: Value = serde_json::from_str(&rest[..literal_end])
+            .map_err(|_| bad("expected a JSON string or number"))?;
+        out.push((path.to_owned(), op, literal));
+        rest = rest[literal_end..].trim_start();
+        if rest.is_empty() {
+            return Ok(out);
+        }
+        rest = rest
+            .strip_prefix("&&")
+            .ok_or_else(|| bad("expected && between comparisons"))?
+            .trim_start();
+    }
 }
 
 fn select(row: &Value, sel: &serde_json::Map<String, Value>) -> Value {
@@ -1153,6 +1255,60 @@ mod tests {
             f.post(AGG, &query(json!([{ "group": {} }]))).await.status,
             400
         );
+    }
+
+    /// Discovery's filter (`firstvisit` at or after a time) and `why --live`'s (an id that
+    /// holds what looks like an operator) both read right; an unreadable filter is a 400.
+    #[tokio::test]
+    async fn aggregation_filters_compare_and_join_with_and() {
+        let f = Fixture::new(config()).await;
+        f.sim.add_entity_first_visited(Kind::Account, "old", 1_000);
+        f.sim
+            .add_entity_first_visited(Kind::Account, "a&&b == \"x\"", 5_000);
+        f.sim.add_entity(Kind::Account, "new");
+        let f = &f;
+        let ids = |filter: &str| {
+            let request = json!({ "pipeline": [
+                { "source": { "accounts": null } },
+                { "identified": "accountId" },
+                { "filter": filter },
+                { "select": { "accountId": "accountId" } },
+            ]});
+            let body =
+                json!({ "response": { "mimeType": "application/json" }, "request": request });
+            async move { f.post(AGG, &body).await }
+        };
+        let found = |answer: Answer| -> Vec<String> {
+            let rows = answer.json()["results"].as_array().unwrap().clone();
+            rows.iter()
+                .map(|r| r["accountId"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            found(ids("metadata.auto.firstvisit >= 5000").await),
+            ["a&&b == \"x\"", "new"]
+        );
+        assert_eq!(
+            found(ids("metadata.auto.firstvisit>1000 && metadata.auto.firstvisit < 6000").await),
+            ["a&&b == \"x\""]
+        );
+        assert_eq!(
+            found(ids(r#"accountId == "a&&b == \"x\"""#).await),
+            ["a&&b == \"x\""]
+        );
+        assert_eq!(
+            found(ids(r#"accountId != "old" && accountId != "new""#).await).len(),
+            1
+        );
+        for bad in [
+            "accountId",
+            "accountId == ",
+            "accountId ~ 1",
+            "a == 1 || b == 2",
+            r#"a == "open"#,
+        ] {
+            assert_eq!(ids(bad).await.status, 400, "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -613,6 +613,17 @@ impl Store {
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         on!(self, b => b.claim_due(kind, now, max_records).await)
     }
+    pub async fn has_unmatched(&self, kind: Kind) -> Result<bool, StoreError> {
+        on!(self, b => b.has_unmatched(kind).await)
+    }
+    pub async fn promote_unmatched(
+        &self,
+        kind: Kind,
+        ids: &[String],
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        on!(self, b => b.promote_unmatched(kind, ids, now).await)
+    }
     pub async fn next_due_at(&self, kind: Option<Kind>) -> Result<Option<i64>, StoreError> {
         on!(self, b => b.next_due_at(kind).await)
     }

@@ -97,8 +97,9 @@ pub enum Settlement {
     Confirmed,
     /// The shadow already holds this value (a later cycle caught up): out of the outbox.
     AlreadyConfirmed,
-    /// Pendo does not know the id: retried at `retry_at`.
-    Unmatched { retry_at: i64, message: String },
+    /// Pendo does not know the id: the row waits, unsent, until Pendo is found to know it
+    /// (see `pendo::discovery`). The message names no id, so a batch's rows settle together.
+    Unmatched { message: String },
     /// A failed attempt: retried at `retry_at`, or dead once `attempts` reaches `max_attempts`.
     Retry {
         retry_at: i64,

@@ -16,7 +16,7 @@ use crate::helpers::{TestApp, account_id};
 
 async fn app_failing_at(t: &TestApp, point: FailPoint) -> App {
     let mut app = t.app().await;
-    let mut cfg = WriterConfig::from_settings(&t.settings.pendo);
+    let mut cfg = WriterConfig::from_settings(&t.settings.pendo, t.settings.schedule.poll_interval);
     cfg.fail_point = Some(point);
     app.writer = Writer::new(app.store.clone(), t.pendo_client(), cfg);
     app

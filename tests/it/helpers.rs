@@ -50,6 +50,10 @@ pub struct Options {
     pub extra_mappings: String,
     /// The state in this PostgreSQL database instead of a SQLite file.
     pub state_url: Option<String>,
+    /// `pendo.unmatched_retry`: the full check of unknown ids.
+    pub unmatched_retry: &'static str,
+    /// `pendo.discovery_interval`, when set.
+    pub discovery_interval: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -63,6 +67,8 @@ impl Default for Options {
             errors_as_strings: false,
             extra_mappings: String::new(),
             state_url: None,
+            unmatched_retry: "1h",
+            discovery_interval: None,
         }
     }
 }
@@ -101,18 +107,22 @@ impl TestApp {
             .start("127.0.0.1:0".parse::<SocketAddr>().unwrap())
             .await
             .expect("pendo sim starts");
-        let pendo_section = PendoSection::new(CANARY_KEY)
+        let mut pendo_section = PendoSection::new(CANARY_KEY)
             .base_url(server.url())
             .batch_size(opts.batch_size)
             .requests_per_second(2000.0)
             .timeout("5s")
             .max_attempts(opts.max_attempts)
             .create_missing(opts.create_missing)
-            .unmatched_retry("1h")
+            .unmatched_retry(opts.unmatched_retry)
             .retry_initial("5ms")
             .retry_max("40ms")
             .extra(opts.extra_pendo);
-        let toml = SimConfig::new(dir.path().join("state.db"), pendo_section)
+        pendo_section.discovery_interval = opts.discovery_interval.map(Into::into);
+        let mut config = SimConfig::new(dir.path().join("state.db"), pendo_section);
+        // Discovery runs once per poll interval at most: as often as the test asks.
+        config.poll_interval = opts.discovery_interval.map(Into::into);
+        let toml = config
             .state_url(opts.state_url)
             .salesforce(SalesforceSection::new(
                 "http://127.0.0.1:9",

@@ -25,4 +25,5 @@ mod security;
 mod service;
 mod sync;
 mod trust;
+mod unknown_ids;
 mod upgrades;

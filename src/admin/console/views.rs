@@ -452,7 +452,11 @@ pub fn outbox_list(
                         td.value { (value(Some(&e.value))) }
                         td { (e.mapping) }
                         td.num { (e.attempts) }
-                        td title=(when(e.next_attempt_at)) { (if e.next_attempt_at <= now { "due".to_owned() } else { when(e.next_attempt_at) }) }
+                        @if state == "unmatched" {
+                            td { "when Pendo knows the id" }
+                        } @else {
+                            td title=(when(e.next_attempt_at)) { (if e.next_attempt_at <= now { "due".to_owned() } else { when(e.next_attempt_at) }) }
+                        }
                         td.error { (e.last_error.as_deref().unwrap_or("")) }
                         td title=(when(e.enqueued_at)) { (ago(now, e.enqueued_at)) }
                         td.actions {

@@ -12,7 +12,7 @@ use crate::domain::{Kind, now_ms};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum GroupKey {
     Delete,
-    Unmatched(i64, String),
+    Unmatched(String),
     Retry(i64, String, u32, u32),
     Dead(String),
 }
@@ -208,8 +208,9 @@ impl Backend {
         Ok(n.max(0) as u64)
     }
 
-    /// Leases the due rows of up to `max_records` entities of `kind` (pending, or unmatched whose
-    /// retry time has come) and returns them, grouped by entity in id order.
+    /// Leases the due pending rows of up to `max_records` entities of `kind` and returns them,
+    /// grouped by entity in id order. Unmatched rows are never claimed: they wait until Pendo
+    /// is found to know their id ([`Backend::promote_unmatched`]).
     pub async fn claim_due(
         &self,
         kind: Kind,
@@ -232,7 +233,7 @@ impl Backend {
             let due = |bound: &str| {
                 format!(
                     "SELECT DISTINCT pendo_id FROM outbox
-                     WHERE kind = $1 AND leased = 0 AND state IN ('pending', 'unmatched')
+                     WHERE kind = $1 AND leased = 0 AND state = 'pending'
                        AND next_attempt_at <= $2 {bound}
                      ORDER BY pendo_id LIMIT $3"
                 )
@@ -289,7 +290,7 @@ impl Backend {
             query(
                 "UPDATE outbox SET leased = 1
                  WHERE kind = $1 AND pendo_id IN (SELECT jsonb_array_elements_text($3::jsonb))
-                   AND leased = 0 AND state || '' IN ('pending', 'unmatched')
+                   AND leased = 0 AND state || '' = 'pending'
                    AND next_attempt_at + 0 <= $2
                  RETURNING *",
             )
@@ -301,10 +302,10 @@ impl Backend {
         } else {
             query(
                 "UPDATE outbox SET leased = 1
-                 WHERE kind = $1 AND leased = 0 AND state IN ('pending', 'unmatched') AND next_attempt_at <= $2
+                 WHERE kind = $1 AND leased = 0 AND state = 'pending' AND next_attempt_at <= $2
                    AND pendo_id IN (
                      SELECT DISTINCT pendo_id FROM outbox
-                     WHERE kind = $1 AND leased = 0 AND state IN ('pending', 'unmatched') AND next_attempt_at <= $2
+                     WHERE kind = $1 AND leased = 0 AND state = 'pending' AND next_attempt_at <= $2
                      ORDER BY pendo_id LIMIT $3)
                  RETURNING *",
             )
@@ -328,13 +329,59 @@ impl Backend {
         let mut session = self.session().await?;
         let row = query(
             "SELECT min(next_attempt_at) FROM outbox
-             WHERE leased = 0 AND state IN ('pending', 'unmatched') AND ($1 IS NULL OR kind = $1)",
+             WHERE leased = 0 AND state = 'pending' AND ($1 IS NULL OR kind = $1)",
         )
         .bind(kind.map(Kind::as_str))
         .fetch_one(&mut *session)
         .await?;
         end_session(session).await?;
         Ok(row.get(0))
+    }
+
+    /// Whether any row of `kind` waits for Pendo to know its id.
+    pub async fn has_unmatched(&self, kind: Kind) -> Result<bool, StoreError> {
+        let mut session = self.session().await?;
+        let n: i64 = query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE state = 'unmatched' AND kind = $1 LIMIT 1) AS u",
+        )
+        .bind(kind.as_str())
+        .fetch_one(&mut *session)
+        .await?;
+        end_session(session).await?;
+        Ok(n > 0)
+    }
+
+    /// Makes the unmatched rows of these ids pending, due at once: Pendo knows the ids now.
+    /// One statement for the whole list; returns the values made pending.
+    pub async fn promote_unmatched(
+        &self,
+        kind: Kind,
+        ids: &[String],
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin_write().await?;
+        let done = query(if PG {
+            "UPDATE outbox SET state = 'pending', next_attempt_at = $2, last_error = NULL, updated_at = $2
+             WHERE kind = $1 AND state = 'unmatched'
+               AND pendo_id IN (SELECT jsonb_array_elements_text($3::jsonb))"
+        } else {
+            "UPDATE outbox SET state = 'pending', next_attempt_at = $2, last_error = NULL, updated_at = $2
+             WHERE kind = $1 AND state = 'unmatched' AND pendo_id IN (SELECT value FROM json_each($3))"
+        })
+        .bind(kind.as_str())
+        .bind(now)
+        .bind(serde_json::to_string(ids).expect("strings serialize"))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let promoted = done.rows_affected();
+        if promoted > 0 {
+            self.note_written(promoted as usize).await;
+        }
+        Ok(promoted)
     }
 
     /// Applies the writer's outcomes in one transaction: shadow updates for confirmed rows and the
@@ -441,9 +488,7 @@ impl Backend {
         for (entry, settlement) in outcomes {
             let key = match settlement {
                 Settlement::Confirmed | Settlement::AlreadyConfirmed => GroupKey::Delete,
-                Settlement::Unmatched { retry_at, message } => {
-                    GroupKey::Unmatched(*retry_at, message.clone())
-                }
+                Settlement::Unmatched { message } => GroupKey::Unmatched(message.clone()),
                 Settlement::Retry {
                     retry_at,
                     error,
@@ -480,8 +525,7 @@ impl Backend {
             let sql = match &group {
                 GroupKey::Delete => format!("DELETE FROM outbox WHERE {keys}"),
                 GroupKey::Unmatched(..) => format!(
-                    "UPDATE outbox SET state = 'unmatched', next_attempt_at = $5, last_error = $6, updated_at = $7,
-                        leased = 0
+                    "UPDATE outbox SET state = 'unmatched', last_error = $5, updated_at = $6, leased = 0
                      WHERE {keys}"
                 ),
                 GroupKey::Retry(..) => format!(
@@ -504,7 +548,7 @@ impl Backend {
                 .bind(serde_json::to_string(&ids).expect("strings serialize"));
             let q = match group {
                 GroupKey::Delete => q,
-                GroupKey::Unmatched(retry_at, message) => q.bind(retry_at).bind(message).bind(now),
+                GroupKey::Unmatched(message) => q.bind(message).bind(now),
                 GroupKey::Retry(retry_at, error, max_attempts, attempts) => q
                     .bind(retry_at)
                     .bind(error)
