@@ -227,6 +227,17 @@ impl App {
             .expect("validated config has a connector per used source");
         let overlap = self.settings.schedule.overlap;
         let mapping = Mapping::new(m);
+        // A configuration change takes effect by itself: removed fields are forgotten, and a
+        // new or changed field (or definition) makes this cycle a full reconcile.
+        let (changed, fingerprint) =
+            crate::reconfigure::before_cycle(&self.store, m, dry_run).await?;
+        let mode = match (&changed, mode) {
+            (Some(why), Mode::Incremental) => {
+                tracing::info!(mapping = %m.name, %why, "The mapping's configuration changed; this cycle is a full reconcile.");
+                Mode::Reconcile
+            }
+            _ => mode,
+        };
         let result = engine::run_cycle(
             &self.store,
             connector.as_ref(),
@@ -239,6 +250,13 @@ impl App {
         .await;
         if let Ok(report) = &result {
             self.notify_hold(report);
+            // Remembered once a full pull has completed (or after a mapping's first cycle):
+            // a failed one leaves the change to be taken up again.
+            if let Some(print) = fingerprint
+                && !dry_run
+            {
+                print.save(&self.store, &m.name).await?;
+            }
         }
         result
     }
@@ -378,6 +396,9 @@ impl App {
             Some(self.writer_lock().await?)
         };
         let mut report = SyncReport::default();
+        if lock.is_some() {
+            crate::reconfigure::forget_removed(&self.settings, &self.store).await?;
+        }
         for m in self.mappings(only)? {
             if cancel.is_cancelled() {
                 break;

@@ -171,6 +171,9 @@ async fn sync(
     if let Some(lock) = lock {
         app.hold_lock(lock);
     }
+    if dry_run {
+        print_config_plan(&settings, &app.store).await?;
+    }
     let cancel = crate::shutdown::shutdown_token();
     let kind: Option<Kind> = kind.map(Into::into);
     let mut report = SyncReport::default();
@@ -839,9 +842,21 @@ pub async fn check_pendo(settings: &Settings, client: &crate::pendo::PendoClient
     out
 }
 
+/// What the configuration changed since the state last saw it (see `reconfigure`).
+async fn print_config_plan(
+    settings: &Settings,
+    store: &crate::store::Store,
+) -> Result<(), AppError> {
+    for line in crate::reconfigure::plan(settings, store).await?.lines() {
+        println!("config change   {line}");
+    }
+    Ok(())
+}
+
 async fn check(settings: Arc<Settings>) -> Result<u8, AppError> {
     println!("config          ok ({} mappings)", settings.mappings.len());
     let app = App::open_configured(settings.clone()).await?;
+    print_config_plan(&settings, &app.store).await?;
     let mut findings = check_pendo(&settings, &app.pendo).await;
     for m in &settings.mappings {
         let spec = PullSpec::for_mapping(m, None, settings.schedule.overlap);

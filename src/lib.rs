@@ -43,6 +43,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod notify;
 pub mod pendo;
+pub mod reconfigure;
 pub mod run;
 pub mod schedule;
 pub mod service;

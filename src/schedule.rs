@@ -74,6 +74,11 @@ impl ReconcileRecord {
             .await
     }
 
+    /// Forgets the record of a mapping removed from the configuration.
+    pub async fn forget(store: &Store, mapping: &str) -> Result<(), StoreError> {
+        store.kv_delete(&key(mapping)).await
+    }
+
     /// The record for this mapping, starting the clock now if the state file has none (a fresh
     /// state's first incremental cycle reads everything anyway).
     pub async fn load_or_start(

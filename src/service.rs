@@ -898,7 +898,10 @@ impl Service {
         &self,
         lock: &crate::lock::InstanceLock,
     ) -> Result<(), crate::pendo::WriterError> {
-        self.app.writer.start(lock).await
+        self.app.writer.start(lock).await?;
+        // Once per leadership too: mappings no longer configured are forgotten.
+        crate::reconfigure::forget_removed(&self.settings, &self.store).await?;
+        Ok(())
     }
 
     /// Whether this process writes (the leader), or waits as a standby (PostgreSQL). A leader

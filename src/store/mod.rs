@@ -563,6 +563,23 @@ impl Store {
     pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         on!(self, b => b.kv_delete(key).await)
     }
+    /// Every kv entry whose key starts with `prefix`, in key order.
+    pub async fn kv_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        on!(self, b => b.kv_prefix(prefix).await)
+    }
+    /// See `sql/forget.rs`.
+    pub async fn forget_mapped(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        fields: &[String],
+        whole: bool,
+    ) -> Result<Forgotten, StoreError> {
+        on!(self, b => b.forget_mapped(mapping, kind, fields, whole).await)
+    }
     pub async fn load_shadow(
         &self,
         kind: Kind,
@@ -926,6 +943,15 @@ pub struct RunRecord {
 /// A page's digests: the kind, (Pendo id, digest) pairs, and the shadow sequence number of the
 /// snapshot the diff read.
 pub type PageDigests<'a> = (crate::domain::Kind, &'a [(String, u64)], i64);
+
+/// What [`Store::forget_mapped`] forgot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub outbox_rows: u64,
+    /// Shadow rows that held one of the fields.
+    pub shadow_values: u64,
+    pub holds_closed: u64,
+}
 
 /// What [`Store::commit_page`] writes in one transaction.
 #[derive(Debug, Default)]

@@ -19,6 +19,7 @@ mod history;
 mod outage;
 mod pg;
 mod races;
+mod reconfigure;
 mod replicas;
 mod secrets;
 mod security;

@@ -560,6 +560,29 @@ impl Backend {
         Ok(())
     }
 
+    pub async fn kv_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let mut conn = self.session().await?;
+        // Not LIKE: no escaping of `_` and `%`. The kv holds a few dozen keys.
+        let rows =
+            query("SELECT key, value FROM kv WHERE substr(key, 1, length($1)) = $1 ORDER BY key")
+                .bind(prefix)
+                .fetch_all(&mut *conn)
+                .await?;
+        end_session(conn).await?;
+        rows.iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let text: String = r.get(1);
+                serde_json::from_str(&text)
+                    .map(|v| (key.clone(), v))
+                    .map_err(|e| StoreError::Corrupt(format!("kv {key}: {e}")))
+            })
+            .collect()
+    }
+
     pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         query("DELETE FROM kv WHERE key = $1")

@@ -89,7 +89,7 @@ pub(super) fn from_outbox(condition: &str) -> String {
 }
 
 /// [`from_outbox`] with `$3` going into `column` (`ref` or `detail`).
-fn from_outbox_into(column: &str, condition: &str) -> String {
+pub(super) fn from_outbox_into(column: &str, condition: &str) -> String {
     format!(
         "INSERT INTO history (at, kind, pendo_id, field, event, value, {column})
          SELECT $1, kind, pendo_id, field, $2, value, $3 FROM outbox WHERE {condition}"

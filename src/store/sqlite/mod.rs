@@ -27,6 +27,9 @@ mod claims;
 #[path = "../sql/digest.rs"]
 mod digest;
 #[allow(clippy::duplicate_mod)]
+#[path = "../sql/forget.rs"]
+mod forget;
+#[allow(clippy::duplicate_mod)]
 #[path = "../sql/history.rs"]
 mod history;
 #[allow(clippy::duplicate_mod)]
