@@ -42,6 +42,8 @@ async fn start_sims(first: SocketAddr) -> std::io::Result<Sims> {
     ] {
         schema.push((Kind::Account, f.to_owned(), t.to_owned()));
     }
+    // `accountname` is declared for step 8, where a mapping gains it.
+    schema.push((Kind::Account, "accountname".to_owned(), "string".to_owned()));
     for f in ["lifecyclestage", "owneremail", "csmname"] {
         schema.push((Kind::Visitor, f.to_owned(), "string".to_owned()));
     }
@@ -327,6 +329,45 @@ pub async fn demo() -> Result<u8, AppError> {
     } else {
         println!("   UNEXPECTED: the guard did not hold the mass clear");
     }
+    app.store.close().await;
+
+    println!(
+        "\n8. RevOps maps one more field, `accountname` from the account's Name, and just runs the next sync"
+    );
+    let mut more = (*settings).clone();
+    if let Some(m) = more.mappings.iter_mut().find(|m| m.name == "sf-accounts") {
+        m.fields.insert(
+            "accountname".into(),
+            crate::config::FieldSettings {
+                from: "Name".into(),
+                field_type: crate::domain::FieldType::String,
+                transform: None,
+                on_null: Default::default(),
+            },
+        );
+    }
+    let app = App::open_configured(Arc::new(more)).await?;
+    for line in crate::reconfigure::plan(&app.settings, &app.store)
+        .await?
+        .lines()
+    {
+        println!("   `pendo-sync check`: {line}");
+    }
+    sims.pendo.reset_requests();
+    app.sync(Some("sf-accounts"), Mode::Incremental, false, &cancel, &())
+        .await?;
+    let sent: Vec<(String, String, serde_json::Value)> = sims
+        .pendo
+        .requests()
+        .iter()
+        .flat_map(|r| r.written_values())
+        .collect();
+    let names = sent.iter().filter(|(_, f, _)| f == "accountname").count();
+    let filled = names == accounts * 9 / 10 && names == sent.len();
+    println!(
+        "   a full reconcile by itself: {names} `accountname` values sent, {} other values sent again",
+        sent.len() - names
+    );
     println!(
         "\n{} in {:.1}s. State file: {}",
         if drift == 2 {
@@ -340,7 +381,7 @@ pub async fn demo() -> Result<u8, AppError> {
     app.store.close().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(
-        if drift == 2 && second.failed.is_empty() && guarded && explained {
+        if drift == 2 && second.failed.is_empty() && guarded && explained && filled {
             0
         } else {
             1

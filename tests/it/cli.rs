@@ -102,6 +102,11 @@ fn the_demo_runs_and_finds_the_hand_edits() {
     );
     assert!(stdout.contains("Pendo requests: 0"), "{stdout}");
     assert!(stdout.contains("exactly the two hand edits"), "{stdout}");
+    // A field added to a mapping is filled by the next sync alone, nothing else sent again.
+    assert!(
+        stdout.contains("1800 `accountname` values sent, 0 other values sent again"),
+        "{stdout}"
+    );
     assert!(stdout.contains("plantier \"Growth\""), "{stdout}");
     // `why --live` names the hand edit with the value it replaced.
     assert!(

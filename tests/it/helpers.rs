@@ -186,13 +186,15 @@ impl TestApp {
     }
 
     pub async fn sync_mode(&self, mode: Mode) -> SyncReport {
-        let app = self.app().await;
-        let report = app
-            .sync(None, mode, false, &CancellationToken::new(), &())
+        sync_on(self.app().await, mode).await
+    }
+
+    /// One `sync` under other settings (a changed configuration) on the same state and CRM.
+    pub async fn sync_with(&self, settings: Arc<Settings>) -> SyncReport {
+        let app = App::open(settings, self.connectors())
             .await
-            .expect("sync runs");
-        app.store.close().await;
-        report
+            .expect("app opens");
+        sync_on(app, Mode::Incremental).await
     }
 
     /// Seeds `n` accounts in the CRM (and makes their ids known to Pendo).
@@ -280,6 +282,16 @@ impl TestApp {
             .filter(|r| r.path.contains("/custom/value"))
             .collect()
     }
+}
+
+/// One pass of `app` (cycles, then the drain), then its state closed.
+async fn sync_on(app: App, mode: Mode) -> SyncReport {
+    let report = app
+        .sync(None, mode, false, &CancellationToken::new(), &())
+        .await
+        .expect("sync runs");
+    app.store.close().await;
+    report
 }
 
 pub fn account_id(i: usize) -> String {

@@ -4,13 +4,10 @@
 
 use std::sync::Arc;
 
-use pendo_sync::app::{App, SyncReport};
 use pendo_sync::config::Settings;
 use pendo_sync::domain::Kind;
-use pendo_sync::engine::Mode;
 use pendo_sync::store::{GuardOutcome, QueueFilter, Store};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Options, TestApp, account_id};
 use crate::on_both_backends;
@@ -28,30 +25,12 @@ fn without_field(t: &TestApp, field: &str) -> Arc<Settings> {
     })
 }
 
-/// One `sync` (incremental, then the drain) under `settings`.
-async fn sync_with(t: &TestApp, settings: Arc<Settings>) -> SyncReport {
-    let app = App::open(settings, t.connectors()).await.unwrap();
-    let report = app
-        .sync(
-            None,
-            Mode::Incremental,
-            false,
-            &CancellationToken::new(),
-            &(),
-        )
-        .await
-        .unwrap();
-    app.store.close().await;
-    report
-}
-
-async fn plan_lines(t: &TestApp, settings: &Settings) -> Vec<String> {
+async fn plan_lines(settings: &Settings) -> Vec<String> {
     let store = Store::open_settings(&settings.state).await.unwrap();
     let lines = pendo_sync::reconfigure::plan(settings, &store)
         .await
         .unwrap()
         .lines();
-    let _ = t;
     store.close().await;
     lines
 }
@@ -64,12 +43,12 @@ on_both_backends! {
             return;
         };
         t.seed(60);
-        sync_with(&t, without_field(&t, "isstrategic")).await;
+        t.sync_with(without_field(&t, "isstrategic")).await;
         assert!(
             t.pendo.values(Kind::Account).values().all(|f| !f.contains_key("isstrategic")),
             "not mapped yet"
         );
-        let lines = plan_lines(&t, &t.settings).await;
+        let lines = plan_lines(&t.settings).await;
         assert!(
             lines.iter().any(|l| l.contains("accounts: field `isstrategic` added")),
             "{lines:?}"
@@ -87,7 +66,7 @@ on_both_backends! {
         assert_eq!(others, 0, "nothing but the new field is sent: {written:?}");
         assert_eq!(written.len(), 60);
         t.assert_converged();
-        assert!(plan_lines(&t, &t.settings).await.is_empty(), "remembered");
+        assert!(plan_lines(&t.settings).await.is_empty(), "remembered");
 
         // And the next cycle is incremental again: nothing is read or sent.
         t.pendo.reset_requests();
@@ -126,13 +105,13 @@ on_both_backends! {
         );
 
         let no_arr = without_field(&t, "arr");
-        let lines = plan_lines(&t, &no_arr).await;
+        let lines = plan_lines(&no_arr).await;
         assert!(
             lines.iter().any(|l| l.contains("accounts: field `arr` removed")),
             "{lines:?}"
         );
         t.pendo.reset_requests();
-        let report = sync_with(&t, no_arr.clone()).await;
+        let report = t.sync_with(no_arr.clone()).await;
         assert!(report.failed.is_empty(), "{report:?}");
         let store = Store::open_settings(&no_arr.state).await.unwrap();
         let queued = store.outbox_list(&QueueFilter::default(), 1000).await.unwrap();
@@ -155,12 +134,12 @@ on_both_backends! {
             s.mappings[0].fields.remove("arr");
             s.mappings[0].name = "accounts-v2".into();
         });
-        let lines = plan_lines(&t, &renamed).await;
+        let lines = plan_lines(&renamed).await;
         assert!(
             lines.iter().any(|l| l.starts_with("accounts: mapping removed")),
             "{lines:?}"
         );
-        let report = sync_with(&t, renamed.clone()).await;
+        let report = t.sync_with(renamed.clone()).await;
         assert!(report.failed.is_empty(), "{report:?}");
         let cleared = t
             .pendo
@@ -170,6 +149,6 @@ on_both_backends! {
             .filter(|(_, _, v)| v.is_null())
             .count();
         assert_eq!(cleared, 0);
-        assert!(plan_lines(&t, &renamed).await.is_empty());
+        assert!(plan_lines(&renamed).await.is_empty());
     }
 }
