@@ -403,6 +403,7 @@ async fn cycle(
         |since| PullSpec::for_mapping(ms, since, Duration::ZERO),
         mode,
         false,
+        None,
         &(),
     )
     .await
@@ -508,6 +509,9 @@ async fn setup(n: u64, db: &str) -> serde_json::Value {
             store.settle(&outcomes).await.expect("settle");
         }
     }
+    // The guard's per-field totals, as a settle would have kept them (the SQL seeding above
+    // writes the shadow directly).
+    store.recount_field_totals().await.expect("field totals");
     assert_eq!(pending(&store).await, 0, "outbox drained");
     assert_eq!(
         store.shadow_count(Kind::Account).await.expect("count") as u64,

@@ -27,6 +27,13 @@
 //!    (`pendo::discovery::pass`, the default limiter of 5 requests/s), each measured in Pendo
 //!    requests, seconds, history events and state bytes written. A day at the defaults is 1,440
 //!    discoveries and one full check.
+//! 5. **The guard's adoption read** (`BENCH_ADOPT=1000000`; run alone with `BENCH_PART=adopt`).
+//!    `BENCH_ADOPT` accounts × 3 fields are staged (a first sync's pages, `commit_page` with
+//!    `stage`), and the Pendo simulator (on loopback) already holds all of them, written by
+//!    "another integration": 60 % of the plan tiers stale, everything else equal. Then
+//!    `pendo::adopt::adopt` reads Pendo's values of the 3 fields and adopts them as a first sync
+//!    does before its guard, at the default limiter (5 requests/s) and unlimited: Pendo requests,
+//!    seconds, values adopted and dropped, and the guard's decision that follows.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -502,6 +509,102 @@ async fn unknown_ids(dir: &Path) -> serde_json::Value {
     out
 }
 
+async fn adoption(dir: &Path) -> serde_json::Value {
+    use pendo_sync::mapping::Mapping;
+    use pendo_sync::pendo::adopt;
+    use pendo_sync::pendo::values::Retry;
+    let n = env_u64("BENCH_ADOPT", 1_000_000);
+    let sim = PendoSim::new(PendoSimConfig {
+        integration_key: "bench".into(),
+        write_access: true,
+        schema: Vec::new(),
+        rate_limit: None,
+        errors_as_strings: false,
+    });
+    let server = sim.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let fields = ["plantier", "arr", "owneremail"];
+    let store = Store::open(&dir.join("adopt.db")).await.unwrap();
+    let started = Instant::now();
+    let mut first = 0;
+    while first < n {
+        let count = 10_000.min(n - first);
+        let c: Vec<Change> = changes(first, count, 0)
+            .into_iter()
+            .filter(|c| fields.contains(&c.field.as_str()))
+            .collect();
+        for ch in &c {
+            let mut v: serde_json::Value = serde_json::from_str(&ch.value).unwrap();
+            let i: u64 = ch.pendo_id[4..].parse().unwrap();
+            if ch.field == "plantier" && i % 10 < 6 {
+                v = serde_json::json!("Legacy");
+            }
+            sim.set_value(Kind::Account, &ch.pendo_id, &ch.field, v);
+        }
+        store
+            .commit_page(&PageCommit {
+                mapping: "accounts",
+                changes: &c,
+                run: Some(1),
+                stage: true,
+                ..PageCommit::default()
+            })
+            .await
+            .expect("commit");
+        first += count;
+    }
+    println!(
+        "adoption: {n} accounts × 3 fields staged and held by Pendo in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // The default limiter (`pendo.requests_per_second`): what a first sync meets.
+    let toml = SimConfig::new(
+        "/tmp/unused.db",
+        PendoSection::new("bench").base_url(server.url()),
+    )
+    .mapping(MappingSection::sf_accounts("accounts").only(&fields))
+    .salesforce(SalesforceSection::new(
+        "https://login.salesforce.com",
+        Auth::client_credentials("bench", "bench"),
+    ))
+    .to_toml();
+    let settings = Settings::from_toml_with_env(&toml, HashMap::new()).expect("bench config");
+    let key = settings
+        .pendo
+        .integration_key_source
+        .resolve("pendo.integration_key")
+        .unwrap();
+    let client = PendoClient::new(&settings.pendo, key);
+    let mapping = Mapping::new(settings.mapping("accounts").unwrap());
+    let maps: Vec<_> = mapping.fields.iter().collect();
+    let retry = Retry {
+        initial: std::time::Duration::from_millis(100),
+        max: std::time::Duration::from_secs(5),
+        attempts: 6,
+    };
+    sim.reset_requests();
+    let at = Instant::now();
+    let done = adopt::adopt(&store, &client, &mapping, &maps, retry)
+        .await
+        .expect("adopt");
+    let seconds = at.elapsed().as_secs_f64();
+    let requests = sim.requests().len();
+    println!(
+        "  adoption at {} requests/s: {requests} Pendo requests, {seconds:.1} s; {} of Pendo's values adopted, {} staged values equal (dropped, never sent)",
+        settings.pendo.requests_per_second, done.seeded, done.equal
+    );
+    let at = Instant::now();
+    let outcome = store
+        .finish_staged("accounts", Kind::Account, &mapping.guard)
+        .await
+        .expect("guard");
+    let guard_s = at.elapsed().as_secs_f64();
+    println!("  then the guard: {outcome:?} in {guard_s:.2} s");
+    let out = serde_json::json!({ "accounts": n, "requests": requests, "seconds": seconds,
+        "seeded": done.seeded, "equal": done.equal, "guard_s": guard_s });
+    store.close().await;
+    out
+}
+
 fn main() {
     // Outside `cargo bench` (e.g. `cargo test --all-targets`) there is nothing to do.
     if !std::env::args().any(|a| a == "--bench") {
@@ -515,6 +618,10 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let settings = settings();
         let part = std::env::var("BENCH_PART").unwrap_or_default();
+        if part == "adopt" {
+            adoption(dir.path()).await;
+            return;
+        }
         if part.is_empty() || part == "unknown" {
             unknown_ids(dir.path()).await;
         }

@@ -245,6 +245,14 @@ impl App {
             |since| PullSpec::for_mapping(m, since, overlap),
             mode,
             dry_run,
+            Some(&PendoAdopter {
+                client: &self.pendo,
+                retry: crate::pendo::values::Retry {
+                    initial: self.settings.pendo.retry_initial,
+                    max: self.settings.pendo.retry_max,
+                    attempts: 6,
+                },
+            }),
             progress,
         )
         .await;
@@ -468,4 +476,41 @@ where
         tokio::time::sleep(PRUNE_PAUSE).await;
     }
     Ok(total)
+}
+
+/// The cycle's adoption of what Pendo holds before a first push ([`crate::pendo::adopt`]).
+struct PendoAdopter<'c> {
+    client: &'c PendoClient,
+    retry: crate::pendo::values::Retry,
+}
+
+impl engine::Adopter for PendoAdopter<'_> {
+    fn adopt<'a>(
+        &'a self,
+        store: &'a Store,
+        mapping: &'a Mapping,
+        fields: &'a [&'a crate::mapping::FieldMap],
+    ) -> crate::connectors::BoxFuture<'a, Result<crate::store::Adopted, String>> {
+        Box::pin(async move {
+            crate::pendo::adopt::adopt(store, self.client, mapping, fields, self.retry)
+                .await
+                .map(|a| crate::store::Adopted {
+                    seeded: a.seeded,
+                    equal: a.equal,
+                })
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn read_held<'a>(
+        &'a self,
+        mapping: &'a Mapping,
+        fields: &'a [&'a crate::mapping::FieldMap],
+    ) -> crate::connectors::BoxFuture<'a, Result<engine::PendoHeld, String>> {
+        Box::pin(async move {
+            crate::pendo::adopt::read_held(self.client, mapping, fields, self.retry)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }

@@ -26,7 +26,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 
 use crate::app::{AppError, Connectors};
 use crate::config::{ConfigError, MappingSettings, OnDelete, Settings};
@@ -490,7 +490,8 @@ impl MappingAudit<'_> {
     }
 
     /// Per field, what a reconcile would change against the shadow (first fills, clears,
-    /// overwrites) and the values the shadow holds: what the guard would judge.
+    /// overwrites) and the values the shadow holds (with `--against pendo`, Pendo's values where
+    /// the shadow holds none): what the guard would judge.
     fn guard_counts(
         &self,
         tracked: &HashMap<String, Tracked>,
@@ -500,7 +501,10 @@ impl MappingAudit<'_> {
         for t in tracked.values() {
             for (i, f) in self.mapping.fields.iter().enumerate() {
                 let c = out.entry(f.pendo_field.clone()).or_default();
-                let shadow = t.shadow[i].as_deref();
+                // Against Pendo, what Pendo holds stands where the shadow holds nothing: what
+                // the guard's adoption before a first push would put there.
+                let pendo = t.pendo.as_ref().and_then(|p| p[i].as_deref());
+                let shadow = t.shadow[i].as_deref().or(pendo);
                 if shadow.is_some() {
                     c.covered += 1;
                 }
@@ -517,6 +521,10 @@ impl MappingAudit<'_> {
                     _ => {}
                 }
             }
+        }
+        // The audit covers the whole mapping.
+        for c in out.values_mut() {
+            c.total = c.covered;
         }
         out
     }
@@ -747,50 +755,41 @@ impl MappingAudit<'_> {
         Ok(())
     }
 
-    /// Reads Pendo's current values of this mapping's fields, page by page (`sort` + `skip` +
-    /// `limit`: the aggregation API has no cursor), and attaches them to the tracked ids. Ids
-    /// Pendo lists that the audit does not track are not ours and are skipped.
+    /// Reads Pendo's current values of this mapping's fields, page by page
+    /// ([`crate::pendo::values::ValuePages`]), and attaches them to the tracked ids. Ids Pendo
+    /// lists that the audit does not track are not ours and are skipped.
     async fn scan_pendo(
         &self,
         client: &PendoClient,
         tracked: &mut HashMap<String, Tracked>,
         ticker: &mut Ticker,
     ) -> Result<u64, AppError> {
+        use crate::pendo::values::{Retry, ValuePages, alias};
         let kind = self.kind();
         let id_key = kind.id_key();
-        // Field keys as select aliases, unless one collides with the id key.
-        let aliases: Vec<String> = self
+        let fields: Vec<&str> = self
             .mapping
             .fields
             .iter()
-            .map(|f| {
-                if f.pendo_field == id_key {
-                    format!("custom_{}", f.pendo_field)
-                } else {
-                    f.pendo_field.clone()
-                }
-            })
+            .map(|f| f.pendo_field.as_str())
             .collect();
-        let mut select = serde_json::Map::new();
-        select.insert(id_key.to_owned(), json!(id_key));
-        for (alias, f) in aliases.iter().zip(&self.mapping.fields) {
-            select.insert(
-                alias.clone(),
-                json!(format!("metadata.custom.{}", f.pendo_field)),
-            );
-        }
-        let source = match kind {
-            Kind::Account => json!({ "accounts": null }),
-            Kind::Visitor => json!({ "visitors": null }),
+        let aliases: Vec<String> = fields.iter().map(|f| alias(kind, f)).collect();
+        let retry = Retry {
+            initial: self.settings.pendo.retry_initial,
+            max: self.settings.pendo.retry_max,
+            attempts: 6,
         };
-        let mut limit = self.page_size;
-        let mut skip = 0usize;
+        let label = format!("audit-{}", self.name());
+        let mut pages = ValuePages::new(client, kind, &fields, self.page_size, retry, &label);
         let mut read = 0u64;
-        loop {
-            let page = self
-                .aggregate_page(client, &source, &select, skip, &mut limit)
-                .await?;
-            let got = page.len();
+        while let Some(page) = pages.next().await.map_err(|e| {
+            AppError::Runtime(format!(
+                "mapping {}: reading Pendo's {}s: {e}",
+                self.name(),
+                kind
+            ))
+        })? {
+            read += page.len() as u64;
             for row in page {
                 let Some(id) = crate::pendo::client::row_id(&row, id_key) else {
                     continue;
@@ -811,67 +810,9 @@ impl MappingAudit<'_> {
                         .collect(),
                 );
             }
-            read += got as u64;
-            skip += got;
             ticker.pendo_rows(read);
-            if got < limit {
-                break;
-            }
         }
         Ok(read)
-    }
-
-    /// One aggregation page, retried like the writer retries: transient failures back off
-    /// (honouring Retry-After, capped by `retry_max`), a 408 or a 413 halves the page.
-    async fn aggregate_page(
-        &self,
-        client: &PendoClient,
-        source: &Json,
-        select: &serde_json::Map<String, Json>,
-        skip: usize,
-        limit: &mut usize,
-    ) -> Result<Vec<Json>, AppError> {
-        const MAX_ATTEMPTS: u32 = 6;
-        let retry_max = self.settings.pendo.retry_max;
-        let mut delay = self.settings.pendo.retry_initial;
-        let mut attempt = 1;
-        loop {
-            let request = json!({
-                "response": { "mimeType": "application/json" },
-                "request": {
-                    "requestId": format!("pendo-sync-audit-{}", self.name()),
-                    "pipeline": [
-                        { "source": source },
-                        { "identified": self.kind().id_key() },
-                        { "select": select },
-                        { "sort": [self.kind().id_key()] },
-                        { "skip": skip },
-                        { "limit": *limit },
-                    ]
-                }
-            });
-            match client.aggregate(&request).await {
-                Ok(rows) => return Ok(rows),
-                Err(e) if e.wants_smaller_batch() && *limit > 100 => {
-                    *limit /= 2;
-                    tracing::warn!(mapping = %self.name(), limit = *limit, error = %e, "Pendo refused an aggregation page (408/413); halving it.");
-                }
-                Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
-                    let wait = e.retry_after().unwrap_or(delay).min(retry_max);
-                    tracing::warn!(mapping = %self.name(), error = %e, attempt, ?wait, "Pendo aggregation failed; retrying.");
-                    tokio::time::sleep(wait).await;
-                    delay = (delay * 2).min(retry_max);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(AppError::Runtime(format!(
-                        "mapping {}: reading Pendo's {}s: {e}",
-                        self.name(),
-                        self.kind()
-                    )));
-                }
-            }
-        }
     }
 
     /// Sorts every tracked (id, field) into its class; rows for all but `in_sync`.
@@ -1284,6 +1225,7 @@ fn render_markdown(report: &AuditReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn report() -> AuditReport {
         let mut totals = zero_counts();

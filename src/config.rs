@@ -76,15 +76,21 @@ impl Default for HistorySettings {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuardSettings {
-    /// Per Pendo field and cycle: clears / values Pendo holds for it among the covered records.
+    /// Per Pendo field: clears / values Pendo holds for it, per cycle among the covered records
+    /// and over `window` across the mapping.
     #[serde(default = "defaults::max_clear_percent")]
     pub max_clear_percent: f64,
-    /// The same for non-null values replaced by a different non-null value.
+    /// Non-null values replaced by a different non-null value / values Pendo holds for the field
+    /// across the mapping, per cycle and over `window`.
     #[serde(default = "defaults::max_overwrite_percent")]
     pub max_overwrite_percent: f64,
-    /// Below this many covered values a field is never held on percentages.
+    /// Below this many values (the count a percentage is taken of) a field is never held on
+    /// percentages.
     #[serde(default = "defaults::min_values")]
     pub min_values: u64,
+    /// Clears and overwrites also add up over this rolling window.
+    #[serde(default = "defaults::guard_window", with = "duration")]
+    pub window: Duration,
 }
 
 impl Default for GuardSettings {
@@ -93,6 +99,7 @@ impl Default for GuardSettings {
             max_clear_percent: defaults::max_clear_percent(),
             max_overwrite_percent: defaults::max_overwrite_percent(),
             min_values: defaults::min_values(),
+            window: defaults::guard_window(),
         }
     }
 }
@@ -104,6 +111,8 @@ pub struct GuardOverrides {
     pub max_clear_percent: Option<f64>,
     pub max_overwrite_percent: Option<f64>,
     pub min_values: Option<u64>,
+    #[serde(default, with = "duration_opt")]
+    pub window: Option<Duration>,
 }
 
 /// What `[notify]` posts about.
@@ -1280,6 +1289,7 @@ fn validate(raw: RawSettings) -> Result<Settings, ConfigError> {
                 .max_overwrite_percent
                 .unwrap_or(guard.max_overwrite_percent),
             min_values: o.min_values.unwrap_or(guard.min_values),
+            window: o.window.unwrap_or(guard.window),
         };
         check_guard(&format!("mappings[{i}].guard"), &m.guard_limits)?;
     }
@@ -1536,7 +1546,8 @@ fn check_guard(at: &str, g: &GuardSettings) -> Result<(), ConfigError> {
         0.0,
         100.0,
     )?;
-    check_range(&format!("{at}.min_values"), g.min_values as f64, 0.0, 1e12)
+    check_range(&format!("{at}.min_values"), g.min_values as f64, 0.0, 1e12)?;
+    check_duration(&format!("{at}.window"), g.window)
 }
 
 fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), ConfigError> {
@@ -1582,6 +1593,17 @@ mod duration {
     }
 }
 
+/// [`duration`] for an optional key.
+mod duration_opt {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
 mod defaults {
     use std::time::Duration;
 
@@ -1593,6 +1615,9 @@ mod defaults {
     }
     pub fn min_values() -> u64 {
         100
+    }
+    pub fn guard_window() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
     pub fn lease_ttl() -> Duration {
         Duration::from_secs(15)

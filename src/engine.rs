@@ -33,7 +33,7 @@ use crate::metrics::{
     CHANGES_DETECTED, CYCLE_DURATION, INVALID_RECORDS, LAST_SUCCESS, RECORDS_PULLED,
 };
 use crate::store::{
-    Change, DiffState, GuardOutcome, InvalidRecord, PageCommit, Source, Store, StoreError,
+    Adopted, Change, DiffState, GuardOutcome, InvalidRecord, PageCommit, Source, Store, StoreError,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,8 @@ pub struct CycleReport {
     pub would_hold: Option<String>,
     /// Seconds the guard took to decide over the staged changes (count, then pass or hold).
     pub guard_seconds: f64,
+    /// Staged values dropped because Pendo already held them (adopted before a first push).
+    pub adopted: u64,
 }
 
 impl CycleReport {
@@ -179,6 +181,8 @@ pub enum CycleError {
         #[source]
         source: ConnectorError,
     },
+    #[error("mapping {mapping}: {message}")]
+    Adopt { mapping: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -190,7 +194,33 @@ pub trait Progress: Send + Sync {
 
 impl Progress for () {}
 
+/// What Pendo holds, by (Pendo id, field): values in the outbox's stored form.
+pub type PendoHeld = HashMap<(String, String), String>;
+
+/// Adopts what Pendo holds for fields before their first push, so that the guard judges the
+/// staged values against it (DESIGN, "The guard"). The App's reads Pendo
+/// ([`crate::pendo::adopt`]); a cycle run without one (the benches) adopts nothing.
+pub trait Adopter: Send + Sync {
+    /// Adopts Pendo's values of `fields` for `mapping`'s staged rows. At-least-once: a failed
+    /// adoption leaves the rows staged, and the next cycle adopts again.
+    fn adopt<'a>(
+        &'a self,
+        store: &'a Store,
+        mapping: &'a Mapping,
+        fields: &'a [&'a crate::mapping::FieldMap],
+    ) -> crate::connectors::BoxFuture<'a, Result<Adopted, String>>;
+
+    /// What Pendo holds for `fields`, by (Pendo id, field), in the outbox's stored form; for
+    /// dry runs, which adopt nothing.
+    fn read_held<'a>(
+        &'a self,
+        mapping: &'a Mapping,
+        fields: &'a [&'a crate::mapping::FieldMap],
+    ) -> crate::connectors::BoxFuture<'a, Result<PendoHeld, String>>;
+}
+
 /// Runs one cycle of `mapping` through `connector`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_cycle(
     store: &Store,
     connector: &dyn Connector,
@@ -198,6 +228,7 @@ pub async fn run_cycle(
     spec_for: impl FnOnce(Option<Watermark>) -> PullSpec,
     mode: Mode,
     dry_run: bool,
+    adopter: Option<&dyn Adopter>,
     progress: &dyn Progress,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
@@ -224,6 +255,7 @@ pub async fn run_cycle(
         mode,
         dry_run,
         run_id,
+        adopter,
         &mut report,
         progress,
     )
@@ -422,6 +454,7 @@ async fn pull_all(
     mode: Mode,
     dry_run: bool,
     run: Option<i64>,
+    adopter: Option<&dyn Adopter>,
     report: &mut CycleReport,
     progress: &dyn Progress,
 ) -> Result<(), CycleError> {
@@ -472,11 +505,21 @@ async fn pull_all(
         clear_orphans(store, mapping, &seen, dry_run, run, report).await?;
     }
     // The pull is complete: the guard decides over the mapping's staged changes (guarantee 9).
-    let by_field = report.counts_by_field(mapping);
     if dry_run {
+        let mut by_field = report.counts_by_field(mapping);
+        let context = store
+            .guard_context(&mapping.name, mapping.kind, &mapping.guard)
+            .await?;
+        crate::guard::apply_context(&mut by_field, &context);
+        if let Some(adopter) = adopter {
+            adopt_in_memory(store, mapping, adopter, report, &mut by_field).await?;
+        }
         report.would_hold =
             crate::guard::evaluate(&mapping.guard, mapping.kind, &by_field).map(|t| t.summary());
     } else {
+        if let Some(adopter) = adopter {
+            adopt_first_pushes(store, mapping, adopter, report).await?;
+        }
         let guard_started = Instant::now();
         let outcome = store
             .finish_staged(&mapping.name, mapping.kind, &mapping.guard)
@@ -502,6 +545,116 @@ async fn pull_all(
         }
         report.guard = Some(outcome);
     }
+    Ok(())
+}
+
+/// The fields this cycle fills for the first time in the mapping: first fills among its
+/// changes, no value of the field in the shadow (a field with values was pushed before, on a
+/// state from before adoption too), and not adopted before (its ids may all be unknown to Pendo,
+/// leaving the shadow empty).
+async fn first_pushes<'m>(
+    store: &Store,
+    mapping: &'m Mapping,
+    report: &CycleReport,
+) -> Result<Vec<&'m crate::mapping::FieldMap>, CycleError> {
+    let filling = |i: usize| report.field_counts.get(i).is_some_and(|c| c.sets > 0);
+    if !(0..mapping.fields.len()).any(filling) {
+        return Ok(Vec::new());
+    }
+    let context = store
+        .guard_context(&mapping.name, mapping.kind, &mapping.guard)
+        .await?;
+    let mut fields = Vec::new();
+    for (i, f) in mapping.fields.iter().enumerate() {
+        if filling(i)
+            && context.get(&f.pendo_field).is_none_or(|c| c.total == 0)
+            && store
+                .kv_get(&crate::store::adopted_key(&mapping.name, &f.pendo_field))
+                .await?
+                .is_none()
+        {
+            fields.push(f);
+        }
+    }
+    Ok(fields)
+}
+
+/// Before the guard: what Pendo holds for the fields of this cycle's first pushes is adopted.
+async fn adopt_first_pushes(
+    store: &Store,
+    mapping: &Mapping,
+    adopter: &dyn Adopter,
+    report: &mut CycleReport,
+) -> Result<(), CycleError> {
+    let fields = first_pushes(store, mapping, report).await?;
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let adopted = adopter
+        .adopt(store, mapping, &fields)
+        .await
+        .map_err(|message| CycleError::Adopt {
+            mapping: mapping.name.clone(),
+            message,
+        })?;
+    report.adopted += adopted.equal;
+    for f in &fields {
+        store
+            .kv_set(
+                &crate::store::adopted_key(&mapping.name, &f.pendo_field),
+                &now_ms().into(),
+            )
+            .await?;
+    }
+    if adopted.seeded > 0 {
+        tracing::info!(mapping = %mapping.name, pendo_values = adopted.seeded, equal = adopted.equal, "Pendo already held values of fields pendo-sync had not written yet: adopted (equal ones are not sent; different ones count as overwrites).");
+    }
+    Ok(())
+}
+
+/// A dry run's adoption, in memory: the first fills of first-pushed fields are judged against
+/// what Pendo holds (equal ones leave the changes; different ones count as overwrites of the
+/// values Pendo holds), and `by_field` says so.
+async fn adopt_in_memory(
+    store: &Store,
+    mapping: &Mapping,
+    adopter: &dyn Adopter,
+    report: &mut CycleReport,
+    by_field: &mut BTreeMap<String, FieldCounts>,
+) -> Result<(), CycleError> {
+    let fields = first_pushes(store, mapping, report).await?;
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let held = adopter
+        .read_held(mapping, &fields)
+        .await
+        .map_err(|message| CycleError::Adopt {
+            mapping: mapping.name.clone(),
+            message,
+        })?;
+    let first: HashSet<&str> = fields.iter().map(|f| f.pendo_field.as_str()).collect();
+    let mut adopted = 0;
+    report.dry_run_changes.retain(|c| {
+        if !first.contains(c.field.as_str()) {
+            return true;
+        }
+        let Some(pendo) = held.get(&(c.pendo_id.clone(), c.field.clone())) else {
+            return true;
+        };
+        let counts = by_field.entry(c.field.clone()).or_default();
+        counts.sets = counts.sets.saturating_sub(1);
+        counts.total += 1;
+        if *pendo == c.value {
+            adopted += 1;
+            false
+        } else {
+            counts.overwrites += 1;
+            true
+        }
+    });
+    report.adopted += adopted;
+    report.changes = report.changes.saturating_sub(adopted);
     Ok(())
 }
 

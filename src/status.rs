@@ -240,13 +240,17 @@ pub fn hold_text(h: &crate::store::Hold) -> String {
     let _ = writeln!(out, "  values    {}", h.held_values);
     let _ = writeln!(
         out,
-        "  per field                sets    clears  overwrites  of covered"
+        "  per field                sets    clears  overwrites  of covered  in mapping"
     );
     for (field, c) in &h.counts {
         let _ = writeln!(
             out,
-            "    {field:<20} {:>8}  {:>8}  {:>10}  {:>10}",
-            c.sets, c.clears, c.overwrites, c.covered
+            "    {field:<20} {:>8}  {:>8}  {:>10}  {:>10}  {:>10}",
+            c.sets,
+            c.clears,
+            c.overwrites,
+            c.covered,
+            c.mapping_values()
         );
     }
     let _ = writeln!(out, "  sample ({} of the held changes)", h.sample.len());

@@ -252,6 +252,9 @@ pub fn summary(e: &HistoryEvent) -> String {
         Event::Withdrawn => {
             format!("{value} withdrawn: another CRM record claims this id with other values")
         }
+        Event::Adopted => format!(
+            "Pendo already held {value} before pendo-sync first wrote the field: adopted as confirmed"
+        ),
     }
 }
 

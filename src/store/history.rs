@@ -47,6 +47,9 @@ pub enum Event {
     Dropped = 13,
     /// Withdrawn: a second CRM record claims the id with other values (ambiguous).
     Withdrawn = 14,
+    /// Pendo held this value before pendo-sync first wrote the field (another integration,
+    /// a CSV import): read before the first push and adopted into the shadow as confirmed.
+    Adopted = 15,
 }
 
 impl Event {
@@ -67,6 +70,7 @@ impl Event {
             12 => Retried,
             13 => Dropped,
             14 => Withdrawn,
+            15 => Adopted,
             _ => return None,
         })
     }
@@ -88,6 +92,7 @@ impl Event {
             Retried => "retried",
             Dropped => "dropped",
             Withdrawn => "withdrawn",
+            Adopted => "adopted",
         }
     }
 }

@@ -728,6 +728,25 @@ impl Store {
     ) -> Result<GuardOutcome, StoreError> {
         on!(self, b => b.finish_staged(mapping, kind, limits).await)
     }
+    pub async fn adopt_values(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        held: &[(String, String, String)],
+    ) -> Result<Adopted, StoreError> {
+        on!(self, b => b.adopt_values(mapping, kind, held).await)
+    }
+    pub async fn guard_context(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        limits: &GuardSettings,
+    ) -> Result<BTreeMap<String, crate::guard::FieldCounts>, StoreError> {
+        on!(self, b => b.guard_context(mapping, kind, limits).await)
+    }
+    pub async fn recount_field_totals(&self) -> Result<(), StoreError> {
+        on!(self, b => b.recount_field_totals().await)
+    }
     pub async fn holds(&self, open_only: bool) -> Result<Vec<Hold>, StoreError> {
         on!(self, b => b.holds(open_only).await)
     }
@@ -943,6 +962,21 @@ pub struct RunRecord {
 /// A page's digests: the kind, (Pendo id, digest) pairs, and the shadow sequence number of the
 /// snapshot the diff read.
 pub type PageDigests<'a> = (crate::domain::Kind, &'a [(String, u64)], i64);
+
+/// The kv key that says `field` of `mapping` had what Pendo held adopted (DESIGN, "The guard"):
+/// its first push was prepared, and no later cycle reads Pendo for it again.
+pub fn adopted_key(mapping: &str, field: &str) -> String {
+    format!("guard.adopted.{mapping}.{field}")
+}
+
+/// What one page of [`Store::adopt_values`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Pendo's values written into the shadow as confirmed.
+    pub seeded: u64,
+    /// Of those, the ones equal to the staged value: dropped, never sent.
+    pub equal: u64,
+}
 
 /// What [`Store::forget_mapped`] forgot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -391,7 +391,7 @@ async fn a_new_hold_is_posted_to_the_webhook() {
     assert_eq!(body["details"]["hold_id"], json!(hold));
     let text = body["text"].as_str().unwrap();
     assert!(
-        text.contains("would overwrite `plantier` on 150 of 150 accounts (100% > 50%)"),
+        text.contains("would overwrite `plantier` on 150 of 200 accounts (75% > 50%)"),
         "{text}"
     );
     assert!(

@@ -14,6 +14,7 @@ mod digest;
 mod ecosystem;
 mod faults;
 mod guard;
+mod guard_counting;
 mod helpers;
 mod history;
 mod outage;

@@ -231,7 +231,13 @@ crate::on_both_backends! {
             .await
             .unwrap();
         assert_eq!(report.cycles[0].dry_run_changes.len(), 25);
-        assert!(t.pendo.requests().is_empty());
+        // Nothing sent; Pendo is only read (what it holds for the fields' first push).
+        assert!(t.writes().is_empty());
+        assert!(
+            t.pendo.requests().iter().all(|r| r.path == "/api/v1/aggregation"),
+            "{:?}",
+            t.pendo.requests()
+        );
         assert!(app.store.watermark("accounts").await.unwrap().is_none());
         assert!(
             app.store

@@ -556,10 +556,10 @@ pub fn hold(h: &Hold, now: i64) -> Markup {
         h3 { "What tripped it" }
         p #hold-reason { (h.reason) }
         table {
-            thead { tr { th { "field" } th.num { "sets" } th.num { "clears" } th.num { "overwrites" } th.num { "of covered" } } }
+            thead { tr { th { "field" } th.num { "sets" } th.num { "clears" } th.num { "overwrites" } th.num { "of covered" } th.num { "in mapping" } } }
             tbody {
                 @for (field, c) in &h.counts {
-                    tr { td { (field) } td.num { (c.sets) } td.num { (c.clears) } td.num { (c.overwrites) } td.num { (c.covered) } }
+                    tr { td { (field) } td.num { (c.sets) } td.num { (c.clears) } td.num { (c.overwrites) } td.num { (c.covered) } td.num { (c.mapping_values()) } }
                 }
             }
         }

@@ -35,6 +35,9 @@ pub const PG: bool = true;
 
 // Each file of `sql/` is compiled once per back-end, on purpose (see `sql/base.rs`).
 #[allow(clippy::duplicate_mod)]
+#[path = "../sql/adopt.rs"]
+mod adopt;
+#[allow(clippy::duplicate_mod)]
 #[path = "../sql/base.rs"]
 mod base;
 #[allow(clippy::duplicate_mod)]

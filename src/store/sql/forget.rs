@@ -83,6 +83,16 @@ impl Backend {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            query("DELETE FROM field_totals WHERE kind = $1 AND field = $2")
+                .bind(kind.as_str())
+                .bind(field)
+                .execute(&mut *tx)
+                .await?;
+            // A field mapped again later is adopted again before its first push.
+            query("DELETE FROM kv WHERE key = $1")
+                .bind(crate::store::adopted_key(mapping, field))
+                .execute(&mut *tx)
+                .await?;
         }
         let holds_closed = query(
             "UPDATE holds SET state = 'rejected', decided_at = $2, decided_by = 'configuration',
@@ -112,6 +122,7 @@ impl Backend {
                 "DELETE FROM watermarks WHERE mapping = $1",
                 "DELETE FROM invalid_records WHERE mapping = $1",
                 "DELETE FROM staged_cover WHERE mapping = $1",
+                "DELETE FROM guard_window WHERE mapping = $1",
             ]
         } else {
             // The mapping's digests summarised values with these fields in them.
@@ -124,14 +135,16 @@ impl Backend {
                 .await?;
         }
         if !whole {
-            query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM staged_cover WHERE mapping = $1 AND {}",
-                in_list("field", 2)
-            )))
-            .bind(mapping)
-            .bind(&fields_json)
-            .execute(&mut *tx)
-            .await?;
+            for table in ["staged_cover", "guard_window"] {
+                query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE mapping = $1 AND {}",
+                    in_list("field", 2)
+                )))
+                .bind(mapping)
+                .bind(&fields_json)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(Forgotten {

@@ -91,7 +91,7 @@ async fn counts(
                     clears: n(1),
                     overwrites: n(2),
                     sets: n(3),
-                    covered: 0,
+                    ..FieldCounts::default()
                 },
             )
         })
@@ -138,6 +138,47 @@ async fn sample(
             to: r.get(3),
         })
         .collect())
+}
+
+/// What the guard judges `mapping`'s fields against beyond the cycle: per field, the values the
+/// shadow holds across the mapping (`total`) and what the guard let through since `since`
+/// (`window_clears`, `window_overwrites`). The other counts are zero.
+pub(super) async fn context(
+    conn: &mut Conn,
+    mapping: &str,
+    kind: Kind,
+    since: i64,
+) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
+    let mut out: BTreeMap<String, FieldCounts> = BTreeMap::new();
+    for r in query("SELECT field, n FROM field_totals WHERE kind = $1")
+        .bind(kind.as_str())
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        out.entry(r.get(0)).or_default().total = r.get::<i64, _>(1).max(0) as u64;
+    }
+    for r in query(if PG {
+        "SELECT field, sum(clears)::bigint, sum(overwrites)::bigint FROM guard_window
+         WHERE mapping = $1 AND at > $2 GROUP BY field"
+    } else {
+        "SELECT field, sum(clears), sum(overwrites) FROM guard_window
+         WHERE mapping = $1 AND at > $2 GROUP BY field"
+    })
+    .bind(mapping)
+    .bind(since)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let c = out.entry(r.get(0)).or_default();
+        c.window_clears = r.get::<i64, _>(1).max(0) as u64;
+        c.window_overwrites = r.get::<i64, _>(2).max(0) as u64;
+    }
+    Ok(out)
+}
+
+/// The start of the rolling window that ends `now`.
+fn window_start(limits: &GuardSettings, now: i64) -> i64 {
+    now - limits.window.as_millis().min(i64::MAX as u128) as i64
 }
 
 fn hold_from_row(r: &DbRow) -> Result<Hold, StoreError> {
@@ -209,6 +250,9 @@ impl Backend {
         for (field, c) in by_field.iter_mut() {
             c.covered = covered_at_guard(&covered, field, c);
         }
+        let since = window_start(limits, now);
+        let context = context(&mut tx, mapping, kind, since).await?;
+        crate::guard::apply_context(&mut by_field, &context);
         // PostgreSQL: `FOR UPDATE` waits for a `decide_hold` in progress (it row-locks the hold
         // first) and then skips the hold if it is no longer open, so no row is moved into a
         // decided hold; `decide_hold` in turn waits for this transaction.
@@ -232,6 +276,27 @@ impl Backend {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                // What went through adds to the window's sums; what left the window goes.
+                query("DELETE FROM guard_window WHERE mapping = $1 AND at <= $2")
+                    .bind(mapping)
+                    .bind(since)
+                    .execute(&mut *tx)
+                    .await?;
+                for (field, c) in &by_field {
+                    if c.clears + c.overwrites > 0 {
+                        query(
+                            "INSERT INTO guard_window (mapping, field, at, clears, overwrites)
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(mapping)
+                        .bind(field)
+                        .bind(now)
+                        .bind(c.clears as i64)
+                        .bind(c.overwrites as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
                 GuardOutcome::Passed {
                     values: total as u64,
                 }
@@ -280,15 +345,28 @@ impl Backend {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                // The hold shows what it holds now (latest wins inside it). A new hold holds
-                // exactly the staged rows just counted; a joined one is counted again.
+                // The hold shows what it holds now (latest wins inside it), and its reason
+                // says why all of that is held. A new hold holds exactly the staged rows just
+                // counted; a joined one is counted again, against the values the cycles that
+                // joined it covered together and the mapping's values now.
                 let (held, shown, values) = if new {
                     (by_field.clone(), staged_sample, total)
                 } else {
+                    let before: BTreeMap<String, FieldCounts> =
+                        query("SELECT counts FROM holds WHERE id = $1")
+                            .bind(hold_id)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map(|r| {
+                                serde_json::from_str(&r.get::<String, _>(0)).unwrap_or_default()
+                            })?;
                     let mut held = counts(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
                     for (field, c) in held.iter_mut() {
-                        c.covered = covered_at_guard(&covered, field, c);
+                        let joined = covered.get(field).copied().unwrap_or(0)
+                            + before.get(field).map_or(0, |b| b.covered);
+                        c.covered = joined.max(c.clears + c.overwrites);
                     }
+                    crate::guard::apply_context(&mut held, &context);
                     let shown = sample(&mut tx, mapping, &Scope::Hold(hold_id)).await?;
                     let values: i64 =
                         query("SELECT count(*) FROM outbox WHERE state = 'held' AND hold_id = $1")
@@ -298,11 +376,13 @@ impl Backend {
                             .get(0);
                     (held, shown, values)
                 };
-                // A joining cycle that trips the limits itself says so in the hold's reason.
-                if let (false, Some(t)) = (new, &trip) {
+                if !new {
+                    let why = crate::guard::evaluate(limits, kind, &held)
+                        .map(|t| t.summary())
+                        .unwrap_or_else(|| crate::guard::describe(kind, &held));
                     query("UPDATE holds SET reason = $2 WHERE id = $1")
                         .bind(hold_id)
-                        .bind(t.summary())
+                        .bind(why)
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -330,6 +410,40 @@ impl Backend {
         // Staged rows became pending (or held): the planner's picture of the outbox changed.
         self.note_reshaped(total as usize).await;
         Ok(outcome)
+    }
+
+    /// What a cycle of `mapping` would be judged against beyond its own changes now (see
+    /// [`context`]): for dry runs, which judge without staging.
+    pub async fn guard_context(
+        &self,
+        mapping: &str,
+        kind: Kind,
+        limits: &GuardSettings,
+    ) -> Result<BTreeMap<String, FieldCounts>, StoreError> {
+        let mut session = self.session().await?;
+        let context = context(&mut session, mapping, kind, window_start(limits, now_ms())).await?;
+        end_session(session).await?;
+        Ok(context)
+    }
+
+    /// Counts `field_totals` again from the shadow, as the migration that made it did: for a
+    /// state whose shadow was written by other means (the benches' seeding).
+    pub async fn recount_field_totals(&self) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        query("DELETE FROM field_totals").execute(&mut *tx).await?;
+        query(if PG {
+            "INSERT INTO field_totals (kind, field, n)
+             SELECT s.kind, j.key, count(*) FROM shadow AS s, jsonb_each(s.vals) AS j
+             WHERE jsonb_typeof(j.value) <> 'null' GROUP BY s.kind, j.key"
+        } else {
+            "INSERT INTO field_totals (kind, field, n)
+             SELECT s.kind, j.key, count(*) FROM shadow AS s, json_each(s.vals) AS j
+             WHERE j.type != 'null' GROUP BY s.kind, j.key"
+        })
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Holds, newest first; only the open ones with `open_only`.
@@ -396,6 +510,12 @@ impl Backend {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        // A person looked at the mapping's changes: the window's sums start again (else the
+        // next few values would trip the same sum at once).
+        query("DELETE FROM guard_window WHERE mapping = (SELECT mapping FROM holds WHERE id = $1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         if approve {
             query(
                 "UPDATE outbox SET state = 'pending', hold_id = NULL, next_attempt_at = $2, updated_at = $2

@@ -1,8 +1,8 @@
 use std::collections::{BTreeMap, HashMap};
 
-use super::history;
 use super::{Backend, Conn, Db, DbRow, PG};
 use super::{end_session, query, query_scalar};
+use super::{history, shadow};
 use crate::store::*;
 use sqlx::{Row, Transaction};
 
@@ -439,11 +439,7 @@ impl Backend {
                     .insert(entry.field.clone(), value);
             }
         }
-        // All of a batch's shadow patches in one statement. json_patch (RFC 7396) removes keys
-        // patched to null, so a cleared field leaves an existing record; a new record may keep a
-        // null, which every reader treats as absent. PostgreSQL has no json_patch: `||` then
-        // jsonb_strip_nulls is the same for these records (scalars or a one-key `{"date": n}`,
-        // replaced whole), except that it also drops nulls already stored, which no reader sees.
+        // All of a batch's shadow patches in one statement (and the field totals beside them).
         if !patches.is_empty() {
             let rows: Vec<serde_json::Value> = patches
                 .into_iter()
@@ -455,24 +451,12 @@ impl Backend {
                 .fetch_one(&mut *tx)
                 .await?
                 .get(0);
-            query(if PG {
-                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
-                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3
-                 FROM jsonb_array_elements($1::jsonb) AS e(value)
-                 ON CONFLICT (kind, pendo_id) DO UPDATE
-                 SET vals = jsonb_strip_nulls(shadow.vals || excluded.vals),
-                     confirmed_at = excluded.confirmed_at, rev = excluded.rev"
-            } else {
-                "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
-                 SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3 FROM json_each($1) AS e WHERE true
-                 ON CONFLICT (kind, pendo_id) DO UPDATE
-                 SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at,
-                     rev = excluded.rev"
-            })
-            .bind(serde_json::Value::Array(rows).to_string())
-            .bind(now)
-            .bind(rev)
-            .execute(&mut *tx)
+            shadow::patch(
+                &mut tx,
+                &serde_json::Value::Array(rows).to_string(),
+                now,
+                rev,
+            )
             .await?;
         }
         // Rows settle in groups that share a statement and its parameters: the settlement, and

@@ -8,6 +8,70 @@ use crate::domain::Kind;
 use crate::store::shadow::parse_record;
 use crate::store::*;
 
+/// Writes `rows` (a JSON array of `[kind, pendo id, {field: value}]`, one per record) into the
+/// shadow as confirmed at `now`, with shadow sequence number `rev`, keeping `field_totals` (the
+/// non-null values per kind and field) in step in the same transaction. A null removes the
+/// field: json_patch (RFC 7396) removes keys patched to null, so a cleared field leaves an
+/// existing record; a new record may keep a null, which every reader treats as absent.
+/// PostgreSQL has no json_patch: `||` then jsonb_strip_nulls is the same for these records
+/// (scalars or a one-key `{"date": n}`, replaced whole), except that it also drops nulls
+/// already stored, which no reader sees.
+pub(super) async fn patch(
+    conn: &mut Conn,
+    rows: &str,
+    now: i64,
+    rev: i64,
+) -> Result<(), StoreError> {
+    // The totals first: each value's change of "held or not" against the record as it is now.
+    query(if PG {
+        "INSERT INTO field_totals (kind, field, n)
+         SELECT e.value ->> 0, p.key,
+                sum(CASE WHEN jsonb_typeof(p.value) = 'null' THEN -c.held ELSE 1 - c.held END)
+         FROM jsonb_array_elements($1::jsonb) AS e(value)
+         CROSS JOIN LATERAL jsonb_each(e.value -> 2) AS p(key, value)
+         LEFT JOIN shadow AS s ON s.kind = e.value ->> 0 AND s.pendo_id = e.value ->> 1
+         CROSS JOIN LATERAL (SELECT CASE WHEN coalesce(jsonb_typeof(s.vals -> p.key), 'null') <> 'null'
+                                         THEN 1 ELSE 0 END AS held) AS c
+         GROUP BY 1, 2
+         ON CONFLICT (kind, field) DO UPDATE SET n = field_totals.n + excluded.n"
+    } else {
+        "INSERT INTO field_totals (kind, field, n)
+         SELECT h.value ->> 0, h.key,
+                sum(CASE WHEN h.type = 'null' THEN -h.held ELSE 1 - h.held END)
+         FROM (SELECT e.value AS value, p.key AS key, p.type AS type,
+                      coalesce(json_type(s.vals, '$.\"' || p.key || '\"'), 'null') != 'null' AS held
+               FROM json_each($1) AS e
+               JOIN json_each(e.value -> 2) AS p
+               LEFT JOIN shadow AS s ON s.kind = e.value ->> 0 AND s.pendo_id = e.value ->> 1) AS h
+         WHERE true
+         GROUP BY 1, 2
+         ON CONFLICT (kind, field) DO UPDATE SET n = n + excluded.n"
+    })
+    .bind(rows)
+    .execute(&mut *conn)
+    .await?;
+    query(if PG {
+        "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
+         SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3
+         FROM jsonb_array_elements($1::jsonb) AS e(value)
+         ON CONFLICT (kind, pendo_id) DO UPDATE
+         SET vals = jsonb_strip_nulls(shadow.vals || excluded.vals),
+             confirmed_at = excluded.confirmed_at, rev = excluded.rev"
+    } else {
+        "INSERT INTO shadow (kind, pendo_id, vals, confirmed_at, rev)
+         SELECT e.value ->> 0, e.value ->> 1, e.value -> 2, $2, $3 FROM json_each($1) AS e WHERE true
+         ON CONFLICT (kind, pendo_id) DO UPDATE
+         SET vals = json_patch(shadow.vals, excluded.vals), confirmed_at = excluded.confirmed_at,
+             rev = excluded.rev"
+    })
+    .bind(rows)
+    .bind(now)
+    .bind(rev)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// The confirmed records among `ids`, read on `conn` (so a caller can read them inside its own
 /// transaction, beside the outbox).
 pub(super) async fn load_records(
