@@ -684,15 +684,18 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
         _ => return Err("the first stage must be a visitors or accounts source".into()),
     };
     let id_key = kind.id_key();
+    let (from, take, stages) = page_in_id_order(&pipeline[1..], id_key);
     let mut rows: Vec<Value> = st
         .entities(kind)
         .iter()
+        .skip(from)
+        .take(take)
         .map(|(id, e)| {
             let auto = json!({ "lastupdated": e.last_updated, "firstvisit": e.first_visit });
             json!({ id_key: id, "metadata": { "custom": e.custom, "auto": auto } })
         })
         .collect();
-    for stage in &pipeline[1..] {
+    for stage in &stages {
         let Some((name, arg)) = stage.as_object().and_then(|o| o.iter().next()) else {
             return Err(format!("stage {stage} is not an object"));
         };
@@ -736,6 +739,44 @@ fn run_pipeline(st: &mut State, pipeline: &[Value]) -> Result<Vec<Value>, String
         }
     }
     Ok(rows)
+}
+
+/// The paged reads of every entity (no filter, sorted by id, `skip` then `limit`) need only
+/// their page's rows: the entities are kept in id order, so the page is cut before any row is
+/// built (a million-entity read otherwise builds and sorts a million rows per page). Returns
+/// (rows to skip, rows to take, the stages still to run); anything else runs every stage.
+fn page_in_id_order<'p>(stages: &'p [Value], id_key: &str) -> (usize, usize, Vec<&'p Value>) {
+    let name = |s: &Value| {
+        s.as_object()
+            .and_then(|o| o.iter().next())
+            .map(|(k, v)| (k.clone(), v.clone()))
+    };
+    let mut skip = None;
+    let mut limit = None;
+    for (i, stage) in stages.iter().enumerate() {
+        match name(stage) {
+            Some((k, _)) if k == "identified" || k == "select" => {}
+            Some((k, v)) if k == "sort" && v == json!([id_key]) && skip.is_none() => {}
+            Some((k, v)) if k == "skip" && skip.is_none() && limit.is_none() => {
+                skip = v.as_u64().map(|n| (i, n as usize));
+            }
+            Some((k, v)) if k == "limit" && limit.is_none() => {
+                limit = v.as_u64().map(|n| (i, n as usize));
+            }
+            _ => return (0, usize::MAX, stages.iter().collect()),
+        }
+    }
+    let cut: Vec<usize> = [skip, limit].iter().flatten().map(|(i, _)| *i).collect();
+    (
+        skip.map_or(0, |(_, n)| n),
+        limit.map_or(usize::MAX, |(_, n)| n),
+        stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !cut.contains(i))
+            .map(|(_, s)| s)
+            .collect(),
+    )
 }
 
 /// A comparison in a filter expression.

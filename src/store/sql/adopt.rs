@@ -40,11 +40,19 @@ impl Backend {
         ids.dedup();
         let ids_json = serde_json::to_string(&ids).expect("strings serialize");
         let mut tx = self.begin_write().await?;
-        let staged: HashMap<(String, String), String> = query(sqlx::AssertSqlSafe(format!(
-            "SELECT pendo_id, field, value FROM outbox
-             WHERE state = 'staged' AND mapping = $1 AND kind = $2 AND {}",
-            in_list("pendo_id", 3)
-        )))
+        // By primary key (kind, id) from the page's ids: the planner must not take the
+        // `outbox_due` index for `state`, which would walk every staged row of a first sync for
+        // every page (SQLite: `+state` keeps the term off the index, CROSS JOIN keeps the order).
+        let staged: HashMap<(String, String), String> = query(if PG {
+            "SELECT o.pendo_id, o.field, o.value
+             FROM jsonb_array_elements_text($3::jsonb) AS j(id)
+             JOIN outbox AS o ON o.kind = $2 AND o.pendo_id = j.id
+             WHERE o.state = 'staged' AND o.mapping = $1"
+        } else {
+            "SELECT o.pendo_id, o.field, o.value
+             FROM json_each($3) AS j CROSS JOIN outbox AS o
+             WHERE o.kind = $2 AND o.pendo_id = j.value AND +o.state = 'staged' AND o.mapping = $1"
+        })
         .bind(mapping)
         .bind(kind.as_str())
         .bind(&ids_json)
@@ -116,9 +124,10 @@ impl Backend {
         // Equal values are in Pendo already: their staged rows go, unsent.
         for (field, ids) in &equal {
             query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM outbox WHERE state = 'staged' AND mapping = $1 AND kind = $2
-                   AND field = $3 AND {}",
-                in_list("pendo_id", 4)
+                "DELETE FROM outbox WHERE kind = $2 AND field = $3 AND {}
+                   AND {}state = 'staged' AND mapping = $1",
+                in_list("pendo_id", 4),
+                if PG { "" } else { "+" }
             )))
             .bind(mapping)
             .bind(kind.as_str())
