@@ -7,18 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use sqlx::Row;
 
+use super::shadow::in_list;
 use super::{Backend, PG, query, shadow};
 use crate::domain::{Kind, now_ms};
 use crate::store::*;
-
-/// `column IN` the JSON array of strings in parameter `$n`.
-fn in_list(column: &str, n: usize) -> String {
-    if PG {
-        format!("{column} IN (SELECT jsonb_array_elements_text(${n}::jsonb))")
-    } else {
-        format!("{column} IN (SELECT value FROM json_each(${n}))")
-    }
-}
 
 impl Backend {
     /// Adopts one page of Pendo's values: `held` is (Pendo id, field, stored value) for the
@@ -110,17 +102,7 @@ impl Backend {
             .into_iter()
             .map(|(id, patch)| serde_json::json!([kind.as_str(), id, patch]))
             .collect();
-        let rev: i64 = query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
-        shadow::patch(
-            &mut tx,
-            &serde_json::Value::Array(rows).to_string(),
-            now,
-            rev,
-        )
-        .await?;
+        shadow::patch(&mut tx, rows, now).await?;
         // Equal values are in Pendo already: their staged rows go, unsent.
         for (field, ids) in &equal {
             query(sqlx::AssertSqlSafe(format!(

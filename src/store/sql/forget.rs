@@ -4,21 +4,13 @@
 
 use super::history;
 use super::query;
+use super::shadow::in_list;
 use super::{Backend, PG};
 use crate::domain::{Kind, now_ms};
 use crate::store::*;
 
 /// Why rows and holds went: the history's detail and the holds' decision reason.
 pub const REMOVED_REASON: &str = "removed from the configuration";
-
-/// `column IN` the JSON array of strings in parameter `$n`.
-fn in_list(column: &str, n: usize) -> String {
-    if PG {
-        format!("{column} IN (SELECT jsonb_array_elements_text(${n}::jsonb))")
-    } else {
-        format!("{column} IN (SELECT value FROM json_each(${n}))")
-    }
-}
 
 /// The outbox rows forgotten, with the mapping in `$first`, the fields (a JSON array) in the
 /// next parameter and "the whole mapping" (0/1) in the one after: every row of the mapping, or

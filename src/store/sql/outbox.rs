@@ -445,19 +445,7 @@ impl Backend {
                 .into_iter()
                 .map(|((kind, id), patch)| serde_json::json!([kind.as_str(), id, patch]))
                 .collect();
-            // The rows take the next shadow sequence number: a digest computed from an older
-            // snapshot is not written over them (see `write_digests`).
-            let rev: i64 = query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
-            shadow::patch(
-                &mut tx,
-                &serde_json::Value::Array(rows).to_string(),
-                now,
-                rev,
-            )
-            .await?;
+            shadow::patch(&mut tx, rows, now).await?;
         }
         // Rows settle in groups that share a statement and its parameters: the settlement, and
         // the kind, field and version that was sent, so each group's ids travel as one plain JSON

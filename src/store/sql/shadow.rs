@@ -8,8 +8,17 @@ use crate::domain::Kind;
 use crate::store::shadow::parse_record;
 use crate::store::*;
 
-/// Writes `rows` (a JSON array of `[kind, pendo id, {field: value}]`, one per record) into the
-/// shadow as confirmed at `now`, with shadow sequence number `rev`, keeping `field_totals` (the
+/// `column IN` the JSON array of strings in parameter `$n`.
+pub(super) fn in_list(column: &str, n: usize) -> String {
+    if PG {
+        format!("{column} IN (SELECT jsonb_array_elements_text(${n}::jsonb))")
+    } else {
+        format!("{column} IN (SELECT value FROM json_each(${n}))")
+    }
+}
+
+/// Writes `rows` (`[kind, pendo id, {field: value}]`, one per record) into the shadow as
+/// confirmed at `now`, under the next shadow sequence number, keeping `field_totals` (the
 /// non-null values per kind and field) in step in the same transaction. A null removes the
 /// field: json_patch (RFC 7396) removes keys patched to null, so a cleared field leaves an
 /// existing record; a new record may keep a null, which every reader treats as absent.
@@ -18,10 +27,17 @@ use crate::store::*;
 /// already stored, which no reader sees.
 pub(super) async fn patch(
     conn: &mut Conn,
-    rows: &str,
+    rows: Vec<serde_json::Value>,
     now: i64,
-    rev: i64,
 ) -> Result<(), StoreError> {
+    // The rows take the next shadow sequence number: a digest computed from an older snapshot
+    // is not written over them (see `write_digests`).
+    let rev: i64 = query("UPDATE shadow_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+        .fetch_one(&mut *conn)
+        .await?
+        .get(0);
+    let rows = serde_json::Value::Array(rows).to_string();
+    let rows = rows.as_str();
     // The totals first: each value's change of "held or not" against the record as it is now.
     query(if PG {
         "INSERT INTO field_totals (kind, field, n)
