@@ -150,35 +150,27 @@ fn round_s(d: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_secs(d.as_secs())
 }
 
-/// When to refresh the planner's statistics of the tables that grow and shrink in bursts
-/// (PostgreSQL): after [`StatsRefresh::ROWS`] rows written, at most every
-/// [`StatsRefresh::EVERY`].
+/// Background work that runs one round at a time and goes round again when asked while it
+/// runs: the planner's statistics (PostgreSQL) and the WAL's checkpoints (SQLite).
 #[derive(Debug, Default)]
-pub(crate) struct StatsRefresh {
-    written: std::sync::atomic::AtomicU64,
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    /// A refresh runs in the background (one at a time).
+pub(crate) struct Rounds {
     running: std::sync::atomic::AtomicBool,
-    /// Another refresh is wanted: the running one may have read the tables before the rows
-    /// that asked for it.
+    /// Another round is wanted: the running one may have started before what asked for it.
     again: std::sync::atomic::AtomicBool,
 }
 
-impl StatsRefresh {
-    pub(crate) const ROWS: u64 = 10_000;
-    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
-    /// Asks for a background refresh; true when the caller is to run it (none runs yet:
-    /// then it loops on [`StatsRefresh::round`]), false when the running one goes round again.
+impl Rounds {
+    /// Asks for a round; true when the caller is to run them (none runs yet: then it loops on
+    /// [`Rounds::round`]), false when the running one goes round again.
     pub(crate) fn request(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.again.store(true, Ordering::SeqCst);
         !self.running.swap(true, Ordering::SeqCst)
     }
 
-    /// For the task running refreshes: true while another round is wanted. When it returns
-    /// false the task has stopped being the runner (a request racing with the end is either
-    /// seen here or starts a runner of its own).
+    /// For the task running rounds: true while another round is wanted. When it returns false
+    /// the task has stopped being the runner (a request racing with the end is either seen here
+    /// or starts a runner of its own).
     pub(crate) fn round(&self) -> bool {
         use std::sync::atomic::Ordering;
         loop {
@@ -191,6 +183,22 @@ impl StatsRefresh {
             }
         }
     }
+}
+
+/// When to refresh the planner's statistics of the tables that grow and shrink in bursts
+/// (PostgreSQL): after [`StatsRefresh::ROWS`] rows written, at most every
+/// [`StatsRefresh::EVERY`].
+#[derive(Debug, Default)]
+pub(crate) struct StatsRefresh {
+    written: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A refresh runs in the background (one at a time).
+    pub(crate) rounds: Rounds,
+}
+
+impl StatsRefresh {
+    pub(crate) const ROWS: u64 = 10_000;
+    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// A refresh made now, outside [`StatsRefresh::note`]'s pace: counts from zero again.
     pub(crate) fn refreshed(&self, now: std::time::Instant) {
@@ -1091,7 +1099,7 @@ mod tests {
 
     #[test]
     fn a_refresh_asked_for_while_one_runs_makes_it_go_round_again() {
-        let stats = StatsRefresh::default();
+        let stats = super::Rounds::default();
         assert!(stats.request(), "the first request runs");
         assert!(stats.round());
         assert!(!stats.request(), "one runner at a time");

@@ -310,6 +310,7 @@ impl Backend {
             pause: Arc::default(),
             fence: Fence::default(),
             stats: Arc::default(),
+            checkpoints: Arc::default(),
             claim_cursor: Arc::default(),
             reach: Arc::default(),
             lease_pool: Some(lease_pool),

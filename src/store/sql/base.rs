@@ -18,6 +18,9 @@ use crate::domain::now_ms;
 use crate::store::FenceCheck;
 use crate::store::*;
 
+/// How long a background checkpoint waits after the write that asked for it (SQLite).
+const CHECKPOINT_PACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A handle on one back-end's state. Cheap to clone (a pool inside).
 #[derive(Clone)]
 pub struct Backend {
@@ -29,6 +32,9 @@ pub struct Backend {
     pub(crate) fence: Fence,
     /// Rows written since the planner's statistics were last refreshed, and when (PostgreSQL).
     pub(crate) stats: Arc<StatsRefresh>,
+    /// The WAL's checkpoints, made in the background after writes (SQLite; see
+    /// [`Backend::note_written`]).
+    pub(crate) checkpoints: Arc<Rounds>,
     /// Per kind, the last Pendo id the previous claim took, when more may follow (PostgreSQL):
     /// the next claim goes on from there instead of stepping over the dead index entries of
     /// every batch already settled.
@@ -83,20 +89,51 @@ impl Backend {
     /// at a time and at most every 5 s: the writer does not wait for it, and a refresh after
     /// every few batches would take a core of its own (ANALYZE reads a sample of both tables).
     pub(crate) async fn note_written(&self, rows: usize) {
-        if !PG || rows == 0 {
+        if !PG {
+            return self.checkpoint_soon();
+        }
+        if rows == 0 {
             return;
         }
         if !self.stats.note(rows as u64, std::time::Instant::now()) {
             return;
         }
-        if !self.stats.request() {
+        if !self.stats.rounds.request() {
             return;
         }
         let (stats, pool) = (self.stats.clone(), self.pool.clone());
         tokio::spawn(async move {
-            while stats.round() {
+            while stats.rounds.round() {
                 if let Err(e) = sqlx::raw_sql("ANALYZE outbox, shadow").execute(&pool).await {
                     tracing::warn!(error = %e, "Cannot refresh the planner's statistics.");
+                }
+            }
+        });
+    }
+
+    /// SQLite: copies the WAL back into the state file in the background, a moment after a
+    /// write (writes in that moment are copied with it). SQLite would otherwise checkpoint
+    /// inside the commit that grows the WAL past its limit: a page of a cycle that rewrites
+    /// claims and digests spread over a million records dirties thousands of pages, so every
+    /// commit paid a checkpoint (40 of the 110 ms of each page of a 1M incremental,
+    /// BENCHMARKS.md). A passive checkpoint waits for no reader or writer; the connection's
+    /// own `wal_autocheckpoint` stays as the bound should these fall behind.
+    fn checkpoint_soon(&self) {
+        if !self.checkpoints.request() {
+            return;
+        }
+        let (rounds, pool) = (self.checkpoints.clone(), self.pool.clone());
+        tokio::spawn(async move {
+            while rounds.round() {
+                tokio::time::sleep(CHECKPOINT_PACE).await;
+                if let Err(e) = sqlx::raw_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    if pool.is_closed() {
+                        break;
+                    }
+                    tracing::warn!(error = %e, "Cannot checkpoint the state file's WAL.");
                 }
             }
         });
