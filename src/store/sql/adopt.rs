@@ -119,6 +119,7 @@ impl Backend {
             .await?;
         }
         tx.commit().await?;
+        self.checkpoint_soon();
         Ok(out)
     }
 }

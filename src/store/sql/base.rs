@@ -81,7 +81,8 @@ impl Backend {
         begin_on(&self.pool, None).await
     }
 
-    /// Counts `rows` written; on PostgreSQL, every 10,000 refreshes the statistics of the
+    /// After a write: on SQLite, a checkpoint soon ([`Backend::checkpoint_soon`]). Counts
+    /// `rows` written; on PostgreSQL, every 10,000 refreshes the statistics of the
     /// tables that grow and shrink in bursts (a first sync fills the outbox, its push drains it
     /// into the shadow). Autovacuum would do it within a minute or so; until then the planner
     /// believes the outbox empty (or full) and chooses plans for the wrong table (the first
@@ -117,9 +118,11 @@ impl Backend {
     /// claims and digests spread over a million records dirties thousands of pages, so every
     /// commit paid a checkpoint (40 of the 110 ms of each page of a 1M incremental,
     /// BENCHMARKS.md). A passive checkpoint waits for no reader or writer; the connection's
-    /// own `wal_autocheckpoint` stays as the bound should these fall behind.
-    fn checkpoint_soon(&self) {
-        if !self.checkpoints.request() {
+    /// own `wal_autocheckpoint` stays as the bound should these fall behind. Called after the
+    /// commits that write the most (pages, settles, the guard, adoption, a decided hold); on
+    /// PostgreSQL it does nothing.
+    pub(crate) fn checkpoint_soon(&self) {
+        if PG || !self.checkpoints.request() {
             return;
         }
         let (rounds, pool) = (self.checkpoints.clone(), self.pool.clone());

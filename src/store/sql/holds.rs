@@ -544,6 +544,7 @@ impl Backend {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.checkpoint_soon();
         self.hold(id).await?.ok_or(HoldError::Unknown(id))
     }
 
