@@ -1,14 +1,15 @@
 //! End-to-end benchmarks against the Pendo simulator (issue 6, part 5):
 //!
-//! 1. **Push**: N changed records to a Pendo limited at R requests/s with batch size B. Wall time
-//!    against the floor ceil(N / B) / R, the share of the allowed rate we used, and how many 429s
-//!    we caused (target: ≥ 90% of the rate, no 429).
+//! 1. **Push**: N changed records to a Pendo limited at R requests in any second, with batch size
+//!    B. Wall time against the floor ceil(N / B) / R, the share of the allowed rate we used, and
+//!    how many 429s we caused (target: ≥ 92% of the rate; any 429 fails the bench).
 //! 2. **Idle cycle**: an incremental cycle and a full reconcile over N unchanged records: Pendo
 //!    requests (target 0) and time per cycle.
 //! 3. **1% changed** vs a **naive loop** that sends every record every cycle: requests and time.
 //!
 //! Run: `cargo bench --bench e2e`. Environment: `BENCH_E2E_N` (100000), `BENCH_E2E_R` (20),
-//! `BENCH_E2E_B` (500); `BENCH_E2E_GAPS=1` lists every pause between Pendo requests longer than
+//! `BENCH_E2E_B` (500); `BENCH_E2E_EDGE=bucket` limits Pendo by a token bucket of one token
+//! instead of a one-second window; `BENCH_E2E_GAPS=1` lists every pause between Pendo requests longer than
 //! 1.5 periods (on stderr); `BENCH_STATE=postgres` keeps the state in a throwaway PostgreSQL. The
 //! CRM is the in-memory fixture connector, so the figures are pendo-sync's and the Pendo
 //! simulator's, not a CRM's.
@@ -59,13 +60,27 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run());
+    // The simulator on a runtime of its own, as Pendo is another machine: its handlers (a
+    // bulk write parses and applies 2,500 values) must not delay pendo-sync's sends, nor its
+    // clock of arrivals wait for pendo-sync's work.
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pendo-sim")
+        .enable_all()
+        .build()
+        .expect("simulator runtime");
+    rt.block_on(run(sim_rt.handle().clone()));
 }
 
-async fn run() {
+async fn run(sim_rt: tokio::runtime::Handle) {
     let n = env_or("BENCH_E2E_N", 100_000) as usize;
     let r = env_or("BENCH_E2E_R", 20) as f64;
     let b = env_or("BENCH_E2E_B", 500) as usize;
+    // `BENCH_E2E_EDGE=bucket`: Pendo as a token bucket of one token (two arrivals closer than
+    // one period are refused, so this host's scheduling jitter alone draws 429s: BENCHMARKS.md,
+    // end-to-end push). Otherwise a window of one second admitting R.
+    let bucket = std::env::var("BENCH_E2E_EDGE").is_ok_and(|v| v == "bucket");
+    let edge_window = (!bucket).then(|| std::time::Duration::from_secs(1));
     let dir = std::env::temp_dir().join(format!("pendo-sync-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 
@@ -88,13 +103,18 @@ async fn run() {
             requests_per_second: r,
             burst: 1,
             retry_after: true,
+            window: edge_window,
         }),
         errors_as_strings: false,
     });
-    let server = pendo
-        .start("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("sim");
+    let server = {
+        let pendo = pendo.clone();
+        sim_rt
+            .spawn(async move { pendo.start("127.0.0.1:0".parse().unwrap()).await })
+            .await
+            .expect("simulator task")
+            .expect("sim")
+    };
     let crm = FixtureConnector::new(2_000);
     for i in 0..n {
         crm.upsert("Account", &format!("001E2E{i:09}"), account(i, "Growth"));
@@ -149,7 +169,12 @@ async fn run() {
     };
 
     println!(
-        "e2e: N={n} records × 5 fields, Pendo limited at R={r} requests/s, batch B={b}, state on {on}\n"
+        "e2e: N={n} records × 5 fields, Pendo limited at R={r} requests/s ({}), batch B={b}, state on {on}\n",
+        if bucket {
+            "a token bucket of one token"
+        } else {
+            "R in any second"
+        }
     );
 
     // 1. Push every record once (the first sync).

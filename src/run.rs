@@ -85,6 +85,7 @@ pub async fn run(settings: Arc<Settings>) -> Result<u8, AppError> {
         });
     }
     tracker.spawn(service.clone().database_watch());
+    tracker.spawn(service.clone().state_gauges_loop());
     service.set_leader(false);
     let lock = match file_lock {
         Some(lock) => lock,

@@ -175,7 +175,20 @@ pub struct Service {
     /// Whether this process holds the writer's role: always on SQLite (the file lock was taken
     /// before the service started); on PostgreSQL once it took the lease (a standby until then).
     leader: AtomicBool,
+    gauges: StateGauges,
 }
+
+/// The state gauges' last read, and what wakes their loop.
+#[derive(Default)]
+struct StateGauges {
+    figures: Mutex<Option<crate::status::GaugeFigures>>,
+    wake: Notify,
+}
+
+/// The state gauges are read again at most this often after changes of this process's.
+pub const GAUGES_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// ... and at least this often.
+pub const GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
 
 impl Service {
     fn poll_interval(&self) -> Duration {
@@ -512,6 +525,7 @@ impl Service {
                 if report.changes > 0 || report.cleared_orphans > 0 {
                     self.worker.wake.notify_one();
                 }
+                self.state_changed();
                 if let Some(crate::store::GuardOutcome::Held { .. }) = &report.guard {
                     self.refresh_state_gauges().await;
                 }
@@ -572,15 +586,62 @@ impl Service {
         Ok(n)
     }
 
-    /// The gauges that describe the state (holds, held values, outbox, ...), refreshed after a
-    /// change a scrape should see at once: from the status model, as `/metrics` does.
+    /// The gauges that describe the state (holds, held values, outbox, ...), read now: after a
+    /// change a scrape should see at once, and by [`Service::state_gauges_loop`]. A scrape does
+    /// not read the state (at 100,000 outbox rows that read is tens of milliseconds, and
+    /// scrapes come from every Prometheus, every few seconds); it shows what this read last
+    /// found, with the oldest pending change's age as of the scrape.
     pub async fn refresh_state_gauges(&self) {
-        match crate::status::status_report(&self.settings, &self.store).await {
-            Ok(report) => crate::status::set_gauges(&report),
+        match crate::status::gauge_figures(&self.settings, &self.store).await {
+            Ok(figures) => {
+                crate::status::set_gauges(&figures, now_ms());
+                *self.gauges.figures.lock().expect("gauges lock") = Some(figures);
+            }
             Err(e) if self.store.reachable().await => {
-                tracing::warn!(error = %e, "Cannot read the status for the metrics.")
+                tracing::warn!(error = %e, "Cannot read the state for the metrics.")
             }
             Err(_) => {}
+        }
+    }
+
+    /// Tells the state gauges that this process changed the state (a cycle, a writer pass):
+    /// they are read again within [`GAUGES_MIN_INTERVAL`], not at once.
+    pub fn state_changed(&self) {
+        self.gauges.wake.notify_one();
+    }
+
+    /// Sets the state gauges for a scrape, from their last read: the first scrape reads them
+    /// (a service whose loop has not run yet), later ones only age the oldest pending change.
+    pub async fn state_gauges_for_scrape(&self) {
+        let known = self.gauges.figures.lock().expect("gauges lock").clone();
+        match known {
+            Some(figures) => crate::status::set_gauges(&figures, now_ms()),
+            None => {
+                let _ = tokio::time::timeout(crate::store::PING_LIMIT, self.refresh_state_gauges())
+                    .await;
+            }
+        }
+    }
+
+    /// Reads the state gauges again after each change this process makes (at most once per
+    /// [`GAUGES_MIN_INTERVAL`]) and every [`GAUGES_MAX_AGE`] (another process changes the
+    /// state too: the CLI, or the leader when this is a standby). A read that takes long
+    /// spaces them further, to 20 times its duration: the gauges never cost the state more
+    /// than 5 % of one connection.
+    pub async fn state_gauges_loop(self: Arc<Self>) {
+        loop {
+            let started = Instant::now();
+            self.refresh_state_gauges().await;
+            let took = started.elapsed() * 20;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(GAUGES_MIN_INTERVAL.max(took)) => {}
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.gauges.wake.notified() => {}
+                _ = tokio::time::sleep(GAUGES_MAX_AGE - GAUGES_MIN_INTERVAL) => {}
+            }
         }
     }
 
@@ -738,6 +799,9 @@ impl Service {
                             .confirmed
                             .fetch_add(report.confirmed, Ordering::SeqCst);
                         if report.requests > 0 {
+                            self.state_changed();
+                        }
+                        if report.requests > 0 {
                             tracing::debug!(
                                 requests = report.requests,
                                 confirmed = report.confirmed,
@@ -884,6 +948,7 @@ impl Service {
             resync_seq: AtomicU64::new(0),
             resync_wake: Notify::new(),
             leader: AtomicBool::new(false),
+            gauges: StateGauges::default(),
             metrics,
             admin_tokens,
             cancel,

@@ -181,20 +181,60 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
     Ok(report)
 }
 
-/// Sets the gauges that describe the state from the status document, so `/metrics`, `status`
-/// and the console never disagree.
-pub fn set_gauges(report: &StatusReport) {
+/// What the state gauges of `/metrics` show: the few reads they need of the status model, in
+/// one read transaction.
+#[derive(Debug, Clone, Default)]
+pub struct GaugeFigures {
+    /// Values per outbox state.
+    pub outbox: std::collections::BTreeMap<&'static str, i64>,
+    /// When the oldest pending change was enqueued: a scrape turns it into an age.
+    pub oldest_pending_at: Option<i64>,
+    pub open_holds: usize,
+    /// Values under an open hold, per configured mapping.
+    pub held_values: Vec<(String, i64)>,
+    pub history_events: i64,
+    pub writer_paused: bool,
+}
+
+/// Reads [`GaugeFigures`].
+pub async fn gauge_figures(settings: &Settings, store: &Store) -> Result<GaugeFigures, AppError> {
+    let mut snap = store.snapshot().await?;
+    let held = snap.held_values_by_mapping().await?;
+    let outbox = snap.outbox_summary().await?;
+    Ok(GaugeFigures {
+        outbox: outbox.values,
+        oldest_pending_at: outbox.oldest_pending_at,
+        open_holds: snap.holds(true).await?.len(),
+        held_values: settings
+            .mappings
+            .iter()
+            .map(|m| (m.name.clone(), held.get(&m.name).copied().unwrap_or(0)))
+            .collect(),
+        history_events: snap.history_count().await?,
+        writer_paused: snap
+            .kv_get(PAUSED_KEY)
+            .await?
+            .is_some_and(|v| v.get("reason").and_then(|r| r.as_str()).is_some()),
+    })
+}
+
+/// Sets the state gauges from `figures`; the oldest pending change's age as of `now` (ms).
+pub fn set_gauges(figures: &GaugeFigures, now: i64) {
     use crate::metrics::{HELD_VALUES, HISTORY_EVENTS, HOLDS_OPEN, OLDEST_PENDING, OUTBOX_VALUES};
-    for (state, n) in &report.outbox {
+    for (state, n) in &figures.outbox {
         metrics::gauge!(OUTBOX_VALUES, "state" => *state).set(*n as f64);
     }
-    metrics::gauge!(OLDEST_PENDING).set(report.oldest_pending_seconds.unwrap_or(0.0));
-    metrics::gauge!(HOLDS_OPEN).set(report.open_holds.len() as f64);
-    for m in &report.mappings {
-        metrics::gauge!(HELD_VALUES, "mapping" => m.name.clone()).set(m.held_values as f64);
+    metrics::gauge!(OLDEST_PENDING).set(
+        figures
+            .oldest_pending_at
+            .map_or(0.0, |at| seconds_since(now, at)),
+    );
+    metrics::gauge!(HOLDS_OPEN).set(figures.open_holds as f64);
+    for (mapping, n) in &figures.held_values {
+        metrics::gauge!(HELD_VALUES, "mapping" => mapping.clone()).set(*n as f64);
     }
-    metrics::gauge!(HISTORY_EVENTS).set(report.history.events as f64);
-    metrics::gauge!(crate::metrics::WRITER_PAUSED).set(if report.writer_paused.is_some() {
+    metrics::gauge!(HISTORY_EVENTS).set(figures.history_events as f64);
+    metrics::gauge!(crate::metrics::WRITER_PAUSED).set(if figures.writer_paused {
         1.0
     } else {
         0.0

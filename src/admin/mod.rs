@@ -172,9 +172,10 @@ async fn metrics(State(service): State<Shared>) -> Response {
         )
             .into_response();
     };
-    // Gauges that describe the state are read fresh at scrape time, from the status model;
-    // while the state does not answer, the last values are served rather than no answer.
-    let _ = tokio::time::timeout(crate::store::PING_LIMIT, service.refresh_state_gauges()).await;
+    // The gauges that describe the state are as of their last read (a second after a change
+    // of this process's, five seconds at most): a scrape reads nothing from the state, so it
+    // costs the same at any size and answers while the state does not.
+    service.state_gauges_for_scrape().await;
     service.refresh_leader_gauge();
     handle.run_upkeep();
     (

@@ -66,12 +66,23 @@ pub struct PendoSimConfig {
     pub errors_as_strings: bool,
 }
 
+/// Pendo's rate limit is undocumented (reference/pendo-api.md, 2), so the simulator offers the
+/// two shapes an edge limiter takes.
 #[derive(Debug, Clone)]
 pub struct SimRateLimit {
     pub requests_per_second: f64,
+    /// The token bucket's size: how many requests may arrive at once after a pause. Unused by
+    /// a window.
     pub burst: u32,
     /// Send `Retry-After: <seconds>` on 429 (Pendo documents no such header).
     pub retry_after: bool,
+    /// `None`: a token bucket of `burst` tokens refilled at the rate. With a burst of 1 it is
+    /// the strictest edge there is: two arrivals closer than one period are refused, so a
+    /// client's timing jitter alone draws 429s from it. `Some(w)`: a sliding window, at most
+    /// `requests_per_second × w` arrivals in any span of `w` (the plain meaning of "R
+    /// requests per second"; HubSpot counts over 10 seconds): a client that sends more than
+    /// the rate is refused, one whose requests arrive a few milliseconds late or early is not.
+    pub window: Option<Duration>,
 }
 
 /// Fault knobs. As JSON (for `POST /_sim/pendo/faults`) the latency is `latency_ms`.
@@ -160,6 +171,8 @@ struct State {
     entities: BTreeMap<Kind, BTreeMap<String, Entity>>,
     requests: Vec<RecordedRequest>,
     bucket: Option<(f64, Instant)>,
+    /// The arrivals a [`SimRateLimit::window`] admitted within the last window, oldest first.
+    window_log: std::collections::VecDeque<Instant>,
 }
 
 #[derive(Debug)]
@@ -221,6 +234,25 @@ impl State {
         let Some(rl) = &self.config.rate_limit else {
             return Ok(());
         };
+        if let Some(window) = rl.window {
+            let cap = (rl.requests_per_second * window.as_secs_f64())
+                .floor()
+                .max(1.0) as usize;
+            let log = &mut self.window_log;
+            while log
+                .front()
+                .is_some_and(|first| now.saturating_duration_since(*first) >= window)
+            {
+                log.pop_front();
+            }
+            if log.len() < cap {
+                log.push_back(now);
+                return Ok(());
+            }
+            // Free again when the oldest admitted arrival leaves the window.
+            let free_in = (log[0] + window).saturating_duration_since(now);
+            return Err(free_in.as_secs_f64().ceil().clamp(1.0, 3600.0) as u64);
+        }
         let (cap, rps) = (f64::from(rl.burst.max(1)), rl.requests_per_second.max(0.0));
         let (tokens, last) = self.bucket.unwrap_or((cap, now));
         // Two requests may take the lock in the other order than they arrived: time never
@@ -249,6 +281,7 @@ impl PendoSim {
             entities: BTreeMap::new(),
             requests: Vec::new(),
             bucket: None,
+            window_log: std::collections::VecDeque::new(),
         };
         PendoSim {
             inner: Arc::new(Mutex::new(state)),
@@ -1359,6 +1392,7 @@ mod tests {
                 requests_per_second: 0.5,
                 burst: 2,
                 retry_after,
+                window: None,
             };
             let f = Fixture::new(PendoSimConfig {
                 rate_limit: Some(limit),
@@ -1381,6 +1415,48 @@ mod tests {
             let statuses: Vec<u16> = f.sim.requests().iter().map(|r| r.status).collect();
             assert_eq!(statuses, [200, 200, 429]);
         }
+    }
+
+    /// Arrivals one period apart give or take a few milliseconds of jitter: a window of the
+    /// rate admits them all, a bucket of one token refuses the punctual arrival after a late
+    /// one; both refuse more than the rate.
+    #[test]
+    fn a_window_counts_the_rate_and_a_one_token_bucket_counts_jitter() {
+        let limited = |window| {
+            PendoSim::new(PendoSimConfig {
+                rate_limit: Some(SimRateLimit {
+                    requests_per_second: 20.0,
+                    burst: 1,
+                    retry_after: true,
+                    window,
+                }),
+                ..config()
+            })
+        };
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        // 20 arrivals 52 ms apart, every third 4 ms late.
+        let arrivals: Vec<Instant> = (0..20u64)
+            .map(|i| start + ms(52 * i + if i % 3 == 1 { 4 } else { 0 }))
+            .collect();
+        let refused = |sim: &PendoSim| {
+            let mut st = sim.lock();
+            arrivals
+                .iter()
+                .filter(|at| st.take_token(**at).is_err())
+                .count()
+        };
+        let window = limited(Some(Duration::from_secs(1)));
+        assert_eq!(refused(&window), 0);
+        let bucket = limited(None);
+        assert!(refused(&bucket) > 0, "a late arrival and a punctual one");
+
+        // A 21st within the first arrival's second is over the rate: refused, free again once
+        // the first leaves the window.
+        let mut st = window.lock();
+        assert_eq!(st.take_token(start + ms(999)), Err(1));
+        assert_eq!(st.take_token(start + ms(1_000)), Ok(()));
+        assert_eq!(st.take_token(start + ms(1_001)), Err(1));
     }
 
     #[tokio::test]

@@ -86,6 +86,7 @@ async fn pendo_429_bursts_with_retry_after_are_waited_out() {
             requests_per_second: 3.0,
             burst: 1,
             retry_after: true,
+            window: None,
         }),
         batch_size: 4,
         retry_initial: "50ms",
@@ -131,6 +132,7 @@ async fn pendo_429_bursts_without_retry_after_back_off_and_converge() {
             requests_per_second: 4.0,
             burst: 2,
             retry_after: false,
+            window: None,
         }),
         ..CrmOptions::default()
     })
@@ -276,6 +278,7 @@ async fn all_faults_at_once_over_several_runs() {
             requests_per_second: 6.0,
             burst: 2,
             retry_after: true,
+            window: None,
         }),
         retry_max: "1s",
         ..CrmOptions::default()

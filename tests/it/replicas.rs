@@ -123,6 +123,29 @@ async fn a_standby_serves_the_admin_port_carries_requests_to_the_leader_and_take
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(env.pendo_writes() > writes, "the resync sent nothing");
+    // The standby's state gauges follow what the leader wrote (they are read in the
+    // background, every few seconds, whoever changed the state).
+    let events_before = status["history"]["events"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = get_at(&b_admin, "/v1/status").await;
+        let now: Value = serde_json::from_str(&body).unwrap_or_default();
+        let events = now["history"]["events"].as_i64().unwrap_or(0);
+        let (_, metrics) = get_at(&b_admin, "/metrics").await;
+        let gauge = metrics
+            .lines()
+            .find(|l| l.starts_with("pendo_sync_history_events "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok());
+        if events > events_before && gauge == Some(events as f64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{events_before} -> {events}: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
         b.log().lines().all(|l| !l.contains("Cycle")),
         "the standby ran a cycle:\n{}",

@@ -749,9 +749,28 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(env.held().values().filter(|f| !f.is_empty()).count(), known);
+    // The history's size, as the state file counts it (a detection and an answer per value).
+    let state = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let events = state.history_count().await.unwrap();
+    state.close().await;
+    assert!(events >= 2 * (known + unknown) as i64, "{events}");
 
-    let (code, text) = env.get("/metrics").await;
-    assert_eq!(code, 200);
+    // The state gauges follow the writer's last pass within a second (a scrape reads them as
+    // of their last read, not the state).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (code, text) = env.get("/metrics").await;
+        assert_eq!(code, 200);
+        if sample(&text, r#"pendo_sync_outbox_values{state="pending"}"#) == Some(0.0)
+            && sample(&text, "pendo_sync_history_events") == Some(events as f64)
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let m = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(
         m(r#"pendo_sync_requests_total{api="pendo",status="200"}"#),
@@ -776,14 +795,6 @@ async fn metrics_and_status_match_the_simulators_and_resync_needs_the_token() {
         0.0
     );
     assert!(m(r#"pendo_sync_records_pulled_total{mapping="sf-accounts"}"#) >= accounts as f64);
-    // The history's size, as the state file counts it (a detection and an answer per value).
-    let state = pendo_sync::store::Store::open_read_only(&env.dir.path().join("state.db"))
-        .await
-        .unwrap();
-    let events = state.history_count().await.unwrap();
-    state.close().await;
-    assert!(events >= 2 * (known + unknown) as i64, "{events}");
-    assert_eq!(m("pendo_sync_history_events"), events as f64);
 
     // /v1/status is the document `status --format json` prints.
     let (_, body) = env.get("/v1/status").await;
