@@ -8,7 +8,7 @@
 //! 3. **1% changed** vs a **naive loop** that sends every record every cycle: requests and time.
 //!
 //! Run: `cargo bench --bench e2e`. Environment: `BENCH_E2E_N` (100000), `BENCH_E2E_R` (20),
-//! `BENCH_E2E_B` (500); `BENCH_E2E_EDGE=bucket` limits Pendo by a token bucket of one token
+//! `BENCH_E2E_B` (500), `BENCH_E2E_IN_FLIGHT` (`pendo.max_in_flight`, 2); `BENCH_E2E_EDGE=bucket` limits Pendo by a token bucket of one token
 //! instead of a one-second window; `BENCH_E2E_GAPS=1` lists every pause between Pendo requests longer than
 //! 1.5 periods (on stderr); `BENCH_STATE=postgres` keeps the state in a throwaway PostgreSQL. The
 //! CRM is the in-memory fixture connector, so the figures are pendo-sync's and the Pendo
@@ -125,7 +125,8 @@ async fn run(sim_rt: tokio::runtime::Handle) {
         .batch_size(b)
         .requests_per_second(r)
         .retry_initial("200ms")
-        .retry_max("5s");
+        .retry_max("5s")
+        .max_in_flight(Some(env_or("BENCH_E2E_IN_FLIGHT", 2) as u32));
     // `BENCH_STATE=postgres`: the state in a throwaway PostgreSQL of this run's.
     let state_url = if std::env::var("BENCH_STATE").is_ok_and(|v| v == "postgres") {
         Some(
