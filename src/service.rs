@@ -631,7 +631,11 @@ impl Service {
     pub async fn state_gauges_loop(self: Arc<Self>) {
         loop {
             let started = Instant::now();
-            self.refresh_state_gauges().await;
+            // A read that waits on a database gone away must not hold up a shutdown.
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.refresh_state_gauges() => {}
+            }
             let took = started.elapsed() * 20;
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
