@@ -150,27 +150,44 @@ async fn detect_and_confirm(store: &Store, first: u64, records: u64, round: u64,
         if claimed.is_empty() {
             return settle_s;
         }
-        let now = now_ms();
-        let batch = SentBatch {
-            kind: Kind::Account,
-            sent_at: now - 40,
-            answered_at: now,
-            records: 100,
-            attempts: 1,
-            answer: "2xx for 100 records: 100 updated, 0 missing, 0 with errors".into(),
-        };
-        let outcomes: Vec<(OutboxEntry, Settlement)> = claimed
-            .into_iter()
-            .map(|e| (e, Settlement::Confirmed))
-            .collect();
-        let batch_of = vec![Some(0); outcomes.len()];
         let at = Instant::now();
-        store
-            .settle_sent(&outcomes, &[batch], &batch_of)
-            .await
-            .expect("settle");
+        settle_answered(
+            store,
+            claimed,
+            100,
+            "2xx for 100 records: 100 updated, 0 missing, 0 with errors",
+            || Settlement::Confirmed,
+        )
+        .await;
         settle_s += at.elapsed().as_secs_f64();
     }
+}
+
+/// Settles `claimed` as answered by one request of 40 ms for `records` records whose answer was
+/// `answer`, each row with `settlement()`.
+async fn settle_answered(
+    store: &Store,
+    claimed: Vec<OutboxEntry>,
+    records: u32,
+    answer: &str,
+    settlement: impl Fn() -> Settlement,
+) {
+    let now = now_ms();
+    let batch = SentBatch {
+        kind: Kind::Account,
+        sent_at: now - 40,
+        answered_at: now,
+        records,
+        attempts: 1,
+        answer: answer.into(),
+    };
+    let outcomes: Vec<(OutboxEntry, Settlement)> =
+        claimed.into_iter().map(|e| (e, settlement())).collect();
+    let batch_of = vec![Some(0); outcomes.len()];
+    store
+        .settle_sent(&outcomes, &[batch], &batch_of)
+        .await
+        .expect("settle");
 }
 
 async fn file_bytes(store: &Store) -> i64 {
@@ -375,7 +392,6 @@ async fn pruning_beside_a_writer(store: &Store, expired: u64) -> serde_json::Val
         "settle_alone_ms": [a50, a99, amax], "settle_beside_ms": [b50, b99, bmax] })
 }
 
-/// Measurement 4: see the module's documentation.
 /// One claim of the writer's (500 records), answered "missing" for every id as Pendo would for
 /// ids it does not know; the claim's duration, `None` once nothing was due.
 async fn settle_missing(store: &Store) -> Option<f64> {
@@ -388,35 +404,20 @@ async fn settle_missing(store: &Store) -> Option<f64> {
     if claimed.is_empty() {
         return None;
     }
-    let now = now_ms();
-    let batch = SentBatch {
-        kind: Kind::Account,
-        sent_at: now - 40,
-        answered_at: now,
-        records: 500,
-        attempts: 1,
-        answer: "2xx for 500 records: 0 updated, 500 missing, 0 with errors".into(),
-    };
-    let message = "Pendo has no such account".to_owned();
-    let outcomes: Vec<(OutboxEntry, Settlement)> = claimed
-        .into_iter()
-        .map(|e| {
-            (
-                e,
-                Settlement::Unmatched {
-                    message: message.clone(),
-                },
-            )
-        })
-        .collect();
-    let batch_of = vec![Some(0); outcomes.len()];
-    store
-        .settle_sent(&outcomes, &[batch], &batch_of)
-        .await
-        .expect("settle");
+    settle_answered(
+        store,
+        claimed,
+        500,
+        "2xx for 500 records: 0 updated, 500 missing, 0 with errors",
+        || Settlement::Unmatched {
+            message: "Pendo has no such account".into(),
+        },
+    )
+    .await;
     Some(took)
 }
 
+/// Measurement 4: see the module's documentation.
 async fn unknown_ids(dir: &Path) -> serde_json::Value {
     let unknown = env_u64("BENCH_UNKNOWN", 1_000_000);
     let known = env_u64("BENCH_KNOWN", 50_000);

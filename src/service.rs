@@ -804,8 +804,6 @@ impl Service {
                             .fetch_add(report.confirmed, Ordering::SeqCst);
                         if report.requests > 0 {
                             self.state_changed();
-                        }
-                        if report.requests > 0 {
                             tracing::debug!(
                                 requests = report.requests,
                                 confirmed = report.confirmed,

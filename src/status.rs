@@ -1,5 +1,6 @@
-//! The status model: one document that `status`, `GET /v1/status` and the metrics read, built
-//! from the state file by one set of queries.
+//! The status model: one document that `status`, `GET /v1/status` and the console read, built
+//! from the state file by one set of queries; and the narrow part of it the state gauges of
+//! `/metrics` read in the background ([`gauge_figures`]).
 
 use serde::Serialize;
 
@@ -16,8 +17,7 @@ pub const RECENT_RUNS: u32 = 5;
 pub const CHART_SLOTS: usize = 96;
 pub const CHART_SLOT_MS: i64 = 15 * 60 * 1_000;
 
-/// The status document (`status --format json`, `GET /v1/status`, the console's overview and the
-/// gauges of `/metrics`).
+/// The status document (`status --format json`, `GET /v1/status`, the console's overview).
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
     /// When these numbers were read.
@@ -137,10 +137,7 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
     let report = StatusReport {
         generated_at: iso(now),
         state_file: store.path().display().to_string(),
-        writer_paused: snap
-            .kv_get(PAUSED_KEY)
-            .await?
-            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)),
+        writer_paused: paused_reason(&mut snap).await?,
         oldest_pending_seconds: outbox.oldest_pending_at.map(|at| seconds_since(now, at)),
         oldest_pending_at: outbox.oldest_pending_at.map(iso),
         outbox: outbox.values,
@@ -183,7 +180,7 @@ pub async fn status_report(settings: &Settings, store: &Store) -> Result<StatusR
 
 /// What the state gauges of `/metrics` show: the few reads they need of the status model, in
 /// one read transaction.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct GaugeFigures {
     /// Values per outbox state.
     pub outbox: std::collections::BTreeMap<&'static str, i64>,
@@ -211,11 +208,16 @@ pub async fn gauge_figures(settings: &Settings, store: &Store) -> Result<GaugeFi
             .map(|m| (m.name.clone(), held.get(&m.name).copied().unwrap_or(0)))
             .collect(),
         history_events: snap.history_count().await?,
-        writer_paused: snap
-            .kv_get(PAUSED_KEY)
-            .await?
-            .is_some_and(|v| v.get("reason").and_then(|r| r.as_str()).is_some()),
+        writer_paused: paused_reason(&mut snap).await?.is_some(),
     })
+}
+
+/// Why the writer is paused, if it is (the record `pendo::writer` keeps under [`PAUSED_KEY`]).
+async fn paused_reason(snap: &mut crate::store::Snapshot) -> Result<Option<String>, AppError> {
+    Ok(snap
+        .kv_get(PAUSED_KEY)
+        .await?
+        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned)))
 }
 
 /// Sets the state gauges from `figures`; the oldest pending change's age as of `now` (ms).
